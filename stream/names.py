@@ -1,0 +1,93 @@
+"""Stream, group and key names, built in one place.
+
+Every hop of the pipeline is one Redis stream; the hops into stateful stages are
+partitioned (``frames:{p}``, ``detections:{q}`` …) so that one worker sees a
+partition's entries in order. The ``{p}`` braces double as Redis Cluster hash tags,
+so a partition's stream and its dedupe and lease keys share a slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+#: Default key namespace; lets several deployments share one Redis server.
+DEFAULT_NAMESPACE = "rs"
+
+# Hops (stream base names).
+JOBS = "jobs"
+FRAMES = "frames"
+SEGMENTS = "segments"
+DETECTIONS = "detections"
+ANOMALY = "anomaly"
+ESCALATIONS = "escalations"
+ANSWERS = "answers"
+VERDICTS = "verdicts"
+DRIVES = "drives"
+DEADLETTERS = "deadletters"
+
+# Consumer groups: one per stage.
+INGEST = "ingest"
+DETECT = "detect"
+VERA = "vera"
+VLM = "vlm"
+FUSE = "fuse"
+
+STAGES = (INGEST, DETECT, VERA, VLM, FUSE)
+
+#: Which hops each stage reads, and whether they are partitioned.
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    INGEST: (JOBS,),
+    DETECT: (FRAMES,),
+    VERA: (SEGMENTS,),
+    VLM: (ESCALATIONS,),
+    FUSE: (DETECTIONS, ANOMALY, ANSWERS),
+}
+PARTITIONED_HOPS = frozenset({FRAMES, DETECTIONS, ANOMALY, ANSWERS})
+
+
+def stream_name(hop: str, partition: int | None = None, ns: str = DEFAULT_NAMESPACE) -> str:
+    """Name of a hop's stream, or of one partition of a partitioned hop."""
+    if partition is None:
+        return f"{ns}:{hop}"
+    return f"{ns}:{hop}:{{{partition}}}"
+
+
+def dead_letter_name(ns: str = DEFAULT_NAMESPACE) -> str:
+    """The one dead-letter stream of a namespace; entries name their source stream."""
+    return stream_name(DEADLETTERS, ns=ns)
+
+
+def lease_name(group: str, partition: int, ns: str = DEFAULT_NAMESPACE) -> str:
+    """Key that says which consumer of ``group`` owns ``partition``."""
+    return f"{ns}:lease:{group}:{{{partition}}}"
+
+
+def members_name(group: str, ns: str = DEFAULT_NAMESPACE) -> str:
+    """Key of the live members of a partitioned group (for rebalancing)."""
+    return f"{ns}:members:{group}"
+
+
+def blob_name(key: str, ns: str = DEFAULT_NAMESPACE) -> str:
+    """Redis key of one stored frame blob."""
+    return f"{ns}:blob:{key}"
+
+
+def health_name(group: str, consumer: str, ns: str = DEFAULT_NAMESPACE) -> str:
+    """Key a worker writes its health record to (with a TTL)."""
+    return f"{ns}:health:{group}:{consumer}"
+
+
+def stable_hash(*parts: str) -> int:
+    """A hash that is the same in every process (unlike ``hash``)."""
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def frame_partition(drive_id: str, camera: str, partitions: int) -> int:
+    """Partition of the frames hop that holds one camera of one drive."""
+    return stable_hash(drive_id, camera) % partitions
+
+
+def drive_partition(drive_id: str, partitions: int) -> int:
+    """Partition of the fuse hops that holds one drive."""
+    return stable_hash(drive_id) % partitions

@@ -1,0 +1,207 @@
+"""Settings, read from ``ROADSTREAM_…`` environment variables and an optional file.
+
+Precedence, highest first: keyword arguments, environment variables (nested sections
+with a double underscore: ``ROADSTREAM_WORKER__BATCH_SIZE=64``), the config file named by
+``ROADSTREAM_CONFIG`` (TOML or YAML), then the defaults below. ``load_settings`` takes an
+``environ`` mapping so tests can pass plain dicts.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from stream.errors import ConfigError
+from stream.names import DEFAULT_NAMESPACE
+
+ENV_PREFIX = "ROADSTREAM_"
+CONFIG_ENV = "ROADSTREAM_CONFIG"
+
+
+class BrokerSettings(BaseModel):
+    """Transport bounds shared by every stage."""
+
+    #: An entry pending longer than this is taken over by another consumer.
+    claim_idle_ms: int = 30_000
+    #: Deliveries after which an entry goes to the dead-letter stream.
+    max_deliveries: int = 5
+    #: How long a dedupe key keeps a re-published output from a second copy.
+    dedupe_ttl_s: int = 7 * 24 * 3600
+    #: Partition lease time-to-live; renewed every third of it.
+    lease_ttl_ms: int = 10_000
+    #: A producer waits while the next hop's lag (undelivered + pending) passes this.
+    max_lag: int = 5_000
+    #: A producer waits while the frame blobs in flight pass this many bytes.
+    max_blob_bytes: int = 512 * 1024 * 1024
+    #: Frame blobs expire after this.
+    blob_ttl_s: int = 3600
+    frame_partitions: int = 16
+    fuse_partitions: int = 8
+
+
+class WorkerSettings(BaseModel):
+    """Runtime of one worker process."""
+
+    batch_size: int = 32
+    max_wait_ms: int = 50
+    concurrency: int = 1
+    #: Seconds to finish in-flight work after SIGTERM before cancelling it.
+    grace_s: float = 10.0
+    reclaim_interval_s: float = 5.0
+    heartbeat_s: float = 5.0
+    #: Port for /metrics, /live and /ready; 0 picks none.
+    metrics_port: int = 0
+
+
+class IngestSettings(BaseModel):
+    """Decoding, sampling and publishing of footage."""
+
+    decoder: str = "pyav"  # pyav | decord
+    sample_fps: float = 5.0
+    long_side: int = 640
+    encoding: str = "jpeg"  # jpeg | raw
+    jpeg_quality: int = 85
+    decoder_threads: int = 0  # 0: the decoder's own choice
+    roots: list[str] = Field(default_factory=list)  # footage paths must lie under these
+
+
+class DetectSettings(BaseModel):
+    """Detector, batching and temporal windows."""
+
+    model: str = "yolo11n.yaml"
+    device: str = "cpu"
+    imgsz: int = 640
+    half: bool = True
+    conf: float = 0.25
+    window_s: float = 10.0
+    stride_s: float = 5.0
+    similarity_threshold: float = 0.9
+    per_frame_budget: int = 5
+
+
+class VlmSettings(BaseModel):
+    """Vision-language model for the vera and vlm stages; none configured by default."""
+
+    backend: str = ""  # "" (off) | transformers | vllm | openai
+    model: str = ""
+    base_url: str = ""
+    max_concurrency: int = 4
+    timeout_s: float = 60.0
+    questions: str = ""  # file of learned guiding questions
+
+
+class FuseSettings(BaseModel):
+    """Windows and verdicts."""
+
+    window_s: float = 2.0
+    watermark_timeout_s: float = 30.0
+    escalate_low: float = 0.4
+    escalate_high: float = 0.6
+    vlm_timeout_s: float = 60.0
+
+
+class Settings(BaseModel):
+    """All of roadstream's settings."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = DEFAULT_NAMESPACE
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    detect: DetectSettings = Field(default_factory=DetectSettings)
+    vlm: VlmSettings = Field(default_factory=VlmSettings)
+    fuse: FuseSettings = Field(default_factory=FuseSettings)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or YAML config file into nested dicts.
+
+    Raises:
+        ConfigError: the file is missing or does not parse.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        message = f"config file {path}: {exc.strerror or exc}"
+        raise ConfigError(message) from exc
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        message = f"config file {path}: does not parse: {exc}"
+        raise ConfigError(message) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        message = f"config file {path}: expected a mapping at the top"
+        raise ConfigError(message)
+    return data
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _parse_env_value(value)
+    return tree
+
+
+def _parse_env_value(value: str) -> Any:
+    # Lists arrive as JSON/YAML ("[a, b]"); everything else stays a string for pydantic.
+    if value.startswith("["):
+        return yaml.safe_load(value)
+    return value
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build the settings from defaults, a config file, the environment and overrides.
+
+    Parameters:
+        environ: the environment to read; ``os.environ`` by default.
+        config_file: a TOML or YAML file; ``$ROADSTREAM_CONFIG`` by default.
+        **overrides: nested dicts or values that win over everything else.
+
+    Returns:
+        Validated settings.
+
+    Raises:
+        ConfigError: a file or a value is invalid; the message names the setting.
+    """
+    environ = os.environ if environ is None else environ
+    config_file = config_file or environ.get(CONFIG_ENV)
+    data = read_config_file(config_file) if config_file else {}
+    data = _merge(data, _env_overrides(environ))
+    data = _merge(data, {k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        message = f"invalid settings: {problems}"
+        raise ConfigError(message) from exc

@@ -1,0 +1,1 @@
+"""The runtime that binds stages to a broker."""
