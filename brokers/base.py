@@ -120,6 +120,14 @@ class Broker(ABC):
         """
 
     @abstractmethod
+    async def touch(self, group: str, consumer: str, entries: Sequence[Entry]) -> None:
+        """Reset the idle time of entries still being worked on (XCLAIM … JUSTID).
+
+        A long job (ingesting a drive) is touched periodically so that ``claim`` of
+        another consumer does not take it over while its worker is alive.
+        """
+
+    @abstractmethod
     async def stats(self, stream: str) -> StreamStats:
         """Length, and per group: consumers, pending and lag."""
 

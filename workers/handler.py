@@ -13,7 +13,9 @@ the work itself is a pure stage from ``stages/``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from brokers.base import Entry
 from stream.schemas import Message
@@ -55,6 +57,16 @@ class BatchResult:
     failed: list[tuple[Delivery, BaseException]] = field(default_factory=list)
 
 
+class Publisher(Protocol):
+    """Given to a handler by the runtime, for stages that emit while they work (ingest)."""
+
+    async def publish(self, outputs: Sequence[Output]) -> None:
+        """Publish now (idempotently, by each output's dedupe key)."""
+
+    async def wait_for_room(self, hop: str, partition: int | None = None) -> None:
+        """Backpressure: wait while that hop's backlog or the blob bytes in flight are too high."""
+
+
 class Handler:
     """Base of every stage binding; override ``handle`` and what else you need.
 
@@ -69,9 +81,18 @@ class Handler:
     inputs: tuple[str, ...] = ()
     partitioned: bool = False
     accepts: tuple[type[Message], ...] = ()
+    #: Set by the runtime before ``start``.
+    publisher: Publisher | None = None
 
     async def start(self) -> None:
         """Load models and open connections; raise to stop the worker with a message."""
+
+    async def prepare(self, batch: list[Delivery]) -> None:
+        """Fetch and decode a batch's inputs (blobs, JPEGs) ahead of ``handle``.
+
+        The runtime calls it for the next batch while ``handle`` of the current one runs,
+        so IO overlaps compute. Stash what it makes on ``self``, keyed by entry id.
+        """
 
     async def handle(self, batch: list[Delivery]) -> BatchResult:
         """Process one batch (entries from all owned partitions, each in order)."""
