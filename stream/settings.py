@@ -94,6 +94,31 @@ class VlmSettings(BaseModel):
     max_concurrency: int = 4
     timeout_s: float = 60.0
     questions: str = ""  # file of learned guiding questions
+    #: Processor name or path when it differs from the model's (transformers).
+    processor: str = ""
+    device: str = "cpu"  # transformers: cpu | cuda | cuda:N | auto
+    dtype: str = "auto"  # transformers: auto | float32 | bfloat16 | float16
+    #: Prompts per forward pass (transformers) or per engine call (vllm).
+    batch_size: int = 8
+    #: Generations tried before a JSON answer that does not validate is dead-lettered.
+    json_attempts: int = 3
+    max_new_tokens: int = 256
+    #: HTTP retries (with exponential backoff) of a failed or timed-out request (openai).
+    max_retries: int = 3
+    api_key: str = ""  # openai: sent as a bearer token when set
+    #: Top log-probabilities asked for to read P(yes) (openai, vllm; vLLM caps it at 20).
+    top_logprobs: int = 20
+    #: Images per prompt at most (vllm's limit_mm_per_prompt; key frames beyond are thinned).
+    max_images: int = 8
+    #: Extra keyword arguments of vllm.LLM (gpu_memory_utilization, max_model_len, …).
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    #: VERA scene-context smoothing: share of a drive's segments averaged per segment,
+    #: and the softmax temperature on their cosine similarity (fuse applies it).
+    scene_top_fraction: float = 0.15
+    scene_temperature: float = 10.0
+    #: VERA temporal smoothing: Gaussian kernel length and sigma, in segments.
+    temporal_size: int = 15
+    temporal_sigma: float = 10.0
 
 
 class FuseSettings(BaseModel):
