@@ -1,0 +1,116 @@
+"""Partition ownership over leases: who of a group's workers owns which partition.
+
+Written only against ``Broker`` primitives (``join``/``members`` and
+``lease``/``release``/``lease_owner``), so it works the same on Redis and in process.
+
+Why it works this way:
+
+* **Rendezvous hashing** (highest random weight) over the live members decides who
+  *should* own each partition. Every member computes the same answer from the same
+  member list with no coordination, and a member joining or leaving moves only the
+  partitions it gains or loses, not a reshuffle of all of them.
+* **Leases decide who *does* own it.** Computing an assignment is not enough: two members
+  may briefly disagree on the member list. A partition is worked on only under a lease
+  (a key with a TTL that one owner holds), so it is never owned twice. A member that
+  should own a partition still held by another simply waits: the holder releases it on
+  its next refresh (rebalancing on join), or its lease expires when it died.
+* **Fencing.** Before renewing, a member checks that the lease is still its own; if
+  another owner took it (our renewals stalled past the TTL), the partition is reported
+  revoked so the runtime drops its state for it instead of acting on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from brokers.base import Broker
+from stream.names import lease_name, members_name, stable_hash
+
+
+def rendezvous_owner(group: str, partition: int, members: Iterable[str]) -> str | None:
+    """The member that should own ``partition``: the highest hash of (group, partition, member)."""
+    return max(members, key=lambda m: (stable_hash(group, str(partition), m), m), default=None)
+
+
+class PartitionManager:
+    """Holds the partitions one member of a group should own, through renewed leases.
+
+    Call ``refresh`` every ``interval_s`` (a third of the lease TTL); call ``stop`` on
+    shutdown. A member whose refreshes stop drops out of the pool after ``ttl_ms``, its
+    leases expire, and the others take its partitions over.
+
+    Parameters:
+        broker: the transport.
+        group: the consumer group (stage) whose partitions are shared out.
+        member: this member's name, unique in the group (the consumer name).
+        partitions: how many partitions the group's hop has.
+        ttl_ms: lease and membership time-to-live; ``broker.settings.lease_ttl_ms`` by default.
+    """
+
+    def __init__(
+        self, broker: Broker, group: str, member: str, partitions: int, ttl_ms: int | None = None
+    ) -> None:
+        self.broker = broker
+        self.group = group
+        self.member = member
+        self.partitions = partitions
+        self.ttl_ms = ttl_ms if ttl_ms is not None else broker.settings.lease_ttl_ms
+        self.pool = members_name(group, broker.namespace)
+        #: Partitions this member holds the lease of, as of the last ``refresh``.
+        self.owned: set[int] = set()
+
+    @property
+    def interval_s(self) -> float:
+        """How often to call ``refresh``: a third of the TTL, so one late beat loses nothing."""
+        return self.ttl_ms / 3000
+
+    def lease_key(self, partition: int) -> str:
+        """The lease key of one partition of this group."""
+        return lease_name(self.group, partition, self.broker.namespace)
+
+    async def wanted(self) -> set[int]:
+        """The partitions rendezvous hashing gives this member among the live members."""
+        members = set(await self.broker.members(self.pool)) | {self.member}
+        return {p for p in range(self.partitions) if rendezvous_owner(self.group, p, members) == self.member}
+
+    async def refresh(self) -> tuple[set[int], set[int]]:
+        """Heartbeat, renew held leases, give back surplus ones, take free wanted ones.
+
+        Returns:
+            (newly assigned, revoked) partitions since the last refresh. Revoked ones were
+            lost to another owner or released because they now belong to another member.
+        """
+        await self.broker.join(self.pool, self.member, self.ttl_ms)
+        wanted = await self.wanted()
+        lost = {p for p in self.owned if not await self._renew(p)}
+        surplus = self.owned - lost - wanted
+        for partition in sorted(surplus):  # rebalance: another member should own it now
+            await self.broker.release(self.lease_key(partition), self.member)
+        taken = {p for p in sorted(wanted - self.owned) if await self._take(p)}
+        revoked = lost | surplus
+        self.owned = (self.owned - revoked) | taken
+        return taken, revoked
+
+    async def _renew(self, partition: int) -> bool:
+        # Fencing: a lease another owner took while we stalled is lost, not renewed.
+        key = self.lease_key(partition)
+        if await self.broker.lease_owner(key) != self.member:
+            return False
+        return await self.broker.lease(key, self.member, self.ttl_ms)
+
+    async def _take(self, partition: int) -> bool:
+        # Fails while the previous owner still holds it; it gives it back or expires.
+        return await self.broker.lease(self.lease_key(partition), self.member, self.ttl_ms)
+
+    async def stop(self) -> set[int]:
+        """Release every lease held and leave the pool, so others take over at once.
+
+        Returns:
+            The partitions given back.
+        """
+        released = set(self.owned)
+        for partition in sorted(released):
+            await self.broker.release(self.lease_key(partition), self.member)
+        await self.broker.leave(self.pool, self.member)
+        self.owned = set()
+        return released

@@ -1,0 +1,545 @@
+"""The Redis Streams broker, on ``redis.asyncio``.
+
+Why it looks the way it does:
+
+* **Dedupe by Lua, not IDMP.** The Redis we run is 7.0, which has no idempotent ``XADD``.
+  A dedupe key is checked and the entry added in one script, so two workers re-publishing
+  the same output after a crash cannot both see "absent" and add twice; the key stores the
+  entry id, so the second publisher gets the first one's id back. The key carries the
+  stream's ``{p}`` hash tag, so the script touches one slot even on a cluster.
+* **Trim by MINID.** ``MAXLEN`` counts entries and happily drops ones still pending or
+  unread. ``MINID`` cuts below an id, and we choose the smallest id that some group still
+  needs (its first pending entry, or the first entry after its last-delivered id), so an
+  unacknowledged entry is never removed. Ids only move forward, so an id computed a moment
+  ago is still safe when the trim runs.
+* **Membership scored by server time.** Pool members are a sorted set scored by expiry;
+  the expiry is computed in Lua from Redis ``TIME`` so that workers on machines with
+  skewed clocks agree on who is alive.
+* **Errors translated at the boundary.** Every public method turns redis connection and
+  timeout errors into ``BrokerConnectionError`` (other redis errors into ``BrokerError``)
+  so the runtime never imports redis to know a connection dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import redis.asyncio as aioredis
+from redis import exceptions as rex
+
+from brokers.base import Broker, Entry, GroupStats, Publish, StreamStats
+from brokers.blobs import DEFAULT_BLOB_TTL_S, BlobStore
+from stream.errors import BrokerConnectionError, BrokerError
+from stream.names import DEFAULT_NAMESPACE, blob_name
+from stream.settings import BrokerSettings
+
+#: The one field of every stream entry; payloads are opaque bytes.
+FIELD = b"d"
+#: Most XAUTOCLAIM calls one ``claim`` makes while looking for idle entries.
+MAX_CLAIM_SCANS = 10
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# KEYS[1] dedupe key, KEYS[2] stream; ARGV[1] payload, ARGV[2] dedupe ttl (s).
+_PUBLISH_ONCE = """
+local seen = redis.call('GET', KEYS[1])
+if seen then return seen end
+local id = redis.call('XADD', KEYS[2], '*', 'd', ARGV[1])
+redis.call('SET', KEYS[1], id, 'EX', ARGV[2])
+return id
+"""
+# KEYS[1] lease; ARGV[1] owner, ARGV[2] ttl (ms). Take when free, renew when ours.
+_LEASE = """
+local owner = redis.call('GET', KEYS[1])
+if owner == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+elseif owner == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# KEYS[1] pool; ARGV[1] member, ARGV[2] ttl (ms). Scored by expiry in server time.
+_JOIN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return now
+"""
+_MEMBERS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
+
+# KEYS[1] counter; ARGV[1] bytes. A release after a crash-restart may overshoot: floor at 0.
+_DECR_FLOOR = """
+local left = redis.call('DECRBY', KEYS[1], ARGV[1])
+if left < 0 then redis.call('SET', KEYS[1], 0) return 0 end
+return left
+"""
+
+
+def translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Turn redis errors raised by ``fn`` into roadstream's broker errors."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except (rex.ConnectionError, rex.TimeoutError, ConnectionError, TimeoutError) as exc:
+            message = f"redis unreachable in {fn.__name__}: {exc}"
+            raise BrokerConnectionError(message) from exc
+        except rex.RedisError as exc:
+            message = f"redis error in {fn.__name__}: {exc}"
+            raise BrokerError(message) from exc
+
+    return wrapper
+
+
+def text(value: bytes | str) -> str:
+    """A redis reply as ``str`` (replies are bytes: the client does not decode)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def parse_id(entry_id: str) -> tuple[int, int]:
+    """``"ms-seq"`` as a tuple that sorts like the stream does."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def next_id(entry_id: str) -> str:
+    """The smallest id after ``entry_id``."""
+    ms, seq = parse_id(entry_id)
+    return f"{ms}-{seq + 1}"
+
+
+def hash_tag(stream: str) -> str:
+    """The stream's cluster hash tag (``{p}``), or the whole name braced when it has none."""
+    start = stream.find("{")
+    end = stream.find("}", start + 1)
+    if start >= 0 and end > start + 1:
+        return stream[start : end + 1]
+    return "{" + stream + "}"
+
+
+def client_from_url(url: str, **kwargs: Any) -> aioredis.Redis:
+    """A ``redis.asyncio`` client for ``redis://``, ``rediss://`` or ``unix://`` URLs.
+
+    ACL credentials come in the URL (``redis://user:password@host:6379/0``); extra keyword
+    arguments such as ``ssl_ca_certs`` pass through to ``redis.asyncio.from_url``.
+    """
+    kwargs.setdefault("decode_responses", False)
+    return aioredis.from_url(url, **kwargs)
+
+
+class RedisBroker(Broker):
+    """The ``Broker`` on Redis Streams.
+
+    Parameters:
+        url: a ``redis://``, ``rediss://`` or ``unix://`` URL (used when no client is given).
+        client: a ready ``redis.asyncio.Redis`` with ``decode_responses=False``; the caller
+            keeps ownership of it and ``close`` leaves it open.
+        namespace: prefix of the keys this broker makes itself (dedupe keys, dead letters).
+        settings: transport bounds.
+        **client_kwargs: passed to ``redis.asyncio.from_url`` (``ssl_ca_certs``, timeouts…).
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        client: aioredis.Redis | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
+        settings: BrokerSettings | None = None,
+        **client_kwargs: Any,
+    ) -> None:
+        super().__init__(namespace=namespace, settings=settings)
+        if client is None and url is None:
+            message = "RedisBroker needs a url or a client"
+            raise ValueError(message)
+        self._owns_client = client is None
+        self.client = client if client is not None else client_from_url(url or "", **client_kwargs)
+        self._groups: set[tuple[str, str]] = set()  # (stream, group) known to exist
+        self._publish_once = self.client.register_script(_PUBLISH_ONCE)
+        self._lease = self.client.register_script(_LEASE)
+        self._release = self.client.register_script(_RELEASE)
+        self._join = self.client.register_script(_JOIN)
+        self._members = self.client.register_script(_MEMBERS)
+
+    def dedupe_name(self, stream: str, key: str) -> str:
+        """Redis key that remembers the entry published to ``stream`` under ``key``."""
+        return f"{self.namespace}:dedupe:{hash_tag(stream)}:{stream}:{key}"
+
+    # -- groups -------------------------------------------------------------------
+
+    @translate_errors
+    async def ensure_group(self, stream: str, group: str) -> None:
+        """Create ``group`` on ``stream`` (and the stream) if missing; reads from the start."""
+        try:
+            await self.client.xgroup_create(stream, group, id="0", mkstream=True)
+        except rex.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add((stream, group))
+
+    async def _ensure_groups(self, group: str, streams: Sequence[str]) -> None:
+        for stream in streams:
+            if (stream, group) not in self._groups:
+                await self.ensure_group(stream, group)
+
+    # -- publishing ---------------------------------------------------------------
+
+    @translate_errors
+    async def publish_many(self, items: Sequence[Publish]) -> list[str]:
+        """Add entries in one round trip, in order.
+
+        Returns:
+            The entry id of each item; for an item whose dedupe key was seen before,
+            the id of the entry published then.
+        """
+        if not items:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for item in items:
+                if item.dedupe_key is None:
+                    pipe.xadd(item.stream, {FIELD: item.data})
+                else:
+                    keys = [self.dedupe_name(item.stream, item.dedupe_key), item.stream]
+                    await self._publish_once(keys, [item.data, self.settings.dedupe_ttl_s], client=pipe)
+            replies = await pipe.execute()
+        return [text(reply) for reply in replies]
+
+    # -- consuming ----------------------------------------------------------------
+
+    @translate_errors
+    async def read(
+        self, group: str, consumer: str, streams: Sequence[str], *, count: int, block_ms: int
+    ) -> list[Entry]:
+        """Read up to ``count`` new entries (per stream) for ``consumer``.
+
+        Blocks up to ``block_ms`` when none is there (0: do not block). Creates the group
+        on streams that have none, and again when a stream was deleted under it.
+        """
+        if not streams:
+            return []
+        await self._ensure_groups(group, streams)
+        try:
+            reply = await self._xreadgroup(group, consumer, streams, count, block_ms)
+        except rex.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream (and its group) was deleted since we created it: make it again.
+            self._groups.difference_update((s, group) for s in streams)
+            await self._ensure_groups(group, streams)
+            reply = await self._xreadgroup(group, consumer, streams, count, block_ms)
+        return [
+            Entry(text(stream), text(entry_id), fields[FIELD], 1)
+            for stream, entries in reply or []
+            for entry_id, fields in entries
+            if fields is not None
+        ]
+
+    async def _xreadgroup(
+        self, group: str, consumer: str, streams: Sequence[str], count: int, block_ms: int
+    ) -> Any:
+        # BLOCK 0 means "forever" to Redis; ours means "do not block", so leave it out.
+        block = block_ms if block_ms > 0 else None
+        return await self.client.xreadgroup(
+            group, consumer, dict.fromkeys(streams, ">"), count=count, block=block
+        )
+
+    @translate_errors
+    async def ack(self, group: str, entries: Sequence[Entry]) -> int:
+        """Acknowledge entries; returns how many were still pending."""
+        by_stream = _ids_by_stream(entries)
+        if not by_stream:
+            return 0
+        async with self.client.pipeline(transaction=False) as pipe:
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, group, *ids)
+            return sum(await pipe.execute())
+
+    @translate_errors
+    async def claim(
+        self, group: str, consumer: str, stream: str, *, min_idle_ms: int, count: int
+    ) -> list[Entry]:
+        """Take over entries pending longer than ``min_idle_ms`` (XAUTOCLAIM).
+
+        Returned entries carry their delivery count including this delivery; entries
+        trimmed away while pending are dropped from the pending list (by Redis 7.0
+        itself, which reports them in XAUTOCLAIM's third element).
+        """
+        await self._ensure_groups(group, [stream])
+        claimed: list[tuple[str, bytes]] = []
+        cursor = "0-0"
+        for _ in range(MAX_CLAIM_SCANS):
+            reply = await self.client.xautoclaim(
+                stream, group, consumer, min_idle_ms, start_id=cursor, count=count - len(claimed)
+            )
+            cursor = text(reply[0])
+            claimed += [(text(i), f[FIELD]) for i, f in reply[1] if i is not None and f is not None]
+            if cursor == "0-0" or len(claimed) >= count:
+                break
+        if not claimed:
+            return []
+        counts = await self._delivery_counts(stream, group, [entry_id for entry_id, _ in claimed])
+        return [Entry(stream, i, data, counts.get(i, 1)) for i, data in claimed]
+
+    async def _delivery_counts(self, stream: str, group: str, ids: Sequence[str]) -> dict[str, int]:
+        # One XPENDING per id in one round trip: exact, whatever else the PEL holds.
+        async with self.client.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xpending_range(stream, group, min=entry_id, max=entry_id, count=1)
+            replies = await pipe.execute()
+        return {
+            text(row["message_id"]): int(row["times_delivered"]) for rows in replies for row in rows
+        }
+
+    @translate_errors
+    async def touch(self, group: str, consumer: str, entries: Sequence[Entry]) -> None:
+        """Reset the idle time of entries still being worked on (XCLAIM … JUSTID).
+
+        JUSTID leaves the delivery counter alone, so touching is not a redelivery.
+        """
+        by_stream = _ids_by_stream(entries)
+        if not by_stream:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for stream, ids in by_stream.items():
+                pipe.xclaim(stream, group, consumer, 0, ids, justid=True)
+            await pipe.execute()
+
+    # -- inspection and trimming --------------------------------------------------
+
+    @translate_errors
+    async def stats(self, stream: str) -> StreamStats:
+        """Length, and per group: consumers, pending and lag.
+
+        Redis reports lag as nil after deletions or some trims; it is then counted here
+        from the entries after the group's last-delivered id.
+        """
+        length, infos = await self._length_and_groups(stream)
+        groups = []
+        for info in infos:
+            last = text(info["last-delivered-id"])
+            lag = info.get("lag")
+            if lag is None:
+                lag = await self._count_after(stream, last, length)
+            groups.append(GroupStats(text(info["name"]), int(info["consumers"]), int(info["pending"]), int(lag), last))
+        return StreamStats(stream, length, groups)
+
+    async def _length_and_groups(self, stream: str) -> tuple[int, list[dict[str, Any]]]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.xlen(stream)
+            pipe.xinfo_groups(stream)
+            length, infos = await pipe.execute(raise_on_error=False)
+        if isinstance(infos, rex.ResponseError):
+            if "no such key" in str(infos).lower():
+                return 0, []
+            raise infos
+        if isinstance(length, Exception):
+            raise length
+        return int(length), infos
+
+    async def _count_after(self, stream: str, last_id: str, length: int) -> int:
+        if length == 0:
+            return 0
+        entries = await self.client.xrange(stream, min=f"({last_id}", max="+", count=length)
+        return len(entries)
+
+    @translate_errors
+    async def trim(self, stream: str) -> int:
+        """Remove entries every group has acknowledged; never a pending or unread one.
+
+        A stream with no group is left alone: nobody has said what it no longer needs.
+
+        Returns:
+            How many entries were removed.
+        """
+        _, infos = await self._length_and_groups(stream)
+        if not infos:
+            return 0
+        floors = [await self._group_floor(stream, text(info["name"]), text(info["last-delivered-id"])) for info in infos]
+        needed = [floor for floor in floors if floor is not None]
+        if needed:
+            min_id = min(needed, key=parse_id)
+        else:
+            # Every group has acked everything: cut past the newest entry.
+            newest = await self.client.xrevrange(stream, count=1)
+            if not newest:
+                return 0
+            min_id = next_id(text(newest[0][0]))
+        return int(await self.client.xtrim(stream, minid=min_id, approximate=False))
+
+    async def _group_floor(self, stream: str, group: str, last_delivered: str) -> str | None:
+        """The smallest id ``group`` still needs, or ``None`` when it needs none."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.xpending(stream, group)
+            pipe.xrange(stream, min=f"({last_delivered}", max="+", count=1)
+            summary, unread = await pipe.execute()
+        candidates = []
+        if summary["pending"]:
+            candidates.append(text(summary["min"]))
+        if unread:
+            candidates.append(text(unread[0][0]))
+        return min(candidates, key=parse_id) if candidates else None
+
+    @translate_errors
+    async def streams(self, pattern: str = "*") -> list[str]:
+        """Names of existing streams that match a glob pattern."""
+        names = {text(k) async for k in self.client.scan_iter(match=pattern, count=1000, _type="stream")}
+        return sorted(names)
+
+    @translate_errors
+    async def range(self, stream: str, *, start: str = "-", end: str = "+", count: int = 100) -> list[Entry]:
+        """Entries between two ids (inclusive; ``(id`` excludes), without any group.
+
+        Their ``deliveries`` is 0: reading a range delivers nothing to anyone.
+        """
+        rows = await self.client.xrange(stream, min=start, max=end, count=count)
+        return [Entry(stream, text(i), f[FIELD], 0) for i, f in rows]
+
+    @translate_errors
+    async def delete_entries(self, stream: str, ids: Sequence[str]) -> int:
+        """Delete entries by id (used by dead-letter requeue)."""
+        if not ids:
+            return 0
+        return int(await self.client.xdel(stream, *ids))
+
+    # -- leases and pools ---------------------------------------------------------
+
+    @translate_errors
+    async def lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+        """Take or renew a lease; ``False`` when another owner holds it."""
+        return bool(await self._lease([name], [owner, ttl_ms]))
+
+    @translate_errors
+    async def release(self, name: str, owner: str) -> bool:
+        """Give a lease back; only its owner can."""
+        return bool(await self._release([name], [owner]))
+
+    @translate_errors
+    async def lease_owner(self, name: str) -> str | None:
+        """Who holds a lease now, if anyone."""
+        owner = await self.client.get(name)
+        return None if owner is None else text(owner)
+
+    @translate_errors
+    async def join(self, pool: str, member: str, ttl_ms: int) -> None:
+        """Say that ``member`` is alive in ``pool`` for the next ``ttl_ms``."""
+        await self._join([pool], [member, ttl_ms])
+
+    @translate_errors
+    async def leave(self, pool: str, member: str) -> None:
+        """Remove a member from a pool at once."""
+        await self.client.zrem(pool, member)
+
+    @translate_errors
+    async def members(self, pool: str) -> list[str]:
+        """Live members of a pool, sorted (expired ones are pruned on the way)."""
+        return sorted(text(m) for m in await self._members([pool]))
+
+    # -- small values -------------------------------------------------------------
+
+    @translate_errors
+    async def put_value(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
+        """Store a small value (health records, last errors)."""
+        await self.client.set(key, value, px=ttl_ms)
+
+    @translate_errors
+    async def get_value(self, key: str) -> bytes | None:
+        """Read a small value, ``None`` when absent or expired."""
+        return await self.client.get(key)
+
+    @translate_errors
+    async def keys(self, pattern: str) -> list[str]:
+        """Names of small values (string keys) that match a glob pattern."""
+        names = {text(k) async for k in self.client.scan_iter(match=pattern, count=1000, _type="string")}
+        return sorted(names)
+
+    @translate_errors
+    async def close(self) -> None:
+        """Release connections (only those this broker opened itself)."""
+        if self._owns_client:
+            await self.client.aclose()
+
+
+class RedisBlobStore(BlobStore):
+    """Frame blobs in Redis string keys with a TTL; each batch is one pipelined round trip.
+
+    Parameters:
+        client: a ``redis.asyncio.Redis`` (``decode_responses=False``; left open by
+            ``close``) or a URL to open one from.
+        namespace: prefix of the blob keys and of the in-flight byte counter.
+        **client_kwargs: passed to ``redis.asyncio.from_url`` when ``client`` is a URL.
+    """
+
+    def __init__(
+        self, client: aioredis.Redis | str, *, namespace: str = DEFAULT_NAMESPACE, **client_kwargs: Any
+    ) -> None:
+        self._owns_client = isinstance(client, str)
+        self.client = client_from_url(client, **client_kwargs) if isinstance(client, str) else client
+        self.namespace = namespace
+        self.counter = f"{namespace}:blob-bytes-in-flight"
+        self._release = self.client.register_script(_DECR_FLOOR)
+
+    @translate_errors
+    async def put_many(self, blobs: Mapping[str, bytes], *, ttl_s: int = DEFAULT_BLOB_TTL_S) -> None:
+        """Store blobs under their keys, each expiring after ``ttl_s``; counts their bytes."""
+        if not blobs:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key, blob in blobs.items():
+                pipe.set(blob_name(key, self.namespace), blob, ex=ttl_s)
+            pipe.incrby(self.counter, sum(len(b) for b in blobs.values()))
+            await pipe.execute()
+
+    @translate_errors
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Fetch blobs in key order; ``None`` for a key that expired or never was."""
+        if not keys:
+            return []
+        return await self.client.mget([blob_name(k, self.namespace) for k in keys])
+
+    @translate_errors
+    async def delete_many(self, keys: Sequence[str]) -> int:
+        """Delete blobs; returns how many existed."""
+        if not keys:
+            return 0
+        return int(await self.client.delete(*(blob_name(k, self.namespace) for k in keys)))
+
+    @translate_errors
+    async def bytes_in_flight(self) -> int:
+        """Bytes put and not yet released."""
+        return int(await self.client.get(self.counter) or 0)
+
+    @translate_errors
+    async def release(self, nbytes: int) -> None:
+        """Take ``nbytes`` off the in-flight count, never below zero."""
+        if nbytes > 0:
+            await self._release([self.counter], [nbytes])
+
+    @translate_errors
+    async def close(self) -> None:
+        """Release connections (only those this store opened itself)."""
+        if self._owns_client:
+            await self.client.aclose()
+
+
+def _ids_by_stream(entries: Sequence[Entry]) -> dict[str, list[str]]:
+    by_stream: dict[str, list[str]] = defaultdict(list)
+    for entry in entries:
+        by_stream[entry.stream].append(entry.id)
+    return by_stream

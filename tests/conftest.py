@@ -1,0 +1,89 @@
+"""Shared fixtures: the real Redis server, and brokers and blob stores of every kind.
+
+``broker`` and ``blobs`` are parametrised over the in-memory and the Redis
+implementations, so one conformance suite holds both to the same behaviour. Redis tests
+use the database of ``ROADSTREAM_TEST_REDIS_URL`` and flush it (never FLUSHALL) before and
+after each test. Without a server they are skipped, except in CI, where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+
+from brokers.base import Broker
+from brokers.blobs import BlobStore
+from brokers.memory import MemoryBlobStore, MemoryBroker
+from brokers.redis import RedisBlobStore, RedisBroker
+from stream.settings import BrokerSettings
+
+REDIS_URL_ENV = "ROADSTREAM_TEST_REDIS_URL"
+DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/9"
+#: Namespace of the keys tests write.
+TEST_NAMESPACE = "rstest"
+
+#: Short bounds so that claim, expiry and takeover happen within a test's patience.
+FAST_SETTINGS = BrokerSettings(
+    claim_idle_ms=100, lease_ttl_ms=300, max_deliveries=3, dedupe_ttl_s=60, max_lag=100
+)
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=1) as client:
+            return bool(client.ping())
+    except redis.exceptions.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> str:
+    """The test Redis URL once the server answers (skip without one; fail in CI)."""
+    url = os.environ.get(REDIS_URL_ENV, DEFAULT_TEST_REDIS_URL)
+    if not _redis_answers(url):
+        message = f"no Redis server answers at {url} (set {REDIS_URL_ENV})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
+
+
+@pytest.fixture
+def redis_url(redis_server_url: str) -> Iterator[str]:
+    """The test Redis database, flushed before and after the test."""
+    with redis.Redis.from_url(redis_server_url) as client:
+        client.flushdb()
+        yield redis_server_url
+        client.flushdb()
+
+
+@pytest.fixture
+def broker_settings() -> BrokerSettings:
+    """Fast transport bounds for tests."""
+    return FAST_SETTINGS.model_copy()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def broker(request: pytest.FixtureRequest, broker_settings: BrokerSettings) -> AsyncIterator[Broker]:
+    """A broker of each implementation, closed after the test."""
+    if request.param == "memory":
+        made: Broker = MemoryBroker(namespace=TEST_NAMESPACE, settings=broker_settings)
+    else:
+        url = request.getfixturevalue("redis_url")
+        made = RedisBroker(url=url, namespace=TEST_NAMESPACE, settings=broker_settings)
+    yield made
+    await made.close()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def blobs(request: pytest.FixtureRequest) -> AsyncIterator[BlobStore]:
+    """A blob store of each implementation, closed after the test."""
+    if request.param == "memory":
+        made: BlobStore = MemoryBlobStore()
+    else:
+        made = RedisBlobStore(request.getfixturevalue("redis_url"), namespace=TEST_NAMESPACE)
+    yield made
+    await made.close()
