@@ -1,0 +1,249 @@
+"""The worker runtime over both brokers: batching, acks, dead letters, takeover."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import msgpack
+import pytest
+
+from brokers.base import Broker
+from brokers.memory import MemoryBlobStore
+from fixtures.relay import BAD_INPUT_DRIVE, FLAKY_DRIVE, GroupingHandler, RelayHandler, frame
+from stream import codec, names
+from stream.schemas import DeadLetter, FrameRef
+from stream.settings import Settings, load_settings
+from workers.handler import Handler
+from workers.runtime import Worker
+
+
+def fast_settings(broker: Broker, **worker: object) -> Settings:
+    """Settings with the broker's fast bounds and a quick worker loop."""
+    base = {"batch_size": 8, "max_wait_ms": 20, "heartbeat_s": 0.05, "reclaim_interval_s": 0.1, "grace_s": 2}
+    settings = load_settings(environ={}, worker={**base, **worker})
+    return settings.model_copy(update={"broker": broker.settings, "namespace": broker.namespace})
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    """Poll ``check`` until it holds; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def start(handler: Handler, broker: Broker, settings: Settings, name: str) -> tuple[Worker, asyncio.Task]:
+    worker = Worker(handler, broker, MemoryBlobStore(), settings, consumer=name)
+    return worker, asyncio.create_task(worker.run())
+
+
+async def publish_frames(broker: Broker, hop: str, frames: list[FrameRef], partitions: int | None = None) -> None:
+    for message in frames:
+        partition = None if partitions is None else names.frame_partition(message.drive_id, message.camera, partitions)
+        await broker.publish(names.stream_name(hop, partition, broker.namespace), codec.encode(message))
+
+
+async def outputs(broker: Broker, hop: str = "bench-out") -> list[FrameRef]:
+    entries = await broker.range(names.stream_name(hop, ns=broker.namespace), count=100_000)
+    return [codec.decode(e.data, FrameRef) for e in entries]
+
+
+async def dead_letters(broker: Broker) -> list[DeadLetter]:
+    entries = await broker.range(broker.dead_letter_stream, count=1000)
+    return [codec.decode(e.data, DeadLetter) for e in entries]
+
+
+async def test_every_input_yields_one_output_and_is_acked(broker: Broker) -> None:
+    # Given 30 frames on the input hop
+    await publish_frames(broker, "bench-in", [frame("d1", i) for i in range(30)])
+    worker, task = start(RelayHandler(), broker, fast_settings(broker), "w1")
+
+    # When the worker has relayed them
+    await wait_until(lambda: _count(broker, 30))
+    worker.stop()
+    await task
+
+    # Then each input gave one output, in order, and nothing is left pending
+    assert [m.seq for m in await outputs(broker)] == list(range(30))
+    stats = await broker.stats(names.stream_name("bench-in", ns=broker.namespace))
+    assert stats.group("relay").pending == 0
+
+
+async def _count(broker: Broker, n: int, hop: str = "bench-out") -> bool:
+    return len(await outputs(broker, hop)) >= n
+
+
+async def test_batches_are_cut_at_the_size_bound(broker: Broker) -> None:
+    # Given more entries waiting than one batch holds
+    await publish_frames(broker, "bench-in", [frame("d1", i) for i in range(20)])
+    handler = RelayHandler()
+    worker, task = start(handler, broker, fast_settings(broker, batch_size=6, max_wait_ms=200), "w1")
+
+    # When they are processed
+    await wait_until(lambda: _count(broker, 20))
+    worker.stop()
+    await task
+
+    # Then no batch was larger than the bound, and full batches were formed
+    assert max(handler.batches) <= 6
+    assert handler.batches[0] == 6
+
+
+async def test_a_partial_batch_goes_after_the_wait(broker: Broker) -> None:
+    # Given a batch bound far above what arrives
+    handler = RelayHandler()
+    worker, task = start(handler, broker, fast_settings(broker, batch_size=500, max_wait_ms=30), "w1")
+
+    # When three frames arrive and no more
+    await publish_frames(broker, "bench-in", [frame("d1", i) for i in range(3)])
+    await wait_until(lambda: _count(broker, 3))
+    worker.stop()
+    await task
+
+    # Then they were processed without waiting for the batch to fill
+    assert sum(handler.batches) == 3
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b"\xc1\xff garbage", "not a msgpack entry"),
+        (msgpack.packb({"k": "frame", "v": 99, "p": {}}), "schema version 99"),
+        (msgpack.packb({"k": "frame", "v": 1, "p": {"drive_id": "d1"}}), "Field required"),
+        (msgpack.packb({"k": "mystery", "v": 1, "p": {}}), "unknown message kind"),
+    ],
+)
+async def test_malformed_entries_are_dead_lettered_and_the_worker_goes_on(
+    broker: Broker, raw: bytes, reason: str
+) -> None:
+    # Given a malformed entry between two good ones
+    stream = names.stream_name("bench-in", ns=broker.namespace)
+    await publish_frames(broker, "bench-in", [frame("d1", 0)])
+    await broker.publish(stream, raw)
+    await publish_frames(broker, "bench-in", [frame("d1", 1)])
+    worker, task = start(RelayHandler(), broker, fast_settings(broker), "w1")
+
+    # When the worker has read all three
+    await wait_until(lambda: _count(broker, 2))
+    worker.stop()
+    await task
+
+    # Then the bad one is a dead letter with a readable reason and the original bytes
+    letters = await dead_letters(broker)
+    assert len(letters) == 1
+    assert reason in letters[0].error
+    assert letters[0].raw == raw
+    assert letters[0].stream == stream
+
+
+async def test_input_errors_are_dead_lettered_at_once(broker: Broker) -> None:
+    # Given a frame the stage rejects as bad input
+    await publish_frames(broker, "bench-in", [frame(BAD_INPUT_DRIVE, 7), frame("d1", 1)])
+    worker, task = start(RelayHandler(), broker, fast_settings(broker), "w1")
+
+    # When it is processed
+    await wait_until(lambda: _count(broker, 1))
+    await wait_until(lambda: _has_letters(broker, 1))
+    worker.stop()
+    await task
+
+    # Then it was dead-lettered on its first delivery, with the stage's message
+    (letter,) = await dead_letters(broker)
+    assert letter.deliveries == 1
+    assert "frame 7: bad input" in letter.error
+
+
+async def _has_letters(broker: Broker, n: int) -> bool:
+    return len(await dead_letters(broker)) >= n
+
+
+async def test_failing_entries_are_retried_then_dead_lettered(broker: Broker) -> None:
+    # Given a frame on which the stage keeps crashing
+    await publish_frames(broker, "bench-in", [frame(FLAKY_DRIVE, 3)])
+    worker, task = start(RelayHandler(), broker, fast_settings(broker), "w1")
+
+    # When the worker has tried it max_deliveries times
+    await wait_until(lambda: _has_letters(broker, 1))
+    worker.stop()
+    await task
+
+    # Then it is a dead letter after exactly that many deliveries, with the last error
+    (letter,) = await dead_letters(broker)
+    assert letter.deliveries >= broker.settings.max_deliveries
+    assert "stage crashed" in letter.error
+    assert worker.counts["failed"] == broker.settings.max_deliveries
+
+
+async def test_entries_of_a_dead_consumer_are_taken_over(broker: Broker) -> None:
+    # Given a consumer that read entries and died without acking them
+    stream = names.stream_name("bench-in", ns=broker.namespace)
+    await publish_frames(broker, "bench-in", [frame("d1", i) for i in range(10)])
+    await broker.ensure_group(stream, "relay")
+    taken = await broker.read("relay", "dead-one", [stream], count=4, block_ms=0)
+    assert len(taken) == 4
+
+    # When a live worker runs past the claim idle time
+    worker, task = start(RelayHandler(), broker, fast_settings(broker), "w1")
+    await wait_until(lambda: _count(broker, 10))
+    worker.stop()
+    await task
+
+    # Then all ten were relayed exactly once
+    assert sorted(m.seq for m in await outputs(broker)) == list(range(10))
+
+
+async def test_a_stateful_stage_loses_and_doubles_nothing_on_takeover(broker: Broker) -> None:
+    # Given frames of three cameras on a partitioned hop, and a grouping stage
+    partitions = broker.settings.frame_partitions
+    frames = [frame("d1", i, cam) for cam in ("front", "back", "left_repeater") for i in range(23)]
+    await publish_frames(broker, names.FRAMES, frames, partitions)
+    settings = fast_settings(broker, batch_size=7)
+    first = GroupingHandler(size=5)
+    worker, task = start(first, broker, settings, "first")
+
+    # When the first worker stops mid-way, holding open groups, and a second takes over
+    await wait_until(lambda: _count(broker, 3))
+    worker.stop()
+    await task
+    second = GroupingHandler(size=5)
+    worker2, task2 = start(second, broker, settings, "second")
+    await wait_until(lambda: _count(broker, 12))
+    worker2.stop()
+    await task2
+
+    # Then every group of five was emitted once, with the right members
+    got = {(m.camera, m.seq): m.tick for m in await outputs(broker)}
+    want = {(cam, g): sum(range(g * 5, g * 5 + 5)) for cam in ("front", "back", "left_repeater") for g in range(4)}
+    assert got == want
+    assert len(await outputs(broker)) == 12
+    # and the three leftover frames per camera are still pending, not lost
+    pending = 0
+    for p in range(partitions):
+        stats = await broker.stats(names.stream_name(names.FRAMES, p, broker.namespace))
+        group = stats.group("grouping")
+        pending += group.pending if group else 0
+    assert pending == 9
+
+
+async def test_stop_finishes_the_batch_in_hand(broker: Broker) -> None:
+    # Given a slow stage in the middle of a batch
+    await publish_frames(broker, "bench-in", [frame("d1", i) for i in range(4)])
+    handler = RelayHandler(delay_s=0.3)
+    worker, task = start(handler, broker, fast_settings(broker, batch_size=4), "w1")
+    await wait_until(lambda: _started(handler))
+
+    # When it is asked to stop
+    worker.stop()
+    await task
+
+    # Then the batch was finished, published and acked
+    assert len(await outputs(broker)) == 4
+    stats = await broker.stats(names.stream_name("bench-in", ns=broker.namespace))
+    assert stats.group("relay").pending == 0
+
+
+async def _started(handler: RelayHandler) -> bool:
+    return bool(handler.batches)

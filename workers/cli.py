@@ -1,0 +1,345 @@
+"""The ``roadstream`` command.
+
+Commands that bind stages to a broker live here (the design put the CLI in ``stream/``,
+but a command that runs a worker must import ``workers``, which ``stream`` may not).
+Each stage's own commands live in ``workers/cli_<name>.py`` modules, registered below;
+they import torch, PyAV or transformers only inside their functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from stream import names
+from stream.errors import ConfigError, RoadstreamError
+from stream.settings import Settings, load_settings
+
+#: Modules whose ``register(cli)`` adds their commands.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+console = Console(stderr=True)
+
+
+def parse_overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """Turn ``--set detect.batch=8`` pairs into nested override dicts.
+
+    Raises:
+        click.BadParameter: a pair has no ``=``.
+    """
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            message = f"expected SECTION.KEY=VALUE, got {pair!r}"
+            raise click.BadParameter(message, param_hint="--set")
+        node = tree
+        *path, leaf = key.strip().split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def settings_from(ctx: click.Context, redis: str | None = None, **overrides: Any) -> Settings:
+    """Settings from the file and environment, the root options and a command's own."""
+    root = ctx.find_root().params
+    merged = parse_overrides(root.get("set_") or ())
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            merged.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    try:
+        return load_settings(config_file=root.get("config"), redis_url=redis, **merged)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def redis_option(func: Any) -> Any:
+    """``--redis URL`` with the env fallback ROADSTREAM_REDIS_URL (via the settings)."""
+    return click.option(
+        "--redis",
+        "redis",
+        metavar="URL",
+        default=None,
+        help="Broker URL: redis://, rediss://user:pass@host, unix:///path, memory://name "
+        "[env: ROADSTREAM_REDIS_URL]",
+    )(func)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML or YAML settings [env: ROADSTREAM_CONFIG]")
+@click.option("--set", "set_", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(config: str | None, set_: tuple[str, ...], verbose: int) -> None:
+    """roadstream: TeslaCam footage in, roadwork verdicts out, over Redis Streams."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.argument("stage", type=click.Choice(names.STAGES))
+@redis_option
+@click.option("--concurrency", type=int, default=None, help="Batches in flight (stateless stages).")
+@click.option("--batch-size", type=int, default=None, help="Entries per batch at most.")
+@click.option("--max-wait-ms", type=int, default=None, help="Longest wait to fill a batch.")
+@click.option("--metrics-port", type=int, default=None, help="Serve /metrics, /live, /ready here.")
+@click.option("--burst", is_flag=True, help="Exit once the input is drained.")
+@click.pass_context
+def worker(ctx: click.Context, stage: str, redis: str | None, burst: bool, **options: Any) -> None:
+    """Run one worker of STAGE until SIGTERM/SIGINT."""
+    from workers.supervisor import run_workers
+
+    settings = settings_from(ctx, redis, worker=options)
+    try:
+        workers = asyncio.run(run_workers({stage: 1}, settings, url=settings.redis_url, burst=burst))
+    except RoadstreamError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for done in workers:
+        console.print(f"{done.consumer}: {done.counts}")
+
+
+@cli.command()
+@click.argument("specs", nargs=-1, required=True, metavar="STAGE=N…")
+@redis_option
+@click.option("--processes", is_flag=True, help="One process per worker instead of asyncio tasks.")
+@click.pass_context
+def supervise(ctx: click.Context, specs: tuple[str, ...], redis: str | None, processes: bool) -> None:
+    """Run N workers of each stage, e.g. ``supervise ingest=2 detect=1 fuse=1``."""
+    stages = {}
+    for spec in specs:
+        stage, _, count = spec.partition("=")
+        if stage not in names.STAGES or not count.isdigit():
+            message = f"expected STAGE=N with STAGE one of {', '.join(names.STAGES)}, got {spec!r}"
+            raise click.BadParameter(message)
+        stages[stage] = int(count)
+    settings = settings_from(ctx, redis)
+    if processes:
+        from workers.supervisor import run_processes
+
+        args = ["--redis", settings.redis_url]
+        root = ctx.find_root().params
+        prefix = [arg for s in root.get("set_") or () for arg in ("--set", s)]
+        if root.get("config"):
+            prefix += ["--config", root["config"]]
+        sys.exit(run_processes(stages, args, prefix=prefix))
+    from workers.supervisor import run_workers
+
+    asyncio.run(run_workers(stages, settings, url=settings.redis_url))
+
+
+# -- status -----------------------------------------------------------------------------
+
+
+async def collect_status(url: str, settings: Settings) -> dict[str, Any]:
+    """Per stream and group: length, lag, pending, consumers; dead letters; owners; workers."""
+    from brokers.connect import connect
+
+    broker, blobs = connect(url, namespace=settings.namespace, settings=settings.broker)
+    try:
+        ns = settings.namespace
+        streams = []
+        for name in sorted(await broker.streams(f"{ns}:*")):
+            stats = await broker.stats(name)
+            streams.append(
+                {
+                    "stream": name,
+                    "length": stats.length,
+                    "groups": [
+                        {"group": g.name, "lag": g.lag, "pending": g.pending, "consumers": g.consumers}
+                        for g in stats.groups
+                    ],
+                }
+            )
+        owners: dict[str, dict[int, str | None]] = {}
+        for group, count in ((names.DETECT, settings.broker.frame_partitions), (names.FUSE, settings.broker.fuse_partitions)):
+            owners[group] = {p: await broker.lease_owner(names.lease_name(group, p, ns)) for p in range(count)}
+        workers = []
+        for key in sorted(await broker.keys(f"{ns}:health:*")):
+            raw = await broker.get_value(key)
+            if raw:
+                workers.append(json.loads(raw))
+        dead = next((s["length"] for s in streams if s["stream"] == broker.dead_letter_stream), 0)
+        return {"streams": streams, "dead_letters": dead, "owners": owners, "workers": workers, "at": time.time()}
+    finally:
+        await blobs.close()
+        await broker.close()
+
+
+def status_tables(status: dict[str, Any], previous: dict[str, Any] | None) -> Table:
+    """Render a status snapshot; with a previous one, per-stage throughput too."""
+    table = Table(title=f"roadstream — dead letters: {status['dead_letters']}", expand=False)
+    for column in ("stream", "length", "group", "lag", "pending", "consumers"):
+        table.add_column(column, justify="left" if column in ("stream", "group") else "right")
+    for stream in status["streams"]:
+        groups = stream["groups"] or [{"group": "-", "lag": "-", "pending": "-", "consumers": "-"}]
+        for g in groups:
+            table.add_row(stream["stream"], str(stream["length"]), g["group"], str(g["lag"]), str(g["pending"]), str(g["consumers"]))
+    workers = Table(title="workers")
+    for column in ("group", "consumer", "in", "out", "failed", "dead", "rate/s", "partitions"):
+        workers.add_column(column)
+    before = {w["consumer"]: w for w in (previous or {}).get("workers", [])}
+    for w in status["workers"]:
+        rate = "-"
+        old = before.get(w["consumer"])
+        if old and w["at"] > old["at"]:
+            rate = f"{(w['counts']['in'] - old['counts']['in']) / (w['at'] - old['at']):.1f}"
+        counts = w["counts"]
+        parts = ",".join(map(str, w["partitions"])) if w.get("partitions") is not None else "-"
+        workers.add_row(w["group"], w["consumer"], *(str(counts[k]) for k in ("in", "out", "failed", "dead")), rate, parts)
+    outer = Table.grid()
+    outer.add_row(table)
+    outer.add_row(workers)
+    owned = Table(title="partition owners")
+    owned.add_column("group")
+    owned.add_column("owners")
+    for group, owners in status["owners"].items():
+        owned.add_row(group, " ".join(f"{p}:{(o or '-').split('-')[-1]}" for p, o in owners.items()))
+    outer.add_row(owned)
+    return outer
+
+
+@cli.command()
+@redis_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object for machines.")
+@click.option("--watch", is_flag=True, help="Refresh until interrupted.")
+@click.option("--interval", type=float, default=2.0, show_default=True)
+@click.pass_context
+def status(ctx: click.Context, redis: str | None, as_json: bool, watch: bool, interval: float) -> None:
+    """Streams, groups, lag, pending, dead letters, partition owners and workers."""
+    settings = settings_from(ctx, redis)
+    out = Console()
+    snapshot = asyncio.run(collect_status(settings.redis_url, settings))
+    if as_json:
+        click.echo(json.dumps(snapshot))
+        return
+    if not watch:
+        out.print(status_tables(snapshot, None))
+        return
+    with Live(status_tables(snapshot, None), console=out, refresh_per_second=4) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                current = asyncio.run(collect_status(settings.redis_url, settings))
+                live.update(status_tables(current, snapshot))
+                snapshot = current
+        except KeyboardInterrupt:
+            pass
+
+
+# -- dead letters -------------------------------------------------------------------------
+
+
+@cli.group()
+def deadletters() -> None:
+    """List, show and requeue dead-lettered entries."""
+
+
+async def _dead_letters(url: str, settings: Settings, ids: tuple[str, ...] = (), count: int = 100) -> list[tuple[str, Any]]:
+    from brokers.connect import connect
+    from stream import codec
+    from stream.schemas import DeadLetter
+
+    broker, blobs = connect(url, namespace=settings.namespace, settings=settings.broker)
+    try:
+        if ids:
+            entries = [e for i in ids for e in await broker.range(broker.dead_letter_stream, start=i, end=i, count=1)]
+        else:
+            entries = await broker.range(broker.dead_letter_stream, count=count)
+        return [(e.id, codec.decode(e.data, DeadLetter)) for e in entries]
+    finally:
+        await blobs.close()
+        await broker.close()
+
+
+@deadletters.command("list")
+@redis_option
+@click.option("--count", type=int, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def deadletters_list(ctx: click.Context, redis: str | None, count: int, as_json: bool) -> None:
+    """The oldest dead letters, with their reasons."""
+    settings = settings_from(ctx, redis)
+    letters = asyncio.run(_dead_letters(settings.redis_url, settings, count=count))
+    if as_json:
+        for letter_id, letter in letters:
+            click.echo(json.dumps({"id": letter_id, **letter.model_dump(mode="json", exclude={"raw"})}))
+        return
+    table = Table(title=f"{len(letters)} dead letters")
+    for column in ("id", "stream", "group", "deliveries", "error"):
+        table.add_column(column, overflow="fold")
+    for letter_id, letter in letters:
+        table.add_row(letter_id, letter.stream, letter.group, str(letter.deliveries), letter.error)
+    Console().print(table)
+
+
+@deadletters.command("show")
+@click.argument("ids", nargs=-1, required=True)
+@redis_option
+@click.pass_context
+def deadletters_show(ctx: click.Context, ids: tuple[str, ...], redis: str | None) -> None:
+    """Everything about some dead letters, with the original entry decoded where it can be."""
+    from stream import codec
+    from stream.errors import DecodeError
+
+    settings = settings_from(ctx, redis)
+    for letter_id, letter in asyncio.run(_dead_letters(settings.redis_url, settings, ids)):
+        record = {"id": letter_id, **letter.model_dump(mode="json", exclude={"raw"})}
+        try:
+            record["entry"] = codec.decode(letter.raw).model_dump(mode="json")
+        except DecodeError as exc:
+            record["entry"] = {"undecodable": exc.reason, "bytes": letter.raw[:200].hex()}
+        click.echo(json.dumps(record, indent=2))
+
+
+async def _requeue(url: str, settings: Settings, ids: tuple[str, ...]) -> int:
+    from brokers.connect import connect
+
+    letters = await _dead_letters(url, settings, ids, count=10_000)
+    broker, blobs = connect(url, namespace=settings.namespace, settings=settings.broker)
+    try:
+        for letter_id, letter in letters:
+            await broker.publish(letter.stream, letter.raw)
+            await broker.delete_entries(broker.dead_letter_stream, [letter_id])
+        return len(letters)
+    finally:
+        await blobs.close()
+        await broker.close()
+
+
+@deadletters.command("requeue")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "requeue_all", is_flag=True, help="Requeue every dead letter.")
+@redis_option
+@click.pass_context
+def deadletters_requeue(ctx: click.Context, ids: tuple[str, ...], requeue_all: bool, redis: str | None) -> None:
+    """Put dead letters back on the streams they came from (after a fix)."""
+    if not ids and not requeue_all:
+        raise click.UsageError("name dead-letter ids, or pass --all")
+    settings = settings_from(ctx, redis)
+    moved = asyncio.run(_requeue(settings.redis_url, settings, () if requeue_all else ids))
+    console.print(f"requeued {moved} entries")
+
+
+def _register_commands() -> None:
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(cli)
+
+
+def main() -> None:
+    """Console entry point."""
+    _register_commands()
+    cli(prog_name="roadstream")
+
+
+if __name__ == "__main__":
+    main()

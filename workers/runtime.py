@@ -1,0 +1,542 @@
+"""The generic worker: read a batch, run the stage, publish, then acknowledge.
+
+Shape of the loop (after arq's ``Worker.main``): a reader task fills a one-slot queue
+with batches that are already *prepared* (blobs fetched, JPEGs decoded), so IO of the
+next batch overlaps the stage's compute on the current one; ``concurrency`` processor
+tasks take batches from the queue; a heartbeat task renews partition leases, touches
+entries still held, reclaims idle entries of dead consumers and writes health.
+
+Delivery guarantees:
+
+* nothing is acknowledged before its outputs are published (publishing is idempotent
+  by dedupe key, so a crash between the two yields the same entries again, once);
+* an entry a handler still holds (an open window) is *touched*, so no one reclaims it
+  while this worker lives; when the worker dies, its entries go idle and are claimed;
+* undecodable entries and ``InputError`` failures go to the dead-letter stream at once,
+  other failures are retried by redelivery until ``max_deliveries``;
+* a partitioned stage replays a partition's pending entries, in order, when it takes the
+  partition over, so its state is rebuilt exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+
+from brokers.base import Broker, Entry, Publish
+from brokers.blobs import BlobStore
+from brokers.partitions import PartitionManager
+from stream import codec, names
+from stream.errors import BrokerConnectionError, DecodeError, InputError
+from stream.settings import Settings
+from workers import metrics
+from workers.handler import BatchResult, Delivery, Handler, Output
+
+log = logging.getLogger("roadstream.worker")
+
+#: Which group consumes each hop (the one whose backlog backpressure watches).
+HOP_CONSUMER = {hop: stage for stage, hops in names.STAGE_INPUTS.items() for hop in hops}
+#: Seconds to wait before reading again after the broker's connection dropped.
+RECONNECT_DELAY_S = 1.0
+#: Entries taken over per XAUTOCLAIM call.
+CLAIM_BATCH = 2048
+
+
+def consumer_name(stage: str) -> str:
+    """A consumer name unique to this process and worker."""
+    return f"{stage}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class _Publisher:
+    """Publishes handler outputs and applies backpressure on the next hop."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def publish(self, outputs: Sequence[Output]) -> None:
+        await self._worker.publish(outputs)
+
+    async def wait_for_room(self, hop: str, partition: int | None = None) -> None:
+        worker = self._worker
+        group = HOP_CONSUMER.get(hop)
+        if group is not None:
+            stream = worker.stream(hop, partition)
+            await worker.broker.wait_for_room(stream, group)
+        bound = worker.settings.broker.max_blob_bytes
+        while await worker.blobs.bytes_in_flight() > bound and not worker.stopping:
+            await asyncio.sleep(0.05)
+
+
+class Worker:
+    """Runs one handler against a broker until stopped.
+
+    Parameters:
+        handler: the stage binding.
+        broker: the transport.
+        blobs: the frame blob store (handed to the handler by its builder).
+        settings: all settings; ``settings.worker`` shapes this loop.
+        consumer: the consumer name; unique per process by default.
+        burst: exit once the input is drained and nothing is held.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        broker: Broker,
+        blobs: BlobStore,
+        settings: Settings,
+        *,
+        consumer: str | None = None,
+        burst: bool = False,
+    ) -> None:
+        self.handler = handler
+        self.broker = broker
+        self.blobs = blobs
+        self.settings = settings
+        self.group = handler.group
+        self.consumer = consumer or consumer_name(handler.group)
+        self.burst = burst
+        self.stopping = False
+        self.started = False
+        self.last_beat = time.monotonic()
+        self.counts = {"in": 0, "out": 0, "failed": 0, "dead": 0}
+        self._held: dict[tuple[str, str], Delivery] = {}  # (stream, id) -> delivery
+        self._replay: list[Delivery] = []  # claimed entries to hand over before new reads
+        self._partitions: PartitionManager | None = None
+        self._stream_partition: dict[str, int | None] = {}
+        self._queue: asyncio.Queue[list[Delivery]] = asyncio.Queue(maxsize=1)
+        self._busy = 0
+        self._stop_event = asyncio.Event()
+
+    # -- names ---------------------------------------------------------------------
+
+    def stream(self, hop: str, partition: int | None = None) -> str:
+        """Stream name of a hop (partition) in this worker's namespace."""
+        return names.stream_name(hop, partition, ns=self.broker.namespace)
+
+    @property
+    def _partition_count(self) -> int:
+        frames = names.FRAMES in self.handler.inputs
+        bounds = self.settings.broker
+        return bounds.frame_partitions if frames else bounds.fuse_partitions
+
+    def input_streams(self) -> list[str]:
+        """The streams this worker reads now (owned partitions only, when partitioned)."""
+        if not self.handler.partitioned:
+            return [self.stream(hop) for hop in self.handler.inputs]
+        owned = sorted(self._partitions.owned) if self._partitions else []
+        return [self.stream(hop, p) for p in owned for hop in self.handler.inputs]
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the worker to stop: no new reads, in-flight work finishes within the grace."""
+        self.stopping = True
+        self._stop_event.set()
+
+    async def run(self) -> None:
+        """Start the handler and run until ``stop()`` (or, in burst mode, until drained)."""
+        self.handler.publisher = _Publisher(self)
+        await self.handler.start()
+        for hop in self.handler.inputs:
+            if not self.handler.partitioned:
+                await self.broker.ensure_group(self.stream(hop), self.group)
+        if self.handler.partitioned:
+            self._partitions = PartitionManager(
+                self.broker,
+                self.group,
+                self.consumer,
+                self._partition_count,
+                self.settings.broker.lease_ttl_ms,
+            )
+            await self._refresh_partitions()
+        self.started = True
+        tasks = [asyncio.create_task(self._read_loop(), name=f"{self.consumer}-read")]
+        tasks += [
+            asyncio.create_task(self._process_loop(), name=f"{self.consumer}-process-{i}")
+            for i in range(1 if self.handler.partitioned else max(1, self.settings.worker.concurrency))
+        ]
+        beat = asyncio.create_task(self._heartbeat_loop(), name=f"{self.consumer}-beat")
+        try:
+            await self._stop_event.wait()
+            await self._drain(tasks)
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await beat
+            await self._shutdown()
+
+    async def _drain(self, tasks: list[asyncio.Task]) -> None:
+        # Readers stop at once; processors get the grace period to finish their batch.
+        tasks[0].cancel()
+        deadline = time.monotonic() + self.settings.worker.grace_s
+        while (self._busy or not self._queue.empty()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                log.error("worker %s: task failed: %r", self.consumer, result)
+
+    async def _shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.handler.stop()
+        if self._partitions is not None:
+            with contextlib.suppress(Exception):
+                await self._partitions.stop()
+        log.info("worker %s stopped: %s", self.consumer, self.counts)
+
+    # -- reading -------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        idle_rounds = 0
+        while not self.stopping:
+            try:
+                batch = await self._next_batch()
+            except BrokerConnectionError as exc:
+                log.warning("worker %s: broker unreachable (%s); retrying", self.consumer, exc)
+                await asyncio.sleep(RECONNECT_DELAY_S)
+                continue
+            if not batch:
+                idle_rounds += 1
+                await self._on_idle(idle_rounds)
+                continue
+            idle_rounds = 0
+            try:
+                await self.handler.prepare(batch)
+            except Exception as exc:  # prepare is best effort; handle() sees the failure again
+                log.warning("worker %s: prepare failed: %r", self.consumer, exc)
+            await self._queue.put(batch)
+
+    async def _on_idle(self, idle_rounds: int) -> None:
+        if self._queue.empty() and not self._busy:
+            result = await self.handler.tick()
+            if result.outputs or result.ack or result.failed:
+                await self._finish([], result)
+        if self.burst and idle_rounds >= 3 and not self._held and self._queue.empty() and not self._busy:
+            self.stop()
+        if not self.input_streams():
+            await asyncio.sleep(self.settings.worker.max_wait_ms / 1000)
+
+    async def _next_batch(self) -> list[Delivery]:
+        """Up to ``batch_size`` entries: replayed ones first, then new ones until full or
+        until ``max_wait_ms`` after the first arrived (a stream muxer's size-or-timeout)."""
+        size = self.settings.worker.batch_size
+        wait_s = self.settings.worker.max_wait_ms / 1000
+        batch = self._take_replay(size)
+        deadline = time.monotonic() + wait_s if batch else None
+        while len(batch) < size and not self.stopping:
+            streams = self.input_streams()
+            if not streams:
+                break
+            if deadline is None:
+                block_ms = max(1, int(wait_s * 1000)) if self.burst else 1000
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                block_ms = max(1, int(remaining * 1000))
+            entries = await self.broker.read(
+                self.group, self.consumer, streams, count=size - len(batch), block_ms=block_ms
+            )
+            if not entries:
+                if deadline is None:
+                    break  # nothing came within a poll: let the loop tick
+                continue
+            batch += await self._accept(entries)
+            if deadline is None:
+                deadline = time.monotonic() + wait_s
+            batch += self._take_replay(size - len(batch))
+        return batch
+
+    def _current(self, delivery: Delivery) -> bool:
+        """False for a delivery whose partition was revoked or rebuilt since it was read."""
+        return self._held.get(_key(delivery)) is delivery
+
+    def _take_replay(self, limit: int) -> list[Delivery]:
+        taken, self._replay = self._replay[:limit], self._replay[limit:]
+        return taken
+
+    async def _accept(self, entries: Sequence[Entry]) -> list[Delivery]:
+        """Decode entries; dead-letter the ones that do not decode or are not accepted."""
+        deliveries = []
+        for entry in entries:
+            partition = self._partition_of(entry.stream)
+            if self._partitions is not None and partition not in self._partitions.owned:
+                continue  # the partition was revoked while this read was in flight
+            try:
+                message = codec.decode(entry.data, self.handler.accepts or None)
+            except DecodeError as exc:
+                await self._dead_letter(entry, f"undecodable entry: {exc.reason}")
+                continue
+            delivery = Delivery(entry, message, partition)
+            self._held[(entry.stream, entry.id)] = delivery
+            deliveries.append(delivery)
+        metrics.ENTRIES_IN.labels(self.group).inc(len(deliveries))
+        self.counts["in"] += len(deliveries)
+        return deliveries
+
+    def _partition_of(self, stream: str) -> int | None:
+        if stream not in self._stream_partition:
+            partition = None
+            if self.handler.partitioned and stream.endswith("}") and ":{" in stream:
+                partition = int(stream.rsplit(":{", 1)[1][:-1])
+            self._stream_partition[stream] = partition
+        return self._stream_partition[stream]
+
+    # -- processing ----------------------------------------------------------------
+
+    async def _process_loop(self) -> None:
+        while True:
+            batch = await self._queue.get()
+            self._busy += 1
+            try:
+                await self._process(batch)
+            finally:
+                self._busy -= 1
+
+    async def _process(self, batch: list[Delivery]) -> None:
+        batch = [d for d in batch if self._current(d)]
+        if not batch:
+            return
+        started = time.perf_counter()
+        try:
+            result = await self.handler.handle(batch)
+        except Exception as exc:
+            log.exception("worker %s: stage failed on a batch of %d", self.consumer, len(batch))
+            result = BatchResult(ack=[], failed=[(d, exc) for d in batch])
+        metrics.STAGE_SECONDS.labels(self.group).observe(time.perf_counter() - started)
+        metrics.BATCH_SIZE.labels(self.group).observe(len(batch))
+        await self._finish(batch, result)
+
+    async def _finish(self, batch: list[Delivery], result: BatchResult) -> None:
+        """Publish, then dead-letter or leave failures, then ack what is safe."""
+        while True:
+            try:
+                await self.publish(result.outputs)
+                break
+            except BrokerConnectionError as exc:
+                if self.stopping:
+                    return  # nothing acked: the entries are reclaimed after we are gone
+                log.warning("worker %s: publish failed (%s); retrying", self.consumer, exc)
+                await asyncio.sleep(RECONNECT_DELAY_S)
+        failed_keys = {_key(d) for d, _ in result.failed}
+        to_ack = batch if result.ack is None else result.ack
+        to_ack = [d for d in to_ack if _key(d) not in failed_keys]
+        if to_ack:
+            await self.broker.ack(self.group, [d.entry for d in to_ack])
+            for delivery in to_ack:
+                self._held.pop(_key(delivery), None)
+        retry: dict[int, list[Delivery]] = {}
+        for delivery, exc in result.failed:
+            if await self._fail(delivery, exc) and delivery.partition is not None:
+                retry.setdefault(delivery.partition, []).append(delivery)
+        for partition, failed in sorted(retry.items()):
+            await self._rebuild(partition, failed)
+
+    async def _fail(self, delivery: Delivery, exc: BaseException) -> bool:
+        """Dead-letter a failed entry, or leave it for another try; True when it is retried."""
+        entry = delivery.entry
+        reason = type(exc).__name__
+        metrics.ENTRIES_FAILED.labels(self.group, reason).inc()
+        self.counts["failed"] += 1
+        self._held.pop(_key(delivery), None)
+        error = f"{reason}: {exc}"
+        if isinstance(exc, InputError) or entry.deliveries >= self.settings.broker.max_deliveries:
+            await self._dead_letter(entry, error)
+            return False
+        # Left pending: redelivered with a higher count. Keep the reason for the dead
+        # letter, in case the next try is the last.
+        await self.broker.put_value(self._error_key(entry), error.encode(), ttl_ms=24 * 3600 * 1000)
+        return True
+
+    def _error_key(self, entry: Entry) -> str:
+        return f"{self.broker.namespace}:error:{self.group}:{entry.stream}:{entry.id}"
+
+    async def _dead_letter(self, entry: Entry, error: str) -> None:
+        await self.broker.dead_letter(self.group, entry, error, consumer=self.consumer)
+        metrics.DEAD_LETTERS.labels(self.group).inc()
+        self.counts["dead"] += 1
+        log.warning("worker %s: dead-lettered %s %s: %s", self.consumer, entry.stream, entry.id, error)
+
+    async def publish(self, outputs: Sequence[Output]) -> None:
+        """Encode and publish outputs in one round trip (idempotent by dedupe key)."""
+        if not outputs:
+            return
+        items = [Publish(self.stream(o.hop, o.partition), codec.encode(o.message), o.dedupe_key) for o in outputs]
+        await self.broker.publish_many(items)
+        metrics.ENTRIES_OUT.labels(self.group).inc(len(items))
+        self.counts["out"] += len(items)
+
+    # -- partitions, reclaiming, health -------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.settings.worker.heartbeat_s
+        if self.handler.partitioned:
+            interval = min(interval, self.settings.broker.lease_ttl_ms / 3000)
+        touch_every = self.settings.broker.claim_idle_ms / 3000
+        reclaim_every = self.settings.worker.reclaim_interval_s
+        last_touch = last_reclaim = time.monotonic()
+        while True:
+            await asyncio.sleep(min(interval, touch_every))
+            try:
+                now = time.monotonic()
+                if self._partitions is not None:
+                    await self._refresh_partitions()
+                if now - last_touch >= touch_every:
+                    await self._touch_held()
+                    last_touch = now
+                if now - last_reclaim >= reclaim_every:
+                    await self._reclaim()
+                    last_reclaim = now
+                await self._record_health()
+                self.last_beat = time.monotonic()
+            except BrokerConnectionError as exc:
+                log.warning("worker %s: heartbeat failed (%s)", self.consumer, exc)
+            except Exception:
+                log.exception("worker %s: heartbeat failed", self.consumer)
+
+    async def _refresh_partitions(self) -> None:
+        assigned, revoked = await self._partitions.refresh()
+        for partition in sorted(revoked):
+            await self.handler.revoked(partition)
+            self._forget_partition(partition)
+        for partition in sorted(assigned):
+            await self._take_over(partition)
+        metrics.PARTITIONS_OWNED.labels(self.group, self.consumer).set(len(self._partitions.owned))
+
+    def _forget_partition(self, partition: int) -> None:
+        self._held = {k: d for k, d in self._held.items() if d.partition != partition}
+        self._replay = [d for d in self._replay if d.partition != partition]
+
+    async def _take_over(self, partition: int) -> None:
+        """Claim every pending entry of a partition and replay them, oldest first."""
+        await self.handler.assigned(partition)
+        for hop in self.handler.inputs:
+            stream = self.stream(hop, partition)
+            await self.broker.ensure_group(stream, self.group)
+            claimed = await self._claim_all(stream, min_idle_ms=0)
+            if claimed:
+                metrics.RECLAIMED.labels(self.group).inc(len(claimed))
+                self._replay += await self._accept(sorted(claimed, key=_entry_order))
+
+    async def _rebuild(self, partition: int, failed: Sequence[Delivery] = (), claimed: Sequence[Delivery] = ()) -> None:
+        """Rebuild a partition's state by replaying, in order, what it holds.
+
+        Held entries are replayed from memory with their delivery count unchanged; failed
+        ones count one more delivery, so a poison entry is dead-lettered in the end while
+        its innocent neighbours are not. New ``Delivery`` objects replace the old ones, so
+        a batch already queued with the old ones skips them (see ``_current``).
+        """
+        failed_keys = {_key(d) for d in failed}
+        pending = [d for d in self._held.values() if d.partition == partition and _key(d) not in failed_keys]
+        pending += [Delivery(replace(d.entry, deliveries=d.entry.deliveries + 1), d.message, partition) for d in failed]
+        pending += list(claimed)
+        await self.handler.revoked(partition)
+        self._forget_partition(partition)
+        await self.handler.assigned(partition)
+        replay = []
+        for delivery in sorted(pending, key=lambda d: _entry_order(d.entry)):
+            fresh = Delivery(delivery.entry, delivery.message, partition)
+            self._held[_key(fresh)] = fresh
+            replay.append(fresh)
+        self._replay = replay + self._replay
+
+    async def _claim_all(self, stream: str, *, min_idle_ms: int) -> list[Entry]:
+        # XAUTOCLAIM restarts at the oldest entry each call; stop when a call brings
+        # nothing new. Anything beyond the first calls is reclaimed by a later round.
+        claimed: dict[str, Entry] = {}
+        while True:
+            entries = await self.broker.claim(
+                self.group, self.consumer, stream, min_idle_ms=min_idle_ms, count=CLAIM_BATCH
+            )
+            fresh = [e for e in entries if e.id not in claimed and (e.stream, e.id) not in self._held]
+            claimed.update((e.id, e) for e in fresh)
+            if len(entries) < CLAIM_BATCH or not fresh:
+                return await self._dead_letter_exhausted(list(claimed.values()))
+
+    async def _dead_letter_exhausted(self, entries: list[Entry]) -> list[Entry]:
+        keep = []
+        for entry in entries:
+            if entry.deliveries > self.settings.broker.max_deliveries:
+                last = await self.broker.get_value(self._error_key(entry))
+                reason = last.decode() if last else "no worker finished it (crashed or timed out)"
+                await self._dead_letter(entry, f"failed {entry.deliveries - 1} deliveries; last: {reason}")
+            else:
+                keep.append(entry)
+        return keep
+
+    async def _touch_held(self) -> None:
+        by_stream: dict[str, list[Entry]] = {}
+        for delivery in list(self._held.values()):
+            by_stream.setdefault(delivery.entry.stream, []).append(delivery.entry)
+        for entries in by_stream.values():
+            await self.broker.touch(self.group, self.consumer, entries)
+
+    async def _reclaim(self) -> None:
+        """Take over entries that went idle: their consumer died or gave up."""
+        streams = self.input_streams()
+        for stream in streams:
+            claimed = await self._claim_all(stream, min_idle_ms=self.settings.broker.claim_idle_ms)
+            if claimed:
+                log.info("worker %s: reclaimed %d entries of %s", self.consumer, len(claimed), stream)
+                metrics.RECLAIMED.labels(self.group).inc(len(claimed))
+                accepted = await self._accept(sorted(claimed, key=_entry_order))
+                if self.handler.partitioned:
+                    # Late entries of a partition must not reach its state out of order.
+                    for partition in sorted({d.partition for d in accepted}):
+                        mine = [d for d in accepted if d.partition == partition]
+                        for delivery in mine:
+                            self._held.pop(_key(delivery), None)
+                        await self._rebuild(partition, claimed=mine)
+                else:
+                    self._replay += accepted
+        await self._export_lag(streams)
+
+    async def _export_lag(self, streams: list[str]) -> None:
+        for stream in streams:
+            stats = await self.broker.stats(stream)
+            group = stats.group(self.group)
+            metrics.GROUP_LAG.labels(self.group, stream).set(group.lag if group else stats.length)
+            metrics.GROUP_PENDING.labels(self.group, stream).set(group.pending if group else 0)
+
+    async def _record_health(self) -> None:
+        record = {
+            "consumer": self.consumer,
+            "group": self.group,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "at": time.time(),
+            "counts": self.counts,
+            "held": len(self._held),
+            "partitions": sorted(self._partitions.owned) if self._partitions else None,
+        }
+        ttl_ms = int(max(3 * self.settings.worker.heartbeat_s, 3) * 1000)
+        key = names.health_name(self.group, self.consumer, ns=self.broker.namespace)
+        await self.broker.put_value(key, json.dumps(record).encode(), ttl_ms=ttl_ms)
+
+    def live(self) -> bool:
+        """Whether the heartbeat ran recently (the liveness probe)."""
+        return time.monotonic() - self.last_beat < 3 * max(self.settings.worker.heartbeat_s, 1)
+
+    def ready(self) -> bool:
+        """Whether the worker started and is taking work (the readiness probe)."""
+        return self.started and not self.stopping and self.live()
+
+
+def _key(delivery: Delivery) -> tuple[str, str]:
+    return delivery.entry.stream, delivery.entry.id
+
+
+def _entry_order(entry: Entry) -> tuple[int, int]:
+    ms, _, seq = entry.id.partition("-")
+    return int(ms), int(seq or 0)
