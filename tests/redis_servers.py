@@ -1,0 +1,455 @@
+"""Real ``redis-server`` processes for tests: ACL users, TLS on loopback, AOF, stop and restart.
+
+Security and failure tests need servers configured in ways the shared Redis at
+127.0.0.1:6379 is not (a password, TLS, AOF that survives a kill), and servers they may
+kill, restart or pause. Each ``RedisServer`` runs in its own temporary directory on a free
+loopback port; ``RedisServers`` starts several and stops them all at the end::
+
+    with RedisServers(tmp_path) as servers:
+        plain = servers.start(appendonly=True)
+        locked = servers.start(password="s3cret")
+        secure = servers.start(tls=True)
+        plain.kill(); plain.start()        # same port, same AOF: the data is back
+
+Certificates are made here with ``cryptography``: a CA, a server certificate for
+``localhost``/``127.0.0.1`` and a client certificate (for mutual TLS).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import redis
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+#: The ``redis-server`` binary, or ``None`` when it is not installed.
+REDIS_SERVER = shutil.which("redis-server")
+#: Seconds a server has to answer PING after it was started.
+DEFAULT_START_TIMEOUT_S = 10.0
+#: The ACL user tests connect as when a password is set.
+DEFAULT_USER = "roadstream"
+#: Rules of that user: every key and command. Pass narrower rules to test least privilege.
+DEFAULT_ACL_RULES = "~* &* +@all"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_supports_tls() -> bool:
+    """Whether the installed ``redis-server`` was built with TLS (accepts ``--tls-port``)."""
+    if REDIS_SERVER is None:
+        return False
+    # A TLS build parses the option and then finds nothing to listen on; a build without
+    # TLS stops at the unknown directive.
+    done = subprocess.run(
+        [REDIS_SERVER, "--port", "0", "--tls-port", "0"], capture_output=True, text=True, timeout=10
+    )
+    output = done.stdout + done.stderr
+    return "not listen anywhere" in output and "Bad directive" not in output
+
+
+# -- certificates ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a test CA, a server certificate and a client certificate."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    path.chmod(0o600)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _certificate(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+    extensions: list[tuple[x509.ExtensionType, bool]],
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    issuer_name, issuer_key = issuer or (_name(subject), key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    """Make a CA and, signed by it, a server and a client certificate, in ``directory``.
+
+    Parameters:
+        directory: where the PEM files go (created if missing).
+
+    Returns:
+        The paths of the files.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate(
+        "roadstream test CA",
+        ca_key,
+        None,
+        [
+            (x509.BasicConstraints(ca=True, path_length=0), True),
+            (_key_usage(cert_sign=True), True),
+            (x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False),
+        ],
+    )
+    ca_issuer = (ca.subject, ca_key)
+    leaf = [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (_key_usage(cert_sign=False), True),
+        (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False),
+    ]
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_alt = x509.SubjectAlternativeName(
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    )
+    server = _certificate(
+        "localhost",
+        server_key,
+        ca_issuer,
+        [*leaf, (server_alt, False), (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)],
+    )
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = _certificate(
+        "roadstream test client",
+        client_key,
+        ca_issuer,
+        [*leaf, (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)],
+    )
+    files = TlsFiles(
+        ca_cert=directory / "ca.crt",
+        server_cert=directory / "server.crt",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.crt",
+        client_key=directory / "client.key",
+    )
+    for cert, path in ((ca, files.ca_cert), (server, files.server_cert), (client, files.client_cert)):
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(server_key, files.server_key)
+    _write_key(client_key, files.client_key)
+    return files
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=not cert_sign,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+# -- one server ------------------------------------------------------------------------
+
+
+class RedisServer:
+    """One ``redis-server`` process on a loopback port, in its own directory.
+
+    Parameters:
+        directory: holds the config, the log, the AOF; created if missing.
+        port: the port to listen on (TLS only when ``tls``); a free one by default.
+        password: turns the ``default`` user off and adds ``username`` with this password.
+        username: the ACL user made when ``password`` is set.
+        acl_rules: that user's ACL rules (keys, channels, commands).
+        tls: serve TLS only (no plaintext port), with certificates made here.
+        tls_auth_clients: with ``tls``, demand a client certificate signed by the test CA.
+        appendonly: turn AOF persistence on, fsynced on every write so a SIGKILL loses
+            nothing acknowledged.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        port: int | None = None,
+        password: str | None = None,
+        username: str = DEFAULT_USER,
+        acl_rules: str = DEFAULT_ACL_RULES,
+        tls: bool = False,
+        tls_auth_clients: bool = False,
+        appendonly: bool = False,
+    ) -> None:
+        if REDIS_SERVER is None:
+            message = "redis-server is not installed"
+            raise RuntimeError(message)
+        if password is not None and (not password or any(c.isspace() for c in password)):
+            message = "an ACL password in redis.conf must be non-empty and hold no whitespace"
+            raise ValueError(message)
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.password = password
+        self.username = username if password is not None else None
+        self.acl_rules = acl_rules
+        self.tls_files = make_tls_files(self.directory / "tls") if tls else None
+        self.tls_auth_clients = tls_auth_clients
+        self.appendonly = appendonly
+        self.process: subprocess.Popen[bytes] | None = None
+
+    # -- addresses ---------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        """The server's config file."""
+        return self.directory / "redis.conf"
+
+    @property
+    def log_path(self) -> Path:
+        """The server's log file."""
+        return self.directory / "redis.log"
+
+    def url(
+        self,
+        db: int = 0,
+        *,
+        scheme: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        ca: bool = True,
+        client_cert: bool | None = None,
+    ) -> str:
+        """A URL that reaches this server, with credentials and TLS files as it needs.
+
+        Parameters:
+            db: database number.
+            scheme: ``redis`` or ``rediss``; the server's own by default.
+            username: override the ACL user (``""``: none).
+            password: override the password (``""``: none).
+            ca: add ``ssl_ca_certs`` (the test CA) to a ``rediss`` URL.
+            client_cert: add the client certificate; by default when the server demands one.
+
+        Returns:
+            A ``redis://`` or ``rediss://`` URL for ``redis.from_url`` (TLS files travel as
+            query arguments, which redis-py passes to its connection).
+        """
+        scheme = scheme or ("rediss" if self.tls_files else "redis")
+        user = self.username if username is None else username
+        secret = self.password if password is None else password
+        auth = ""
+        if secret:
+            auth = f"{quote(user or '', safe='')}:{quote(secret, safe='')}@"
+        query: dict[str, str] = {}
+        if scheme == "rediss" and self.tls_files:
+            if ca:
+                query["ssl_ca_certs"] = str(self.tls_files.ca_cert)
+            if self.tls_auth_clients if client_cert is None else client_cert:
+                query["ssl_certfile"] = str(self.tls_files.client_cert)
+                query["ssl_keyfile"] = str(self.tls_files.client_key)
+        suffix = f"?{urlencode(query)}" if query else ""
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/{db}{suffix}"
+
+    def client(self, db: int = 0, **kwargs: Any) -> redis.Redis:
+        """A synchronous redis-py client as the configured user (for checks and setup)."""
+        return redis.Redis.from_url(self.url(db), **kwargs)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def _config(self) -> str:
+        lines = [
+            "bind 127.0.0.1",
+            f"dir {self.directory}",
+            f"logfile {self.log_path}",
+            "daemonize no",
+            'save ""',  # AOF or nothing: no background RDB snapshots during tests
+            f"appendonly {'yes' if self.appendonly else 'no'}",
+            "appendfsync always",
+        ]
+        if self.tls_files:
+            files = self.tls_files
+            lines += [
+                "port 0",
+                f"tls-port {self.port}",
+                f"tls-cert-file {files.server_cert}",
+                f"tls-key-file {files.server_key}",
+                f"tls-ca-cert-file {files.ca_cert}",
+                f"tls-auth-clients {'yes' if self.tls_auth_clients else 'no'}",
+            ]
+        else:
+            lines.append(f"port {self.port}")
+        if self.password is not None:
+            lines += ["user default off", f"user {self.username} on >{self.password} {self.acl_rules}"]
+        return "\n".join(lines) + "\n"
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive (a paused one counts)."""
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The process id while it runs."""
+        return self.process.pid if self.running else None
+
+    def start(self, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> RedisServer:
+        """Start the server (again: same port, same directory, so AOF data comes back).
+
+        Raises:
+            RuntimeError: it exited or did not answer PING in time; the message holds
+                the end of its log.
+        """
+        if self.running:
+            return self
+        self.config_path.write_text(self._config())
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, str(self.config_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self._wait_until_ready(timeout_s)
+        return self
+
+    def _wait_until_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if not self.running:
+                break
+            try:
+                with self.client(socket_timeout=1, socket_connect_timeout=1) as client:
+                    if client.ping():
+                        return
+            except redis.RedisError as exc:
+                last_error = exc
+                # LOADING (AOF replay) and refused connections both mean "not yet".
+            time.sleep(0.02)
+        tail = "" if self.running else self.log_tail()  # read its stderr before closing it
+        self._terminate(signal.SIGKILL)
+        message = f"redis-server on port {self.port} did not start ({last_error}):\n{tail or self.log_tail()}"
+        raise RuntimeError(message)
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the server's log, for error messages."""
+        log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        stderr = ""
+        process = self.process
+        if process is not None and process.poll() is not None and process.stderr and not process.stderr.closed:
+            stderr = process.stderr.read().decode(errors="replace")
+        return "\n".join((log + stderr).splitlines()[-lines:])
+
+    def _terminate(self, sig: signal.Signals, timeout_s: float = 10.0) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.resume()  # a stopped process cannot act on SIGTERM
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stderr:
+            self.process.stderr.close()
+
+    def stop(self) -> None:
+        """Shut down cleanly (SIGTERM: Redis flushes the AOF and exits)."""
+        self._terminate(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Kill at once (SIGKILL), as a crash would."""
+        self._terminate(signal.SIGKILL)
+
+    def restart(self, *, crash: bool = False, down_s: float = 0.0) -> RedisServer:
+        """Stop (or kill, with ``crash``), stay down ``down_s`` seconds, start again."""
+        self.kill() if crash else self.stop()
+        time.sleep(down_s)
+        return self.start()
+
+    def pause(self) -> None:
+        """Freeze the process (SIGSTOP): connections stay open, nothing is answered."""
+        if self.running:
+            self.process.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+
+    def resume(self) -> None:
+        """Let a paused process go on (SIGCONT)."""
+        if self.running:
+            self.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+class RedisServers:
+    """Starts servers in subdirectories of one folder and stops every one at the end.
+
+    Parameters:
+        directory: the parent folder (a test's ``tmp_path``).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.servers: list[RedisServer] = []
+
+    def start(self, *, attempts: int = 3, **options: Any) -> RedisServer:
+        """Start one server; ``options`` are ``RedisServer``'s keyword arguments.
+
+        Another process may take the free port between choosing and binding it, so a
+        server without a fixed port is retried on a fresh one.
+        """
+        for attempt in range(attempts):
+            server = RedisServer(self.directory / f"redis-{len(self.servers)}", **options)
+            self.servers.append(server)
+            try:
+                return server.start()
+            except RuntimeError:
+                if "port" in options or attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Kill every server this pool started."""
+        for server in self.servers:
+            server.kill()
+
+    def __enter__(self) -> RedisServers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,209 @@
+"""Security: Redis with an ACL user and password, Redis over TLS, and no pickle on the wire.
+
+Every test here runs its own ``redis-server`` (``tests/redis_servers.py``) on a free
+loopback port, configured the way a locked-down deployment would be: the ``default``
+user off and a password-protected user limited to the roadstream namespace, or a TLS-only
+port with certificates made by the test. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from brokers.redis import RedisBroker
+from redis_servers import REDIS_SERVER, RedisServer, RedisServers, redis_supports_tls
+from stream import codec
+from stream.errors import BrokerConnectionError, BrokerError, DecodeError
+from stream.names import JOBS, stream_name
+
+pytestmark = [
+    pytest.mark.redis,
+    pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed"),
+]
+needs_tls = pytest.mark.skipif(
+    REDIS_SERVER is not None and not redis_supports_tls(),
+    reason="this redis-server was built without TLS (--tls-port not accepted)",
+)
+
+#: Namespace of the keys written here; the ACL user may touch only these.
+NAMESPACE = "sec"
+#: The user may read and write its namespace's keys and nothing else.
+NAMESPACE_ONLY = f"~{NAMESPACE}:* &* +@all"
+#: Bound on an operation that must fail: a broker that retries forever fails the test.
+FAIL_WITHIN_S = 20.0
+GROUP = "ingest"
+PASSWORD = "s3cret:@/pass"  # URL-special characters, which the URL must escape
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[RedisServers]:
+    """Starts private redis-server processes; kills them after the test."""
+    with RedisServers(tmp_path) as pool:
+        yield pool
+
+
+@pytest.fixture
+def acl_server(servers: RedisServers) -> RedisServer:
+    """A server whose ``default`` user is off; one user with a password, namespace only."""
+    return servers.start(password=PASSWORD, acl_rules=NAMESPACE_ONLY)
+
+
+@pytest.fixture
+def tls_server(servers: RedisServers) -> RedisServer:
+    """A server that speaks only TLS, with a certificate signed by a test CA."""
+    return servers.start(tls=True)
+
+
+async def round_trip(url: str) -> None:
+    """Publish, read and ack one entry through a ``RedisBroker`` on ``url``; assert each step."""
+    stream = stream_name(JOBS, ns=NAMESPACE)
+    async with RedisBroker(url=url, namespace=NAMESPACE) as broker:
+        await broker.ensure_group(stream, GROUP)
+        entry_id = await broker.publish(stream, b"payload", dedupe_key="job-1")
+        entries = await broker.read(GROUP, "worker-1", [stream], count=10, block_ms=100)
+        assert [(e.id, e.data) for e in entries] == [(entry_id, b"payload")]
+        assert await broker.ack(GROUP, entries) == 1
+        stats = await broker.stats(stream)
+        assert stats.group(GROUP).pending == 0  # type: ignore[union-attr]
+
+
+async def first_call_error(url: str) -> BaseException:
+    """The error a broker on ``url`` raises on its first call (within ``FAIL_WITHIN_S``)."""
+    broker = RedisBroker(url=url, namespace=NAMESPACE)
+    try:
+        with pytest.raises(BrokerError) as caught:
+            await asyncio.wait_for(broker.ensure_group(stream_name(JOBS, ns=NAMESPACE), GROUP), FAIL_WITHIN_S)
+        return caught.value
+    finally:
+        await broker.close()
+
+
+# -- ACL user and password -------------------------------------------------------------
+
+
+def test_acl_server_refuses_clients_without_credentials(acl_server: RedisServer) -> None:
+    """Guard for the tests below: without credentials this server really answers nothing."""
+    # Given the ACL server; When a client without a password pings; Then it is refused
+    no_retry = Retry(NoBackoff(), 0)  # redis-py would retry an auth failure with backoff
+    with pytest.raises(redis.AuthenticationError), redis.Redis(port=acl_server.port, retry=no_retry) as client:
+        client.ping()
+
+
+async def test_broker_with_acl_user_publishes_reads_and_acks(acl_server: RedisServer) -> None:
+    """A user limited to its namespace is enough for the whole publish/read/ack cycle."""
+    # Given a URL with the user and its (escaped) password
+    url = acl_server.url()
+    assert url.startswith("redis://roadstream:s3cret%3A%40%2Fpass@")
+    # When / Then the round trip works, touching no key outside the namespace
+    await round_trip(url)
+    with acl_server.client() as client:
+        assert client.exists(stream_name(JOBS, ns=NAMESPACE)) == 1
+
+
+async def test_broker_with_wrong_password_raises_connection_error(acl_server: RedisServer) -> None:
+    """A wrong password surfaces as ``BrokerConnectionError`` naming the auth failure."""
+    # Given the right user with a wrong password
+    url = acl_server.url(password="wrong")
+    # When the broker makes its first call; Then it fails clearly
+    error = await first_call_error(url)
+    assert isinstance(error, BrokerConnectionError)
+    assert "WRONGPASS" in str(error) or "password" in str(error).lower()
+
+
+async def test_broker_outside_its_acl_key_pattern_is_refused(acl_server: RedisServer) -> None:
+    """The key pattern holds: the same user cannot write another namespace's streams."""
+    # Given the user limited to "sec:*"
+    broker = RedisBroker(url=acl_server.url(), namespace="other")
+    try:
+        # When it publishes to another namespace; Then Redis refuses (NOPERM)
+        with pytest.raises(BrokerError, match="(?i)noperm|permission"):
+            await broker.publish(stream_name(JOBS, ns="other"), b"x")
+    finally:
+        await broker.close()
+
+
+# -- TLS -------------------------------------------------------------------------------
+
+
+@needs_tls
+async def test_broker_over_tls_with_test_ca_publishes_reads_and_acks(tls_server: RedisServer) -> None:
+    """``rediss://`` with the test CA as ``ssl_ca_certs`` works end to end."""
+    # Given a rediss:// URL that names the test CA
+    url = tls_server.url()
+    assert url.startswith("rediss://") and "ssl_ca_certs=" in url
+    # When / Then
+    await round_trip(url)
+
+
+@needs_tls
+async def test_plain_redis_url_to_tls_port_fails_clearly(tls_server: RedisServer) -> None:
+    """Plaintext to a TLS-only port is a connection error, not a hang or garbage."""
+    # Given redis:// (no TLS) to the TLS port; When the first call runs; Then it fails
+    error = await first_call_error(tls_server.url(scheme="redis"))
+    assert isinstance(error, BrokerConnectionError)
+
+
+@needs_tls
+async def test_tls_without_the_ca_rejects_the_server_certificate(tls_server: RedisServer) -> None:
+    """The client verifies the server: an untrusted CA fails instead of connecting."""
+    # Given rediss:// without the test CA (only the system CAs are trusted)
+    error = await first_call_error(tls_server.url(ca=False))
+    # Then the handshake fails on verification
+    assert isinstance(error, BrokerConnectionError)
+    assert "CERTIFICATE_VERIFY_FAILED" in str(error) or "certificate" in str(error).lower()
+
+
+@needs_tls
+async def test_mutual_tls_with_client_certificate_and_password(servers: RedisServers) -> None:
+    """TLS with a client certificate and an ACL user together: both travel in the URL."""
+    # Given a server that demands a client certificate and a password
+    server = servers.start(tls=True, tls_auth_clients=True, password=PASSWORD, acl_rules=NAMESPACE_ONLY)
+    # When / Then the URL with CA, client cert and user works end to end
+    await round_trip(server.url())
+
+
+@needs_tls
+async def test_mutual_tls_refuses_client_without_certificate(servers: RedisServers) -> None:
+    """Without a client certificate the server ends the handshake."""
+    # Given a server that demands a client certificate
+    server = servers.start(tls=True, tls_auth_clients=True)
+    # When the broker connects with the CA but no client certificate; Then it fails
+    error = await first_call_error(server.url(client_cert=False))
+    assert isinstance(error, BrokerConnectionError)
+
+
+# -- payloads --------------------------------------------------------------------------
+
+
+class _Tripwire:
+    """Unpickling this object creates a file: proof that a pickle was executed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.path), "w"))
+
+
+def test_pickled_entry_is_refused_without_being_unpickled(tmp_path: Path) -> None:
+    """A pickle arriving on a stream is a ``DecodeError``; its code never runs."""
+    # Given a pickle whose loading would create a file (the tripwire works: see the control)
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_Tripwire(control))).close()  # noqa: S301 - our own object
+    assert control.exists()
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(_Tripwire(marker))
+    # When a worker decodes it as an entry
+    with pytest.raises(DecodeError) as caught:
+        codec.decode(payload)
+    # Then it is refused, the raw bytes are kept for the dead letter, and nothing ran
+    assert caught.value.raw == payload
+    assert not marker.exists()
