@@ -191,11 +191,13 @@ class AnomalyScore(Message):
 
 
 class CameraFrame(Model):
-    """A key frame of one camera sent to the VLM."""
+    """A key frame of one camera sent to the VLM (and shown in the run report)."""
 
     camera: str
     blob_key: str
     t: float
+    #: The frame's detections, so that a report can draw the boxes.
+    detections: list[Detection] = Field(default_factory=list)
 
 
 class Escalation(Message):
@@ -268,6 +270,10 @@ class Verdict(Message):
     gps: Gps | None = None
     models: dict[str, str] = Field(default_factory=dict)
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    #: The evidence features the confidence was computed from (``stages.fuse.FEATURES``).
+    features: dict[str, float] = Field(default_factory=dict)
+    #: One key frame per supporting camera, with its boxes.
+    frames: list[CameraFrame] = Field(default_factory=list)
 
 
 class RoadworkSpan(Model):

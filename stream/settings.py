@@ -121,6 +121,30 @@ class VlmSettings(BaseModel):
     temporal_sigma: float = 10.0
 
 
+#: Neighbouring cameras whose image edges see the same road: ``[cam_a, edge_a, cam_b, edge_b]``.
+DEFAULT_OVERLAPS: list[list[str]] = [
+    ["front", "left", "left_pillar", "right"],
+    ["front", "right", "right_pillar", "left"],
+    ["left_pillar", "left", "left_repeater", "right"],
+    ["right_pillar", "right", "right_repeater", "left"],
+    ["left_repeater", "left", "back", "right"],
+    ["right_repeater", "right", "back", "left"],
+]
+
+#: Logistic coefficients over the window features (``stages.fuse.FEATURES``); ``bias`` is
+#: the intercept. Hand-set defaults; ``roadstream eval --fit`` calibrates them.
+DEFAULT_COEFFICIENTS: dict[str, float] = {
+    "bias": -2.0,
+    "objects": 1.5,
+    "types": 0.5,
+    "prob_max": 3.0,
+    "prob_mean": 2.0,
+    "anomaly": 3.0,
+    "cameras": 1.0,
+    "vlm": 6.0,
+}
+
+
 class FuseSettings(BaseModel):
     """Windows and verdicts."""
 
@@ -129,6 +153,16 @@ class FuseSettings(BaseModel):
     escalate_low: float = 0.4
     escalate_high: float = 0.6
     vlm_timeout_s: float = 60.0
+    #: A window is roadwork when its confidence reaches this.
+    threshold: float = 0.5
+    overlaps: list[list[str]] = Field(default_factory=lambda: [list(o) for o in DEFAULT_OVERLAPS])
+    #: Share of the image width, at each side, that a neighbouring camera also sees.
+    edge_fraction: float = 0.3
+    coefficients: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_COEFFICIENTS))
+    #: JSON file of fitted coefficients (``roadstream eval --fit``); wins over ``coefficients``.
+    calibration: str = ""
+    #: How long fuse keeps a drive's checkpoint (published windows, anomaly history).
+    checkpoint_ttl_s: int = 7 * 24 * 3600
 
 
 class Settings(BaseModel):

@@ -1,0 +1,227 @@
+"""The pure fuse stage: windows, watermarks, cross-view counting, escalation, summaries."""
+
+from __future__ import annotations
+
+from stages.fuse import FEATURES, Fuser, confidence, dedupe_key, fused_counts, parse_overlaps
+from stream.schemas import (
+    AnomalyScore,
+    Detection,
+    DriveMarker,
+    DriveSummary,
+    Escalation,
+    FrameDetections,
+    Telemetry,
+    Verdict,
+    VlmAnswer,
+    VlmAnswerBody,
+)
+from stream.settings import FuseSettings
+
+CAMS = ("front", "back")
+
+
+def cone(x: float = 0.5, kind: str = "cone") -> Detection:
+    return Detection(type=kind, label=kind, score=0.9, box=(x - 0.05, 0.5, x + 0.05, 0.6))
+
+
+def frame(cam: str, tick: int, dets=(), prob=None, lat=None, drive="d1") -> FrameDetections:
+    tel = Telemetry(lat=lat, lon=lat) if lat is not None else None
+    return FrameDetections(
+        drive_id=drive, camera=cam, seq=tick, tick=tick, t=tick * 0.5, blob_key=f"{drive}:{cam}:{tick}",
+        detections=list(dets), roadwork_prob=prob, telemetry=tel, model="yolo-test",
+    )  # fmt: skip
+
+
+def started(cams=CAMS, drive="d1") -> list[DriveMarker]:
+    return [DriveMarker(drive_id=drive, event="started", camera=c, cameras=list(cams)) for c in cams]
+
+
+def ended(cam: str | None, cams=CAMS, drive="d1", **kw) -> DriveMarker:
+    return DriveMarker(drive_id=drive, event="ended", camera=cam, cameras=list(cams), **kw)
+
+
+def feed(fuser: Fuser, messages, now: float = 0.0):
+    outputs, released = [], []
+    for i, msg in enumerate(messages):
+        step = fuser.add(msg, token=(msg.KIND, i), now=now)
+        outputs += step.outputs
+        released += step.release
+    return outputs, released
+
+
+def verdicts(outputs) -> list[Verdict]:
+    return [o for o in outputs if isinstance(o, Verdict)]
+
+
+def test_window_waits_for_every_camera_watermark():
+    # Given a 2 s window and frames at 0.5 s ticks from two cameras
+    fuser = Fuser(FuseSettings(window_s=2.0))
+    # When only the front camera has passed the window's end
+    out, _ = feed(fuser, started() + [frame("front", t) for t in range(5)] + [frame("back", t) for t in range(4)])
+    # Then nothing closes; once the back camera passes it, window 0 closes alone
+    assert verdicts(out) == []
+    out, released = feed(fuser, [frame("back", 4)])
+    assert [v.window for v in verdicts(out)] == [0]
+    assert len(released) == 8  # the 4 + 4 frames of window 0
+
+
+def test_drive_end_closes_every_window_and_summarises_once():
+    # Given a drive of two cameras, roadwork seen in the second window
+    fuser = Fuser()
+    msgs = [frame(c, t, dets=[cone(), cone(0.4)] if t >= 4 else [], lat=1.0) for t in range(8) for c in CAMS]
+    # When both cameras' end markers arrive
+    out, released = feed(fuser, msgs + [ended("front"), ended("back")])
+    # Then each window has one verdict and the summary lists one roadwork span
+    vs = verdicts(out)
+    assert [v.window for v in vs] == [0, 1]
+    assert [v.roadwork for v in vs] == [False, True]
+    (summary,) = [o for o in out if isinstance(o, DriveSummary)]
+    assert summary.windows == 2 and summary.roadwork_windows == 1
+    assert [(s.t_start, s.t_end) for s in summary.spans] == [(2.0, 4.0)]
+    assert summary.spans[0].track and not summary.spans[0].estimated
+    assert len(released) == len(msgs) + 2
+
+
+def test_same_cone_in_overlapping_edges_counts_once():
+    # Given front's left edge overlapping left_pillar's right edge
+    overlaps = parse_overlaps([["front", "left", "left_pillar", "right"]])
+    # When one cone lies in both edges, and another in the middle of each camera
+    shared = fused_counts({"front": [cone(0.1)], "left_pillar": [cone(0.9)]}, overlaps, 0.3)
+    apart = fused_counts({"front": [cone(0.5)], "left_pillar": [cone(0.5)]}, overlaps, 0.3)
+    # Then the shared cone counts once, the separate ones twice
+    assert shared == {"cone": 1}
+    assert apart == {"cone": 2}
+
+
+def test_overlap_edge_listed_twice_is_refused():
+    # Given a layout that names front's left edge twice / Then it is refused, naming it
+    try:
+        parse_overlaps([["front", "left", "back", "right"], ["front", "left", "left_pillar", "right"]])
+    except ValueError as exc:
+        assert "front" in str(exc)
+    else:
+        raise AssertionError("expected ValueError")
+
+
+def test_stalled_camera_window_closes_after_watermark_timeout():
+    # Given a back camera that stops after its first frame
+    fuser = Fuser(FuseSettings(watermark_timeout_s=30.0))
+    feed(fuser, [frame("back", 0)] + [frame("front", t) for t in range(6)], now=100.0)
+    # When the timeout has not passed, then passed
+    early = fuser.tick(now=120.0)
+    late = fuser.tick(now=131.0)
+    # Then the window closes only after it
+    assert early.outputs == []
+    assert [v.window for v in verdicts(late.outputs)] == [0, 1]
+
+
+def test_frame_after_its_window_closed_is_released_and_reported():
+    # Given window 0 closed by timeout
+    fuser = Fuser(FuseSettings(watermark_timeout_s=1.0))
+    feed(fuser, [frame("front", 0), frame("back", 0)], now=0.0)
+    fuser.tick(now=5.0)
+    # When a frame of window 0 arrives late, then the drive ends
+    step = fuser.add(frame("back", 1), token="late", now=6.0)
+    out, _ = feed(fuser, [ended("front"), ended("back")], now=6.0)
+    # Then it is released at once and the summary says so
+    assert step.release == ["late"] and step.outputs == []
+    (summary,) = [o for o in out if isinstance(o, DriveSummary)]
+    assert any("after their window closed" in p for p in summary.problems)
+
+
+def test_uncertain_window_escalates_then_uses_the_answer():
+    # Given coefficients that put a one-cone window in the uncertain band
+    settings = FuseSettings(coefficients={"bias": -1.0, "objects": 1.4, "vlm": 6.0})
+    fuser = Fuser(settings, escalate=True)
+    msgs = [frame(c, t, dets=[cone()] if c == "front" else []) for t in range(5) for c in CAMS]
+    # When the window's evidence is complete
+    out, released = feed(fuser, msgs)
+    # Then an escalation goes out with key frames and no verdict yet
+    (esc,) = out
+    assert isinstance(esc, Escalation) and 0.4 <= esc.confidence <= 0.6
+    assert {f.camera for f in esc.frames} == set(CAMS)
+    assert not any(r[0] == "detections" and r[1] < 8 for r in released)
+    # When the VLM answers yes
+    answer = VlmAnswer(drive_id="d1", window=0, answer=VlmAnswerBody(roadwork=True, confidence=0.9), model="vlm-x")
+    step = fuser.add(answer, token="answer", now=1.0)
+    # Then the verdict carries the answer and a higher confidence
+    (verdict,) = verdicts(step.outputs)
+    assert verdict.escalated and verdict.vlm and verdict.roadwork and verdict.confidence > esc.confidence
+    assert verdict.models["vlm"] == "vlm-x" and "answer" in step.release
+
+
+def test_unanswered_escalation_closes_after_vlm_timeout():
+    # Given an escalated window and no answer
+    settings = FuseSettings(coefficients={"bias": -1.0, "objects": 1.4}, vlm_timeout_s=60.0, watermark_timeout_s=999)
+    fuser = Fuser(settings, escalate=True)
+    feed(fuser, [frame(c, t, dets=[cone()] if c == "front" else []) for t in range(5) for c in CAMS], now=0.0)
+    # When the VLM timeout passes
+    before, after = fuser.tick(now=59.0), fuser.tick(now=61.0)
+    # Then the verdict goes out without an answer, marked escalated
+    assert before.outputs == []
+    (verdict,) = verdicts(after.outputs)
+    assert verdict.escalated and verdict.vlm is None
+
+
+def test_confidence_grows_with_each_kind_of_evidence():
+    # Given the default coefficients
+    coefficients = FuseSettings().coefficients
+    base = dict.fromkeys(FEATURES, 0.0)
+    # When any one feature rises / Then the confidence rises
+    for name in FEATURES:
+        assert confidence({**base, name: 0.4}, coefficients) > confidence(base, coefficients), name
+
+
+def test_windows_wait_for_anomaly_scores_and_use_smoothed_ones():
+    # Given vera on, and a smoother that halves every score
+    fuser = Fuser(expect_anomaly=True, smoother=lambda scores, _desc: [s / 2 for s in scores])
+    msgs = [frame(c, t) for t in range(5) for c in CAMS]
+    out, _ = feed(fuser, msgs)
+    assert out == []
+    # When segment 1 arrives before segment 0 (out of order), then segment 0
+    seg = lambda cam, i: AnomalyScore(drive_id="d1", camera=cam, index=i, t_start=i * 5.0, t_end=i * 5.0 + 10, score=0.8)  # noqa: E731
+    out1, _ = feed(fuser, [seg("front", 1), seg("back", 1)])
+    out2, _ = feed(fuser, [seg("front", 0), seg("back", 0)])
+    # Then the window waits for the unbroken run, and carries the smoothed score
+    assert out1 == []
+    (verdict,) = verdicts(out2)
+    assert verdict.anomaly_score == 0.4
+
+
+def test_replayed_entries_after_restore_give_the_same_summary():
+    # Given one fuser that publishes window 0, checkpoints, and then dies
+    msgs = [frame(c, t, dets=[cone()] * 3, lat=2.0) for t in range(12) for c in CAMS]
+    first = Fuser()
+    out, released = feed(first, msgs[:10])
+    snap = first.snapshot("d1")
+    pending = [m for i, m in enumerate(msgs[:10]) if (m.KIND, i) not in released] + msgs[10:]
+    # When a new fuser restores the checkpoint and sees the pending entries and the rest
+    second = Fuser()
+    second.restore("d1", snap)
+    out2, _ = feed(second, pending + [ended("front"), ended("back")])
+    # Then it publishes only the other windows, and the summary spans the whole drive
+    reference, _ = feed(Fuser(), msgs + [ended("front"), ended("back")])
+    assert [v.window for v in verdicts(out)] == [0]
+    assert [v.window for v in verdicts(out2)] == [1, 2]
+    summary = next(o for o in out2 if isinstance(o, DriveSummary))
+    assert summary == next(o for o in reference if isinstance(o, DriveSummary))
+    assert summary.spans[0].t_start == 0.0 and summary.spans[0].t_end == 6.0
+
+
+def test_gps_falls_back_to_the_event_estimate():
+    # Given a drive without telemetry whose marker carries the event's position
+    fuser = Fuser()
+    out, _ = feed(fuser, [frame(c, 0) for c in CAMS] + [ended(c, est_lat=30.2, est_lon=-97.6) for c in CAMS])
+    # Then the verdict's position is the estimate, marked as one
+    (verdict,) = verdicts(out)
+    assert verdict.gps and verdict.gps.estimated and verdict.gps.lat == 30.2
+
+
+def test_dedupe_keys_are_one_per_window_and_drive():
+    # Given two verdicts of one window made by two fusers
+    msgs = [frame(c, t) for t in range(5) for c in CAMS]
+    a = verdicts(feed(Fuser(), msgs, now=1.0)[0])[0]
+    b = verdicts(feed(Fuser(), msgs, now=2.0)[0])[0]
+    # Then their keys match; another window's differs
+    assert dedupe_key(a) == dedupe_key(b)
+    assert dedupe_key(a) != dedupe_key(a.copy_with(window=1))
