@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     from workers.handler import Handler
 
 BUILDERS: dict[str, str] = {
-    # "ingest": "workers.ingest:build",
-    # "detect": "workers.detect:build",
+    "ingest": "workers.ingest:build",
+    "detect": "workers.detect:build",
     # "vera": "workers.vera:build",
     # "vlm": "workers.vlm:build",
     # "fuse": "workers.fuse:build",

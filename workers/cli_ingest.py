@@ -1,0 +1,99 @@
+"""``roadstream submit FOOTAGE``: find the drives, then put one ingest job per drive on the jobs hop.
+
+Discovery runs first, so a folder with no footage is refused at once (exit code 2) and
+nothing is queued. Jobs carry a dedupe key per drive id: submitting the same footage twice
+queues each drive once. Encrypted clips and unusable names are listed, not queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import click
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+#: Exit code for "nothing to ingest" (usage-like error, as click uses for bad arguments).
+NO_FOOTAGE_EXIT = 2
+
+console = Console(stderr=True)
+
+
+async def submit_jobs(url: str, namespace: str, drives: list, broker_settings, progress=None) -> list[str]:
+    """Publish one job per drive; returns the entry id of each (the old one for a repeat)."""
+    from brokers.connect import connect
+    from stream import codec, ids, names
+
+    broker, blobs = connect(url, namespace=namespace, settings=broker_settings)
+    stream = names.stream_name(names.JOBS, ns=namespace)
+    entry_ids = []
+    try:
+        await broker.ensure_group(stream, names.INGEST)
+        for drive in drives:
+            job = drive.to_job(submitted_utc=time.time())
+            entry_ids.append(await broker.publish(stream, codec.encode(job), dedupe_key=ids.output_key("submit", drive.drive_id)))
+            if progress is not None:
+                progress()
+    finally:
+        await broker.close()
+        await blobs.close()
+    return entry_ids
+
+
+def _drive_table(drives: list) -> Table:
+    table = Table(title="drives")
+    for column in ("drive", "first minute", "minutes", "cameras", "event"):
+        table.add_column(column)
+    for drive in drives:
+        event = (drive.event or {}).get("reason", "")
+        table.add_row(drive.drive_id, drive.minutes[0].start, str(len(drive.minutes)), ",".join(drive.cameras), event)
+    return table
+
+
+def register(cli: click.Group) -> None:
+    """Add ``submit`` to the roadstream command group."""
+
+    @cli.command()
+    @click.argument("footage", type=click.Path(exists=False))
+    @click.option("--redis", "redis", metavar="URL", default=None,
+                  help="Broker URL: redis://, rediss://, unix://, memory://name [env: ROADSTREAM_REDIS_URL]")
+    @click.option("--dry-run", is_flag=True, help="Only list the drives found.")
+    @click.pass_context
+    def submit(ctx: click.Context, footage: str, redis: str | None, dry_run: bool) -> None:
+        """Find the drives in FOOTAGE and queue one ingest job per drive."""
+        from stages.discover import discover
+        from stream.errors import FootageError
+        from workers.cli import settings_from
+
+        settings = settings_from(ctx, redis)
+        try:
+            found = discover(footage)
+        except FootageError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            sys.exit(NO_FOOTAGE_EXIT)
+        for problem in found.problems:
+            console.print(f"[yellow]skipped:[/] {problem}")
+        if not found.drives:
+            console.print(f"[red]error:[/] {found.root}: no TeslaCam footage found "
+                          "(expected YYYY-MM-DD_HH-MM-SS-<camera>.mp4 clips)")
+            sys.exit(NO_FOOTAGE_EXIT)
+        console.print(_drive_table(found.drives))
+        if dry_run:
+            return
+        entry_ids = _submit_with_progress(settings, found.drives)
+        click.echo(f"queued {len(entry_ids)} drive(s) on {settings.namespace}:jobs "
+                   f"({found.duplicates} repeated minute(s) skipped)")
+
+
+def _submit_with_progress(settings, drives: list) -> list[str]:
+    run = lambda step: asyncio.run(  # noqa: E731 - one place for both branches
+        submit_jobs(settings.redis_url, settings.namespace, drives, settings.broker, step)
+    )
+    if not console.is_terminal:
+        return run(None)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("submitting", total=len(drives))
+        return run(lambda: progress.advance(task))

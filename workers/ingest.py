@@ -1,0 +1,307 @@
+"""The ingest handler: one ``Job`` (a drive) in, ordered frame references out.
+
+For each minute and camera of the drive the clip is decoded once in a thread (decoding
+and JPEG encoding release the GIL), sampled on the drive's shared tick grid, resized and
+encoded; the loop meanwhile stores the previous chunk's pixels in the blob store and
+publishes its ``FrameRef``s to the frame partition of (drive, camera). Every output has a
+deterministic dedupe key, so a redelivered job publishes nothing twice.
+
+A ``DriveMarker`` "started" precedes a drive's frames on every camera partition and on
+the drives hop; "ended" (frame counts, missing minutes, problems) follows the last frame.
+A broken clip is a problem in the marker, not a failed job: the other cameras and minutes
+go on. Only a job outside the allowed footage roots fails (``InputError``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from brokers.blobs import BlobStore
+from stages.decode import sample_clip
+from stages.discover import CAMERAS, STAMP_FORMAT
+from stages.frames import Encoded, encode_frame, target_size
+from stream import ids
+from stream.errors import FootageError, InputError
+from stream.names import DRIVES, FRAMES, INGEST, JOBS, frame_partition
+from stream.schemas import DriveMarker, FrameRef, Job, Telemetry
+from stream.settings import Settings
+from workers.handler import BatchResult, Delivery, Handler, Output
+
+#: Frames per blob write and publish round trip.
+CHUNK = 32
+#: Chunks the decoding thread may run ahead of publishing.
+AHEAD = 3
+
+
+@dataclass
+class _Shot:
+    """One sampled, encoded frame on its way to the blob store."""
+
+    tick: int
+    pts_s: float
+    telemetry: Telemetry | None
+    pixels: Encoded
+
+
+@dataclass
+class DriveProgress:
+    """What has been published of a drive: the content of its "ended" marker."""
+
+    cameras: list[str]
+    frame_counts: dict[str, int] = field(default_factory=dict)
+    ticks: set[int] = field(default_factory=set)
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    first_utc: float | None = None
+    last_utc: float | None = None
+
+    def lacks(self, camera: str, minute: str) -> None:
+        """Note a camera minute that gave no frame."""
+        self.missing.setdefault(camera, []).append(minute)
+
+
+def minute_offsets(job: Job) -> list[float]:
+    """Seconds from the drive's first clip to each clip, from the clip names."""
+    starts = [datetime.strptime(clip.start, STAMP_FORMAT) for clip in job.clips]
+    return [(s - starts[0]).total_seconds() for s in starts]
+
+
+def estimate(event: dict[str, str] | None) -> Telemetry | None:
+    """The event's estimated position, marked as an estimate; ``None`` without one."""
+    try:
+        return Telemetry(lat=float(event["est_lat"]), lon=float(event["est_lon"]), estimated=True)
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+class IngestHandler(Handler):
+    """Decodes drives into frame references.
+
+    Parameters:
+        settings: all settings; ``settings.ingest`` and ``settings.broker`` are used.
+        blobs: where the frame pixels go.
+    """
+
+    group = INGEST
+    inputs = (JOBS,)
+    partitioned = False
+    accepts = (Job,)
+
+    def __init__(self, settings: Settings, blobs: BlobStore) -> None:
+        self.settings = settings
+        self.blobs = blobs
+        self.frames_published = 0
+        self._utc: dict[str, float | None] = {}  # clip path -> creation time
+
+    async def handle(self, batch: list[Delivery]) -> BatchResult:
+        """Ingest each job of the batch; a job outside the footage roots fails alone."""
+        result = BatchResult(ack=[])
+        for delivery in batch:
+            try:
+                await self.ingest(delivery.message)
+            except InputError as exc:
+                result.failed.append((delivery, exc))
+            else:
+                result.ack.append(delivery)
+        return result
+
+    async def ingest(self, job: Job) -> DriveMarker:
+        """Publish one drive's frames and markers.
+
+        Returns:
+            The "ended" marker that was published.
+
+        Raises:
+            InputError: a clip lies outside ``settings.ingest.roots``.
+        """
+        self.check_roots(job)
+        cameras = [c for c in CAMERAS if any(c in clip.files for clip in job.clips)]
+        progress = DriveProgress(cameras, {c: 0 for c in cameras})
+        await self._publish_markers(job, self._marker(job, "started", progress))
+        offsets = minute_offsets(job)
+        for index, clip in enumerate(job.clips):
+            limit = offsets[index + 1] - offsets[index] if index + 1 < len(job.clips) else float("inf")
+            for camera in cameras:
+                await self._camera_minute(job, index, camera, offsets[index], limit, progress)
+        ended = self._marker(job, "ended", progress)
+        await self._publish_markers(job, ended)
+        return ended
+
+    def check_roots(self, job: Job) -> None:
+        """Refuse a job whose footage lies outside the configured roots.
+
+        Raises:
+            InputError: a clip path is not under any of ``settings.ingest.roots``.
+        """
+        roots = [Path(r).resolve() for r in self.settings.ingest.roots]
+        if not roots:
+            return
+        for clip in job.clips:
+            for path in clip.files.values():
+                resolved = Path(path).resolve()
+                if not any(resolved.is_relative_to(root) for root in roots):
+                    message = f"{path}: outside the allowed footage roots ({', '.join(map(str, roots))})"
+                    raise InputError(message)
+
+    async def _camera_minute(
+        self, job: Job, index: int, camera: str, offset_s: float, limit_s: float, progress: DriveProgress
+    ) -> None:
+        clip = job.clips[index]
+        path = clip.files.get(camera)
+        if path is None:
+            progress.lacks(camera, clip.start)
+            return
+        before = progress.frame_counts[camera]
+        try:
+            async for shots in self._shots(path, offset_s, limit_s):
+                await self._publish_chunk(job, camera, clip.start, shots, progress)
+        except FootageError as exc:
+            progress.problems.append(str(exc))
+        if progress.frame_counts[camera] == before:
+            progress.lacks(camera, clip.start)
+
+    async def _shots(self, path: str, offset_s: float, limit_s: float) -> AsyncIterator[list[_Shot]]:
+        """Chunks of encoded samples of one clip, made in a thread one step ahead."""
+        async for chunk in _in_thread(lambda: self._encode_clip(path, offset_s, limit_s), AHEAD):
+            yield chunk
+
+    def _encode_clip(self, path: str, offset_s: float, limit_s: float) -> Iterator[list[_Shot]]:
+        ing = self.settings.ingest
+        tick0 = round(offset_s * ing.sample_fps)
+        size = None
+        if ing.decoder == "decord":
+            size = _decord_size(path, ing.long_side)
+        samples = sample_clip(
+            path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads,
+            decoder=ing.decoder, size=size,
+        )
+        chunk: list[_Shot] = []
+        for sample in samples:
+            pixels = encode_frame(sample.image, long_side=ing.long_side, encoding=ing.encoding,
+                                  quality=ing.jpeg_quality)
+            chunk.append(_Shot(tick0 + sample.k, sample.pts_s, sample.telemetry, pixels))
+            if len(chunk) >= CHUNK:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    async def _publish_chunk(
+        self, job: Job, camera: str, minute: str, shots: list[_Shot], progress: DriveProgress
+    ) -> None:
+        partition = frame_partition(job.drive_id, camera, self.settings.broker.frame_partitions)
+        await self.publisher.wait_for_room(FRAMES, partition)
+        fallback = estimate(job.event)
+        created = _creation_utc(job, minute, camera, self._utc)
+        refs, blobs = [], {}
+        now = time.time()
+        for shot in shots:
+            seq = progress.frame_counts[camera]
+            progress.frame_counts[camera] = seq + 1
+            key = ids.blob_key(job.drive_id, camera, seq)
+            blobs[key] = shot.pixels.data
+            utc = created + shot.pts_s if created is not None else None
+            progress.ticks.add(shot.tick)
+            progress.first_utc = utc if progress.first_utc is None else progress.first_utc
+            progress.last_utc = utc if utc is not None else progress.last_utc
+            ref = FrameRef(
+                drive_id=job.drive_id, camera=camera, clip=minute, seq=seq, tick=shot.tick,
+                t=shot.tick / self.settings.ingest.sample_fps, pts=shot.pts_s, utc=utc,
+                telemetry=shot.telemetry or fallback, blob_key=key, width=shot.pixels.width,
+                height=shot.pixels.height, encoding=shot.pixels.encoding, nbytes=len(shot.pixels.data),
+                ingested_utc=now,
+            )
+            refs.append(Output(FRAMES, ref, ids.output_key(INGEST, job.drive_id, camera, seq), partition))
+        await self.blobs.put_many(blobs, ttl_s=self.settings.broker.blob_ttl_s)
+        await self.publisher.publish(refs)
+        self.frames_published += len(refs)
+
+    def _marker(self, job: Job, event: str, progress: DriveProgress) -> DriveMarker:
+        position = estimate(job.event)
+        return DriveMarker(
+            drive_id=job.drive_id, event=event, cameras=progress.cameras,
+            frame_counts=dict(progress.frame_counts) if event == "ended" else {},
+            ticks=len(progress.ticks), missing=progress.missing if event == "ended" else {},
+            problems=progress.problems if event == "ended" else [], source=job.root,
+            start_utc=progress.first_utc, end_utc=progress.last_utc if event == "ended" else None,
+            est_lat=position.lat if position else None, est_lon=position.lon if position else None,
+        )
+
+    async def _publish_markers(self, job: Job, marker: DriveMarker) -> None:
+        # In band on each camera's partition (after its last frame for "ended"), and once
+        # on the drives hop for whoever tracks drives as a whole.
+        outputs = [Output(DRIVES, marker, ids.output_key(INGEST, job.drive_id, marker.event))]
+        for camera in marker.cameras:
+            partition = frame_partition(job.drive_id, camera, self.settings.broker.frame_partitions)
+            copy = marker.copy_with(camera=camera)
+            outputs.append(Output(FRAMES, copy, ids.output_key(INGEST, job.drive_id, marker.event, camera), partition))
+        await self.publisher.publish(outputs)
+
+
+def _creation_utc(job: Job, minute: str, camera: str, cache: dict[str, float | None]) -> float | None:
+    # The MP4 creation_time is GPS-based UTC; read once per clip, header only.
+    path = next(c.files[camera] for c in job.clips if c.start == minute)
+    if path not in cache:
+        from stages.decode import clip_info, open_container
+
+        try:
+            with open_container(Path(path)) as container:
+                cache[path] = clip_info(container).creation_utc
+        except FootageError:
+            cache[path] = None
+    return cache[path]
+
+
+def _decord_size(path: str, long_side: int) -> tuple[int, int] | None:
+    from stages.decode import clip_info, open_container
+
+    with open_container(Path(path)) as container:
+        info = clip_info(container)
+    return target_size(info.width, info.height, long_side)
+
+
+async def _in_thread(make: callable, ahead: int) -> AsyncIterator:
+    """Run a blocking generator in a thread, ``ahead`` items in advance; re-raise its error."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    room = threading.Semaphore(ahead)
+    stop = threading.Event()
+    done = object()
+
+    def run() -> None:
+        try:
+            for item in make():
+                room.acquire()
+                if stop.is_set():
+                    return
+                loop.call_soon_threadsafe(queue.put_nowait, (item, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            loop.call_soon_threadsafe(queue.put_nowait, (None, exc))
+            return
+        loop.call_soon_threadsafe(queue.put_nowait, (done, None))
+
+    thread = threading.Thread(target=run, name="ingest-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            room.release()
+            yield item
+    finally:
+        stop.set()
+        room.release()
+
+
+def build(settings: Settings, blobs: BlobStore) -> IngestHandler:
+    """The ingest handler (registered as ``workers.ingest:build``)."""
+    return IngestHandler(settings, blobs)
