@@ -1,0 +1,106 @@
+"""Evaluation against labels, and calibration of fuse's confidence."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from stages.calibration import fit_coefficients, load_coefficients, save_coefficients
+from stages.evaluate import drive_pairs, evaluate, load_labels, metrics, window_truth
+from stages.fuse import confidence
+from stream.errors import ConfigError, InputError
+from stream.schemas import Verdict
+
+
+def verdict(drive: str, window: int, roadwork: bool, w: float = 2.0) -> Verdict:
+    return Verdict(
+        drive_id=drive, window=window, t_start=window * w, t_end=(window + 1) * w,
+        roadwork=roadwork, confidence=0.9 if roadwork else 0.1,
+    )  # fmt: skip
+
+
+def test_metrics_match_the_confusion_matrix_by_hand():
+    # Given 3 TP, 1 FP, 4 TN, 2 FN
+    pairs = [(True, True)] * 3 + [(True, False)] + [(False, False)] * 4 + [(False, True)] * 2
+    # When the metrics are computed
+    m = metrics(pairs)
+    # Then they follow the textbook formulas
+    assert (m.tp, m.fp, m.tn, m.fn) == (3, 1, 4, 2)
+    assert m.accuracy == pytest.approx(0.7)
+    assert m.precision == pytest.approx(0.75) and m.recall == pytest.approx(0.6)
+    assert m.mcc == pytest.approx((3 * 4 - 1 * 2) / math.sqrt(4 * 5 * 5 * 6))
+
+
+def test_mcc_is_zero_when_one_class_is_missing():
+    # Given only positive truths / Then MCC cannot be computed and reads 0
+    assert metrics([(True, True), (False, True)]).mcc == 0.0
+
+
+def test_interval_labels_cover_windows_by_overlap(tmp_path):
+    # Given a CSV labelling 3 s to 6 s of drive a as roadwork, and drive b as a whole
+    path = tmp_path / "labels.csv"
+    path.write_text("drive_id,t_start,t_end,label\na,3,6,1\nb,,,yes\n")
+    labels = load_labels(path)
+    # Then window [2,4) (half covered) and [4,6) are roadwork, [0,2) is not; b's windows are
+    assert [window_truth(verdict("a", i, False), labels) for i in range(3)] == [False, True, True]
+    assert window_truth(verdict("b", 7, False), labels) is True
+    assert window_truth(verdict("c", 0, False), labels) is None
+
+
+def test_window_and_drive_levels(tmp_path):
+    # Given JSON labels and verdicts of two drives
+    path = tmp_path / "labels.json"
+    path.write_text('[{"drive_id": "a", "label": 1, "t_start": 0, "t_end": 2}, {"drive_id": "b", "label": 0}]')
+    labels = load_labels(path)
+    vs = [verdict("a", 0, True), verdict("a", 1, True), verdict("b", 0, False), verdict("b", 1, True)]
+    # When evaluated at each level
+    window = evaluate(vs, labels, "window")
+    drive = evaluate(vs, labels, "drive")
+    # Then windows: TP, FP, TN, FP; drives: a TP, b FP
+    assert (window.tp, window.fp, window.tn, window.fn) == (1, 2, 1, 0)
+    assert (drive.tp, drive.fp, drive.tn, drive.fn) == (1, 1, 0, 0)
+    assert drive_pairs(vs, labels) == [("a", True, True), ("b", True, False)]
+
+
+def test_bad_labels_are_reported_with_their_row(tmp_path):
+    # Given a CSV with a label that means nothing
+    path = tmp_path / "labels.csv"
+    path.write_text("drive_id,label\na,maybe\n")
+    # Then the error names the file and row
+    with pytest.raises(InputError, match=r"labels.csv row 2.*maybe"):
+        load_labels(path)
+
+
+def test_fitted_coefficients_separate_the_classes_better_than_defaults(tmp_path):
+    # Given windows whose roadwork ones have higher scorer probabilities, with noise
+    rng = random.Random(3)
+    rows, labels = [], []
+    for _ in range(300):
+        truth = rng.random() < 0.4
+        prob = min(max(rng.gauss(0.75 if truth else 0.3, 0.15), 0), 1)
+        rows.append({"prob_max": prob - 0.5, "objects": 0.0})
+        labels.append(truth)
+    # When the coefficients are fitted, saved and read back
+    fitted = fit_coefficients(rows, labels, ["prob_max", "objects"])
+    save_coefficients(tmp_path / "c.json", fitted)
+    loaded = load_coefficients(tmp_path / "c.json")
+    # Then the fitted model's log loss beats a flat model and the file round-trips
+    def log_loss(coef):
+        ps = [min(max(confidence(r, coef), 1e-9), 1 - 1e-9) for r in rows]
+        return -sum(math.log(p if y else 1 - p) for p, y in zip(ps, labels, strict=True)) / len(rows)
+
+    assert fitted["prob_max"] > 0
+    assert log_loss(fitted) < log_loss({"bias": math.log(0.4 / 0.6)}) - 0.1
+    assert loaded == pytest.approx(fitted)
+
+
+def test_calibration_needs_both_classes_and_a_valid_file(tmp_path):
+    # Given one class only / Then fitting is refused; a broken file is a ConfigError
+    with pytest.raises(ValueError, match="both classes"):
+        fit_coefficients([{"objects": 1.0}], [True], ["objects"])
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="bad.json"):
+        load_coefficients(tmp_path / "bad.json")
+
