@@ -74,14 +74,47 @@ class IngestSettings(BaseModel):
 class DetectSettings(BaseModel):
     """Detector, batching and temporal windows."""
 
+    #: A ``.pt`` file, an ultralytics model name in its weights folder, or a model yaml.
     model: str = "yolo11n.yaml"
     device: str = "cpu"
     imgsz: int = 640
+    #: Pad each batch to the smallest stride-multiple rectangle instead of imgsz × imgsz.
+    rect: bool = True
     half: bool = True
     conf: float = 0.25
+    iou: float = 0.45
+    max_det: int = 100
+    #: Model class name -> roadwork object type; classes not named are ignored.
+    #: Names match in any case, with spaces, underscores and hyphens alike.
+    classes: dict[str, str] = Field(
+        default_factory=lambda: {
+            "cone": "cone",
+            "traffic cone": "cone",
+            "drum": "drum",
+            "barrel": "drum",
+            "barrier": "barrier",
+            "jersey barrier": "barrier",
+            "barricade": "barricade",
+            "vertical panel": "vertical_panel",
+            "tubular marker": "tubular_marker",
+            "delineator": "tubular_marker",
+            "arrow board": "arrow_board",
+            "message board": "message_board",
+            "temporary sign": "temporary_sign",
+            "work sign": "temporary_sign",
+            "work vehicle": "work_vehicle",
+            "worker": "worker",
+            "police officer": "worker",
+            "equipment": "equipment",
+        }
+    )
+    #: Layer whose pooled output is the frame descriptor; -1: the last backbone layer.
+    descriptor_layer: int = -1
     window_s: float = 10.0
     stride_s: float = 5.0
+    #: A frame is kept when its cosine similarity to the window's last kept frame is below this.
     similarity_threshold: float = 0.9
+    #: Detections kept per key frame (top-k by score weighted by box size).
     per_frame_budget: int = 5
 
 
