@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 BUILDERS: dict[str, str] = {
     "ingest": "workers.ingest:build",
     "detect": "workers.detect:build",
-    # "vera": "workers.vera:build",
-    # "vlm": "workers.vlm:build",
+    "vera": "workers.vera:build",
+    "vlm": "workers.vlm:build",
     # "fuse": "workers.fuse:build",
 }
 

@@ -83,6 +83,16 @@ class Prompt:
     images: tuple[VlmImage, ...] = field(default_factory=tuple)
 
 
+def thin(items: Sequence[Any], limit: int) -> list[Any]:
+    """At most ``limit`` items, evenly spaced, first and last kept (all when ``limit`` <= 0)."""
+    if limit <= 0 or len(items) <= limit:
+        return list(items)
+    if limit == 1:
+        return [items[len(items) // 2]]
+    step = (len(items) - 1) / (limit - 1)
+    return [items[round(i * step)] for i in range(limit)]
+
+
 def label_text(label: str) -> str:
     """The text shown just before a labelled image."""
     return f"Camera {label}:"

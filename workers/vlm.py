@@ -1,0 +1,139 @@
+"""The vlm worker's handler: escalated windows in, structured JSON answers out.
+
+For each escalation the key frames of its cameras are fetched (the whole batch in one
+``get_many``), each image labelled with its camera, and the model is asked for a JSON
+answer that validates against ``stream.schemas.VlmAnswerBody``. The backend retries an
+answer that does not validate; when no attempt does, the escalation is dead-lettered with
+the model's text (an ``InputError``). Escalations are answered concurrently, at most
+``vlm.max_concurrency`` at a time; the answer goes to the drive's fuse partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from stages.vlm.base import VlmBackend, VlmImage, make_backend, thin
+from stream import names
+from stream.ids import output_key
+from stream.schemas import CameraFrame, Escalation, VlmAnswer, VlmAnswerBody
+from stream.settings import Settings
+from workers.handler import BatchResult, Delivery, Handler, Output
+from workers.vera import Key, _key, fetch_images
+
+if TYPE_CHECKING:
+    from brokers.blobs import BlobStore
+
+
+def select_frames(frames: list[CameraFrame], limit: int) -> list[CameraFrame]:
+    """At most ``limit`` frames, shared evenly across cameras, in camera then time order."""
+    by_camera: dict[str, list[CameraFrame]] = defaultdict(list)
+    for frame in sorted(frames, key=lambda f: (f.camera, f.t)):
+        by_camera[frame.camera].append(frame)
+    if limit <= 0:
+        return [f for fs in by_camera.values() for f in fs]
+    cameras = thin(sorted(by_camera), limit)  # more cameras than images: spread the cameras
+    share = max(1, limit // len(cameras)) if cameras else 0
+    return [f for camera in cameras for f in thin(by_camera[camera], share)]
+
+
+def escalation_prompt(escalation: Escalation) -> str:
+    """The question for one escalated window, with fuse's evidence as context."""
+    evidence = json.dumps(escalation.evidence, sort_keys=True, default=str)[:1500]
+    return (
+        f"The images are key frames from a car's cameras (each labelled with its camera) between "
+        f"{escalation.t_start:.1f} s and {escalation.t_end:.1f} s of a drive. An automatic detector was unsure "
+        f"(confidence {escalation.confidence:.2f}) whether there is roadwork; its evidence: {evidence}.\n"
+        "Is there roadwork (a construction or work zone) in view? Report roadwork (true/false), your "
+        "confidence (0 to 1), the roadwork objects you see with the cameras that show them, how many lanes "
+        "are affected, and a one-sentence description."
+    )
+
+
+class VlmHandler(Handler):
+    """Answers escalations with a structured VLM answer.
+
+    Parameters:
+        settings: all settings (``vlm`` for the backend, ``broker`` for partitions).
+        blobs: the frame blob store.
+        backend: a ready backend (tests); made from ``settings.vlm`` otherwise.
+    """
+
+    group = names.VLM
+    inputs = (names.ESCALATIONS,)
+    partitioned = False
+    accepts = (Escalation,)
+
+    def __init__(self, settings: Settings, blobs: BlobStore, *, backend: VlmBackend | None = None) -> None:
+        self.settings = settings
+        self.blobs = blobs
+        self.backend = backend
+        self._prepared: dict[Key, list[VlmImage] | Exception] = {}
+
+    async def start(self) -> None:
+        """Make the backend and load its model."""
+        if self.backend is None:
+            self.backend = make_backend(self.settings.vlm)
+        load = getattr(self.backend, "load", None)
+        if load is not None:
+            await load()
+
+    async def prepare(self, batch: list[Delivery]) -> None:
+        """Fetch the key frames of the batch's escalations in one ``get_many``."""
+        limit = self.settings.vlm.max_images
+        wanted = {
+            _key(d): [(f.blob_key, f.camera) for f in select_frames(d.message.frames, limit)]
+            for d in batch
+            if isinstance(d.message, Escalation)
+        }
+        self._prepared.update(await fetch_images(self.blobs, wanted))
+
+    async def handle(self, batch: list[Delivery]) -> BatchResult:
+        """Answer each escalation; a failure stays with its own delivery."""
+        missing = [d for d in batch if _key(d) not in self._prepared]
+        if missing:
+            await self.prepare(missing)
+        semaphore = asyncio.Semaphore(max(1, self.settings.vlm.max_concurrency))
+
+        async def one(delivery: Delivery) -> Output:
+            images = self._prepared.pop(_key(delivery))
+            if isinstance(images, Exception):
+                raise images
+            async with semaphore:
+                return await self._answer(delivery.message, images)
+
+        outcomes = await asyncio.gather(*(one(d) for d in batch), return_exceptions=True)
+        result = BatchResult()
+        for delivery, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Output):
+                result.outputs.append(outcome)
+            else:
+                result.failed.append((delivery, outcome))
+        return result
+
+    async def stop(self) -> None:
+        """Release the backend."""
+        if self.backend is not None:
+            await self.backend.close()
+
+    async def _answer(self, escalation: Escalation, images: list[VlmImage]) -> Output:
+        assert self.backend is not None
+        started = time.perf_counter()
+        body = await self.backend.answer_json(escalation_prompt(escalation), images, VlmAnswerBody)
+        message = VlmAnswer(
+            drive_id=escalation.drive_id,
+            window=escalation.window,
+            answer=body,
+            model=self.backend.model,
+            latency_ms=(time.perf_counter() - started) * 1000,
+        )
+        partition = names.drive_partition(escalation.drive_id, self.settings.broker.fuse_partitions)
+        return Output(names.ANSWERS, message, output_key(names.VLM, escalation.drive_id, escalation.window), partition)
+
+
+def build(settings: Settings, blobs: BlobStore) -> VlmHandler:
+    """The registry's builder for ``roadstream worker vlm``."""
+    return VlmHandler(settings, blobs)
