@@ -15,6 +15,10 @@ Why it looks the way it does:
 * **Membership scored by server time.** Pool members are a sorted set scored by expiry;
   the expiry is computed in Lua from Redis ``TIME`` so that workers on machines with
   skewed clocks agree on who is alive.
+* **Blobs beside the streams.** ``RedisBlobStore`` keeps frame pixels in plain keys with
+  ``SET EX`` (a batch is one pipeline; a fetch is one ``MGET``) and counts the bytes in
+  flight in one counter that a Lua script floors at zero, so a double release after a
+  crash cannot make the backpressure signal negative.
 * **Errors translated at the boundary.** Every public method turns redis connection and
   timeout errors into ``BrokerConnectionError`` (other redis errors into ``BrokerError``)
   so the runtime never imports redis to know a connection dropped.
@@ -172,7 +176,7 @@ class RedisBroker(Broker):
         self._owns_client = client is None
         self.client = client if client is not None else client_from_url(url or "", **client_kwargs)
         self._groups: set[tuple[str, str]] = set()  # (stream, group) known to exist
-        self._publish_once = self.client.register_script(_PUBLISH_ONCE)
+        self._publish_once_sha = self.client.register_script(_PUBLISH_ONCE).sha
         self._lease = self.client.register_script(_LEASE)
         self._release = self.client.register_script(_RELEASE)
         self._join = self.client.register_script(_JOIN)
@@ -211,15 +215,32 @@ class RedisBroker(Broker):
         """
         if not items:
             return []
+        replies = await self._publish_pipeline(items)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, rex.NoScriptError)]
+        if missing:
+            # The server lost its script cache (restart, SCRIPT FLUSH); those EVALSHAs did
+            # nothing, so running them again cannot double an entry.
+            await self.client.script_load(_PUBLISH_ONCE)
+            retried = await self._publish_pipeline([items[i] for i in missing])
+            for i, reply in zip(missing, retried, strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return [text(reply) for reply in replies]
+
+    async def _publish_pipeline(self, items: Sequence[Publish]) -> list[Any]:
+        # EVALSHA straight into the pipeline: redis-py's Script in a pipeline would first
+        # ask SCRIPT EXISTS, a second round trip on every batch.
         async with self.client.pipeline(transaction=False) as pipe:
             for item in items:
                 if item.dedupe_key is None:
                     pipe.xadd(item.stream, {FIELD: item.data})
                 else:
-                    keys = [self.dedupe_name(item.stream, item.dedupe_key), item.stream]
-                    await self._publish_once(keys, [item.data, self.settings.dedupe_ttl_s], client=pipe)
-            replies = await pipe.execute()
-        return [text(reply) for reply in replies]
+                    key = self.dedupe_name(item.stream, item.dedupe_key)
+                    ttl = self.settings.dedupe_ttl_s
+                    pipe.evalsha(self._publish_once_sha, 2, key, item.stream, item.data, ttl)
+            return await pipe.execute(raise_on_error=False)
 
     # -- consuming ----------------------------------------------------------------
 
@@ -266,6 +287,9 @@ class RedisBroker(Broker):
         by_stream = _ids_by_stream(entries)
         if not by_stream:
             return 0
+        if len(by_stream) == 1:  # the common case needs no pipeline object
+            ((stream, ids),) = by_stream.items()
+            return int(await self.client.xack(stream, group, *ids))
         async with self.client.pipeline(transaction=False) as pipe:
             for stream, ids in by_stream.items():
                 pipe.xack(stream, group, *ids)
@@ -282,6 +306,24 @@ class RedisBroker(Broker):
         itself, which reports them in XAUTOCLAIM's third element).
         """
         await self._ensure_groups(group, [stream])
+        try:
+            claimed = await self._autoclaim(group, consumer, stream, min_idle_ms, count)
+        except rex.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream was deleted under the group: a new group has nothing to claim.
+            self._groups.discard((stream, group))
+            await self.ensure_group(stream, group)
+            return []
+        if not claimed:
+            return []
+        counts = await self._delivery_counts(stream, group, [entry_id for entry_id, _ in claimed])
+        return [Entry(stream, i, data, counts.get(i, 1)) for i, data in claimed]
+
+    async def _autoclaim(
+        self, group: str, consumer: str, stream: str, min_idle_ms: int, count: int
+    ) -> list[tuple[str, bytes]]:
+        # XAUTOCLAIM scans a bounded slice of the PEL per call: follow its cursor a while.
         claimed: list[tuple[str, bytes]] = []
         cursor = "0-0"
         for _ in range(MAX_CLAIM_SCANS):
@@ -289,13 +331,12 @@ class RedisBroker(Broker):
                 stream, group, consumer, min_idle_ms, start_id=cursor, count=count - len(claimed)
             )
             cursor = text(reply[0])
+            # reply[2] (7.0+) lists ids deleted while pending; Redis has already dropped
+            # them from the PEL, so there is nothing to do but not deliver them.
             claimed += [(text(i), f[FIELD]) for i, f in reply[1] if i is not None and f is not None]
             if cursor == "0-0" or len(claimed) >= count:
                 break
-        if not claimed:
-            return []
-        counts = await self._delivery_counts(stream, group, [entry_id for entry_id, _ in claimed])
-        return [Entry(stream, i, data, counts.get(i, 1)) for i, data in claimed]
+        return claimed
 
     async def _delivery_counts(self, stream: str, group: str, ids: Sequence[str]) -> dict[str, int]:
         # One XPENDING per id in one round trip: exact, whatever else the PEL holds.
@@ -337,7 +378,8 @@ class RedisBroker(Broker):
             lag = info.get("lag")
             if lag is None:
                 lag = await self._count_after(stream, last, length)
-            groups.append(GroupStats(text(info["name"]), int(info["consumers"]), int(info["pending"]), int(lag), last))
+            name, consumers, pending = text(info["name"]), int(info["consumers"]), int(info["pending"])
+            groups.append(GroupStats(name, consumers, pending, int(lag), last))
         return StreamStats(stream, length, groups)
 
     async def _length_and_groups(self, stream: str) -> tuple[int, list[dict[str, Any]]]:
@@ -371,7 +413,10 @@ class RedisBroker(Broker):
         _, infos = await self._length_and_groups(stream)
         if not infos:
             return 0
-        floors = [await self._group_floor(stream, text(info["name"]), text(info["last-delivered-id"])) for info in infos]
+        floors = [
+            await self._group_floor(stream, text(info["name"]), text(info["last-delivered-id"]))
+            for info in infos
+        ]
         needed = [floor for floor in floors if floor is not None]
         if needed:
             min_id = min(needed, key=parse_id)

@@ -188,7 +188,8 @@ async def test_same_dedupe_key_twice_leaves_one_entry_with_same_id(broker: Broke
     # Given an output published under a dedupe key
     first = await broker.publish(STREAM, b"out", dedupe_key="detect:abc")
     # When it is published again (after a crash), also within one batch
-    again = await broker.publish_many([Publish(STREAM, b"out", "detect:abc"), Publish(STREAM, b"x", "detect:def")])
+    batch = [Publish(STREAM, b"out", "detect:abc"), Publish(STREAM, b"x", "detect:def")]
+    again = await broker.publish_many(batch)
     # Then the second copy gets the first id and the stream holds one entry per key
     assert again[0] == first
     assert [e.data for e in await broker.range(STREAM)] == [b"out", b"x"]
@@ -409,6 +410,20 @@ async def test_redis_read_recreates_group_when_stream_was_deleted(redis_url: str
     await broker.close()
     # Then the group is recreated and delivers the new entry
     assert [e.id for e in entries] == [entry_id]
+
+
+@pytest.mark.redis
+async def test_redis_dedupe_publish_survives_a_flushed_script_cache(redis_url: str) -> None:
+    # Given a dedupe publish, then the server forgets its scripts (as after a restart)
+    broker = RedisBroker(url=redis_url, namespace=TEST_NAMESPACE)
+    first = await broker.publish(STREAM, b"out", dedupe_key="k")
+    await broker.client.script_flush()
+    # When the same output and a new one are published
+    again = await broker.publish_many([Publish(STREAM, b"out", "k"), Publish(STREAM, b"new", "k2")])
+    await broker.close()
+    # Then the script is loaded again and dedupe still holds
+    assert again[0] == first
+    assert len(set(again)) == 2
 
 
 async def test_redis_connection_failure_is_a_broker_connection_error() -> None:
