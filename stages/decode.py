@@ -263,7 +263,7 @@ def _pyav_frames(path, container, stream, reader: _SeiReader, state: dict) -> It
                 if frame.pts is None:
                     continue
                 state["decoded"] += 1
-                yield _Candidate((frame.pts - base) * tb, frame.pts, frame)
+                yield _Candidate(round((frame.pts - base) * tb, 6), frame.pts, frame)
         state["exhausted"] = True
     except av.FFmpegError as exc:
         if state["decoded"] == 0:
@@ -287,7 +287,7 @@ def read_telemetry(path: str | Path) -> dict[float, Telemetry]:
         except av.FFmpegError as exc:
             raise FootageError(path, f"cannot demux ({_reason(exc)})") from exc
         base, tb = stream.start_time or 0, float(stream.time_base)
-        return {(pts - base) * tb: reader.telemetry(pts) for pts in sorted(reader.by_pts)}
+        return {round((pts - base) * tb, 6): reader.telemetry(pts) for pts in sorted(reader.by_pts)}
 
 
 def _sample_decord(path, sample_fps, tolerance_s, limit_s, threads, size) -> Iterator[Sample]:
@@ -302,11 +302,11 @@ def _sample_decord(path, sample_fps, tolerance_s, limit_s, threads, size) -> Ite
         raise FootageError(path, f"decord cannot decode ({exc})") from exc
     if tolerance_s is None:
         tolerance_s = half_interval(reader.get_avg_fps())
-    candidates = (_Candidate(float(t), i, None) for i, t in enumerate(starts))
+    candidates = (_Candidate(round(float(t), 6), i, None) for i, t in enumerate(starts))
     picks = list(pick_nearest(candidates, 1.0 / sample_fps, tolerance_s, limit_s))
-    by_time = {round(t, 4): v for t, v in telemetry.items()}
+    by_time = {round(t, 3): v for t, v in telemetry.items()}
     for start in range(0, len(picks), 16):
         chunk = picks[start : start + 16]
         images = reader.get_batch([item.pts for _, _, item in chunk]).asnumpy()
         for (k, tick, item), image in zip(chunk, images, strict=True):
-            yield Sample(k, tick, item.pts_s, image, by_time.get(round(item.pts_s, 4)))
+            yield Sample(k, tick, item.pts_s, image, by_time.get(round(item.pts_s, 3)))

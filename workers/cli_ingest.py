@@ -72,13 +72,13 @@ def register(cli: click.Group) -> None:
         try:
             found = discover(footage)
         except FootageError as exc:
-            console.print(f"[red]error:[/] {exc}")
+            click.echo(f"error: {exc}", err=True)
             sys.exit(NO_FOOTAGE_EXIT)
         for problem in found.problems:
-            console.print(f"[yellow]skipped:[/] {problem}")
+            click.echo(f"skipped: {problem}", err=True)
         if not found.drives:
-            console.print(f"[red]error:[/] {found.root}: no TeslaCam footage found "
-                          "(expected YYYY-MM-DD_HH-MM-SS-<camera>.mp4 clips)")
+            click.echo(f"error: {found.root}: no TeslaCam footage found "
+                       "(expected YYYY-MM-DD_HH-MM-SS-<camera>.mp4 clips)", err=True)
             sys.exit(NO_FOOTAGE_EXIT)
         console.print(_drive_table(found.drives))
         if dry_run:

@@ -182,13 +182,19 @@ class IngestHandler(Handler):
             decoder=ing.decoder, size=size,
         )
         chunk: list[_Shot] = []
-        for sample in samples:
-            pixels = encode_frame(sample.image, long_side=ing.long_side, encoding=ing.encoding,
-                                  quality=ing.jpeg_quality)
-            chunk.append(_Shot(tick0 + sample.k, sample.pts_s, sample.telemetry, pixels))
-            if len(chunk) >= CHUNK:
+        try:
+            for sample in samples:
+                pixels = encode_frame(sample.image, long_side=ing.long_side, encoding=ing.encoding,
+                                      quality=ing.jpeg_quality)
+                chunk.append(_Shot(tick0 + sample.k, sample.pts_s, sample.telemetry, pixels))
+                if len(chunk) >= CHUNK:
+                    yield chunk
+                    chunk = []
+        except FootageError:
+            # A clip that breaks mid-way (truncated) still hands over what it had.
+            if chunk:
                 yield chunk
-                chunk = []
+            raise
         if chunk:
             yield chunk
 
