@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from stream.errors import InputError, ModelError
 
@@ -57,7 +57,9 @@ def build_model(pretrained: bool = True) -> nn.Module:
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) != {"_fc.weight", "_fc.bias"}:
-            message = f"{path}: not EfficientNet-Lite0 ImageNet weights (missing {missing}, extra {unexpected})"
+            message = (
+                f"{path}: not EfficientNet-Lite0 ImageNet weights (missing {missing}, extra {unexpected})"
+            )
             raise ModelError(message)
     return model
 
@@ -82,7 +84,9 @@ def preprocess(batch: torch.Tensor) -> torch.Tensor:
         x = x / 255.0
     if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
         # The whole frame, squashed: roadwork at the edges of the view must stay in.
-        x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(
+            x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False
+        )
     return (x - MEAN) / STD
 
 
@@ -103,7 +107,9 @@ class RoadworkScorer:
         metadata: what the weights' JSON file said, empty when there is none.
     """
 
-    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", metadata: dict | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, device: str | torch.device = "cpu", metadata: dict | None = None
+    ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.metadata = metadata or {}
@@ -210,6 +216,10 @@ def _to_tensor(item: str | Path | Any) -> torch.Tensor:
 def _resize_one(image: torch.Tensor) -> torch.Tensor:
     # Images of different sizes are brought to 224 one by one so they can be stacked.
     resized = F.interpolate(
-        image[None].float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False
+        image[None].float(),
+        size=(IMAGE_SIZE, IMAGE_SIZE),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
     )
     return resized[0].clamp(0, 255).round().to(torch.uint8)

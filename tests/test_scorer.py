@@ -11,10 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("efficientnet_lite_pytorch")
 
-from click.testing import CliRunner  # noqa: E402
+from click.testing import CliRunner
 
-from stages.scorer import DEFAULT_WEIGHTS, FEATURE_DIM, RoadworkScorer, build_model  # noqa: E402
-from stream.errors import InputError, ModelError  # noqa: E402
+from stages.scorer import DEFAULT_WEIGHTS, FEATURE_DIM, RoadworkScorer, build_model
+from stream.errors import InputError, ModelError
 
 FOOTAGE = Path(__file__).resolve().parents[2] / "shared" / "footage"
 
@@ -148,7 +148,9 @@ def _frame_at(clip: Path, second: float) -> np.ndarray:
     pytest.fail(f"{clip} is shorter than {second} s")
 
 
-@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped weights stages/models/scorer.pt not trained yet")
+@pytest.mark.skipif(
+    not DEFAULT_WEIGHTS.is_file(), reason="shipped weights stages/models/scorer.pt not trained yet"
+)
 @pytest.mark.skipif(not FOOTAGE.is_dir(), reason="shared footage not present")
 def test_shipped_weights_tell_a_roadwork_frame_from_a_clear_one():
     # Given the shipped scorer, a frame full of cones and crews (Phoenix at 6 s)

@@ -9,13 +9,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from stages.train import scorer as train_scorer  # noqa: E402
-from stream.errors import FootageError, InputError  # noqa: E402
+from stages.train import scorer as train_scorer
+from stream.errors import FootageError, InputError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FOOTAGE = SHARED / "footage"
 CONES = SHARED / "labelled" / "cones"
-needs_footage = pytest.mark.skipif(not (FOOTAGE / "MANIFEST.tsv").is_file(), reason="shared footage not present")
+needs_footage = pytest.mark.skipif(
+    not (FOOTAGE / "MANIFEST.tsv").is_file(), reason="shared footage not present"
+)
 needs_cones = pytest.mark.skipif(not (CONES / "data.yaml").is_file(), reason="shared cones data not present")
 TINY_CLIPS = ["mi3_workzone_phoenix", "mi3_workzone_boston", "muchlisin_driving", "vankata_road"]
 
@@ -79,8 +81,15 @@ def test_roadwork_frames_outside_the_labelled_span_are_left_out():
 def test_scorer_training_runs_end_to_end_for_one_short_epoch_on_a_tiny_subset(tmp_path):
     # Given four clips, two frames each, one epoch, two clip-wise folds
     settings = train_scorer.ScorerTrainSettings(
-        footage=str(FOOTAGE), out=str(tmp_path), epochs=1, batch_size=4, cv_folds=2,
-        sample_fps=1.0, short_side=128, clips=TINY_CLIPS, max_frames_per_clip=2,
+        footage=str(FOOTAGE),
+        out=str(tmp_path),
+        epochs=1,
+        batch_size=4,
+        cv_folds=2,
+        sample_fps=1.0,
+        short_side=128,
+        clips=TINY_CLIPS,
+        max_frames_per_clip=2,
     )
     # When training runs
     metadata = train_scorer.run(settings, log=lambda line: None)
@@ -95,7 +104,9 @@ def test_scorer_training_runs_end_to_end_for_one_short_epoch_on_a_tiny_subset(tm
     # and the weights load as a scorer
     from stages.scorer import RoadworkScorer
 
-    probs, _ = RoadworkScorer.load(tmp_path / "scorer.pt").score(torch.zeros(1, 3, 90, 160, dtype=torch.uint8))
+    probs, _ = RoadworkScorer.load(tmp_path / "scorer.pt").score(
+        torch.zeros(1, 3, 90, 160, dtype=torch.uint8)
+    )
     assert 0.0 <= float(probs[0]) <= 1.0
 
 
@@ -115,7 +126,9 @@ def test_detector_data_without_a_test_split_is_rejected(tmp_path):
     # Given a data.yaml whose splits are missing
     from stages.train import detector
 
-    (tmp_path / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/valid\ntest: images/test\n")
+    (tmp_path / "data.yaml").write_text(
+        "path: .\ntrain: images/train\nval: images/valid\ntest: images/test\n"
+    )
     # When prepared; Then InputError names the split
     with pytest.raises(InputError, match="'train'"):
         detector.prepare_data(tmp_path, tmp_path / "work")
@@ -136,8 +149,20 @@ def test_detector_training_runs_end_to_end_for_one_short_epoch_on_a_tiny_subset(
     cli = click.Group()
     register(cli)
     # When `train detector` runs one epoch on the CPU
-    args = ["train", "detector", "--cones", str(cones), "--out", str(tmp_path / "out"),
-            "--settings", str(settings), "--device", "cpu", "--epochs", "1"]
+    args = [
+        "train",
+        "detector",
+        "--cones",
+        str(cones),
+        "--out",
+        str(tmp_path / "out"),
+        "--settings",
+        str(settings),
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+    ]
     result = CliRunner().invoke(cli, args)
     # Then the weights and a metadata file with the test split's mAP50 are written
     assert result.exit_code == 0, result.output

@@ -36,7 +36,9 @@ def train() -> None:
 
 
 @train.command("scorer")
-@click.option("--footage", default=DEFAULT_FOOTAGE, show_default=True, help="folder with MANIFEST.tsv and clips")
+@click.option(
+    "--footage", default=DEFAULT_FOOTAGE, show_default=True, help="folder with MANIFEST.tsv and clips"
+)
 @click.option("--out", default=DEFAULT_OUT, show_default=True, help="where scorer.pt and its metadata go")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--epochs", default=8, show_default=True)
@@ -58,13 +60,21 @@ def train_scorer(**options) -> None:
 
 @train.command("detector")
 @click.option("--cones", default=DEFAULT_CONES, show_default=True, help="YOLO data folder with data.yaml")
-@click.option("--out", default=DEFAULT_OUT, show_default=True, help="where cones_yolo11n.pt and its metadata go")
-@click.option("--settings", "settings_file", default=None, help="training yaml [default: stages/models/cones_train.yaml]")
+@click.option(
+    "--out", default=DEFAULT_OUT, show_default=True, help="where cones_yolo11n.pt and its metadata go"
+)
+@click.option(
+    "--settings",
+    "settings_file",
+    default=None,
+    help="training yaml [default: stages/models/cones_train.yaml]",
+)
 @click.option("--device", default=None, help="overrides the settings file")
 @click.option("--epochs", type=int, default=None, help="overrides the settings file")
 @click.option("--imgsz", type=int, default=None)
 @click.option("--batch", type=int, default=None)
 @click.option("--workers", type=int, default=None)
+@click.option("--time", type=float, default=None, help="hours; caps training, overriding --epochs")
 def train_detector(cones, out, settings_file, **overrides) -> None:
     """Train the cone detector (YOLO nano from yolo11n.yaml) with ultralytics."""
     from stages.train import detector
@@ -92,7 +102,10 @@ def classify(images, weights, device, as_json) -> None:
     except RoadstreamError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
-        rows = [{"image": str(p), "roadwork_probability": round(q, 6), "roadwork": q > 0.5} for p, q in zip(images, probs)]
+        rows = [
+            {"image": str(p), "roadwork_probability": round(q, 6), "roadwork": q > 0.5}
+            for p, q in zip(images, probs)
+        ]
         click.echo(json.dumps(rows))
         return
     for path, prob in zip(images, probs):

@@ -148,7 +148,9 @@ def _add_progress(model, log: Log, epochs: int) -> None:
 def _test(ultralytics, weights: Path, data: Path, args: dict[str, Any]) -> dict[str, float]:
     best = ultralytics.YOLO(str(weights))
     keys = ("imgsz", "batch", "device", "workers")
-    metrics = best.val(data=str(data), split="test", plots=False, verbose=False, **{k: args[k] for k in keys if k in args})
+    metrics = best.val(
+        data=str(data), split="test", plots=False, verbose=False, **{k: args[k] for k in keys if k in args}
+    )
     return {"map50": float(metrics.box.map50), "map50_95": float(metrics.box.map), "split": "test"}
 
 
@@ -157,19 +159,33 @@ def _metadata(weights: Path, cones, model_yaml: str, args: dict[str, Any], test:
     import ultralytics
 
     return {
-        "model": {"arch": model_yaml, "classes": ["cone"], "start": "random init from yaml (no pretrained weights)"},
+        "model": {
+            "arch": model_yaml,
+            "classes": ["cone"],
+            "start": "random init from yaml (no pretrained weights)",
+        },
         "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-        "training_data": {"path": str(Path(cones).resolve()), "attribution": ATTRIBUTION, "licence": "CC BY 4.0"},
+        "training_data": {
+            "path": str(Path(cones).resolve()),
+            "attribution": ATTRIBUTION,
+            "licence": "CC BY 4.0",
+        },
         "settings": {k: v for k, v in args.items()},
         "test": test,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "ultralytics": ultralytics.__version__},
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "ultralytics": ultralytics.__version__,
+        },
     }
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options; unset ones fall back to the settings file."""
-    parser = argparse.ArgumentParser(prog="python -m stages.train.detector", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.train.detector", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--cones", default="../shared/labelled/cones", help="YOLO data folder with data.yaml")
     parser.add_argument("--out", default="stages/models", help="where the weights and metadata go")
     parser.add_argument("--settings", default=str(SETTINGS_FILE), help="training settings yaml")
@@ -178,6 +194,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--imgsz", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--time", type=float, default=None, help="hours; caps training, overriding epochs")
     return parser.parse_args(argv)
 
 
@@ -185,7 +202,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry: train and print the test figures."""
     opts = parse_args(argv)
     settings = load_settings(
-        opts.settings, device=opts.device, epochs=opts.epochs, imgsz=opts.imgsz, batch=opts.batch, workers=opts.workers
+        opts.settings,
+        device=opts.device,
+        epochs=opts.epochs,
+        imgsz=opts.imgsz,
+        batch=opts.batch,
+        workers=opts.workers,
+        time=opts.time,
     )
     metadata = train(opts.cones, opts.out, settings, log=lambda line: print(line, flush=True))
     print(json.dumps(metadata["test"]))

