@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,9 @@ class RedisServer:
         tls_auth_clients: with ``tls``, demand a client certificate signed by the test CA.
         appendonly: turn AOF persistence on, fsynced on every write so a SIGKILL loses
             nothing acknowledged.
+        acl_file: read users from this ACL file instead of declaring ``username`` in the
+            config (``username``/``password`` are then only what clients connect with).
+        extra_config: more ``redis.conf`` lines, appended (later lines win).
     """
 
     def __init__(
@@ -215,6 +219,8 @@ class RedisServer:
         tls: bool = False,
         tls_auth_clients: bool = False,
         appendonly: bool = False,
+        acl_file: Path | None = None,
+        extra_config: Sequence[str] = (),
     ) -> None:
         if REDIS_SERVER is None:
             message = "redis-server is not installed"
@@ -231,6 +237,8 @@ class RedisServer:
         self.tls_files = make_tls_files(self.directory / "tls") if tls else None
         self.tls_auth_clients = tls_auth_clients
         self.appendonly = appendonly
+        self.acl_file = acl_file
+        self.extra_config = list(extra_config)
         self.process: subprocess.Popen[bytes] | None = None
 
     # -- addresses ---------------------------------------------------------------------
@@ -313,8 +321,11 @@ class RedisServer:
             ]
         else:
             lines.append(f"port {self.port}")
-        if self.password is not None:
+        if self.acl_file is not None:
+            lines.append(f"aclfile {self.acl_file}")
+        elif self.password is not None:
             lines += ["user default off", f"user {self.username} on >{self.password} {self.acl_rules}"]
+        lines += self.extra_config
         return "\n".join(lines) + "\n"
 
     @property
