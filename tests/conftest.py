@@ -87,3 +87,11 @@ async def blobs(request: pytest.FixtureRequest) -> AsyncIterator[BlobStore]:
         made = RedisBlobStore(request.getfixturevalue("redis_url"), namespace=TEST_NAMESPACE)
     yield made
     await made.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_path(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random Qwen2-VL model folder (``tests/vlm_tiny.py``), built once per session."""
+    from vlm_tiny import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"))

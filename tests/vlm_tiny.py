@@ -210,6 +210,7 @@ class _Server:
         self.delay_s = delay_s
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.run(self.backend.load())  # like vllm serve: ready once the model is loaded
 
     def run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
@@ -322,3 +323,41 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# -- fixture segments ------------------------------------------------------------------
+
+#: Colours of fixture frames: roadwork segments are orange-heavy, others grey-blue.
+ROADWORK_COLOR = (240, 120, 20)
+PLAIN_COLOR = (90, 100, 120)
+
+
+def fixture_segment(drive: str, camera: str, index: int, *, frames: int = 3, roadwork: bool = False):
+    """A ``Segment`` of ``frames`` key frames and its blobs (blob key -> JPEG).
+
+    Returns:
+        (segment, blobs) — put the blobs in a store before a worker reads the segment.
+    """
+    from stream.ids import blob_key
+    from stream.schemas import KeyFrame, Segment
+
+    color = ROADWORK_COLOR if roadwork else PLAIN_COLOR
+    blobs: dict[str, bytes] = {}
+    key_frames = []
+    for i in range(frames):
+        seq = index * 50 + i * 10
+        key = blob_key(drive, camera, seq)
+        blobs[key] = jpeg(tuple(min(255, c + 7 * i) for c in color))
+        key_frames.append(KeyFrame(seq=seq, tick=seq, t=seq / 5.0, blob_key=key))
+    segment = Segment(
+        drive_id=drive,
+        camera=camera,
+        index=index,
+        t_start=index * 10.0,
+        t_end=index * 10.0 + 10.0,
+        key_frames=key_frames,
+        frames_total=50,
+        frames_kept=frames,
+        descriptor=[1.0, float(roadwork), float(index % 2)],
+    )
+    return segment, blobs
