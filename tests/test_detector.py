@@ -1,0 +1,157 @@
+"""The YOLO detector hot path on CPU, with a YOLO11n built from its yaml (random weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import simplejpeg
+import torch
+
+from stages.detect import Detector, load_yolo, normalise_name
+from stream.errors import InputError, ModelError
+from stream.settings import DetectSettings
+
+#: Class "0" and "1" of the yaml model stand for roadwork types; the other 78 are ignored.
+CLASSES = {"0": "cone", "1": "worker"}
+
+
+def make_detector(**changes: object) -> Detector:
+    """A small, fast YOLO11n whose random head is nudged to produce boxes."""
+    options = {"model": "yolo11n.yaml", "imgsz": 160, "conf": 0.2, "classes": CLASSES, **changes}
+    detector = Detector(DetectSettings(**options))
+    torch.manual_seed(0)
+    for branch in detector.net.model[-1].cv3:  # class-score convolutions
+        branch[-1].bias.data.fill_(-1.0)
+        branch[-1].weight.data.normal_(0, 0.05)
+    return detector
+
+
+@pytest.fixture(scope="module")
+def detector() -> Detector:
+    return make_detector()
+
+
+def jpeg(seed: int, height: int = 120, width: int = 160) -> bytes:
+    rng = np.random.default_rng(seed)
+    return simplejpeg.encode_jpeg(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def test_only_mapped_classes_come_out_with_their_roadwork_type(detector: Detector) -> None:
+    # Given frames with a model whose map names classes "0" and "1"
+    results = detector.detect_jpegs([jpeg(1), jpeg(2)])
+
+    # Then every detection is a cone or a worker, labelled with the model's class name
+    found = [d for r in results for d in r.detections]
+    assert found, "the nudged head should detect something"
+    assert {(d.label, d.type) for d in found} <= {("0", "cone"), ("1", "worker")}
+
+
+def test_detections_respect_threshold_budget_and_normalised_boxes(detector: Detector) -> None:
+    # When a batch is detected
+    results = detector.detect_jpegs([jpeg(3), jpeg(4, 90, 200)])
+
+    # Then scores pass the threshold, each frame holds at most max_det, boxes lie in [0, 1]
+    for result in results:
+        assert len(result.detections) <= detector.settings.max_det
+        for d in result.detections:
+            assert d.score > detector.settings.conf
+            x1, y1, x2, y2 = d.box
+            assert 0 <= x1 <= x2 <= 1 and 0 <= y1 <= y2 <= 1
+
+
+def test_unmapped_model_classes_yield_no_detections() -> None:
+    # Given a map that names none of the model's classes
+    detector = make_detector(classes={"traffic cone": "cone"})
+
+    # Then nothing is reported, yet the descriptor is still computed
+    (result,) = detector.detect_jpegs([jpeg(5)])
+    assert result.detections == []
+    assert result.descriptor.shape == (256,)
+
+
+def test_one_forward_pass_serves_the_whole_batch(detector: Detector) -> None:
+    # Given a hook counting calls of the model's first layer
+    calls: list[int] = []
+    handle = detector.net.model[0].register_forward_hook(lambda _m, i, _o: calls.append(i[0].shape[0]))
+
+    # When a batch of five frames of two sizes is detected
+    try:
+        detector.detect_jpegs([jpeg(i, 120, 160) for i in range(3)] + [jpeg(9, 64, 64), jpeg(10, 64, 64)])
+    finally:
+        handle.remove()
+
+    # Then the model ran once, on all five
+    assert calls == [5]
+
+
+def test_descriptor_is_unit_length_and_independent_of_batch_mates(detector: Detector) -> None:
+    # Given the same frame alone and in a batch with others
+    alone = detector.detect_jpegs([jpeg(7)])[0].descriptor
+    together = detector.detect_jpegs([jpeg(8), jpeg(7), jpeg(6)])[1].descriptor
+
+    # Then its descriptor is the same unit vector either way
+    assert np.isclose(np.linalg.norm(alone), 1.0, atol=1e-5)
+    assert np.allclose(alone, together, atol=1e-4)
+
+
+def test_boxes_map_back_from_letterbox_to_original_frame(detector: Detector) -> None:
+    # Given a 360x640 frame letterboxed into 160: scale 0.25, 90x160, padded to 96x160 (top 3)
+    image = torch.zeros(3, 360, 640, dtype=torch.uint8)
+    _, box = detector.preprocess([image])
+    assert box.shape == (96, 160)
+
+    # When a box covering the resized frame exactly is mapped back
+    rows = torch.tensor([[0, 0.0, 3.0, 160.0, 93.0, 0.9, 0.0], [0, 40.0, 25.5, 80.0, 48.0, 0.8, 1.0]])
+    results = detector._results(rows, box, 1)  # (descriptor: left from the last pass)
+
+    # Then it covers the whole frame, and a partial box lands where it should
+    assert results[0].detections[0].box == pytest.approx((0.0, 0.0, 1.0, 1.0))
+    assert results[0].detections[1].box == pytest.approx((0.25, 0.25, 0.5, 0.5))
+
+
+def test_bad_frames_are_named_and_the_rest_of_the_batch_goes_on(detector: Detector) -> None:
+    # Given a batch with an expired blob and a truncated JPEG among good frames
+    good = jpeg(11)
+    blobs = [good, None, good[: len(good) // 2], b"not a jpeg", good]
+    names = ["k0", "k1", "k2", "k3", "k4"]
+
+    # When it is decoded and detected
+    results = detector.detect_jpegs(blobs, names)
+
+    # Then the bad ones are InputErrors naming their frame, the good ones results
+    assert [type(r).__name__ for r in results] == ["FrameResult", "InputError", "InputError", "InputError", "FrameResult"]
+    assert "k1" in str(results[1]) and "missing" in str(results[1])
+    assert "k2" in str(results[2]) and "k3" in str(results[3])
+    assert isinstance(results[2], InputError)
+
+
+def test_missing_model_file_is_a_model_error_naming_it(tmp_path) -> None:
+    # Given a model path that does not exist
+    missing = tmp_path / "no_such_weights.pt"
+
+    # Then loading fails with a ModelError naming the file, without a download
+    with pytest.raises(ModelError, match="no_such_weights.pt"):
+        load_yolo(str(missing))
+
+
+def test_corrupt_weights_file_is_a_model_error(tmp_path) -> None:
+    # Given a .pt file that holds garbage
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+
+    # Then loading names the file and says it does not load
+    with pytest.raises(ModelError, match="broken.pt.*does not load"):
+        load_yolo(str(bad))
+
+
+def test_a_classifier_is_not_a_detector() -> None:
+    # Given a classification model yaml
+    # Then it is refused as not a detector
+    with pytest.raises(ModelError, match="yolo11n-cls.yaml.*not a detector"):
+        load_yolo("yolo11n-cls.yaml")
+
+
+def test_class_names_match_loosely() -> None:
+    # Given class names written the ways datasets write them
+    # Then they all reduce to one key of the class map
+    assert normalise_name("Arrow-Board") == normalise_name("arrow_board") == normalise_name(" arrow  board") == "arrow_board"

@@ -1,0 +1,238 @@
+"""The detect worker's handler: frames in, per-frame detections and window segments out.
+
+The runtime reads batches across every frame partition this worker owns and calls
+``prepare`` for the next batch while ``handle`` runs the current one, so fetching and
+JPEG decoding overlap the forward pass (which runs in a thread to leave the event loop
+free). ``handle`` runs ONE forward pass over the batch, then walks the batch in its order
+(which keeps each camera's order) feeding the temporal windows.
+
+Acknowledgement follows ``stages.window``: a frame is acked only once the newest window
+that holds it has been published; its detections are published at once (idempotent by
+dedupe key, so a replay after a takeover republishes nothing new).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from stages.window import CameraWindows, WindowConfig, WindowFrame, WindowStats, WindowUpdate
+from stream import names
+from stream.errors import InputError
+from stream.ids import output_key
+from stream.schemas import DriveMarker, FrameDetections, FrameRef, Message
+from stream.settings import Settings
+from workers.handler import BatchResult, Delivery, Handler, Output
+
+if TYPE_CHECKING:
+    from brokers.blobs import BlobStore
+    from stages.detect import Detector, FrameResult
+
+Key = tuple[str, str]  # (stream, entry id)
+Camera = tuple[str, str]  # (drive, camera)
+
+
+def _key(delivery: Delivery) -> Key:
+    return delivery.entry.stream, delivery.entry.id
+
+
+@dataclass
+class HandlerTimings:
+    """Cumulative seconds the handler spent outside the detector's own steps."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: {"fetch": 0.0, "window": 0.0})
+
+    def add(self, stage: str, seconds: float) -> None:
+        """Add time to one step."""
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+
+class DetectHandler(Handler):
+    """Binds the detector and the temporal windows to the frames hop.
+
+    Parameters:
+        settings: all settings (``detect`` for the model and windows, ``broker`` for partitions).
+        blobs: the frame blob store.
+        detector: a ready detector (tests, benchmarks); built in ``start`` otherwise.
+    """
+
+    group = names.DETECT
+    inputs = (names.FRAMES,)
+    partitioned = True
+    accepts = (FrameRef, DriveMarker)
+
+    def __init__(self, settings: Settings, blobs: BlobStore, *, detector: Detector | None = None) -> None:
+        self.settings = settings
+        self.blobs = blobs
+        self.detector = detector
+        self.timings = HandlerTimings()
+        self.ended_stats = WindowStats()  # figures of cameras whose drive ended here
+        self.windows: dict[Camera, CameraWindows] = {}
+        self._camera_partition: dict[Camera, int | None] = {}
+        self._prepared: dict[Key, tuple[int | None, Any]] = {}
+        self._generation: dict[int | None, int] = {}  # bumped when a partition is revoked
+        self._config: WindowConfig | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the detector (a bad model raises ``ModelError`` naming the file)."""
+        from stages.detect import Detector  # torch and ultralytics load only here
+
+        if self.detector is None:
+            self.detector = await asyncio.to_thread(Detector, self.settings.detect)
+        self._config = WindowConfig.from_settings(self.settings.detect, model=self.detector.name)
+
+    async def revoked(self, partition: int) -> None:
+        """Drop the partition's windows and prepared frames; its entries go to the next owner."""
+        self._generation[partition] = self._generation.get(partition, 0) + 1
+        for camera in [c for c, p in self._camera_partition.items() if p == partition]:
+            self.windows.pop(camera, None)
+            self._camera_partition.pop(camera, None)
+        self._prepared = {k: v for k, v in self._prepared.items() if v[0] != partition}
+
+    async def assigned(self, partition: int) -> None:
+        """A partition arrives: start it from nothing (its pending entries are replayed)."""
+        await self.revoked(partition)
+
+    # -- the batch -------------------------------------------------------------------
+
+    async def prepare(self, batch: list[Delivery]) -> None:
+        """Fetch the batch's blobs in one round trip and decode them on the device."""
+        frames = [d for d in batch if isinstance(d.message, FrameRef) and _key(d) not in self._prepared]
+        if not frames:
+            return
+        generations = {d.partition: self._generation.get(d.partition, 0) for d in frames}
+        started = time.perf_counter()
+        blobs = await self.blobs.get_many([d.message.blob_key for d in frames])
+        self.timings.add("fetch", time.perf_counter() - started)
+        labels = [_frame_name(d.message) for d in frames]
+        decoded = await asyncio.to_thread(self.detector.decode, blobs, labels)
+        for delivery, image in zip(frames, decoded, strict=True):
+            if self._generation.get(delivery.partition, 0) == generations[delivery.partition]:
+                self._prepared[_key(delivery)] = (delivery.partition, image)
+
+    async def handle(self, batch: list[Delivery]) -> BatchResult:
+        """One forward pass over the batch's frames, then the windows in batch order."""
+        generations = {d.partition: self._generation.get(d.partition, 0) for d in batch}
+        await self.prepare(batch)
+        frames = [d for d in batch if isinstance(d.message, FrameRef)]
+        images = {_key(d): self._prepared.pop(_key(d), (None, None))[1] for d in frames}
+        good = [d for d in frames if not isinstance(images[_key(d)], (InputError, type(None)))]
+        before = dict(self.detector.timings.seconds)
+        found = await asyncio.to_thread(self.detector.detect, [images[_key(d)] for d in good])
+        results = dict(zip((_key(d) for d in good), found, strict=True))
+        per_frame = self._per_frame_ms(before, len(frames))
+        started = time.perf_counter()
+        result = BatchResult(ack=[])
+        for delivery in batch:
+            if self._generation.get(delivery.partition, 0) != generations[delivery.partition]:
+                continue  # revoked while we worked: the next owner does it again
+            if isinstance(delivery.message, DriveMarker):
+                self._on_marker(delivery, result)
+            elif _key(delivery) in results:
+                self._on_frame(delivery, results[_key(delivery)], per_frame, result)
+            else:
+                error = images[_key(delivery)] or InputError(f"{_frame_name(delivery.message)}: not decoded")
+                result.failed.append((delivery, error))
+        self.timings.add("window", time.perf_counter() - started)
+        await self._release_blobs(result.ack)
+        return result
+
+    def window_stats(self) -> WindowStats:
+        """Reduction figures over every camera this handler has seen (ended and live)."""
+        total = WindowStats()
+        total.add(self.ended_stats)
+        for windows in self.windows.values():
+            total.add(windows.stats)
+        return total
+
+    # -- frames and markers -------------------------------------------------------------
+
+    def _on_frame(self, delivery: Delivery, found: FrameResult, timings: dict[str, float], result: BatchResult) -> None:
+        ref: FrameRef = delivery.message
+        detections = FrameDetections(
+            drive_id=ref.drive_id,
+            camera=ref.camera,
+            seq=ref.seq,
+            tick=ref.tick,
+            t=ref.t,
+            utc=ref.utc,
+            telemetry=ref.telemetry,
+            blob_key=ref.blob_key,
+            detections=found.detections,
+            model=self.detector.name,
+            ingested_utc=ref.ingested_utc,
+            timings_ms=timings,
+        )
+        result.outputs.append(self._to_fuse(detections, output_key("detect", ref.drive_id, ref.camera, ref.seq)))
+        frame = WindowFrame(
+            seq=ref.seq,
+            tick=ref.tick,
+            t=ref.t,
+            blob_key=ref.blob_key,
+            descriptor=found.descriptor,
+            detections=found.detections,
+            utc=ref.utc,
+            telemetry=ref.telemetry,
+        )
+        self._apply(self._camera(ref.drive_id, ref.camera, delivery.partition).add(frame, delivery), result)
+
+    def _on_marker(self, delivery: Delivery, result: BatchResult) -> None:
+        marker: DriveMarker = delivery.message
+        if marker.event == "ended":
+            cameras = [marker.camera] if marker.camera else self._cameras_of(marker.drive_id, delivery.partition)
+            counts = {}
+            for camera in cameras:
+                windows = self.windows.pop((marker.drive_id, camera), None)
+                self._camera_partition.pop((marker.drive_id, camera), None)
+                if windows is not None:
+                    self._apply(windows.flush(), result)
+                    self.ended_stats.add(windows.stats)
+                counts[camera] = windows.last_index + 1 if windows is not None else 0
+            marker = marker.copy_with(segment_counts={**marker.segment_counts, **counts})
+        dedupe = output_key("detect", "drive", marker.drive_id, marker.camera or "", marker.event)
+        result.outputs.append(self._to_fuse(marker, dedupe))
+        result.ack.append(delivery)
+
+    def _apply(self, update: WindowUpdate, result: BatchResult) -> None:
+        for segment in update.segments:
+            key = output_key("detect", "segment", segment.drive_id, segment.camera, segment.index)
+            result.outputs.append(Output(names.SEGMENTS, segment, key))
+        result.ack.extend(update.released)
+
+    def _to_fuse(self, message: Message, dedupe_key: str) -> Output:
+        partition = names.drive_partition(message.drive_id, self.settings.broker.fuse_partitions)
+        return Output(names.DETECTIONS, message, dedupe_key, partition)
+
+    def _camera(self, drive: str, camera: str, partition: int | None) -> CameraWindows:
+        key = (drive, camera)
+        if key not in self.windows:
+            self.windows[key] = CameraWindows(drive, camera, self._config)
+            self._camera_partition[key] = partition
+        return self.windows[key]
+
+    def _cameras_of(self, drive: str, partition: int | None) -> list[str]:
+        return sorted(c for (d, c), p in self._camera_partition.items() if d == drive and p == partition)
+
+    def _per_frame_ms(self, before: dict[str, float], frames: int) -> dict[str, float]:
+        after = self.detector.timings.seconds
+        return {k: round(1000 * (after[k] - before.get(k, 0.0)) / max(frames, 1), 3) for k in after if k != "decode"}
+
+    async def _release_blobs(self, acked: list[Delivery]) -> None:
+        # The pixels stay (vera and vlm read key frames by blob key until the TTL); only the
+        # producers' in-flight count drops, once per frame, when its window is published.
+        nbytes = sum(d.message.nbytes for d in acked if isinstance(d.message, FrameRef))
+        if nbytes:
+            await self.blobs.release(nbytes)
+
+
+def _frame_name(ref: FrameRef) -> str:
+    return f"frame {ref.drive_id}/{ref.camera}#{ref.seq} (blob {ref.blob_key})"
+
+
+def build(settings: Settings, blobs: BlobStore) -> DetectHandler:
+    """The registry's builder: a detect handler (the model loads in ``start``)."""
+    return DetectHandler(settings, blobs)
