@@ -20,7 +20,7 @@ BUILDERS: dict[str, str] = {
     "detect": "workers.detect:build",
     "vera": "workers.vera:build",
     "vlm": "workers.vlm:build",
-    # "fuse": "workers.fuse:build",
+    "fuse": "workers.fuse:build",
 }
 
 

@@ -1,0 +1,171 @@
+"""The fuse worker under the real runtime, on the in-memory broker and on real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from brokers.base import Broker
+from brokers.blobs import BlobStore
+from brokers.connect import connect, forget_memory
+from stream import codec, names
+from stream.schemas import Detection, DriveMarker, DriveSummary, Escalation, FrameDetections, Verdict
+from stream.settings import Settings, load_settings
+from tests.conftest import FAST_SETTINGS, TEST_NAMESPACE
+from workers.fuse import FuseHandler, checkpoint_key
+from workers.registry import builder
+from workers.runtime import Worker
+
+CAMS = ("front", "back", "left_repeater")
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Broker, BlobStore]]:
+    """A broker and blob store of each kind, sharing one state."""
+    if request.param == "memory":
+        url = f"memory://fuse-{uuid.uuid4().hex[:8]}"
+    else:
+        url = request.getfixturevalue("redis_url")
+    broker, blobs = connect(url, namespace=TEST_NAMESPACE, settings=FAST_SETTINGS.model_copy())
+    yield broker, blobs
+    await broker.close()
+    await blobs.close()
+    if url.startswith("memory://"):
+        forget_memory(url.removeprefix("memory://"))
+
+
+def settings_for(broker: Broker, **fuse: object) -> Settings:
+    worker = {"batch_size": 16, "max_wait_ms": 10, "heartbeat_s": 0.05, "reclaim_interval_s": 0.1, "grace_s": 2}
+    settings = load_settings(environ={}, worker=worker, fuse=fuse)
+    return settings.model_copy(update={"broker": broker.settings, "namespace": broker.namespace})
+
+
+def detections(drive: str, ticks: int, cone_from: int = 10**9) -> list:
+    cone = Detection(type="cone", label="cone", score=0.9, box=(0.4, 0.5, 0.5, 0.6))
+    started = [DriveMarker(drive_id=drive, event="started", camera=c, cameras=list(CAMS)) for c in CAMS]
+    frames = [
+        FrameDetections(
+            drive_id=drive, camera=c, seq=t, tick=t, t=t * 0.5, blob_key=f"{drive}:{c}:{t}",
+            detections=[cone, cone] if t >= cone_from else [], ingested_utc=time.time(),
+        )  # fmt: skip
+        for t in range(ticks)
+        for c in CAMS
+    ]
+    ended = [
+        DriveMarker(drive_id=drive, event="ended", camera=c, cameras=list(CAMS), frame_counts=dict.fromkeys(CAMS, ticks))
+        for c in CAMS
+    ]
+    return started + frames + ended
+
+
+async def send(broker: Broker, messages: list) -> None:
+    for message in messages:
+        p = names.drive_partition(message.drive_id, broker.settings.fuse_partitions)
+        await broker.publish(names.stream_name(names.DETECTIONS, p, broker.namespace), codec.encode(message))
+
+
+async def published(broker: Broker, hop: str = names.VERDICTS) -> list:
+    entries = await broker.range(names.stream_name(hop, ns=broker.namespace), count=100_000)
+    return [codec.decode(e.data) for e in entries]
+
+
+async def pending(broker: Broker) -> int:
+    total = 0
+    for stream in await broker.streams(f"{broker.namespace}:{names.DETECTIONS}:*"):
+        group = (await broker.stats(stream)).group(names.FUSE)
+        total += group.pending + group.lag if group else 0
+    return total
+
+
+async def drained(broker: Broker) -> bool:
+    return await pending(broker) == 0
+
+
+async def until(check, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+async def summaries(broker: Broker, n: int) -> bool:
+    return sum(isinstance(m, DriveSummary) for m in await published(broker)) >= n
+
+
+def run_worker(broker: Broker, blobs: BlobStore, settings: Settings, name: str) -> tuple[Worker, asyncio.Task]:
+    worker = Worker(builder("fuse")(settings, blobs), broker, blobs, settings, consumer=name)
+    return worker, asyncio.create_task(worker.run())
+
+
+async def test_each_window_gets_one_verdict_and_every_entry_is_acked(pair):
+    # Given two drives of three cameras, 6 s each (three 2 s windows), cones in drive a's end
+    broker, blobs = pair
+    await send(broker, detections("a", 12, cone_from=8) + detections("b", 12))
+    worker, task = run_worker(broker, blobs, settings_for(broker), "f1")
+    # When the fuse worker runs until both summaries are out
+    await until(lambda: summaries(broker, 2))
+    await until(lambda: drained(broker))
+    worker.stop()
+    await task
+    # Then each window has exactly one verdict, and the roadwork span is a's last window
+    out = await published(broker)
+    verdicts = sorted((m.drive_id, m.window, m.roadwork) for m in out if isinstance(m, Verdict))
+    assert verdicts == [("a", 0, False), ("a", 1, False), ("a", 2, True), ("b", 0, False), ("b", 1, False), ("b", 2, False)]
+    summary = next(m for m in out if isinstance(m, DriveSummary) and m.drive_id == "a")
+    assert [(s.t_start, s.t_end) for s in summary.spans] == [(4.0, 6.0)]
+    assert summary.frame_counts == dict.fromkeys(CAMS, 12) and summary.problems == []
+
+
+async def test_a_new_worker_finishes_a_drive_from_checkpoint_and_replay(pair):
+    # Given a worker that published the first windows of a drive and then stopped
+    broker, blobs = pair
+    messages = detections("a", 20, cone_from=0)
+    await send(broker, messages[:-20])
+    settings = settings_for(broker)
+    worker, task = run_worker(broker, blobs, settings, "first")
+    await until(lambda: _verdict_count(broker, 3))
+    worker.stop()
+    await task
+    # When the rest arrives and a second worker takes over
+    await send(broker, messages[-20:])
+    worker2, task2 = run_worker(broker, blobs, settings, "second")
+    await until(lambda: summaries(broker, 1))
+    worker2.stop()
+    await task2
+    # Then no window is doubled or lost, and the summary spans the whole drive
+    out = await published(broker)
+    windows = [m.window for m in out if isinstance(m, Verdict)]
+    assert sorted(windows) == list(range(5))
+    (summary,) = [m for m in out if isinstance(m, DriveSummary)]
+    assert summary.windows == 5 and [(s.t_start, s.t_end) for s in summary.spans] == [(0.0, 10.0)]
+    assert await blobs.get(checkpoint_key("a")) is not None
+
+
+async def _verdict_count(broker: Broker, n: int) -> bool:
+    return sum(isinstance(m, Verdict) for m in await published(broker)) >= n
+
+
+async def test_uncertain_windows_are_escalated_once(pair):
+    # Given a VLM configured and coefficients that make every window uncertain
+    broker, blobs = pair
+    settings = settings_for(broker, coefficients={"bias": 0.0}, vlm_timeout_s=0.2).model_copy(
+        update={"vlm": load_settings(environ={}, vlm={"backend": "transformers"}).vlm}
+    )
+    handler = FuseHandler(settings, blobs)
+    handler.fuser.expect_anomaly = False  # no vera stage in this test
+    await send(broker, detections("a", 8))
+    worker = Worker(handler, broker, blobs, settings, consumer="f1")
+    task = asyncio.create_task(worker.run())
+    # When the windows close without an answer
+    await until(lambda: summaries(broker, 1))
+    worker.stop()
+    await task
+    # Then one escalation per window went out, and the verdicts say they were escalated
+    escalations = await published(broker, names.ESCALATIONS)
+    assert sorted(e.window for e in escalations if isinstance(e, Escalation)) == [0, 1]
+    assert all(v.escalated for v in await published(broker) if isinstance(v, Verdict))
