@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote, urlencode
 
 import redis
@@ -60,7 +60,11 @@ def redis_supports_tls() -> bool:
     # A TLS build parses the option and then finds nothing to listen on; a build without
     # TLS stops at the unknown directive.
     done = subprocess.run(
-        [REDIS_SERVER, "--port", "0", "--tls-port", "0"], capture_output=True, text=True, timeout=10
+        [REDIS_SERVER, "--port", "0", "--tls-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
     )
     output = done.stdout + done.stderr
     return "not listen anywhere" in output and "Bad directive" not in output
@@ -99,7 +103,7 @@ def _certificate(
     issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
     extensions: list[tuple[x509.ExtensionType, bool]],
 ) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     issuer_name, issuer_key = issuer or (_name(subject), key)
     builder = (
         x509.CertificateBuilder()
@@ -378,7 +382,12 @@ class RedisServer:
         log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         stderr = ""
         process = self.process
-        if process is not None and process.poll() is not None and process.stderr and not process.stderr.closed:
+        if (
+            process is not None
+            and process.poll() is not None
+            and process.stderr
+            and not process.stderr.closed
+        ):
             stderr = process.stderr.read().decode(errors="replace")
         return "\n".join((log + stderr).splitlines()[-lines:])
 
@@ -420,7 +429,7 @@ class RedisServer:
         if self.running:
             self.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
 
-    def __enter__(self) -> RedisServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -459,7 +468,7 @@ class RedisServers:
         for server in self.servers:
             server.kill()
 
-    def __enter__(self) -> RedisServers:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

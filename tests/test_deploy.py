@@ -30,8 +30,8 @@ import yaml
 from pydantic import BaseModel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-
 from redis_servers import REDIS_SERVER, RedisServer
+
 from stream import names
 from stream.settings import ENV_PREFIX, Settings, load_settings
 from workers import metrics
@@ -74,7 +74,9 @@ def render(overlay: str) -> tuple[dict[str, Any], ...]:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    done = subprocess.run([*command, str(K8S / overlay)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*command, str(K8S / overlay)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert done.returncode == 0, f"kustomize failed on {overlay}:\n{done.stderr}"
     return tuple(doc for doc in yaml.safe_load_all(done.stdout) if doc)
 
@@ -151,7 +153,13 @@ def stage_deployment(objects: tuple[dict[str, Any], ...], stage: str) -> dict[st
 def plain_env(objects: tuple[dict[str, Any], ...], stage: str) -> dict[str, str]:
     """A stage's environment: the ConfigMap, then its own literal values."""
     env = dict(settings_map(objects))
-    env.update({e["name"]: e["value"] for e in worker_container(stage_deployment(objects, stage))["env"] if "value" in e})
+    env.update(
+        {
+            e["name"]: e["value"]
+            for e in worker_container(stage_deployment(objects, stage))["env"]
+            if "value" in e
+        }
+    )
     return env
 
 
@@ -230,7 +238,11 @@ def test_every_stage_runs_its_worker_from_the_right_image(overlay: str) -> None:
         assert container["args"] == [stage]
         image = "roadstream-gpu" if stage in GPU_STAGES else "roadstream-cpu"
         assert container["image"].split(":")[0].endswith(image)
-    assert {d["metadata"]["labels"][STAGE_LABEL] for d in find(objects, "Deployment") if STAGE_LABEL in d["metadata"]["labels"]} == set(names.STAGES)
+    assert {
+        d["metadata"]["labels"][STAGE_LABEL]
+        for d in find(objects, "Deployment")
+        if STAGE_LABEL in d["metadata"]["labels"]
+    } == set(names.STAGES)
 
 
 def test_gpu_stages_request_gpus_and_cpu_stages_do_not() -> None:
@@ -299,7 +311,10 @@ def test_redis_url_and_scaler_credentials_come_from_the_secret(overlay: str) -> 
     secret = secret_data(objects)
     for stage in names.STAGES:
         env = {e["name"]: e for e in worker_container(stage_deployment(objects, stage))["env"]}
-        assert env["ROADSTREAM_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "roadstream-redis", "key": "url"}
+        assert env["ROADSTREAM_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+            "name": "roadstream-redis",
+            "key": "url",
+        }
     auth = one(objects, "TriggerAuthentication", "roadstream-redis")
     for ref in auth["spec"]["secretTargetRef"]:
         assert ref["name"] == "roadstream-redis" and ref["key"] in secret
@@ -353,8 +368,8 @@ def check_lag_query(spec: dict[str, Any], stage: str, partitions: int) -> None:
 
 def test_lag_queries_use_the_metric_the_workers_export() -> None:
     """The runtime's gauge is the one the queries name, labelled by group and stream."""
-    assert metrics.GROUP_LAG._name == "roadstream_group_lag"  # noqa: SLF001 - the exported name
-    assert {"group", "stream"} <= set(metrics.GROUP_LAG._labelnames)  # noqa: SLF001
+    assert metrics.GROUP_LAG._name == "roadstream_group_lag"
+    assert {"group", "stream"} <= set(metrics.GROUP_LAG._labelnames)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -408,7 +423,11 @@ def test_in_cluster_redis_config_and_acl_accept_the_worker_url_only(tmp_path: Pa
     acl.write_text(secret["users.acl"])
     conf = [line for line in redis_conf_lines(objects) if not line.startswith(("dir ", "aclfile "))]
     server = RedisServer(
-        tmp_path / "redis", password=secret["password"], username=secret["username"], acl_file=acl, extra_config=conf
+        tmp_path / "redis",
+        password=secret["password"],
+        username=secret["username"],
+        acl_file=acl,
+        extra_config=conf,
     )
     with server:
         namespace = settings_map(objects)["ROADSTREAM_NAMESPACE"]
@@ -420,7 +439,10 @@ def test_in_cluster_redis_config_and_acl_accept_the_worker_url_only(tmp_path: Pa
             assert client.config_get("appendonly") == {"appendonly": "yes"}
             with pytest.raises(redis.exceptions.NoPermissionError):
                 client.set("elsewhere", "x")
-        with pytest.raises(redis.exceptions.AuthenticationError), redis.Redis(port=server.port, retry=Retry(NoBackoff(), 0)) as anon:
+        with (
+            pytest.raises(redis.exceptions.AuthenticationError),
+            redis.Redis(port=server.port, retry=Retry(NoBackoff(), 0)) as anon,
+        ):
             anon.ping()
 
 
@@ -482,7 +504,9 @@ def test_compose_gives_gpus_to_detect_and_vllm_and_points_vlm_stages_at_it() -> 
         assert "vllm" in services[stage]["depends_on"]
 
 
-@pytest.mark.parametrize(("name", "extras"), [("Dockerfile.cpu", set()), ("Dockerfile.gpu", {"detect", "vlm", "scorer"})])
+@pytest.mark.parametrize(
+    ("name", "extras"), [("Dockerfile.cpu", set()), ("Dockerfile.gpu", {"detect", "vlm", "scorer"})]
+)
 def test_dockerfiles_copy_existing_paths_and_install_real_extras(name: str, extras: set[str]) -> None:
     """Every COPY source is in the repo; the image installs the package with the extras it needs."""
     text = dockerfile(DEPLOY / "docker" / name)

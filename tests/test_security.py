@@ -1,4 +1,4 @@
-"""Security: Redis with an ACL user and password, Redis over TLS, and no pickle on the wire.
+"""Security: Redis with an ACL user and password, Redis over TLS, no pickle, footage roots.
 
 Every test here runs its own ``redis-server`` (``tests/redis_servers.py``) on a free
 loopback port, configured the way a locked-down deployment would be: the ``default``
@@ -17,12 +17,16 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-
-from brokers.redis import RedisBroker
 from redis_servers import REDIS_SERVER, RedisServer, RedisServers, redis_supports_tls
+
+from brokers.memory import MemoryBlobStore
+from brokers.redis import RedisBroker
 from stream import codec
-from stream.errors import BrokerConnectionError, BrokerError, DecodeError
+from stream.errors import BrokerConnectionError, BrokerError, DecodeError, InputError
 from stream.names import JOBS, stream_name
+from stream.schemas import ClipRef, Job
+from stream.settings import IngestSettings, Settings
+from workers.ingest import build as build_ingest
 
 pytestmark = [
     pytest.mark.redis,
@@ -93,7 +97,10 @@ def test_acl_server_refuses_clients_without_credentials(acl_server: RedisServer)
     """Guard for the tests below: without credentials this server really answers nothing."""
     # Given the ACL server; When a client without a password pings; Then it is refused
     no_retry = Retry(NoBackoff(), 0)  # redis-py would retry an auth failure with backoff
-    with pytest.raises(redis.AuthenticationError), redis.Redis(port=acl_server.port, retry=no_retry) as client:
+    with (
+        pytest.raises(redis.AuthenticationError),
+        redis.Redis(port=acl_server.port, retry=no_retry) as client,
+    ):
         client.ping()
 
 
@@ -197,7 +204,7 @@ def test_pickled_entry_is_refused_without_being_unpickled(tmp_path: Path) -> Non
     """A pickle arriving on a stream is a ``DecodeError``; its code never runs."""
     # Given a pickle whose loading would create a file (the tripwire works: see the control)
     control = tmp_path / "control"
-    pickle.loads(pickle.dumps(_Tripwire(control))).close()  # noqa: S301 - our own object
+    pickle.loads(pickle.dumps(_Tripwire(control))).close()
     assert control.exists()
     marker = tmp_path / "unpickled"
     payload = pickle.dumps(_Tripwire(marker))
@@ -207,3 +214,45 @@ def test_pickled_entry_is_refused_without_being_unpickled(tmp_path: Path) -> Non
     # Then it is refused, the raw bytes are kept for the dead letter, and nothing ran
     assert caught.value.raw == payload
     assert not marker.exists()
+
+
+# -- footage paths ---------------------------------------------------------------------
+
+
+def _job(path: Path) -> Job:
+    clip = ClipRef(start="2024-05-01_10-11-12", files={"front": str(path)})
+    return Job(drive_id="d1", root=str(path.parent), clips=[clip])
+
+
+def _escapes(tmp_path: Path) -> dict[str, Path]:
+    root = tmp_path / "footage"
+    (root / "drive").mkdir(parents=True)
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (outside / "front.mp4").write_bytes(b"")
+    (root / "drive" / "link").symlink_to(outside, target_is_directory=True)
+    return {
+        "dot-dot": root / "drive" / ".." / ".." / "secret" / "front.mp4",
+        "symlink": root / "drive" / "link" / "front.mp4",
+        "absolute": outside / "front.mp4",
+        "sibling prefix": tmp_path / "footage-evil" / "front.mp4",
+    }
+
+
+@pytest.mark.parametrize("kind", ["dot-dot", "symlink", "absolute", "sibling prefix"])
+def test_job_footage_escaping_the_roots_is_refused(tmp_path: Path, kind: str) -> None:
+    """A job path that leaves the footage root (``..``, a symlink, a look-alike prefix) is an InputError."""
+    # Given ingest allowed to read only <tmp>/footage
+    settings = Settings(ingest=IngestSettings(roots=[str(tmp_path / "footage")]))
+    handler = build_ingest(settings, MemoryBlobStore())
+    # When a job names a path that escapes it; Then it is refused, naming the path
+    with pytest.raises(InputError, match="outside the allowed footage roots"):
+        handler.check_roots(_job(_escapes(tmp_path)[kind]))
+
+
+def test_job_footage_under_the_roots_is_accepted(tmp_path: Path) -> None:
+    """Control for the test above: a path inside the root passes the same check."""
+    settings = Settings(ingest=IngestSettings(roots=[str(tmp_path / "footage")]))
+    handler = build_ingest(settings, MemoryBlobStore())
+    _escapes(tmp_path)
+    handler.check_roots(_job(tmp_path / "footage" / "drive" / "front.mp4"))
