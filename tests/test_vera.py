@@ -108,3 +108,33 @@ async def test_proposed_questions_replace_the_set_and_the_best_is_kept(tiny_vlm_
 def test_split_keeps_both_labels_in_validation():
     train, val = split_train_val(labelled(6), val_fraction=0.34)
     assert {v.label for v in val} == {True, False} and len(train) + len(val) == 6
+
+
+def test_learn_questions_command_saves_a_loadable_set(tiny_vlm_path, tmp_path, monkeypatch):
+    import click
+    from click.testing import CliRunner
+
+    from workers.cli_vlm import register
+
+    # Given a labels file: drive-level labels, segments of fixture frames on disk
+    lines = [json.dumps({"drive": "d1", "label": True}), json.dumps({"drive": "d2", "label": False})]
+    for i, item in enumerate(labelled(4)):
+        names = []
+        for j, image in enumerate(item.images):
+            (tmp_path / f"s{i}_{j}.jpg").write_bytes(image.data)
+            names.append(f"s{i}_{j}.jpg")
+        lines.append(json.dumps({"drive": "d1" if item.label else "d2", "id": item.key, "images": names}))
+    (tmp_path / "labels.jsonl").write_text("\n".join(lines))
+    monkeypatch.setenv("ROADSTREAM_VLM__MAX_NEW_TOKENS", "8")
+    monkeypatch.setenv("ROADSTREAM_VLM__JSON_ATTEMPTS", "1")
+    cli = click.Group()
+    register(cli)
+    # When the command runs with the tiny model
+    out = tmp_path / "q.json"
+    args = ["learn-questions", "--labels", str(tmp_path / "labels.jsonl"), "--out", str(out), "--batch-size", "2",
+            "--val-fraction", "0.5", "--backend", "transformers", "--model", str(tiny_vlm_path)]
+    result = CliRunner().invoke(cli, args)
+    # Then it reported its steps and saved a set the worker can load
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["steps"] == 1
+    assert load_questions(str(out)).questions
