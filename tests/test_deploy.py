@@ -35,6 +35,7 @@ from redis_servers import REDIS_SERVER, RedisServer
 from stream import names
 from stream.settings import ENV_PREFIX, Settings, load_settings
 from workers import metrics
+from workers.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -191,6 +192,14 @@ def _is_setting(model: type[BaseModel], path: list[str]) -> bool:
     return not rest or get_origin(annotation) is dict
 
 
+def parses_as_worker_command(args: list[str]) -> str:
+    """The stage of ``roadstream worker ARGS``; click raises on an argument it does not take."""
+    with cli.make_context("roadstream", ["worker", *args], resilient_parsing=False) as root:
+        name, command, rest = cli.resolve_command(root, ["worker", *args])
+        with command.make_context(name, rest, parent=root) as context:
+            return context.params["stage"]
+
+
 def secret_data(objects: tuple[dict[str, Any], ...]) -> dict[str, str]:
     """The Redis Secret's string data."""
     return one(objects, "Secret", "roadstream-redis")["stringData"]
@@ -236,6 +245,7 @@ def test_every_stage_runs_its_worker_from_the_right_image(overlay: str) -> None:
         container = worker_container(stage_deployment(objects, stage))
         # Then the image's entrypoint (roadstream worker) gets the stage as its argument
         assert container["args"] == [stage]
+        assert parses_as_worker_command(container["args"]) == stage
         image = "roadstream-gpu" if stage in GPU_STAGES else "roadstream-cpu"
         assert container["image"].split(":")[0].endswith(image)
     assert {
@@ -478,6 +488,7 @@ def test_compose_stages_run_their_worker_against_the_redis_service() -> None:
     for stage in names.STAGES:
         service = services[stage]
         assert service["command"] == [stage, "--redis", "redis://redis:6379"]
+        assert parses_as_worker_command(service["command"]) == stage
         wanted = "Dockerfile.gpu" if stage in GPU_STAGES else "Dockerfile.cpu"
         assert Path(service["build"]["dockerfile"]).name == wanted
         path = (DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).resolve()
