@@ -72,3 +72,44 @@ async def test_undecodable_entries_are_skipped(broker: Broker):
     # Then the client reads the two verdicts
     got = await collect(VerdictClient(broker).read())
     assert [i.message.window for i in got] == [0, 1]
+
+
+def _cli():
+    from workers.cli import cli
+    from workers.cli_verdicts import register
+
+    if "verdicts" not in cli.commands:
+        register(cli)
+    return cli
+
+
+def _publish_sync(url: str, messages) -> list[str]:
+    from brokers.connect import connect
+
+    async def go():
+        broker, blobs = connect(url)
+        try:
+            return await put(broker, messages)
+        finally:
+            await broker.close()
+            await blobs.close()
+
+    return asyncio.run(go())
+
+
+def test_verdicts_command_prints_a_table_and_json_lines(redis_url):
+    # Given two verdicts on the stream
+    import json
+
+    from click.testing import CliRunner
+
+    ids = _publish_sync(redis_url, [verdict(0), verdict(1).copy_with(roadwork=True, confidence=0.9)])
+    runner = CliRunner(env={"COLUMNS": "200"})
+    # When listed as a table, as JSON, and from the first id on
+    table = runner.invoke(_cli(), ["verdicts", "--redis", redis_url])
+    lines = runner.invoke(_cli(), ["verdicts", "--redis", redis_url, "--json"]).output.splitlines()
+    resumed = runner.invoke(_cli(), ["verdicts", "--redis", redis_url, "--json", "--from", ids[0]]).output.splitlines()
+    # Then the table shows both windows, the JSON carries ids, and --from skips the first
+    assert table.exit_code == 0 and "ROADWORK" in table.output and "d1" in table.output
+    assert [json.loads(line)["id"] for line in lines] == ids
+    assert [json.loads(line)["window"] for line in resumed] == [1]

@@ -104,3 +104,44 @@ def test_calibration_needs_both_classes_and_a_valid_file(tmp_path):
     with pytest.raises(ConfigError, match="bad.json"):
         load_coefficients(tmp_path / "bad.json")
 
+
+
+def test_eval_command_prints_metrics_and_fits(tmp_path):
+    # Given a verdicts file with features and labels for each window
+    import json
+
+    from click.testing import CliRunner
+
+    from stages.report import write_verdicts
+    from workers.cli import cli
+    from workers.cli_verdicts import register
+
+    if "eval" not in cli.commands:
+        register(cli)
+    vs = [verdict("a", i, i % 3 == 0).copy_with(features={"prob_max": 0.4 if i % 3 == 0 else -0.3}) for i in range(12)]
+    write_verdicts(tmp_path / "v.jsonl", vs)
+    (tmp_path / "l.csv").write_text("drive_id,t_start,t_end,label\n" + "".join(f"a,{i * 2},{i * 2 + 2},{int(i % 4 == 0)}\n" for i in range(12)))
+    runner = CliRunner()
+    # When evaluated as JSON, as tables with --fit
+    as_json = runner.invoke(cli, ["eval", "--labels", str(tmp_path / "l.csv"), "--verdicts", str(tmp_path / "v.jsonl"), "--json"])
+    tables = runner.invoke(cli, ["eval", "--labels", str(tmp_path / "l.csv"), "--verdicts", str(tmp_path / "v.jsonl"),
+                                 "--fit", str(tmp_path / "c.json")])  # fmt: skip
+    # Then the window figures match the metrics of the same pairs, and coefficients are written
+    figures = json.loads(as_json.output)
+    want = metrics((i % 3 == 0, i % 4 == 0) for i in range(12))
+    assert figures["window"]["mcc"] == pytest.approx(want.mcc) and figures["window"]["tp"] == want.tp
+    assert tables.exit_code == 0 and "MCC" in tables.output and "confusion matrix" in tables.output
+    assert "prob_max" in load_coefficients(tmp_path / "c.json")
+
+
+def test_eval_command_names_a_missing_labels_file(tmp_path):
+    # Given no labels file / Then a clear message and a non-zero exit, no traceback
+    from click.testing import CliRunner
+
+    from workers.cli import cli
+    from workers.cli_verdicts import register
+
+    if "eval" not in cli.commands:
+        register(cli)
+    result = CliRunner().invoke(cli, ["eval", "--labels", str(tmp_path / "nope.csv"), "--verdicts", str(tmp_path / "v.jsonl")])
+    assert result.exit_code == 1 and "nope.csv" in result.output and "Traceback" not in result.output
