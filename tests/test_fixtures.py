@@ -62,6 +62,10 @@ def test_a_real_clip_can_be_a_cameras_content(tmp_path: Path) -> None:
         return float(np.abs(image.astype(int) - source.astype(int)).mean())
     assert first("front").shape == (108, 192, 3)
     assert distance(first("front")) < 10 < distance(first("back"))
+    # and it keeps the clip's own frame times (one frame per 1/30 s)
+    with av.open(str(drive.clip(0, "front"))) as clip:
+        times = [float(f.time) for f in clip.decode(video=0)]
+    assert times == pytest.approx([i / 30 for i in range(30)], abs=1e-3)
 
 
 def test_broken_cases_are_what_they_claim(tmp_path: Path) -> None:

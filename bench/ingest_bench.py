@@ -1,0 +1,207 @@
+"""Ingest throughput: bare PyAV decoding against ingest's full path, on the same files.
+
+(a) a decode-only PyAV loop over every clip with ingest's thread settings — the ceiling;
+(b) ingest's full path through the worker runtime: decode, sync, resize, JPEG encode,
+    blob store and publish to Redis.
+Both are reported as frames decoded per second; the goal is b ≥ 0.85·a. With
+``--processes N`` it then runs N ingest processes over N drives at once and reports the
+aggregate rate against one process (goal ≥ 0.8·N).
+
+    python bench/ingest_bench.py --redis redis://127.0.0.1:6379/15
+    python bench/ingest_bench.py --processes 8 --seconds 20 --redis redis://127.0.0.1:6379/15
+
+Drives are generated once under ``--workdir`` (six cameras of real footage where
+``/work/shared/footage`` exists). Keys go to namespace ``rsbench`` and are deleted after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import av
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fixtures import teslacam as tc  # noqa: E402
+from stages.discover import discover  # noqa: E402
+
+FOOTAGE = Path("/work/shared/footage/roadwork")
+NS = "rsbench"
+
+
+def make_drives(workdir: Path, count: int, args: argparse.Namespace) -> list[Path]:
+    """Generate ``count`` drives (reused when already there with the same shape)."""
+    width, height = (int(v) for v in args.size.split("x"))
+    spec = tc.ClipSpec(duration_s=args.seconds, fps=args.fps, size=(width, height), keyint=args.fps)
+    sources = sorted(FOOTAGE.glob("*.mp4")) if FOOTAGE.exists() else []
+    tag = f"{args.size}-{args.fps}-{args.seconds}-{args.cameras}"
+    roots = []
+    for index in range(count):
+        root = workdir / tag / f"drive{index}"
+        if not (root / "done").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            cameras = tc.CAMERAS[: args.cameras]
+            chosen = {c: sources[(index + i) % len(sources)] for i, c in enumerate(cameras)} if sources else None
+            tc.make_drive(root, minutes=args.minutes, cameras=cameras, spec=spec, sources=chosen)
+            (root / "done").write_text("ok")
+        roots.append(root)
+    return roots
+
+
+def clips_of(root: Path) -> list[str]:
+    """Every clip file of the drives under a folder."""
+    return [path for drive in discover(root).drives for clip in drive.minutes for path in clip.files.values()]
+
+
+def bare_decode(paths: list[str], threads: int) -> tuple[int, float]:
+    """(a): demux and decode every frame, nothing else. Returns (frames, seconds)."""
+    frames, started = 0, time.perf_counter()
+    for path in paths:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            stream.codec_context.thread_count = threads
+            for packet in container.demux(stream):
+                frames += len(packet.decode())
+    return frames, time.perf_counter() - started
+
+
+async def _full_path(root: Path, url: str, threads: int, namespace: str) -> float:
+    from brokers.redis import RedisBlobStore, RedisBroker
+    from stream import codec, names
+    from stream.settings import BrokerSettings, IngestSettings, Settings
+    from workers.ingest import build
+    from workers.runtime import Worker
+
+    # Nobody consumes the frames here: lift the backpressure bounds so they do not stall.
+    bounds = BrokerSettings(max_lag=10**9, max_blob_bytes=2**62, blob_ttl_s=600)
+    settings = Settings(namespace=namespace, broker=bounds, ingest=IngestSettings(decoder_threads=threads))
+    broker = RedisBroker(url=url, namespace=namespace, settings=bounds)
+    blobs = RedisBlobStore(url, namespace=namespace)
+    for drive in discover(root).drives:
+        await broker.publish(names.stream_name(names.JOBS, ns=namespace), codec.encode(drive.to_job()))
+    handler = build(settings, blobs)
+    inside = _time_handle(handler)
+    started = time.perf_counter()
+    await Worker(handler, broker, blobs, settings, burst=True).run()
+    elapsed = time.perf_counter() - started
+    await broker.close()
+    await blobs.close()
+    return inside[0], elapsed
+
+
+def _time_handle(handler) -> list[float]:
+    # Time spent in the handler: the full path, without the runtime's start and its
+    # burst-mode wait to see that the jobs hop stays empty (a fixed ~0.4 s per run).
+    spent = [0.0]
+    handle = handler.handle
+
+    async def timed(batch):
+        started = time.perf_counter()
+        try:
+            return await handle(batch)
+        finally:
+            spent[0] += time.perf_counter() - started
+
+    handler.handle = timed
+    return spent
+
+
+def full_path(root: Path, url: str, threads: int, namespace: str = NS) -> tuple[float, float]:
+    """(b): ingest's whole path through the runtime. Returns (seconds in the handler, seconds in all)."""
+    return asyncio.run(_full_path(root, url, threads, namespace))
+
+
+def _child(args: tuple) -> float:
+    root, url, threads, namespace, start_at = args
+    while time.time() < start_at:  # start together, after every child has imported
+        time.sleep(0.005)
+    return full_path(Path(root), url, threads, namespace)
+
+
+def cleanup(url: str) -> None:
+    """Delete every key of the benchmark's namespaces."""
+    import redis
+
+    with redis.Redis.from_url(url) as client:
+        keys = list(client.scan_iter(match=f"{NS}*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+
+
+def side_by_side(root: Path, args: argparse.Namespace) -> float:
+    """Run (a) and (b) alternately, best of ``--repeat``; print and return b's frames/s."""
+    paths = clips_of(root)
+    best_a = best_b = best_run = 0.0
+    for _ in range(args.repeat):
+        frames, seconds_a = bare_decode(paths, args.threads)
+        cleanup(args.redis)
+        seconds_b, seconds_run = full_path(root, args.redis, args.threads)
+        best_a, best_b = max(best_a, frames / seconds_a), max(best_b, frames / seconds_b)
+        best_run = max(best_run, frames / seconds_run)
+    print(f"clips {len(paths)}, frames decoded {frames}, decoder threads {args.threads or 'auto'}")
+    print(f"(a) bare PyAV decode : {best_a:8.1f} frames/s")
+    print(f"(b) ingest full path : {best_b:8.1f} frames/s   ratio b/a = {best_b / best_a:.3f} (goal >= 0.85)")
+    print(f"    with worker start and burst exit: {best_run:8.1f} frames/s   ratio {best_run / best_a:.3f}")
+    return best_b
+
+
+def scaling(roots: list[Path], single_fps: float, args: argparse.Namespace) -> None:
+    """N ingest processes over N drives at once: aggregate frames/s against one process."""
+    frames = sum(bare_frame_count(r) for r in roots)
+    cleanup(args.redis)
+    start_at = time.time() + 3.0
+    jobs = [(str(r), args.redis, args.threads, f"{NS}{i}", start_at) for i, r in enumerate(roots)]
+    with mp.get_context("spawn").Pool(len(roots)) as pool:
+        seconds = pool.map(_child, jobs)
+    aggregate = frames / max(inside for inside, _ in seconds)
+    n = len(roots)
+    print(f"{n} processes: {aggregate:8.1f} frames/s aggregate, {aggregate / single_fps:.2f}x one process "
+          f"(goal >= {0.8 * n:.1f}x)")
+
+
+def bare_frame_count(root: Path) -> int:
+    """Frames in a drive's clips, from the container index."""
+    total = 0
+    for path in clips_of(root):
+        with av.open(path) as container:
+            total += container.streams.video[0].frames
+    return total
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/15", help="Redis URL (keys rsbench* deleted after)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/roadstream-ingest-bench"))
+    parser.add_argument("--size", default="1280x960", help="camera resolution WxH (HW3: 1280x960)")
+    parser.add_argument("--fps", type=int, default=36)
+    parser.add_argument("--seconds", type=float, default=10.0, help="clip length")
+    parser.add_argument("--minutes", type=int, default=1)
+    parser.add_argument("--cameras", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=0, help="decoder threads (0: auto), same for (a) and (b)")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--processes", type=int, default=0, help="also run N ingest processes over N drives")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Generate the drives, run the side-by-side figure, then the scaling one if asked."""
+    args = parse(argv)
+    roots = make_drives(args.workdir, max(1, args.processes), args)
+    try:
+        single = side_by_side(roots[0], args)
+        if args.processes > 1:
+            scaling(roots, single, args)
+    finally:
+        cleanup(args.redis)
+
+
+if __name__ == "__main__":
+    main()
