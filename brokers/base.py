@@ -111,12 +111,21 @@ class Broker(ABC):
 
     @abstractmethod
     async def claim(
-        self, group: str, consumer: str, stream: str, *, min_idle_ms: int, count: int
+        self,
+        group: str,
+        consumer: str,
+        stream: str,
+        *,
+        min_idle_ms: int,
+        count: int,
+        count_delivery: bool = True,
     ) -> list[Entry]:
         """Take over entries pending longer than ``min_idle_ms`` (XAUTOCLAIM).
 
         Returned entries carry their delivery count including this delivery; entries
-        trimmed away while pending are dropped from the pending list.
+        trimmed away while pending are dropped from the pending list. With
+        ``count_delivery=False`` (XAUTOCLAIM … JUSTID) the counter is left alone: a
+        partition handed over on a rebalance is not a failed delivery of its entries.
         """
 
     @abstractmethod

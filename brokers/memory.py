@@ -253,7 +253,14 @@ class MemoryBroker(Broker):
         return acked
 
     async def claim(
-        self, group: str, consumer: str, stream: str, *, min_idle_ms: int, count: int
+        self,
+        group: str,
+        consumer: str,
+        stream: str,
+        *,
+        min_idle_ms: int,
+        count: int,
+        count_delivery: bool = True,
     ) -> list[Entry]:
         """Take over entries pending longer than ``min_idle_ms`` (like XAUTOCLAIM).
 
@@ -272,7 +279,7 @@ class MemoryBroker(Broker):
                 del state.pel[entry_id]
             elif (now - pending.delivered_at) * 1000 >= min_idle_ms:
                 pending.consumer, pending.delivered_at = consumer, now
-                pending.deliveries += 1
+                pending.deliveries += 1 if count_delivery else 0
                 claimed.append(Entry(stream, format_id(entry_id), entries[entry_id], pending.deliveries))
         return claimed
 

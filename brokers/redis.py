@@ -297,7 +297,14 @@ class RedisBroker(Broker):
 
     @translate_errors
     async def claim(
-        self, group: str, consumer: str, stream: str, *, min_idle_ms: int, count: int
+        self,
+        group: str,
+        consumer: str,
+        stream: str,
+        *,
+        min_idle_ms: int,
+        count: int,
+        count_delivery: bool = True,
     ) -> list[Entry]:
         """Take over entries pending longer than ``min_idle_ms`` (XAUTOCLAIM).
 
@@ -307,7 +314,7 @@ class RedisBroker(Broker):
         """
         await self._ensure_groups(group, [stream])
         try:
-            claimed = await self._autoclaim(group, consumer, stream, min_idle_ms, count)
+            claimed = await self._autoclaim(group, consumer, stream, min_idle_ms, count, count_delivery)
         except rex.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -321,14 +328,21 @@ class RedisBroker(Broker):
         return [Entry(stream, i, data, counts.get(i, 1)) for i, data in claimed]
 
     async def _autoclaim(
-        self, group: str, consumer: str, stream: str, min_idle_ms: int, count: int
+        self, group: str, consumer: str, stream: str, min_idle_ms: int, count: int, count_delivery: bool = True
     ) -> list[tuple[str, bytes]]:
+        if not count_delivery:
+            return await self._claim_uncounted(group, consumer, stream, min_idle_ms, count)
         # XAUTOCLAIM scans a bounded slice of the PEL per call: follow its cursor a while.
         claimed: list[tuple[str, bytes]] = []
         cursor = "0-0"
         for _ in range(MAX_CLAIM_SCANS):
             reply = await self.client.xautoclaim(
-                stream, group, consumer, min_idle_ms, start_id=cursor, count=count - len(claimed)
+                stream,
+                group,
+                consumer,
+                min_idle_ms,
+                start_id=cursor,
+                count=count - len(claimed),
             )
             cursor = text(reply[0])
             # reply[2] (7.0+) lists ids deleted while pending; Redis has already dropped
@@ -337,6 +351,29 @@ class RedisBroker(Broker):
             if cursor == "0-0" or len(claimed) >= count:
                 break
         return claimed
+
+    async def _claim_uncounted(
+        self, group: str, consumer: str, stream: str, min_idle_ms: int, count: int
+    ) -> list[tuple[str, bytes]]:
+        # XCLAIM … JUSTID keeps the counter; redis-py's XAUTOCLAIM JUSTID parser drops the
+        # cursor, so the pending ids come from XPENDING instead.
+        rows = await self.client.xpending_range(stream, group, min="-", max="+", count=count, idle=min_idle_ms or None)
+        ids = [text(row["message_id"]) for row in rows]
+        if not ids:
+            return []
+        taken = await self.client.xclaim(stream, group, consumer, min_idle_ms, ids, justid=True)
+        claimed = await self._entries_by_id(stream, [text(i) for i in taken])
+        gone = set(ids) - {i for i, _ in claimed}
+        if gone:  # trimmed while pending: nothing to deliver, drop them from the PEL
+            await self.client.xack(stream, group, *gone)
+        return claimed
+
+    async def _entries_by_id(self, stream: str, ids: Sequence[str]) -> list[tuple[str, bytes]]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xrange(stream, min=entry_id, max=entry_id, count=1)
+            replies = await pipe.execute()
+        return [(text(i), f[FIELD]) for rows in replies for i, f in rows if f is not None]
 
     async def _delivery_counts(self, stream: str, group: str, ids: Sequence[str]) -> dict[str, int]:
         # One XPENDING per id in one round trip: exact, whatever else the PEL holds.

@@ -463,3 +463,19 @@ def test_connect_rejects_unknown_schemes() -> None:
     # Given a URL of no known scheme; When connected; Then a ConfigError names it
     with pytest.raises(ConfigError, match="kafka://"):
         connect("kafka://localhost")
+
+
+async def test_a_takeover_claim_leaves_the_delivery_count_alone(broker: Broker) -> None:
+    # Given an entry delivered once to a consumer that went away
+    stream = stream_name("handover", ns=broker.namespace)
+    await broker.ensure_group(stream, "g")
+    await broker.publish(stream, b"x")
+    (first,) = await broker.read("g", "old-owner", [stream], count=1, block_ms=0)
+
+    # When a new owner takes it over without counting a delivery
+    (taken,) = await broker.claim("g", "new-owner", stream, min_idle_ms=0, count=10, count_delivery=False)
+
+    # Then it keeps its data and its count, and a counted claim afterwards adds one
+    assert (taken.id, taken.data, taken.deliveries) == (first.id, b"x", 1)
+    (again,) = await broker.claim("g", "third", stream, min_idle_ms=0, count=10)
+    assert again.deliveries == 2

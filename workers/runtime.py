@@ -424,7 +424,8 @@ class Worker:
         for hop in self.handler.inputs:
             stream = self.stream(hop, partition)
             await self.broker.ensure_group(stream, self.group)
-            claimed = await self._claim_all(stream, min_idle_ms=0)
+            # A takeover is no failed delivery: keep the counters as they were.
+            claimed = await self._claim_all(stream, min_idle_ms=0, count_delivery=False)
             if claimed:
                 metrics.RECLAIMED.labels(self.group).inc(len(claimed))
                 self._replay += await self._accept(sorted(claimed, key=_entry_order))
@@ -451,13 +452,18 @@ class Worker:
             replay.append(fresh)
         self._replay = replay + self._replay
 
-    async def _claim_all(self, stream: str, *, min_idle_ms: int) -> list[Entry]:
+    async def _claim_all(self, stream: str, *, min_idle_ms: int, count_delivery: bool = True) -> list[Entry]:
         # XAUTOCLAIM restarts at the oldest entry each call; stop when a call brings
         # nothing new. Anything beyond the first calls is reclaimed by a later round.
         claimed: dict[str, Entry] = {}
         while True:
             entries = await self.broker.claim(
-                self.group, self.consumer, stream, min_idle_ms=min_idle_ms, count=CLAIM_BATCH
+                self.group,
+                self.consumer,
+                stream,
+                min_idle_ms=min_idle_ms,
+                count=CLAIM_BATCH,
+                count_delivery=count_delivery,
             )
             fresh = [e for e in entries if e.id not in claimed and (e.stream, e.id) not in self._held]
             claimed.update((e.id, e) for e in fresh)

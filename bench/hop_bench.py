@@ -1,0 +1,127 @@
+"""Entries per second through one hop: publish → read → process → publish → ack.
+
+Side by side in one run, on the same Redis server and the same small entries:
+
+* ``bare``: a redis-py asyncio loop doing XADD (producer) and XREADGROUP / XADD / XACK
+  batches (consumer) with nothing else;
+* ``roadstream``: our producer (``Broker.publish_many``) and a ``Worker`` running the
+  relay stage: msgpack decode, schema validation, encode, idempotent publish (Lua dedupe),
+  ack — everything a real stage pays for;
+* ``roadstream-nodedupe``: the same without dedupe keys, to show what idempotence costs.
+
+Usage: ``python bench/hop_bench.py [--redis URL] [--entries N] [--batch B] [--rounds R]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+
+import redis.asyncio as aioredis
+
+from brokers.base import Publish
+from brokers.redis import RedisBlobStore, RedisBroker
+from fixtures.relay import RelayHandler, frame
+from stream import codec, names
+from stream.settings import load_settings
+from workers.runtime import Worker
+
+NS = "hopbench"
+
+
+async def bare(url: str, entries: list[bytes], batch: int) -> float:
+    client = aioredis.from_url(url)
+    await client.flushdb()
+    src, dst = f"{NS}:bare-in", f"{NS}:bare-out"
+    await client.xgroup_create(src, "g", id="0", mkstream=True)
+    started = time.perf_counter()
+
+    async def produce() -> None:
+        for i in range(0, len(entries), batch):
+            pipe = client.pipeline(transaction=False)
+            for data in entries[i : i + batch]:
+                pipe.xadd(src, {"d": data})
+            await pipe.execute()
+
+    async def consume() -> None:
+        done = 0
+        while done < len(entries):
+            reply = await client.xreadgroup("g", "c", {src: ">"}, count=batch, block=100)
+            if not reply:
+                continue
+            got = reply[0][1]
+            pipe = client.pipeline(transaction=False)
+            for _, fields in got:
+                pipe.xadd(dst, {"d": fields[b"d"]})
+            pipe.xack(src, "g", *[entry_id for entry_id, _ in got])
+            await pipe.execute()
+            done += len(got)
+
+    await asyncio.gather(produce(), consume())
+    elapsed = time.perf_counter() - started
+    await client.aclose()
+    return len(entries) / elapsed
+
+
+async def ours(url: str, entries: list[bytes], batch: int, dedupe: bool) -> float:
+    settings = load_settings(environ={}, namespace=NS, worker={"batch_size": batch, "max_wait_ms": 5})
+    broker = RedisBroker(url=url, namespace=NS, settings=settings.broker)
+    blobs = RedisBlobStore(url, namespace=NS)
+    await broker.client.flushdb()
+    handler = RelayHandler(dedupe=dedupe)
+    worker = Worker(handler, broker, blobs, settings, consumer="bench")
+    src = names.stream_name("bench-in", ns=NS)
+    out = names.stream_name("bench-out", ns=NS)
+    await broker.ensure_group(src, handler.group)
+    started = time.perf_counter()
+    runner = asyncio.create_task(worker.run())
+
+    async def produce() -> None:
+        for i in range(0, len(entries), batch):
+            await broker.publish_many([Publish(src, data) for data in entries[i : i + batch]])
+
+    await produce()
+    while worker.counts["out"] < len(entries):
+        await asyncio.sleep(0.002)
+    elapsed = time.perf_counter() - started
+    worker.stop()
+    await runner
+    assert (await broker.stats(out)).length == len(entries)
+    await broker.close()
+    await blobs.close()
+    return len(entries) / elapsed
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/8")
+    parser.add_argument("--entries", type=int, default=20_000)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    entries = [codec.encode(frame("drive-1", i)) for i in range(args.entries)]
+    rates: dict[str, list[float]] = {"bare": [], "roadstream": [], "roadstream-nodedupe": []}
+    for _ in range(args.rounds):  # interleaved, so drift hits all three alike
+        rates["bare"].append(await bare(args.redis, entries, args.batch))
+        rates["roadstream"].append(await ours(args.redis, entries, args.batch, dedupe=True))
+        rates["roadstream-nodedupe"].append(await ours(args.redis, entries, args.batch, dedupe=False))
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    for name, rate in median.items():
+        print(f"{name:22s} {rate:10.0f} entries/s  ({rate / median['bare']:.0%} of bare)")
+    summary = {
+        "entries": args.entries,
+        "batch": args.batch,
+        "entry_bytes": len(entries[0]),
+        "median_rate": median,
+        "ratio": median["roadstream"] / median["bare"],
+        "ratio_nodedupe": median["roadstream-nodedupe"] / median["bare"],
+        "rounds": rates,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
