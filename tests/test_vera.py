@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import ClassVar
 
 import pytest
 from vlm_tiny import fixture_segment
@@ -86,7 +87,7 @@ async def test_proposed_questions_replace_the_set_and_the_best_is_kept(tiny_vlm_
     proposals = [{"questions": ["Are there orange cones?", "Is a lane closed?"]}] + [too_many] * 3
 
     class ScriptedOptimizer(TransformersBackend):
-        prompts: list[str] = []
+        prompts: ClassVar[list[str]] = []
 
         async def generate_json_text(self, prompts, schema, *, max_tokens, temperature):
             self.prompts.append(prompts[0].text)

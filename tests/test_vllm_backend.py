@@ -86,11 +86,12 @@ def test_json_sampling_uses_the_installed_structured_output_api(new_api, field_n
     params = make_sampling_params(fake_module(new_api), json_sampling(schema, max_tokens=64, temperature=0.0))
     # Then the schema goes to that version's field
     kind, arguments = params.kwargs[field_name]
+    assert kind == ("structured" if new_api else "guided")
     assert arguments == {"json": schema} and params.kwargs["max_tokens"] == 64
 
 
 def output(logprobs):
-    logprob = lambda lp, text: SimpleNamespace(logprob=lp, rank=1, decoded_token=text)  # noqa: E731
+    logprob = lambda lp, text: SimpleNamespace(logprob=lp, rank=1, decoded_token=text)
     first = {i: logprob(lp, text) for i, (text, lp) in enumerate(logprobs)} if logprobs is not None else None
     completion = SimpleNamespace(text='{"roadwork": false}', logprobs=[first] if first else None, token_ids=[0])
     return SimpleNamespace(request_id="7", outputs=[completion])

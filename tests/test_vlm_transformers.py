@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import pytest
 from pydantic import BaseModel
@@ -63,7 +64,7 @@ async def test_yes_no_variants_come_from_the_vocabulary(backend):
 async def test_invalid_json_is_retried_then_raised_with_the_text(tiny_vlm_path):
     # Given the random model (it never writes valid JSON) and a count of generations
     class Counting(TransformersBackend):
-        calls: list[float] = []
+        calls: ClassVar[list[float]] = []
 
         async def generate_json_text(self, prompts, schema, *, max_tokens, temperature):
             self.calls.append(temperature)

@@ -274,13 +274,13 @@ def make_handler(server: _Server) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        def do_GET(self) -> None:
             if self.path == "/v1/models":
                 self._send(200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
             else:
                 self._send(404, {"error": {"message": "not found"}})
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", 0))
             try:
                 body = json.loads(self.rfile.read(length))
@@ -292,7 +292,7 @@ def make_handler(server: _Server) -> type[BaseHTTPRequestHandler]:
                 return
             try:
                 self._send(200, server.complete(body))
-            except Exception as exc:  # report to the client like a real server would
+            except Exception as exc:  # noqa: BLE001 - report to the client like a real server would
                 self._send(500, {"error": {"message": f"{type(exc).__name__}: {exc}"}})
 
     return Handler

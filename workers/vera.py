@@ -153,7 +153,7 @@ class VeraHandler(Handler):
         max_images = self.settings.vlm.max_images
         try:
             return list(await score_segments(self.backend, self.questions, chunk, max_images=max_images))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is reported per segment below
             if len(chunk) == 1:
                 return [exc]
         # One bad segment must not fail its neighbours: score them one by one to find it.
