@@ -34,7 +34,7 @@ def verdict_table(items: Sequence[Verdict | DriveSummary], title: str | None = N
 def _row(item: Verdict | DriveSummary) -> list[str]:
     if isinstance(item, DriveSummary):
         spans = ", ".join(f"{s.t_start:.0f}–{s.t_end:.0f}" for s in item.spans) or "none"
-        return [item.drive_id, f"{item.windows}", "summary", f"{item.roadwork_windows} windows", "",
+        return [item.drive_id, "", "summary", f"{item.roadwork_windows}/{item.windows} windows", "",
                 ",".join(item.cameras), f"spans: {spans}", "", "", ""]  # fmt: skip
     objects = ", ".join(f"{k}×{n}" for k, n in item.objects.items())
     gps = f"{item.gps.lat:.5f},{item.gps.lon:.5f}{'~' if item.gps.estimated else ''}" if item.gps else ""

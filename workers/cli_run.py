@@ -1,0 +1,83 @@
+"""``roadstream run FOOTAGE``: the whole pipeline in one command (see ``workers.run``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import click
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+#: Exit code when there is nothing to run on (as ``roadstream submit``).
+NO_FOOTAGE_EXIT = 2
+
+
+def _progress_table(workers, drives) -> Table:
+    table = Table(title=f"drives done: {sum(s.done for s in drives.values())}/{len(drives)}")
+    for column in ("stage", "in", "out", "failed", "dead-lettered"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for worker in workers:
+        c = worker.counts
+        table.add_row(worker.group, str(c["in"]), str(c["out"]), str(c["failed"]), str(c["dead"]))
+    return table
+
+
+def _print_result(console: Console, result) -> None:
+    from workers.cli_verdicts import verdict_table
+
+    summaries = [s.summary for s in result.drives.values() if s.summary is not None]
+    console.print(verdict_table([*result.verdicts, *summaries], title=f"{len(result.verdicts)} verdicts"))
+    for drive_id, state in sorted(result.drives.items()):
+        if state.failure and state.summary is None:
+            console.print(f"[yellow]drive {drive_id}[/yellow] ({state.drive.minutes[0].start}): {state.failure}")
+        for problem in state.summary.problems if state.summary else []:
+            console.print(f"[yellow]drive {drive_id}[/yellow]: {problem}")
+    console.print(f"done in {result.seconds:.1f} s on {result.broker}; wrote "
+                  + ", ".join(str(p) for p in result.paths.values()))  # fmt: skip
+
+
+def register(cli: click.Group) -> None:
+    """Add ``run`` to the root command."""
+    from workers.cli import redis_option, settings_from
+
+    @cli.command()
+    @click.argument("footage", type=click.Path())
+    @redis_option
+    @click.option("--out", "out_dir", default="roadstream-out", show_default=True, type=click.Path(file_okay=False),
+                  help="Output folder (verdicts.jsonl, drives.geojson, report.html).")  # fmt: skip
+    @click.option("--timeout", "timeout_s", type=float, default=None, help="Give up after this many seconds.")
+    @click.pass_context
+    def run(ctx: click.Context, footage: str, redis: str | None, out_dir: str, timeout_s: float | None) -> None:
+        """Run every stage over FOOTAGE and write the verdicts and a report.
+
+        Without --redis (or ROADSTREAM_REDIS_URL) a private redis-server is started on a
+        Unix socket when one is installed, else the embedded in-process broker is used.
+        """
+        from stream.errors import FootageError, RoadstreamError
+        from workers.run import NoFootage, run_footage
+
+        console = Console(stderr=True)
+        url = redis or os.environ.get("ROADSTREAM_REDIS_URL")
+        settings = settings_from(ctx, url)
+        if not settings.vlm.backend:
+            console.print("no vision-language model configured (vlm.backend): vera and vlm are off; "
+                          "verdicts come from the detector alone")  # fmt: skip
+        live = Live(console=console, transient=True) if console.is_terminal else None
+        progress = (lambda workers, drives: live.update(_progress_table(workers, drives))) if live else None
+        try:
+            with live or contextlib.nullcontext():
+                result = run_footage(footage, settings, out_dir, url=url, progress=progress, timeout_s=timeout_s,
+                                     on_broker=lambda u: console.print(f"broker: {u}"))  # fmt: skip
+        except (FootageError, NoFootage) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(NO_FOOTAGE_EXIT)
+        except RoadstreamError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        for problem in result.found.problems:
+            console.print(f"skipped: {problem}")
+        _print_result(Console(), result)
+

@@ -1,0 +1,322 @@
+"""``roadstream run FOOTAGE``: every stage in one process, footage in, output folder out.
+
+1. Discover the drives (a folder without footage is refused before anything starts).
+2. Pick the broker: the given URL; else a private ``redis-server`` on a Unix socket in a
+   temporary folder when one is on the PATH (stopped at the end); else the in-process
+   ``MemoryBroker``.
+3. Run one worker of each stage as asyncio tasks (vera and vlm only when a VLM backend
+   is configured), submit one ingest job per drive, and wait until every drive is done:
+   its ``DriveSummary`` arrived, or ingest's drive-ended marker says it has no frames at
+   all, or its job was dead-lettered.
+4. Collect verdicts and summaries, fetch the key frames of roadwork windows, and write
+   ``verdicts.jsonl``, ``drives.geojson`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from brokers.base import Broker
+from brokers.blobs import BlobStore
+from brokers.connect import connect, forget_memory
+from stages.discover import Discovery, FoundDrive, discover
+from stages.report import thumbnail_keys, write_report
+from stream import codec, ids, names
+from stream.errors import DecodeError, RoadstreamError
+from stream.schemas import DeadLetter, DriveMarker, DriveSummary, Job, Verdict
+from stream.settings import Settings
+from workers.runtime import Worker
+from workers.supervisor import build_workers
+
+#: Seconds to wait for a private redis-server to accept connections.
+REDIS_START_S = 10.0
+POLL_S = 0.1
+
+
+class RunError(RoadstreamError):
+    """The run could not start or could not finish (the message says why)."""
+
+
+class NoFootage(RunError):  # noqa: N818 - reads as the condition it reports
+    """The footage folder holds no drive."""
+
+
+@dataclass
+class DriveState:
+    """What the run knows about one drive."""
+
+    drive: FoundDrive
+    summary: DriveSummary | None = None
+    failure: str | None = None
+
+    @property
+    def done(self) -> bool:
+        """Summarised, or known never to be."""
+        return self.summary is not None or self.failure is not None
+
+
+@dataclass
+class RunResult:
+    """The outcome of a run."""
+
+    found: Discovery
+    broker: str
+    stages: list[str]
+    drives: dict[str, DriveState]
+    verdicts: list[Verdict] = field(default_factory=list)
+    paths: dict[str, Path] = field(default_factory=dict)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def stages_for(settings: Settings) -> list[str]:
+    """The stages this run needs: vera and vlm only with a VLM backend configured."""
+    stages = [names.INGEST, names.DETECT]
+    if settings.vlm.backend:
+        stages += [names.VERA, names.VLM]
+    return [*stages, names.FUSE]
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[str | None]:
+    """A throwaway ``redis-server`` on a Unix socket; yields its URL, or ``None`` without one."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="roadstream-") as folder:
+        socket = Path(folder) / "redis.sock"
+        args = [binary, "--port", "0", "--unixsocket", str(socket), "--unixsocketperm", "700",
+                "--save", "", "--appendonly", "no", "--dir", folder, "--logfile", str(Path(folder) / "redis.log")]  # fmt: skip
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + REDIS_START_S
+            while not socket.exists():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    message = f"private redis-server did not start (see {folder}/redis.log)"
+                    raise RunError(message)
+                time.sleep(0.02)
+            yield f"unix://{socket}?db=0"
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+async def submit(broker: Broker, drives: list[FoundDrive]) -> None:
+    """One ingest job per drive (deduplicated by drive id, as ``roadstream submit`` does)."""
+    stream = names.stream_name(names.JOBS, ns=broker.namespace)
+    await broker.ensure_group(stream, names.INGEST)
+    for drive in drives:
+        job = drive.to_job(submitted_utc=time.time())
+        await broker.publish(stream, codec.encode(job), dedupe_key=ids.output_key("submit", drive.drive_id))
+
+
+class _Watcher:
+    """Follows the verdicts, drives and dead-letter streams to know when drives are done."""
+
+    def __init__(self, broker: Broker, drives: dict[str, DriveState]) -> None:
+        self.broker = broker
+        self.drives = drives
+        self.verdicts: dict[tuple[str, int], Verdict] = {}
+        self._last: dict[str, str] = {}
+
+    async def poll(self) -> None:
+        """Read what arrived since the last poll."""
+        ns = self.broker.namespace
+        for data in await self._new(names.stream_name(names.VERDICTS, ns=ns)):
+            self._on_verdict(data)
+        for data in await self._new(names.stream_name(names.DRIVES, ns=ns)):
+            self._on_drive(data)
+        for data in await self._new(self.broker.dead_letter_stream):
+            self._on_dead_letter(data)
+
+    async def _new(self, stream: str) -> list[bytes]:
+        last = self._last.get(stream)
+        entries = await self.broker.range(stream, start=f"({last}" if last else "-", count=10_000)
+        if entries:
+            self._last[stream] = entries[-1].id
+        return [e.data for e in entries]
+
+    def _on_verdict(self, data: bytes) -> None:
+        with contextlib.suppress(DecodeError):
+            message = codec.decode(data, (Verdict, DriveSummary))
+            if isinstance(message, Verdict):
+                self.verdicts.setdefault((message.drive_id, message.window), message)
+            elif message.drive_id in self.drives:
+                self.drives[message.drive_id].summary = message
+
+    def _on_drive(self, data: bytes) -> None:
+        with contextlib.suppress(DecodeError):
+            marker = codec.decode(data, DriveMarker)
+            state = self.drives.get(marker.drive_id)
+            # A drive without a single frame never reaches fuse: ingest's marker ends it.
+            if state and marker.event == "ended" and not sum(marker.frame_counts.values()):
+                problems = "; ".join(marker.problems) or "no camera had a decodable frame"
+                state.failure = state.failure or f"no frames: {problems}"
+
+    def _on_dead_letter(self, data: bytes) -> None:
+        with contextlib.suppress(DecodeError):
+            letter = codec.decode(data, DeadLetter)
+            if letter.group != names.INGEST:
+                return
+            job = codec.decode(letter.raw, Job)
+            state = self.drives.get(job.drive_id)
+            if state:
+                state.failure = state.failure or f"ingest failed: {letter.error}"
+
+
+async def _wait(watcher: _Watcher, tasks: list[asyncio.Task], workers: list[Worker],
+                progress: Callable[[list[Worker], dict[str, DriveState]], None] | None, timeout_s: float | None) -> None:  # fmt: skip
+    started = time.monotonic()
+    while True:
+        await watcher.poll()
+        if progress is not None:
+            progress(workers, watcher.drives)
+        if all(s.done for s in watcher.drives.values()):
+            return
+        for worker, task in zip(workers, tasks, strict=True):
+            if task.done():
+                error = task.exception() if not task.cancelled() else None
+                message = f"the {worker.group} worker stopped: {error or 'cancelled'}"
+                raise RunError(message)
+        if timeout_s is not None and time.monotonic() - started > timeout_s:
+            waiting = ", ".join(d for d, s in watcher.drives.items() if not s.done)
+            message = f"gave up after {timeout_s:.0f} s waiting for drive(s) {waiting}"
+            raise RunError(message)
+        await asyncio.sleep(POLL_S)
+
+
+def _start_order(stages: list[str]) -> list[str]:
+    # Stages that load models first (their loading blocks the loop), ingest last.
+    return [s for s in stages if s not in (names.FUSE, names.INGEST)] + [names.FUSE, names.INGEST]
+
+
+async def _start(workers: list[Worker], tasks: list[asyncio.Task]) -> None:
+    # One at a time: a stage that loads a model blocks the loop for seconds, and a
+    # neighbour's read in flight meanwhile would time out.
+    for worker in workers:
+        task = asyncio.create_task(worker.run(), name=f"run-{worker.group}")
+        tasks.append(task)
+        while not worker.started and not task.done():
+            await asyncio.sleep(0.02)
+        if task.done():
+            error = task.exception() if not task.cancelled() else None
+            message = f"the {worker.group} worker did not start: {error or 'cancelled'}"
+            raise RunError(message)
+
+
+async def _stop(workers: list[Worker], tasks: list[asyncio.Task]) -> None:
+    for worker in workers:
+        worker.stop()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def run_drives(
+    found: Discovery,
+    settings: Settings,
+    url: str,
+    out_dir: str | Path,
+    *,
+    progress: Callable[[list[Worker], dict[str, DriveState]], None] | None = None,
+    timeout_s: float | None = None,
+) -> RunResult:
+    """Run every stage over the discovered drives on the broker at ``url``; write the output.
+
+    Parameters:
+        found: the drives (``stages.discover.discover``), at least one.
+        settings: all settings.
+        url: the broker URL.
+        out_dir: where the output files go.
+        progress: called every poll with the workers and the drives' states.
+        timeout_s: give up after this long (``None``: wait as long as it takes).
+
+    Returns:
+        The result, with the written paths.
+
+    Raises:
+        RunError: a worker stopped with an error, or the timeout passed.
+    """
+    started = time.monotonic()
+    stages = stages_for(settings)
+    broker, blobs = connect(url, namespace=settings.namespace, settings=settings.broker)
+    drives = {d.drive_id: DriveState(d) for d in found.drives}
+    try:
+        workers = build_workers(dict.fromkeys(_start_order(stages), 1), settings, broker, blobs)
+        tasks: list[asyncio.Task] = []
+        try:
+            await _start(workers, tasks)
+            await submit(broker, found.drives)
+            watcher = _Watcher(broker, drives)
+            await _wait(watcher, tasks, workers, progress, timeout_s)
+        finally:
+            await _stop(workers, tasks)
+        result = RunResult(found, url, stages, drives, sorted(watcher.verdicts.values(), key=_order))
+        result.counts = {w.group: dict(w.counts) for w in workers}
+        result.paths = await _write(out_dir, result, blobs, settings)
+        result.seconds = time.monotonic() - started
+        return result
+    finally:
+        await blobs.close()
+        await broker.close()
+
+
+def _order(v: Verdict) -> tuple[str, int]:
+    return v.drive_id, v.window
+
+
+async def _write(out_dir: str | Path, result: RunResult, blobs: BlobStore, settings: Settings) -> dict[str, Path]:
+    keys = thumbnail_keys(result.verdicts)
+    images = {k: b for k, b in zip(keys, await blobs.get_many(keys), strict=True) if b}
+    summaries = [s.summary for s in result.drives.values() if s.summary is not None]
+    return write_report(out_dir, result.verdicts, summaries, images, threshold=settings.fuse.threshold)
+
+
+def run_footage(
+    footage: str | Path,
+    settings: Settings,
+    out_dir: str | Path,
+    *,
+    url: str | None = None,
+    progress: Callable[[list[Worker], dict[str, DriveState]], None] | None = None,
+    timeout_s: float | None = None,
+    on_broker: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Discover, pick a broker and run (see the module docstring).
+
+    Raises:
+        FootageError: the footage path does not exist.
+        NoFootage: no drive was found.
+        RunError: the run failed.
+    """
+    found = discover(footage)
+    if not found.drives:
+        message = f"{found.root}: no TeslaCam footage found (expected YYYY-MM-DD_HH-MM-SS-<camera>.mp4 clips)"
+        raise NoFootage(message)
+    if url is not None:
+        return _run(found, settings, url, out_dir, progress, timeout_s, on_broker)
+    with private_redis() as private:
+        if private is not None:
+            return _run(found, settings, private, out_dir, progress, timeout_s, on_broker)
+    name = f"run-{uuid.uuid4().hex[:8]}"
+    try:
+        return _run(found, settings, f"memory://{name}", out_dir, progress, timeout_s, on_broker)
+    finally:
+        forget_memory(name)
+
+
+def _run(found, settings, url, out_dir, progress, timeout_s, on_broker) -> RunResult:
+    if on_broker is not None:
+        on_broker(url)
+    return asyncio.run(run_drives(found, settings, url, out_dir, progress=progress, timeout_s=timeout_s))
