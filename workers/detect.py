@@ -69,6 +69,7 @@ class DetectHandler(Handler):
         self.detector = detector
         self.timings = HandlerTimings()
         self.ended_stats = WindowStats()  # figures of cameras whose drive ended here
+        self.batch_sizes: list[int] = []  # frames per forward pass
         self.windows: dict[Camera, CameraWindows] = {}
         self._camera_partition: dict[Camera, int | None] = {}
         self._prepared: dict[Key, tuple[int | None, Any]] = {}
@@ -119,6 +120,7 @@ class DetectHandler(Handler):
         generations = {d.partition: self._generation.get(d.partition, 0) for d in batch}
         await self.prepare(batch)
         frames = [d for d in batch if isinstance(d.message, FrameRef)]
+        self.batch_sizes.append(len(frames))
         images = {_key(d): self._prepared.pop(_key(d), (None, None))[1] for d in frames}
         good = [d for d in frames if not isinstance(images[_key(d)], (InputError, type(None)))]
         before = dict(self.detector.timings.seconds)

@@ -1,0 +1,379 @@
+"""Detect throughput: the bare model, the detect worker end to end, and naive ``predict``.
+
+All in one run, same models, same device, for each model (YOLO11n and YOLO11s from their
+yamls by default: random weights time the same as trained ones):
+
+* (a) ``ceiling``: the bare fused ``nn.Module``, half precision on CUDA, a batch of
+  ``--batch-size`` already on the device, a tight loop. Measured at the worker's own input
+  shape (``rect`` letterbox of the footage, e.g. 384x640) — the ratio uses this one — and
+  at ``imgsz`` x ``imgsz`` for reference.
+* (b) ``worker``: frames as JPEG blobs in a real Redis (a ``redis-server`` started on a free
+  port from ``--redis-server PATH``, or ``--redis URL``), FrameRefs on the partitions of
+  several drives and cameras, drive-ended markers, and the real runtime
+  (``workers.runtime.Worker``) running ``workers.detect.DetectHandler``: batching,
+  prefetch, nvJPEG decode, one forward pass, NMS, windows, publishing, acks. Run twice:
+  once for throughput, once with the device synchronised between steps for the time
+  breakdown.
+* (c) ``naive``: ultralytics ``model.predict`` on one frame at a time (JPEG decoded with
+  OpenCV, as a user would).
+
+Frames come from ``--footage DIR`` (``*.mp4``), resized to 640 on the long side and
+JPEG-encoded at quality 85. Prints a JSON summary at the end.
+
+GPU: ``python bench/detect_bench.py --device cuda --footage /work/shared/footage/roadwork
+--redis-server /usr/bin/redis-server``. Smoke test here: add ``--device cpu --n small``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import av  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import redis  # noqa: E402
+import simplejpeg  # noqa: E402
+import torch  # noqa: E402
+
+from brokers.base import Publish  # noqa: E402
+from brokers.redis import RedisBlobStore, RedisBroker  # noqa: E402
+from stages.detect import Detector  # noqa: E402
+from stream import codec, names  # noqa: E402
+from stream.schemas import DriveMarker, FrameRef  # noqa: E402
+from stream.settings import Settings, load_settings  # noqa: E402
+from workers.detect import DetectHandler  # noqa: E402
+from workers.runtime import Worker  # noqa: E402
+
+CAMERAS = ("front", "back", "left_repeater", "right_repeater", "left_pillar", "right_pillar")
+SAMPLE_FPS = 5.0
+SMALL_N = 48
+
+
+# -- frames -----------------------------------------------------------------------------
+
+
+def load_jpegs(footage: str, count: int, long_side: int = 640, quality: int = 85) -> list[bytes]:
+    """Up to ``count`` distinct JPEG frames from the footage, every 6th frame (5 fps of 30)."""
+    files = sorted(glob.glob(os.path.join(footage, "*.mp4")))
+    if not files:
+        message = f"--footage {footage}: no .mp4 files there"
+        raise SystemExit(message)
+    jpegs: list[bytes] = []
+    per_file = max(1, -(-count // len(files)))
+    for path in files:
+        with av.open(path) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if len(jpegs) >= count or i // 6 >= per_file:
+                    break
+                if i % 6 == 0:
+                    jpegs.append(encode(frame.to_ndarray(format="rgb24"), long_side, quality))
+    return jpegs
+
+
+def encode(rgb: np.ndarray, long_side: int, quality: int) -> bytes:
+    h, w = rgb.shape[:2]
+    r = long_side / max(h, w)
+    resized = cv2.resize(rgb, (round(w * r), round(h * r)), interpolation=cv2.INTER_AREA)
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(resized), quality=quality, colorspace="RGB")
+
+
+# -- Redis -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def redis_server(binary: str | None, url: str | None) -> Iterator[str]:
+    """A Redis URL: the one given, or a private ``redis-server`` on a free port."""
+    if url:
+        yield url
+        return
+    binary = binary or shutil.which("redis-server")
+    if not binary:
+        message = "no Redis: pass --redis URL or --redis-server PATH"
+        raise SystemExit(message)
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="detect-bench-redis-")
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        for _ in range(100):
+            with contextlib.suppress(redis.exceptions.ConnectionError):
+                if redis.Redis.from_url(url).ping():
+                    break
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def stage_frames(url: str, ns: str, jpegs: list[bytes], n: int, drives: int, cameras: int, conf: Settings) -> int:
+    """Put ``n`` frames' blobs in Redis and their FrameRefs on the frame partitions."""
+    broker = RedisBroker(url=url, namespace=ns, settings=conf.broker)
+    blobs = RedisBlobStore(url, namespace=ns)
+    streams = [(f"drive{d}", CAMERAS[c % len(CAMERAS)]) for d in range(drives) for c in range(cameras)]
+    per_stream = n // len(streams)
+    items: list[Publish] = []
+    for s, (drive, camera) in enumerate(streams):
+        partition = names.frame_partition(drive, camera, conf.broker.frame_partitions)
+        stream = names.stream_name(names.FRAMES, partition, ns)
+        chunk: dict[str, bytes] = {}
+        for seq in range(per_stream):
+            jpeg = jpegs[(s * 97 + seq) % len(jpegs)]
+            key = f"{drive}:{camera}:{seq}"
+            chunk[key] = jpeg
+            h, w, _, _ = simplejpeg.decode_jpeg_header(jpeg)
+            ref = FrameRef(drive_id=drive, camera=camera, clip="bench", seq=seq, tick=seq, t=seq / SAMPLE_FPS,
+                           pts=seq / SAMPLE_FPS, blob_key=key, width=w, height=h, nbytes=len(jpeg))
+            items.append(Publish(stream, codec.encode(ref)))
+        await blobs.put_many(chunk)
+        marker = DriveMarker(drive_id=drive, event="ended", camera=camera, frame_counts={camera: per_stream})
+        items.append(Publish(stream, codec.encode(marker)))
+    for i in range(0, len(items), 1000):
+        await broker.publish_many(items[i : i + 1000])
+    await broker.close()
+    await blobs.close()
+    return per_stream * len(streams)
+
+
+# -- (a) ceiling ------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def ceiling(detector: Detector, batch: int, shape: tuple[int, int], seconds: float) -> float:
+    """Images/s of the bare fused module on a device-resident batch, tight loop."""
+    x = torch.rand(batch, 3, *shape, device=detector.device, dtype=detector.dtype)
+    with torch.inference_mode():
+        for _ in range(3):
+            detector.net(x)
+        sync(detector.device)
+        iters, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            detector.net(x)
+            iters += 1
+        sync(detector.device)
+        return batch * iters / (time.perf_counter() - started)
+
+
+# -- (b) the worker end to end ------------------------------------------------------------
+
+
+async def worker_run(detector: Detector, conf: Settings, url: str, ns: str, jpegs: list[bytes], args) -> dict:
+    frames = await stage_frames(url, ns, jpegs, args.n, args.drives, args.cameras, conf)
+    broker = RedisBroker(url=url, namespace=ns, settings=conf.broker)
+    blobs = RedisBlobStore(url, namespace=ns)
+    handler = DetectHandler(conf, blobs, detector=detector)
+    worker = Worker(handler, broker, blobs, conf, burst=True)
+    span = instrument(handler, worker)
+    detector.timings.__init__()
+    started = time.perf_counter()
+    await worker.run()
+    wall = time.perf_counter() - started
+    stats = handler.window_stats()
+    seg_stream = names.stream_name(names.SEGMENTS, ns=ns)
+    segments = (await broker.stats(seg_stream)).length
+    await broker.close()
+    await blobs.close()
+    steady = span["last"] - span["first"]
+    return {
+        "frames": frames,
+        "images_per_s": frames / steady,
+        "images_per_s_incl_startup": frames / wall,
+        "batches": len(handler.batch_sizes),
+        "mean_batch_frames": float(np.mean(handler.batch_sizes)) if handler.batch_sizes else 0.0,
+        "modal_batch_frames": int(np.bincount(handler.batch_sizes).argmax()) if handler.batch_sizes else 0,
+        "max_batch_frames": max(handler.batch_sizes, default=0),
+        "segments": segments,
+        "key_frames": stats.kept,
+        "window_frame_slots": stats.slots,
+        "reduction_frames_per_key_frame": round(stats.reduction, 2),
+        "detections_per_frame": stats.detections / max(stats.kept, 1),
+        "seconds": {"steady": steady, **breakdown(handler, detector, span)},
+    }
+
+
+def instrument(handler: DetectHandler, worker: Worker) -> dict:
+    """Record the first prepare, the last handle and publish time."""
+    span = {"first": None, "last": 0.0, "publish": 0.0}
+    prepare, handle, publish = handler.prepare, handler.handle, worker.publish
+
+    async def timed_prepare(batch):
+        span["first"] = span["first"] or time.perf_counter()
+        return await prepare(batch)
+
+    async def timed_handle(batch):
+        span["first"] = span["first"] or time.perf_counter()
+        result = await handle(batch)
+        span["last"] = time.perf_counter()
+        return result
+
+    async def timed_publish(outputs):
+        started = time.perf_counter()
+        await publish(outputs)
+        span["publish"] += time.perf_counter() - started
+        span["last"] = time.perf_counter()
+
+    handler.prepare, handler.handle, worker.publish = timed_prepare, timed_handle, timed_publish
+    return span
+
+
+def breakdown(handler: DetectHandler, detector: Detector, span: dict) -> dict[str, float]:
+    times = {"fetch": handler.timings.seconds["fetch"], **detector.timings.seconds}
+    times["window"] = handler.timings.seconds["window"]
+    times["publish"] = span["publish"]
+    return {k: round(v, 4) for k, v in times.items()}
+
+
+# -- (c) naive ----------------------------------------------------------------------------
+
+
+def naive(model: str, jpegs: list[bytes], count: int, args) -> float:
+    """Images/s of ``YOLO.predict`` one frame at a time, from JPEG bytes."""
+    from ultralytics import YOLO
+
+    yolo = YOLO(model)
+    half = args.device.startswith("cuda")
+    images = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in jpegs[:3]]
+    for image in images:  # warm-up: the predictor is built on the first call
+        yolo.predict(image, imgsz=args.imgsz, device=args.device, half=half, verbose=False)
+    started = time.perf_counter()
+    for i in range(count):
+        image = cv2.imdecode(np.frombuffer(jpegs[i % len(jpegs)], np.uint8), cv2.IMREAD_COLOR)
+        yolo.predict(image, imgsz=args.imgsz, device=args.device, half=half, verbose=False)
+    sync(torch.device(args.device))
+    return count / (time.perf_counter() - started)
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+def settings_for(model: str, args) -> Settings:
+    return load_settings(
+        environ={},
+        detect={"model": model, "device": args.device, "imgsz": args.imgsz, "half": True, "conf": args.conf},
+        worker={"batch_size": args.batch_size, "max_wait_ms": args.max_wait_ms, "heartbeat_s": 1.0},
+        broker={"frame_partitions": args.partitions},
+    )
+
+
+async def bench_model(model: str, url: str, jpegs: list[bytes], args) -> dict:
+    conf = settings_for(model, args)
+    detector = Detector(conf.detect)
+    shape = detector.input_shape([cv2.imdecode(np.frombuffer(jpegs[0], np.uint8), 0).shape[:2]])
+    warm = [jpegs[i % len(jpegs)] for i in range(args.batch_size)]
+    for _ in range(3):
+        detector.detect_jpegs(warm)
+    a = ceiling(detector, args.batch_size, shape, args.seconds)
+    a_square = ceiling(detector, args.batch_size, (args.imgsz, args.imgsz), args.seconds)
+    tag = Path(model).stem.replace(".", "-")
+    b = await worker_run(detector, conf, url, f"bench-{tag}", jpegs, args)
+    # The runtime decides the batches; the ceiling is taken at the batch it actually formed.
+    batch = b["modal_batch_frames"] or args.batch_size
+    a_same = a if batch == args.batch_size else ceiling(detector, batch, shape, args.seconds)
+    detector.profile = True
+    b_profiled = await worker_run(detector, conf, url, f"bench-{tag}-prof", jpegs, args)
+    detector.profile = False
+    c = naive(model, jpegs, args.naive_frames, args)
+    return {
+        "model": model,
+        "input_shape": list(shape),
+        "worker_batch_frames": batch,
+        "a_ceiling_images_per_s": round(a_same, 1),
+        "a_ceiling_at_batch_size_images_per_s": round(a, 1),
+        "a_ceiling_square_images_per_s": round(a_square, 1),
+        "b_worker_images_per_s": round(b["images_per_s"], 1),
+        "c_naive_images_per_s": round(c, 1),
+        "b_over_a": round(b["images_per_s"] / a_same, 3),
+        "b_over_c": round(b["images_per_s"] / c, 2),
+        "worker": b,
+        "worker_profiled": b_profiled,
+        "time_ms_per_frame_profiled": {
+            k: round(1000 * v / b_profiled["frames"], 3) for k, v in b_profiled["seconds"].items()
+        },
+    }
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="yolo11n.yaml,yolo11s.yaml", help="comma-separated model names")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--imgsz", type=int, default=640)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--conf", type=float, default=0.25, help="score threshold (lower it to load NMS and windows)")
+    ap.add_argument("--max-wait-ms", type=int, default=20)
+    ap.add_argument("--n", default="4096", help="frames through the worker, or 'small' (%d)" % SMALL_N)
+    ap.add_argument("--naive-frames", type=int, default=None, help="frames for (c); default min(n, 300)")
+    ap.add_argument("--drives", type=int, default=4)
+    ap.add_argument("--cameras", type=int, default=6)
+    ap.add_argument("--partitions", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=5.0, help="length of each ceiling loop")
+    ap.add_argument("--footage", default="/work/shared/footage/roadwork")
+    ap.add_argument("--distinct", type=int, default=600, help="distinct frames read from the footage")
+    ap.add_argument("--redis", default=None, help="use this Redis (its keys under bench-* are written)")
+    ap.add_argument("--redis-server", default=None, help="redis-server binary to start on a free port")
+    ap.add_argument("--json", default=None, help="also write the summary to this file")
+    args = ap.parse_args(argv)
+    args.n = SMALL_N if args.n == "small" else int(args.n)
+    args.naive_frames = args.naive_frames or min(args.n, 300)
+    if args.n < args.drives * args.cameras:
+        args.drives, args.cameras = 1, min(args.cameras, args.n)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    torch.backends.cudnn.benchmark = True
+    jpegs = load_jpegs(args.footage, min(args.distinct, args.n))
+    results = []
+    with redis_server(args.redis_server, args.redis) as url:
+        for model in args.models.split(","):
+            print(f"benchmarking {model} …", file=sys.stderr, flush=True)
+            results.append(asyncio.run(bench_model(model, url, jpegs, args)))
+    summary = {
+        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "batch_size": args.batch_size,
+        "imgsz": args.imgsz,
+        "frames": args.n,
+        "jpeg_bytes_mean": int(np.mean([len(j) for j in jpegs])),
+        "streams": args.drives * args.cameras,
+        "partitions": args.partitions,
+        "goals": {"b_over_a": 0.8, "b_over_c": 10},
+        "results": results,
+    }
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
