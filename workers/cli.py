@@ -26,7 +26,12 @@ from stream.errors import ConfigError, RoadstreamError
 from stream.settings import Settings, load_settings
 
 #: Modules whose ``register(cli)`` adds their commands.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "workers.cli_ingest",
+    "workers.cli_verdicts",
+    "workers.cli_run",
+    "workers.cli_vlm",
+)
 
 console = Console(stderr=True)
 

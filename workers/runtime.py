@@ -111,10 +111,16 @@ class Worker:
         self._held: dict[tuple[str, str], Delivery] = {}  # (stream, id) -> delivery
         self._replay: list[Delivery] = []  # claimed entries to hand over before new reads
         self._partitions: PartitionManager | None = None
+        # Owned partitions whose pending entries are already queued for replay: only
+        # these are read, so no new entry of a partition overtakes its replayed ones.
+        self._ready: set[int] = set()
         self._stream_partition: dict[str, int | None] = {}
         self._queue: asyncio.Queue[list[Delivery]] = asyncio.Queue(maxsize=1)
         self._busy = 0
         self._stop_event = asyncio.Event()
+        # Handler state changes one at a time: a batch being handled never sees its
+        # partition revoked or rebuilt under it by the heartbeat.
+        self._state_lock = asyncio.Lock()
 
     # -- names ---------------------------------------------------------------------
 
@@ -132,8 +138,7 @@ class Worker:
         """The streams this worker reads now (owned partitions only, when partitioned)."""
         if not self.handler.partitioned:
             return [self.stream(hop) for hop in self.handler.inputs]
-        owned = sorted(self._partitions.owned) if self._partitions else []
-        return [self.stream(hop, p) for p in owned for hop in self.handler.inputs]
+        return [self.stream(hop, p) for p in sorted(self._ready) for hop in self.handler.inputs]
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -219,9 +224,10 @@ class Worker:
 
     async def _on_idle(self, idle_rounds: int) -> None:
         if self._queue.empty() and not self._busy:
-            result = await self.handler.tick()
-            if result.outputs or result.ack or result.failed:
-                await self._finish([], result)
+            async with self._state_lock:
+                result = await self.handler.tick()
+                if result.outputs or result.ack or result.failed:
+                    await self._finish([], result)
         if self.burst and idle_rounds >= 3 and not self._held and self._queue.empty() and not self._busy:
             self.stop()
         if not self.input_streams():
@@ -266,13 +272,13 @@ class Worker:
         taken, self._replay = self._replay[:limit], self._replay[limit:]
         return taken
 
-    async def _accept(self, entries: Sequence[Entry]) -> list[Delivery]:
+    async def _accept(self, entries: Sequence[Entry], *, taking_over: bool = False) -> list[Delivery]:
         """Decode entries; dead-letter the ones that do not decode or are not accepted."""
         deliveries = []
         for entry in entries:
             partition = self._partition_of(entry.stream)
-            if self._partitions is not None and partition not in self._partitions.owned:
-                continue  # the partition was revoked while this read was in flight
+            if self._partitions is not None and not taking_over and partition not in self._ready:
+                continue  # revoked while this read was in flight; reclaimed by its owner
             try:
                 message = codec.decode(entry.data, self.handler.accepts or None)
             except DecodeError as exc:
@@ -305,6 +311,13 @@ class Worker:
                 self._busy -= 1
 
     async def _process(self, batch: list[Delivery]) -> None:
+        if self.handler.partitioned:
+            async with self._state_lock:
+                await self._process_current(batch)
+        else:
+            await self._process_current(batch)
+
+    async def _process_current(self, batch: list[Delivery]) -> None:
         batch = [d for d in batch if self._current(d)]
         if not batch:
             return
@@ -406,15 +419,25 @@ class Worker:
                 log.exception("worker %s: heartbeat failed", self.consumer)
 
     async def _refresh_partitions(self) -> None:
+        # Leases are renewed outside the lock, so a long batch cannot let them lapse.
         assigned, revoked = await self._partitions.refresh()
-        for partition in sorted(revoked):
-            await self.handler.revoked(partition)
-            self._forget_partition(partition)
-        for partition in sorted(assigned):
-            await self._take_over(partition)
         metrics.PARTITIONS_OWNED.labels(self.group, self.consumer).set(len(self._partitions.owned))
+        for partition in revoked:  # its lag is exported by its new owner now
+            for hop in self.handler.inputs:
+                with contextlib.suppress(KeyError):
+                    metrics.GROUP_LAG.remove(self.group, self.stream(hop, partition))
+                    metrics.GROUP_PENDING.remove(self.group, self.stream(hop, partition))
+        if not (assigned or revoked):
+            return
+        async with self._state_lock:
+            for partition in sorted(revoked):
+                await self.handler.revoked(partition)
+                self._forget_partition(partition)
+            for partition in sorted(assigned):
+                await self._take_over(partition)
 
     def _forget_partition(self, partition: int) -> None:
+        self._ready.discard(partition)
         self._held = {k: d for k, d in self._held.items() if d.partition != partition}
         self._replay = [d for d in self._replay if d.partition != partition]
 
@@ -428,7 +451,8 @@ class Worker:
             claimed = await self._claim_all(stream, min_idle_ms=0, count_delivery=False)
             if claimed:
                 metrics.RECLAIMED.labels(self.group).inc(len(claimed))
-                self._replay += await self._accept(sorted(claimed, key=_entry_order))
+                self._replay += await self._accept(sorted(claimed, key=_entry_order), taking_over=True)
+        self._ready.add(partition)
 
     async def _rebuild(self, partition: int, failed: Sequence[Delivery] = (), claimed: Sequence[Delivery] = ()) -> None:
         """Rebuild a partition's state by replaying, in order, what it holds.
@@ -444,7 +468,10 @@ class Worker:
         pending += list(claimed)
         await self.handler.revoked(partition)
         self._forget_partition(partition)
+        if self._partitions is None or partition not in self._partitions.owned:
+            return  # no longer ours: its new owner replays it
         await self.handler.assigned(partition)
+        self._ready.add(partition)
         replay = []
         for delivery in sorted(pending, key=lambda d: _entry_order(d.entry)):
             fresh = Delivery(delivery.entry, delivery.message, partition)
@@ -499,11 +526,12 @@ class Worker:
                 accepted = await self._accept(sorted(claimed, key=_entry_order))
                 if self.handler.partitioned:
                     # Late entries of a partition must not reach its state out of order.
-                    for partition in sorted({d.partition for d in accepted}):
-                        mine = [d for d in accepted if d.partition == partition]
-                        for delivery in mine:
-                            self._held.pop(_key(delivery), None)
-                        await self._rebuild(partition, claimed=mine)
+                    async with self._state_lock:
+                        for partition in sorted({d.partition for d in accepted}):
+                            mine = [d for d in accepted if d.partition == partition]
+                            for delivery in mine:
+                                self._held.pop(_key(delivery), None)
+                            await self._rebuild(partition, claimed=mine)
                 else:
                     self._replay += accepted
         await self._export_lag(streams)
