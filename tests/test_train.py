@@ -67,14 +67,15 @@ def test_folds_split_by_clip_keep_near_duplicates_together_and_hold_both_labels(
 
 
 @needs_footage
-def test_roadwork_frames_outside_the_labelled_span_are_left_out():
-    # Given a roadwork clip whose roadwork is in view from 9 s to 14.5 s only
+def test_roadwork_clip_frames_are_labelled_by_span_and_ambiguous_ones_left_out():
+    # Given a roadwork clip: clear street to 5.5 s, ambiguous to 9 s, roadwork to 14.5 s,
+    # clear street again from 15.5 s (17.7 s long)
     clip = next(c for c in train_scorer.read_manifest(FOOTAGE) if c.name == "mi3_workzone_los_angeles")
     # When frames are sampled at 1 fps
     frames = train_scorer.extract_frames(clip, fps=1.0, short_side=64)
-    # Then only the six frames from 9 s to 14 s are kept, resized to the short side
-    assert len(frames) == 6
-    assert frames[0].shape[1] == 64
+    # Then 0-5 s and 16-17 s are clear, 9-14 s roadwork, 6-8 s and 15 s left out
+    assert [label for _, label in frames] == [0] * 6 + [1] * 6 + [0] * 2
+    assert frames[0][0].shape[1] == 64
 
 
 @needs_footage

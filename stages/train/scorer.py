@@ -11,12 +11,15 @@ then trains the final model on every clip and writes to ``--out``:
 * ``scorer_figures.json`` — every figure, per fold.
 
 Weak labels: a roadwork clip's label says roadwork is in view for most of the clip, not in
-every frame. ``ROADWORK_SPANS`` lists, per roadwork clip, the span in which roadwork is
-plainly in view; it was set by viewing each clip at one frame per second (cones, drums,
-barricades, work signs, workers or work machines in view). Frames of a roadwork clip outside
-its span are ambiguous and are left out of training and validation alike, rather than
-taught as roadwork or as clear. A roadwork clip missing from the table is used whole.
-Clear clips are used whole.
+every frame. Each roadwork clip was viewed at one frame per second (and the edges of its
+spans at two). ``ROADWORK_SPANS`` gives the span in which roadwork (cones, drums,
+barricades, barriers, work signs, workers, work machines) is plainly in view: those frames
+are roadwork. ``CLEAR_SPANS`` gives spans of roadwork clips with no roadwork in view (the
+street before or after the work zone): those frames are clear, and they matter — every
+roadwork clip comes from one car and camera, so without them a model can learn the camera
+instead of the roadwork. Every other frame of a roadwork clip is ambiguous (roadwork far
+ahead, parked work trucks, scaffolding) and is left out of training and validation alike.
+A roadwork clip missing from the tables is used whole as roadwork. Clear clips are used whole.
 """
 
 from __future__ import annotations
@@ -52,6 +55,11 @@ ROADWORK_SPANS: dict[str, tuple[float, float]] = {
     "mi3_workzone_phoenix": (0.0, 99.0),  # cones and crews throughout
     "mi3_workzone_san_francisco": (2.0, 99.0),  # cones and crews from 2 s
 }
+#: Spans of roadwork clips with no roadwork in view, used as clear frames; see above.
+CLEAR_SPANS: dict[str, list[tuple[float, float]]] = {
+    "mi3_workzone_los_angeles": [(0.0, 5.5), (15.5, 99.0)],  # shopping street before/after
+    "mi3_workzone_houston": [(0.0, 0.9), (11.6, 99.0)],  # residential street before/after
+}
 #: Clips that repeat one drive share a group, so they fall in the same split.
 CLIP_GROUPS = {"kartikey_dashcam1": "kartikey_mio_drive", "kartikey_dashcam2": "kartikey_mio_drive"}
 
@@ -66,6 +74,7 @@ class ScorerTrainSettings:
     epochs: int = 8
     batch_size: int = 32
     lr: float = 3e-4
+    head_lr_factor: float = 10.0
     weight_decay: float = 1e-4
     sample_fps: float = 2.0
     short_side: int = 256
@@ -135,29 +144,45 @@ def read_manifest(footage: str | Path, only: Sequence[str] = ()) -> list[Clip]:
     return clips
 
 
-def extract_frames(clip: Clip, fps: float, short_side: int, max_frames: int = 0) -> list[torch.Tensor]:
-    """Frames of a clip sampled at ``fps``, resized to ``short_side``, in its labelled span.
+def labelled_spans(clip: Clip) -> list[tuple[float, float, int]]:
+    """``(start_s, end_s, label)`` spans of a clip whose frames are used; see the module doc."""
+    if clip.label == 0:
+        return [(0.0, float("inf"), 0)]
+    start, end = ROADWORK_SPANS.get(clip.name, (0.0, float("inf")))
+    return [(start, end, 1)] + [(a, b, 0) for a, b in CLEAR_SPANS.get(clip.name, [])]
+
+
+def extract_frames(
+    clip: Clip, fps: float, short_side: int, max_frames: int = 0
+) -> list[tuple[torch.Tensor, int]]:
+    """Frames of a clip sampled at ``fps`` inside its labelled spans, with their labels.
+
+    Frames are resized to ``short_side``; ``max_frames`` (0: no limit) stops early.
 
     Raises:
         FootageError: the clip does not decode.
     """
     import av
 
-    span = ROADWORK_SPANS.get(clip.name, (0.0, float("inf"))) if clip.label == 1 else (0.0, float("inf"))
-    frames: list[torch.Tensor] = []
+    spans = labelled_spans(clip)
+    last = max(end for _, end, _ in spans)
+    frames: list[tuple[torch.Tensor, int]] = []
     try:
         with av.open(str(clip.path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            t0, next_t = None, span[0]
+            t0, next_t = None, 0.0
             for frame in container.decode(stream):
                 t0 = frame.time if t0 is None else t0
                 t = frame.time - t0
-                if t > span[1] or (max_frames and len(frames) >= max_frames):
+                if t > last or (max_frames and len(frames) >= max_frames):
                     break
-                if t + 1e-6 >= next_t:
-                    frames.append(_frame_tensor(frame, short_side))
-                    next_t += 1.0 / fps
+                if t + 1e-6 < next_t:
+                    continue
+                next_t += 1.0 / fps
+                label = next((lab for a, b, lab in spans if a <= t <= b), None)
+                if label is not None:
+                    frames.append((_frame_tensor(frame, short_side), label))
     except av.error.FFmpegError as exc:
         raise FootageError(clip.path, f"does not decode: {exc}") from exc
     return frames
@@ -174,11 +199,14 @@ def load_frames(clips: Sequence[Clip], settings: ScorerTrainSettings, log: Log) 
     """Sample the frames of every clip."""
     frames = FrameSet([], [], [])
     for clip in clips:
-        images = extract_frames(clip, settings.sample_fps, settings.short_side, settings.max_frames_per_clip)
-        frames.images += images
-        frames.labels += [clip.label] * len(images)
-        frames.clips += [clip.name] * len(images)
-        log(f"frames: {clip.name} label={clip.label} n={len(images)}")
+        sampled = extract_frames(clip, settings.sample_fps, settings.short_side, settings.max_frames_per_clip)
+        frames.images += [image for image, _ in sampled]
+        frames.labels += [label for _, label in sampled]
+        frames.clips += [clip.name] * len(sampled)
+        positives = sum(label for _, label in sampled)
+        log(
+            f"frames: {clip.name} clip label={clip.label} roadwork={positives} clear={len(sampled) - positives}"
+        )
     return frames
 
 
@@ -292,9 +320,14 @@ def train_model(frames: FrameSet, settings: ScorerTrainSettings, log: Log, tag: 
     # Balance the classes: clear frames outnumber the roadwork ones.
     pos_weight = torch.tensor((len(frames.labels) - positives) / max(positives, 1), device=device)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    # The new head starts from nothing, the backbone from ImageNet: the head learns faster.
+    head = list(model._fc.parameters())
+    backbone = [p for n, p in model.named_parameters() if not n.startswith("_fc.")]
+    lrs = [settings.lr, settings.lr * settings.head_lr_factor]
+    groups = [{"params": backbone, "lr": lrs[0]}, {"params": head, "lr": lrs[1]}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, settings.lr, total_steps=max(1, settings.epochs * len(loader)), pct_start=0.15
+        optimizer, lrs, total_steps=max(1, settings.epochs * len(loader)), pct_start=0.15
     )
     for epoch in range(settings.epochs):
         total, count = 0.0, 0
@@ -444,7 +477,7 @@ def write_outputs(model, clips, frames, folds, settings, log) -> dict:
 def _metadata(weights: Path, clips, frames: FrameSet, folds, settings) -> dict:
     import torchvision
 
-    per_clip = {c.name: {"label": c.label, "frames": frames.clips.count(c.name)} for c in clips}
+    per_clip = {c.name: {"clip_label": c.label, **_frame_counts(frames, c.name)} for c in clips}
     return {
         "model": {
             "arch": ARCH,
@@ -457,9 +490,11 @@ def _metadata(weights: Path, clips, frames: FrameSet, folds, settings) -> dict:
             "footage": str(Path(settings.footage).resolve()),
             "clips": per_clip,
             "frames": {"roadwork": sum(frames.labels), "clear": len(frames.labels) - sum(frames.labels)},
-            "label_rule": "roadwork clips: only frames inside ROADWORK_SPANS (roadwork plainly in view,"
-            " set by viewing each clip at 1 fps); other frames of roadwork clips left out; clear clips whole",
+            "label_rule": "roadwork clips: frames in ROADWORK_SPANS are roadwork, frames in CLEAR_SPANS"
+            " (no roadwork in view) are clear, other frames left out; spans set by viewing each clip"
+            " at 1 fps; clear clips used whole",
             "roadwork_spans_s": {k: v for k, v in ROADWORK_SPANS.items() if k in per_clip},
+            "clear_spans_s": {k: v for k, v in CLEAR_SPANS.items() if k in per_clip},
             "clip_groups": CLIP_GROUPS,
         },
         "settings": asdict(settings),
@@ -475,6 +510,11 @@ def _metadata(weights: Path, clips, frames: FrameSet, folds, settings) -> dict:
             "torchvision": torchvision.__version__,
         },
     }
+
+
+def _frame_counts(frames: FrameSet, clip: str) -> dict[str, int]:
+    labels = [label for label, name in zip(frames.labels, frames.clips) if name == clip]
+    return {"roadwork_frames": sum(labels), "clear_frames": len(labels) - sum(labels)}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ScorerTrainSettings:
