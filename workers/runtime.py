@@ -262,6 +262,11 @@ class Worker:
             if deadline is None:
                 deadline = time.monotonic() + wait_s
             batch += self._take_replay(size - len(batch))
+        # A read over many streams may bring up to ``size`` from each: keep batches at the
+        # bound (fixed shapes for the GPU) and hand the rest over first next time. Older
+        # entries of a partition are never behind them: those were taken first.
+        batch, extra = batch[:size], batch[size:]
+        self._replay += extra
         return batch
 
     def _current(self, delivery: Delivery) -> bool:
