@@ -171,7 +171,7 @@ def ceiling(detector: Detector, batch: int, shape: tuple[int, int], seconds: flo
     """Images/s of the bare fused module on a device-resident batch, tight loop."""
     x = torch.rand(batch, 3, *shape, device=detector.device, dtype=detector.dtype)
     with torch.inference_mode():
-        for _ in range(3):
+        for _ in range(3 if detector.device.type == "cuda" else 1):
             detector.net(x)
         sync(detector.device)
         iters, started = 0, time.perf_counter()
@@ -288,7 +288,7 @@ async def bench_model(model: str, url: str, jpegs: list[bytes], args) -> dict:
     detector = Detector(conf.detect)
     shape = detector.input_shape([cv2.imdecode(np.frombuffer(jpegs[0], np.uint8), 0).shape[:2]])
     warm = [jpegs[i % len(jpegs)] for i in range(args.batch_size)]
-    for _ in range(3):
+    for _ in range(3 if detector.device.type == "cuda" else 1):
         detector.detect_jpegs(warm)
     a = ceiling(detector, args.batch_size, shape, args.seconds)
     a_square = ceiling(detector, args.batch_size, (args.imgsz, args.imgsz), args.seconds)
@@ -325,7 +325,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--models", default="yolo11n.yaml,yolo11s.yaml", help="comma-separated model names")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--imgsz", type=int, default=640)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=None, help="default 32 (8 with --n small)")
     ap.add_argument("--conf", type=float, default=0.25, help="score threshold (lower it to load NMS and windows)")
     ap.add_argument("--max-wait-ms", type=int, default=20)
     ap.add_argument("--n", default="4096", help="frames through the worker, or 'small' (%d)" % SMALL_N)
@@ -340,7 +340,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--redis-server", default=None, help="redis-server binary to start on a free port")
     ap.add_argument("--json", default=None, help="also write the summary to this file")
     args = ap.parse_args(argv)
-    args.n = SMALL_N if args.n == "small" else int(args.n)
+    small = args.n == "small"
+    args.n = SMALL_N if small else int(args.n)
+    args.batch_size = args.batch_size or (8 if small else 32)
     args.naive_frames = args.naive_frames or min(args.n, 300)
     if args.n < args.drives * args.cameras:
         args.drives, args.cameras = 1, min(args.cameras, args.n)
