@@ -213,7 +213,11 @@ class Worker:
                 continue
             if not batch:
                 idle_rounds += 1
-                await self._on_idle(idle_rounds)
+                try:
+                    await self._on_idle(idle_rounds)
+                except BrokerConnectionError as exc:
+                    log.warning("worker %s: broker unreachable while idle (%s); recovering", self.consumer, exc)
+                    await self._recover([])
                 continue
             idle_rounds = 0
             try:
@@ -312,8 +316,27 @@ class Worker:
             self._busy += 1
             try:
                 await self._process(batch)
+            except BrokerConnectionError as exc:
+                log.warning("worker %s: broker unreachable mid-batch (%s); recovering", self.consumer, exc)
+                await self._recover(batch)
             finally:
                 self._busy -= 1
+
+    async def _recover(self, batch: list[Delivery]) -> None:
+        """Try again what a dropped connection cut short (nothing unacked is lost).
+
+        The handler may have moved on without its outputs or acks reaching the broker: a
+        partitioned stage rebuilds every partition it owns from the entries it holds; a
+        stateless one queues the batch's unacked entries again. Deliveries are not
+        counted: the broker failed, not the entries.
+        """
+        await asyncio.sleep(RECONNECT_DELAY_S)
+        if self.handler.partitioned:
+            async with self._state_lock:
+                for partition in sorted(self._ready):
+                    await self._rebuild(partition)
+        else:
+            self._replay += [d for d in batch if self._current(d)]
 
     async def _process(self, batch: list[Delivery]) -> None:
         if self.handler.partitioned:
@@ -329,6 +352,8 @@ class Worker:
         started = time.perf_counter()
         try:
             result = await self.handler.handle(batch)
+        except BrokerConnectionError:
+            raise  # not the entries' fault: the whole batch is tried again (_recover)
         except Exception as exc:
             log.exception("worker %s: stage failed on a batch of %d", self.consumer, len(batch))
             result = BatchResult(ack=[], failed=[(d, exc) for d in batch])
@@ -432,13 +457,15 @@ class Worker:
                 with contextlib.suppress(KeyError):
                     metrics.GROUP_LAG.remove(self.group, self.stream(hop, partition))
                     metrics.GROUP_PENDING.remove(self.group, self.stream(hop, partition))
-        if not (assigned or revoked):
+        # A takeover that a dropped connection cut short is done again on a later beat.
+        unready = self._partitions.owned - self._ready
+        if not (assigned or revoked or unready):
             return
         async with self._state_lock:
             for partition in sorted(revoked):
                 await self.handler.revoked(partition)
                 self._forget_partition(partition)
-            for partition in sorted(assigned):
+            for partition in sorted(assigned | unready):
                 await self._take_over(partition)
 
     def _forget_partition(self, partition: int) -> None:
@@ -449,14 +476,20 @@ class Worker:
     async def _take_over(self, partition: int) -> None:
         """Claim every pending entry of a partition and replay them, oldest first."""
         await self.handler.assigned(partition)
-        for hop in self.handler.inputs:
-            stream = self.stream(hop, partition)
-            await self.broker.ensure_group(stream, self.group)
-            # A takeover is no failed delivery: keep the counters as they were.
-            claimed = await self._claim_all(stream, min_idle_ms=0, count_delivery=False)
-            if claimed:
-                metrics.RECLAIMED.labels(self.group).inc(len(claimed))
-                self._replay += await self._accept(sorted(claimed, key=_entry_order), taking_over=True)
+        try:
+            for hop in self.handler.inputs:
+                stream = self.stream(hop, partition)
+                await self.broker.ensure_group(stream, self.group)
+                # A takeover is no failed delivery: keep the counters as they were.
+                claimed = await self._claim_all(stream, min_idle_ms=0, count_delivery=False)
+                if claimed:
+                    metrics.RECLAIMED.labels(self.group).inc(len(claimed))
+                    self._replay += await self._accept(sorted(claimed, key=_entry_order), taking_over=True)
+        except BrokerConnectionError:
+            # Half a replay would rebuild half a state: drop it, claim it all next beat.
+            await self.handler.revoked(partition)
+            self._forget_partition(partition)
+            raise
         self._ready.add(partition)
 
     async def _rebuild(self, partition: int, failed: Sequence[Delivery] = (), claimed: Sequence[Delivery] = ()) -> None:
