@@ -54,7 +54,7 @@ import redis
 from fixtures import teslacam as tc
 from stages.discover import discover
 from stream import codec, names
-from stream.schemas import DriveMarker, DriveSummary, FrameRef, Verdict
+from stream.schemas import DriveMarker, DriveSummary, FrameDetections, FrameRef, Verdict
 from stream.settings import Settings, load_settings
 
 FOOTAGE = Path("/work/shared/footage/roadwork")
@@ -265,7 +265,8 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 def latencies(watch: Watch, settings: Settings) -> dict[str, Any]:
-    """Per frame: its window's verdict time − its ingest time (ms); and the verdicts' own figure."""
+    """Per frame (ms): ingest → its window's verdict, split at its detections' publication;
+    and the verdicts' own ``ingest_to_verdict_ms`` (from each window's first frame)."""
     verdict_at: dict[int, float] = {}
     reported = []
     for at, data in watch.entries(names.VERDICTS):
@@ -274,15 +275,25 @@ def latencies(watch: Watch, settings: Settings) -> dict[str, Any]:
             verdict_at.setdefault(message.window, at)
             if "ingest_to_verdict_ms" in message.timings_ms:
                 reported.append(message.timings_ms["ingest_to_verdict_ms"])
-    per_frame = []
+    detected_at = {}
+    for at, data in watch.entries(names.DETECTIONS, settings.broker.fuse_partitions):
+        message = codec.decode(data, (FrameDetections, DriveMarker))
+        if isinstance(message, FrameDetections):
+            detected_at.setdefault((message.camera, message.seq), at)
+    total, detect, fuse = [], [], []
     for _, data in watch.entries(names.FRAMES, settings.broker.frame_partitions):
         ref = codec.decode(data, (FrameRef, DriveMarker))
-        if isinstance(ref, FrameRef) and ref.ingested_utc is not None:
-            window = math.floor(ref.t / settings.fuse.window_s + 1e-9)
-            if window in verdict_at:
-                per_frame.append((verdict_at[window] - ref.ingested_utc) * 1000)
+        window = math.floor(ref.t / settings.fuse.window_s + 1e-9) if isinstance(ref, FrameRef) else None
+        if window not in verdict_at or ref.ingested_utc is None:
+            continue
+        total.append((verdict_at[window] - ref.ingested_utc) * 1000)
+        if (ref.camera, ref.seq) in detected_at:
+            detect.append((detected_at[(ref.camera, ref.seq)] - ref.ingested_utc) * 1000)
+            fuse.append((verdict_at[window] - detected_at[(ref.camera, ref.seq)]) * 1000)
     return {
-        "frame_ingest_to_window_verdict_ms": percentiles(per_frame),
+        "frame_ingest_to_window_verdict_ms": percentiles(total),
+        "frame_ingest_to_detections_ms": percentiles(detect),
+        "frame_detections_to_window_verdict_ms": percentiles(fuse),
         "verdict_ingest_to_verdict_ms": percentiles(reported),
         "verdicts": len(verdict_at),
     }
