@@ -28,6 +28,8 @@ from stream.settings import Settings, load_settings
 #: Modules whose ``register(cli)`` adds their commands.
 COMMAND_MODULES: tuple[str, ...] = (
     "workers.cli_ingest",
+    "workers.cli_detect",
+    "workers.cli_models",
     "workers.cli_verdicts",
     "workers.cli_run",
     "workers.cli_vlm",
