@@ -200,7 +200,9 @@ def _to_tensor(item: str | Path | Any) -> torch.Tensor:
         try:
             with Image.open(item) as image:
                 item = image.convert("RGB")
-        except (OSError, UnidentifiedImageError) as exc:
+        # Broad on purpose: ultralytics, once imported, patches PIL's open and raises other
+        # errors (ModuleNotFoundError for pi_heif) on files that are not images.
+        except (OSError, UnidentifiedImageError, ImportError, ValueError) as exc:
             message = f"{item}: not a readable image ({exc})"
             raise InputError(message) from exc
     if isinstance(item, Image.Image):

@@ -102,6 +102,7 @@ def test_scorer_training_runs_end_to_end_for_one_short_epoch_on_a_tiny_subset(tm
     saved = json.loads((tmp_path / "scorer.json").read_text())
     assert [f["held_out"] for f in saved["validation"]["folds"]] == [f["held_out"] for f in folds]
     assert metadata["training_data"]["frames"] == {"roadwork": 4, "clear": 4}
+    assert metadata["settings"]["same_camera_clear_weight"] > 1
     # and the weights load as a scorer
     from stages.scorer import RoadworkScorer
 

@@ -75,6 +75,9 @@ class ScorerTrainSettings:
     batch_size: int = 32
     lr: float = 3e-4
     head_lr_factor: float = 10.0
+    #: Loss weight of clear frames from the roadwork clips' camera (see CLEAR_SPANS): they
+    #: are few, and they are what keeps the model from learning that camera.
+    same_camera_clear_weight: float = 5.0
     weight_decay: float = 1e-4
     sample_fps: float = 2.0
     short_side: int = 256
@@ -98,18 +101,21 @@ class Clip:
 
 @dataclass
 class FrameSet:
-    """Sampled frames (uint8 CHW, short side resized), their labels and clips."""
+    """Sampled frames (uint8 CHW, short side resized), their labels and clips.
+
+    ``same_camera_clear`` marks clear frames of roadwork clips (``CLEAR_SPANS``).
+    """
 
     images: list[torch.Tensor]
     labels: list[int]
     clips: list[str]
+    same_camera_clear: list[bool] = field(default_factory=list)
 
     def subset(self, clip_names: set[str]) -> FrameSet:
         """The frames of the given clips."""
         keep = [i for i, c in enumerate(self.clips) if c in clip_names]
-        return FrameSet(
-            [self.images[i] for i in keep], [self.labels[i] for i in keep], [self.clips[i] for i in keep]
-        )
+        pick = lambda values: [values[i] for i in keep]
+        return FrameSet(pick(self.images), pick(self.labels), pick(self.clips), pick(self.same_camera_clear))
 
 
 # --------------------------------------------------------------------------- data
@@ -203,6 +209,7 @@ def load_frames(clips: Sequence[Clip], settings: ScorerTrainSettings, log: Log) 
         frames.images += [image for image, _ in sampled]
         frames.labels += [label for _, label in sampled]
         frames.clips += [clip.name] * len(sampled)
+        frames.same_camera_clear += [clip.label == 1 and label == 0 for _, label in sampled]
         positives = sum(label for _, label in sampled)
         log(
             f"frames: {clip.name} clip label={clip.label} roadwork={positives} clear={len(sampled) - positives}"
@@ -289,15 +296,17 @@ class _RandomJpeg(torch.nn.Module):
 
 
 class _Augmented(torch.utils.data.Dataset):
-    def __init__(self, frames: FrameSet) -> None:
+    def __init__(self, frames: FrameSet, same_camera_weight: float) -> None:
         self.frames = frames
         self.transform = train_transform()
+        self.same_camera_weight = same_camera_weight
 
     def __len__(self) -> int:
         return len(self.frames.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, float]:
-        return self.transform(self.frames.images[i]), float(self.frames.labels[i])
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, float, float]:
+        weight = self.same_camera_weight if self.frames.same_camera_clear[i] else 1.0
+        return self.transform(self.frames.images[i]), float(self.frames.labels[i]), weight
 
 
 # --------------------------------------------------------------------------- training
@@ -309,7 +318,7 @@ def train_model(frames: FrameSet, settings: ScorerTrainSettings, log: Log, tag: 
     torch.manual_seed(settings.seed)
     model = build_model(pretrained=True).to(device).train()
     loader = torch.utils.data.DataLoader(
-        _Augmented(frames),
+        _Augmented(frames, settings.same_camera_clear_weight),
         batch_size=settings.batch_size,
         shuffle=True,
         drop_last=len(frames.images) > settings.batch_size,  # no batch of one for batch norm
@@ -319,7 +328,7 @@ def train_model(frames: FrameSet, settings: ScorerTrainSettings, log: Log, tag: 
     positives = sum(frames.labels)
     # Balance the classes: clear frames outnumber the roadwork ones.
     pos_weight = torch.tensor((len(frames.labels) - positives) / max(positives, 1), device=device)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="none")
     # The new head starts from nothing, the backbone from ImageNet: the head learns faster.
     head = list(model._fc.parameters())
     backbone = [p for n, p in model.named_parameters() if not n.startswith("_fc.")]
@@ -331,19 +340,21 @@ def train_model(frames: FrameSet, settings: ScorerTrainSettings, log: Log, tag: 
     )
     for epoch in range(settings.epochs):
         total, count = 0.0, 0
-        for images, labels in loader:
-            loss = _step(model, images.to(device), labels.to(device).float(), loss_fn, optimizer)
+        for images, labels, weights in loader:
+            batch = (images.to(device), labels.to(device).float(), weights.to(device).float())
+            loss = _step(model, batch, loss_fn, optimizer)
             scheduler.step()
             total, count = total + loss * len(labels), count + len(labels)
         log(f"train{tag}: epoch {epoch + 1}/{settings.epochs} loss {total / max(count, 1):.4f}")
     return model.eval()
 
 
-def _step(model, images, labels, loss_fn, optimizer) -> float:
+def _step(model, batch, loss_fn, optimizer) -> float:
+    images, labels, weights = batch
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda)
     with autocast:
         logits, _ = forward_features(model, preprocess(images))
-    loss = loss_fn(logits.float(), labels)
+    loss = (loss_fn(logits.float(), labels) * weights).sum() / weights.sum()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -387,7 +398,13 @@ def roc_auc(y: torch.Tensor, probs: torch.Tensor) -> float:
 def evaluate(model: nn.Module, frames: FrameSet, device: str) -> dict[str, dict[str, float]]:
     """Frame metrics on clean frames and after each distortion."""
     clean = [squash(img) for img in frames.images]
-    figures = {"clean": frame_metrics(frames.labels, predict(model, clean, device))}
+    probs = predict(model, clean, device)
+    figures = {"clean": frame_metrics(frames.labels, probs)}
+    # The camera-shortcut check: clear frames filmed by the roadwork clips' camera.
+    same = torch.tensor(frames.same_camera_clear, dtype=torch.bool)
+    if same.any():
+        figures["clean"]["same_camera_clear_accuracy"] = float((probs[same] <= 0.5).float().mean())
+        figures["clean"]["same_camera_clear_n"] = int(same.sum())
     for name, distort in distortions().items():
         probs = predict(model, [distort(img) for img in clean], device)
         figures[name] = frame_metrics(frames.labels, probs)
@@ -425,6 +442,11 @@ def summarise(folds: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
             std = float(values.std()) if len(values) > 1 else 0.0
             mean = float(values.mean()) if len(values) else float("nan")
             summary[condition][metric] = {"mean": mean, "std": std}
+    shortcut = [f["figures"]["clean"] for f in folds if "same_camera_clear_n" in f["figures"]["clean"]]
+    if shortcut:
+        right = sum(f["same_camera_clear_accuracy"] * f["same_camera_clear_n"] for f in shortcut)
+        n = sum(f["same_camera_clear_n"] for f in shortcut)
+        summary["clean"]["same_camera_clear_accuracy"] = {"pooled": right / n, "n": n}
     return summary
 
 
