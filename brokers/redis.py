@@ -48,13 +48,22 @@ MAX_CLAIM_SCANS = 10
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# KEYS[1] dedupe key, KEYS[2] stream; ARGV[1] payload, ARGV[2] dedupe ttl (s).
+# KEYS[1] stream, KEYS[2..] dedupe keys; ARGV[1] dedupe ttl (s), ARGV[2..] payloads (ARGV[i]
+# goes with KEYS[i]). One call publishes a whole run of a batch to one stream: per-entry
+# calls cost a command each to pack, send and parse, and halved the hop's rate.
 _PUBLISH_ONCE = """
-local seen = redis.call('GET', KEYS[1])
-if seen then return seen end
-local id = redis.call('XADD', KEYS[2], '*', 'd', ARGV[1])
-redis.call('SET', KEYS[1], id, 'EX', ARGV[2])
-return id
+local ids = {}
+for i = 2, #KEYS do
+  local seen = redis.call('GET', KEYS[i])
+  if seen then
+    ids[i - 1] = seen
+  else
+    local id = redis.call('XADD', KEYS[1], '*', 'd', ARGV[i])
+    redis.call('SET', KEYS[i], id, 'EX', ARGV[1])
+    ids[i - 1] = id
+  end
+end
+return ids
 """
 # KEYS[1] lease; ARGV[1] owner, ARGV[2] ttl (ms). Take when free, renew when ours.
 _LEASE = """
@@ -230,17 +239,27 @@ class RedisBroker(Broker):
         return [text(reply) for reply in replies]
 
     async def _publish_pipeline(self, items: Sequence[Publish]) -> list[Any]:
+        """One pipeline: plain XADDs, and one EVALSHA per run of deduplicated items that
+        go to the same stream. Returns one reply (an id or an error) per item, in order."""
+        runs = _dedupe_runs(items)
+        ttl = self.settings.dedupe_ttl_s
         # EVALSHA straight into the pipeline: redis-py's Script in a pipeline would first
         # ask SCRIPT EXISTS, a second round trip on every batch.
         async with self.client.pipeline(transaction=False) as pipe:
-            for item in items:
-                if item.dedupe_key is None:
-                    pipe.xadd(item.stream, {FIELD: item.data})
+            for run in runs:
+                first = items[run[0]]
+                if first.dedupe_key is None:
+                    pipe.xadd(first.stream, {FIELD: first.data})
                 else:
-                    key = self.dedupe_name(item.stream, item.dedupe_key)
-                    ttl = self.settings.dedupe_ttl_s
-                    pipe.evalsha(self._publish_once_sha, 2, key, item.stream, item.data, ttl)
-            return await pipe.execute(raise_on_error=False)
+                    keys = [self.dedupe_name(first.stream, items[i].dedupe_key) for i in run]
+                    pipe.evalsha(self._publish_once_sha, 1 + len(keys), first.stream, *keys, ttl, *(items[i].data for i in run))
+            results = await pipe.execute(raise_on_error=False)
+        replies: list[Any] = [None] * len(items)
+        for run, result in zip(runs, results, strict=True):
+            many = isinstance(result, list) and items[run[0]].dedupe_key is not None
+            for j, i in enumerate(run):
+                replies[i] = result[j] if many else result
+        return replies
 
     # -- consuming ----------------------------------------------------------------
 
@@ -625,3 +644,22 @@ def _ids_by_stream(entries: Sequence[Entry]) -> dict[str, list[str]]:
     for entry in entries:
         by_stream[entry.stream].append(entry.id)
     return by_stream
+
+
+def _dedupe_runs(items: Sequence[Publish]) -> list[list[int]]:
+    """Item indexes grouped into runs: consecutive deduplicated items of one stream share a
+    run (one script call); every other item is a run of its own. Order is kept."""
+    runs: list[list[int]] = []
+    for i, item in enumerate(items):
+        previous = items[i - 1] if i else None
+        if (
+            runs
+            and item.dedupe_key is not None
+            and previous is not None
+            and previous.dedupe_key is not None
+            and previous.stream == item.stream
+        ):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
