@@ -212,6 +212,7 @@ def ingest_run(footage: Path, n: int, args: argparse.Namespace) -> dict:
         "frames_per_s": round(frames / seconds, 2),
         "worker_cores_busy": round(cpu / seconds, 2),  # CPU seconds of the workers per second
         "redis_server_cores_busy": round(redis_cpu / seconds, 2),  # the whole server: others count too
+        "frames_per_worker_cpu_s": round(frames / cpu, 2) if cpu else None,
     }
 
 
