@@ -9,7 +9,7 @@ Side by side in one run, on the same Redis server and the same small entries:
   ack — everything a real stage pays for;
 * ``roadstream-nodedupe``: the same without dedupe keys, to show what idempotence costs.
 
-Usage: ``python bench/hop_bench.py [--redis URL] [--entries N] [--batch B] [--rounds R]``
+Usage: ``python bench/hop_bench.py [--redis URL] [--entries N] [--batch B] [--rounds R] [--max-wait-ms W]``
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ async def bare(url: str, entries: list[bytes], batch: int) -> float:
     return len(entries) / elapsed
 
 
-async def ours(url: str, entries: list[bytes], batch: int, dedupe: bool) -> float:
-    settings = load_settings(environ={}, namespace=NS, worker={"batch_size": batch, "max_wait_ms": 5})
+async def ours(url: str, entries: list[bytes], batch: int, dedupe: bool, wait_ms: int = 5) -> float:
+    settings = load_settings(environ={}, namespace=NS, worker={"batch_size": batch, "max_wait_ms": wait_ms})
     broker = RedisBroker(url=url, namespace=NS, settings=settings.broker)
     blobs = RedisBlobStore(url, namespace=NS)
     await broker.client.flushdb()
@@ -101,13 +101,14 @@ async def main() -> None:
     parser.add_argument("--entries", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-wait-ms", type=int, default=5, help="the worker's wait to fill a batch")
     args = parser.parse_args()
     entries = [codec.encode(frame("drive-1", i)) for i in range(args.entries)]
     rates: dict[str, list[float]] = {"bare": [], "roadstream": [], "roadstream-nodedupe": []}
     for _ in range(args.rounds):  # interleaved, so drift hits all three alike
         rates["bare"].append(await bare(args.redis, entries, args.batch))
-        rates["roadstream"].append(await ours(args.redis, entries, args.batch, dedupe=True))
-        rates["roadstream-nodedupe"].append(await ours(args.redis, entries, args.batch, dedupe=False))
+        rates["roadstream"].append(await ours(args.redis, entries, args.batch, True, args.max_wait_ms))
+        rates["roadstream-nodedupe"].append(await ours(args.redis, entries, args.batch, False, args.max_wait_ms))
     median = {k: statistics.median(v) for k, v in rates.items()}
     for name, rate in median.items():
         print(f"{name:22s} {rate:10.0f} entries/s  ({rate / median['bare']:.0%} of bare)")
