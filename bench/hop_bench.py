@@ -21,6 +21,7 @@ import statistics
 import time
 
 import redis.asyncio as aioredis
+from redis._parsers import _AsyncHiredisParser, _AsyncRESP2Parser
 
 from brokers.base import Publish
 from brokers.redis import RedisBlobStore, RedisBroker
@@ -30,10 +31,12 @@ from stream.settings import load_settings
 from workers.runtime import Worker
 
 NS = "hopbench"
+#: Reply parser of both sides: hiredis (C) when installed, or redis-py's own Python one.
+CLIENT: dict = {}
 
 
 async def bare(url: str, entries: list[bytes], batch: int) -> float:
-    client = aioredis.from_url(url)
+    client = aioredis.from_url(url, **CLIENT)
     await client.flushdb()
     src, dst = f"{NS}:bare-in", f"{NS}:bare-out"
     await client.xgroup_create(src, "g", id="0", mkstream=True)
@@ -68,8 +71,8 @@ async def bare(url: str, entries: list[bytes], batch: int) -> float:
 
 async def ours(url: str, entries: list[bytes], batch: int, dedupe: bool, wait_ms: int = 5) -> float:
     settings = load_settings(environ={}, namespace=NS, worker={"batch_size": batch, "max_wait_ms": wait_ms})
-    broker = RedisBroker(url=url, namespace=NS, settings=settings.broker)
-    blobs = RedisBlobStore(url, namespace=NS)
+    broker = RedisBroker(url=url, namespace=NS, settings=settings.broker, **CLIENT)
+    blobs = RedisBlobStore(url, namespace=NS, **CLIENT)
     await broker.client.flushdb()
     handler = RelayHandler(dedupe=dedupe)
     worker = Worker(handler, broker, blobs, settings, consumer="bench")
@@ -102,7 +105,9 @@ async def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-wait-ms", type=int, default=5, help="the worker's wait to fill a batch")
+    parser.add_argument("--parser", choices=("hiredis", "python"), default="hiredis", help="reply parser, both sides")
     args = parser.parse_args()
+    CLIENT["parser_class"] = _AsyncHiredisParser if args.parser == "hiredis" else _AsyncRESP2Parser
     entries = [codec.encode(frame("drive-1", i)) for i in range(args.entries)]
     rates: dict[str, list[float]] = {"bare": [], "roadstream": [], "roadstream-nodedupe": []}
     for _ in range(args.rounds):  # interleaved, so drift hits all three alike
@@ -116,6 +121,7 @@ async def main() -> None:
         "entries": args.entries,
         "batch": args.batch,
         "entry_bytes": len(entries[0]),
+        "parser": args.parser,
         "median_rate": median,
         "ratio": median["roadstream"] / median["bare"],
         "ratio_nodedupe": median["roadstream-nodedupe"] / median["bare"],
