@@ -15,6 +15,7 @@ The model is named in ``DetectSettings.model`` and loaded by ultralytics' own lo
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -118,7 +119,8 @@ class Detector:
             self.net.half()
         for p in self.net.parameters():
             p.requires_grad_(False)
-        self.labels: dict[int, str] = {int(k): str(v) for k, v in self.net.names.items()}
+        names = {int(k): str(v) for k, v in self.net.names.items()}
+        self.labels: dict[int, str] = metadata_labels(settings.model, names)
         self.class_types = self._class_types(settings.classes)
         self._class_ids = torch.tensor(sorted(self.class_types), dtype=torch.long, device=self.device)
         self._features: torch.Tensor | None = None
@@ -374,6 +376,25 @@ def resolve_weights(name: str) -> str:
         return str(cached)
     message = f"model file {name}: not found (looked in {path.resolve().parent} and {cached.parent}; nothing is downloaded at run time)"
     raise ModelError(message)
+
+
+def metadata_labels(name: str, labels: dict[int, str]) -> dict[int, str]:
+    """The class names of the metadata file beside the weights, when it names them.
+
+    Weights trained with ``single_cls`` call their one class ``item``; the ``.json`` that
+    ``roadstream train detector`` writes beside them (``model.classes``) says what it is
+    (``cone``). Names from a file that lists another number of classes are ignored.
+    """
+    if name.endswith((".yaml", ".yml")):
+        return labels
+    meta = Path(resolve_weights(name)).with_suffix(".json")
+    try:
+        classes = json.loads(meta.read_text()).get("model", {}).get("classes")
+    except (OSError, ValueError, AttributeError):
+        return labels
+    if not isinstance(classes, list) or len(classes) != len(labels):
+        return labels
+    return {i: str(c) for i, c in zip(sorted(labels), classes, strict=True)}
 
 
 def load_yolo(name: str):  # noqa: ANN201 - ultralytics.YOLO, imported lazily

@@ -172,6 +172,33 @@ class RoadworkScorer:
         logits, pooled = forward_features(self.model, x)
         return torch.sigmoid(logits.float()), pooled.float()
 
+    @torch.inference_mode()
+    def score_frames(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score decoded frames of any sizes with one forward pass.
+
+        Frames of one size are resized to 224 together (one ``interpolate`` per size),
+        then the whole batch goes through the model at once.
+
+        Parameters:
+            images: ``uint8`` RGB tensors ``(3, H, W)``, e.g. from ``Detector.decode``.
+
+        Returns:
+            ``(probabilities (N,), pooled_features (N, 1280))``, float32, on the
+            scorer's device, in the order of ``images``.
+        """
+        if not images:
+            return torch.zeros(0, device=self.device), torch.zeros((0, FEATURE_DIM), device=self.device)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault((int(image.shape[-2]), int(image.shape[-1])), []).append(i)
+        dtype = torch.float16 if self.half else torch.float32
+        x = torch.empty((len(images), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=dtype, device=self.device)
+        for index in groups.values():
+            group = torch.stack([images[i] for i in index]).to(self.device, non_blocking=True)
+            x[torch.tensor(index, device=self.device)] = preprocess(group).to(dtype)
+        logits, pooled = forward_features(self.model, x)
+        return torch.sigmoid(logits.float()), pooled.float()
+
     def score_images(self, images: Sequence[str | Path | Any], batch_size: int = 32) -> list[float]:
         """Roadwork probability of each image.
 

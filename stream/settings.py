@@ -12,7 +12,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -75,6 +75,8 @@ class DetectSettings(BaseModel):
     """Detector, batching and temporal windows."""
 
     #: A ``.pt`` file, an ultralytics model name in its weights folder, or a model yaml.
+    #: ``roadstream run`` uses the shipped ``stages/models/cones_yolo11n.pt`` when this is
+    #: not set; a bare worker keeps this default (random weights: tests, benchmarks).
     model: str = "yolo11n.yaml"
     device: str = "cpu"
     imgsz: int = 640
@@ -110,6 +112,13 @@ class DetectSettings(BaseModel):
     )
     #: Layer whose pooled output is the frame descriptor; -1: the last backbone layer.
     descriptor_layer: int = -1
+    #: Roadwork frame scorer weights (``stages.scorer``) run on the detector's decoded
+    #: frames; "" runs none. ``roadstream run`` uses the shipped ``stages/models/scorer.pt``
+    #: when this is not set.
+    scorer: str = ""
+    #: The temporal windows' frame descriptor: the detector's pooled backbone features,
+    #: or the scorer's (needs ``scorer``).
+    descriptor: Literal["detector", "scorer"] = "detector"
     window_s: float = 10.0
     stride_s: float = 5.0
     #: A frame is kept when its cosine similarity to the window's last kept frame is below this.

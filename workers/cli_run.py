@@ -57,14 +57,16 @@ def register(cli: click.Group) -> None:
         Unix socket when one is installed, else the embedded in-process broker is used.
         """
         from stream.errors import FootageError, RoadstreamError
-        from workers.run import NoFootage, run_footage
+        from workers.run import NoFootage, run_footage, shipped_models
 
         console = Console(stderr=True)
         url = redis or os.environ.get("ROADSTREAM_REDIS_URL")
-        settings = settings_from(ctx, url)
+        # The shipped detector and scorer unless the config names others.
+        settings = shipped_models(settings_from(ctx, url))
+        console.print(f"detector: {settings.detect.model}; frame scorer: {settings.detect.scorer or 'off'}")
         if not settings.vlm.backend:
             console.print("no vision-language model configured (vlm.backend): vera and vlm are off; "
-                          "verdicts come from the detector alone")  # fmt: skip
+                          "verdicts come from the detector and the frame scorer")  # fmt: skip
         live = Live(console=console, transient=True) if console.is_terminal else None
         progress = (lambda workers, drives: live.update(_progress_table(workers, drives))) if live else None
         try:

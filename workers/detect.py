@@ -3,8 +3,12 @@
 The runtime reads batches across every frame partition this worker owns and calls
 ``prepare`` for the next batch while ``handle`` runs the current one, so fetching and
 JPEG decoding overlap the forward pass (which runs in a thread to leave the event loop
-free). ``handle`` runs ONE forward pass over the batch, then walks the batch in its order
-(which keeps each camera's order) feeding the temporal windows.
+free). ``handle`` runs ONE forward pass of the detector over the batch and, when
+``DetectSettings.scorer`` names one, one of the roadwork frame scorer over the same decoded
+pixels (same device, same call), then walks the batch in its order (which keeps each
+camera's order) feeding the temporal windows. The scorer's probability goes out with the
+frame's detections (``FrameDetections.roadwork_prob``) and into the key frames; its pooled
+features are the window descriptor when ``DetectSettings.descriptor`` is ``"scorer"``.
 
 Acknowledgement follows ``stages.window``: a frame is acked only once the newest window
 that holds it has been published; its detections are published at once (idempotent by
@@ -20,9 +24,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from stages.window import CameraWindows, WindowConfig, WindowFrame, WindowStats, WindowUpdate
 from stream import names
-from stream.errors import InputError
+from stream.errors import InputError, ModelError
 from stream.ids import output_key
 from stream.schemas import DriveMarker, FrameDetections, FrameRef, Message
 from stream.settings import Settings
@@ -39,6 +45,7 @@ async def _inline(func: Callable[..., Any], *args: Any) -> Any:
 if TYPE_CHECKING:
     from brokers.blobs import BlobStore
     from stages.detect import Detector, FrameResult
+    from stages.scorer import RoadworkScorer
 
 Key = tuple[str, str]  # (stream, entry id)
 Camera = tuple[str, str]  # (drive, camera)
@@ -46,6 +53,14 @@ Camera = tuple[str, str]  # (drive, camera)
 
 def _key(delivery: Delivery) -> Key:
     return delivery.entry.stream, delivery.entry.id
+
+
+@dataclass
+class FrameScore:
+    """The scorer's view of one frame."""
+
+    prob: float
+    descriptor: np.ndarray
 
 
 @dataclass
@@ -66,6 +81,7 @@ class DetectHandler(Handler):
         settings: all settings (``detect`` for the model and windows, ``broker`` for partitions).
         blobs: the frame blob store.
         detector: a ready detector (tests, benchmarks); built in ``start`` otherwise.
+        scorer: a ready roadwork scorer; loaded in ``start`` from ``detect.scorer`` otherwise.
     """
 
     group = names.DETECT
@@ -73,10 +89,18 @@ class DetectHandler(Handler):
     partitioned = True
     accepts = (FrameRef, DriveMarker)
 
-    def __init__(self, settings: Settings, blobs: BlobStore, *, detector: Detector | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        blobs: BlobStore,
+        *,
+        detector: Detector | None = None,
+        scorer: RoadworkScorer | None = None,
+    ) -> None:
         self.settings = settings
         self.blobs = blobs
         self.detector = detector
+        self.scorer = scorer
         self.timings = HandlerTimings()
         self.ended_stats = WindowStats()  # figures of cameras whose drive ended here
         self.batch_sizes: list[int] = []  # frames per forward pass
@@ -91,11 +115,16 @@ class DetectHandler(Handler):
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the detector (a bad model raises ``ModelError`` naming the file)."""
+        """Load the detector and the scorer (a bad model raises ``ModelError`` naming the file)."""
         from stages.detect import Detector  # torch and ultralytics load only here
 
         if self.detector is None:
             self.detector = await asyncio.to_thread(Detector, self.settings.detect)
+        if self.scorer is None and self.settings.detect.scorer:
+            self.scorer = await asyncio.to_thread(self._load_scorer)
+        if self.settings.detect.descriptor == "scorer" and self.scorer is None:
+            message = "detect.descriptor is 'scorer' but no scorer is configured (detect.scorer)"
+            raise ModelError(message)
         if self.detector.device.type == "cuda":
             # Measured on an H200 (README): the GPU calls made from a pool thread lose the
             # GIL to the event loop on every kernel launch (the convoy effect), and ran 5x
@@ -118,8 +147,30 @@ class DetectHandler(Handler):
         grey = np.full((360, 640, 3), 114, dtype=np.uint8)
         jpegs = [simplejpeg.encode_jpeg(grey)] * self.settings.worker.batch_size
         for _ in range(rounds):
-            self.detector.detect([im for im in self.detector.decode(jpegs) if not isinstance(im, Exception)])
+            self._infer([im for im in self.detector.decode(jpegs) if not isinstance(im, Exception)])
         self.detector.timings = type(self.detector.timings)()
+
+    def _load_scorer(self) -> RoadworkScorer:
+        """The scorer of ``detect.scorer``, on the detector's device (it reads the same pixels)."""
+        from stages.scorer import RoadworkScorer
+
+        return RoadworkScorer.load(self.settings.detect.scorer, device=self.detector.device)
+
+    def _infer(self, images: list) -> tuple[list[FrameResult], list[FrameScore | None]]:
+        """The detector, then the scorer, over the same decoded frames (one thread, one call)."""
+        found = self.detector.detect(images)
+        if self.scorer is None or not images:
+            return found, [None] * len(images)
+        started = time.perf_counter()
+        probs, pooled = self.scorer.score_frames(images)
+        if self.settings.detect.descriptor == "scorer":
+            pooled = torch_normalize(pooled)
+            descriptors = pooled.cpu().numpy().astype(np.float32)
+        else:
+            descriptors = [r.descriptor for r in found]
+        scores = [FrameScore(p, d) for p, d in zip(probs.cpu().tolist(), descriptors, strict=True)]
+        self.detector.timings.add("score", time.perf_counter() - started)
+        return found, scores
 
     async def revoked(self, partition: int) -> None:
         """Drop the partition's windows and prepared frames; its entries go to the next owner."""
@@ -159,8 +210,8 @@ class DetectHandler(Handler):
         images = {_key(d): self._prepared.pop(_key(d), (None, None))[1] for d in frames}
         good = [d for d in frames if not isinstance(images[_key(d)], (InputError, type(None)))]
         before = dict(self.detector.timings.seconds)
-        found = await self._offload(self.detector.detect, [images[_key(d)] for d in good])
-        results = dict(zip((_key(d) for d in good), found, strict=True))
+        found, scores = await self._offload(self._infer, [images[_key(d)] for d in good])
+        results = {_key(d): (f, s) for d, f, s in zip(good, found, scores, strict=True)}
         per_frame = self._per_frame_ms(before, len(frames))
         started = time.perf_counter()
         result = BatchResult(ack=[])
@@ -170,7 +221,7 @@ class DetectHandler(Handler):
             if isinstance(delivery.message, DriveMarker):
                 self._on_marker(delivery, result)
             elif _key(delivery) in results:
-                self._on_frame(delivery, results[_key(delivery)], per_frame, result)
+                self._on_frame(delivery, *results[_key(delivery)], per_frame, result)
             else:
                 error = images[_key(delivery)] or InputError(f"{_frame_name(delivery.message)}: not decoded")
                 result.failed.append((delivery, error))
@@ -188,8 +239,16 @@ class DetectHandler(Handler):
 
     # -- frames and markers -------------------------------------------------------------
 
-    def _on_frame(self, delivery: Delivery, found: FrameResult, timings: dict[str, float], result: BatchResult) -> None:
+    def _on_frame(
+        self,
+        delivery: Delivery,
+        found: FrameResult,
+        score: FrameScore | None,
+        timings: dict[str, float],
+        result: BatchResult,
+    ) -> None:
         ref: FrameRef = delivery.message
+        prob = None if score is None else round(score.prob, 6)
         detections = FrameDetections(
             drive_id=ref.drive_id,
             camera=ref.camera,
@@ -200,6 +259,7 @@ class DetectHandler(Handler):
             telemetry=ref.telemetry,
             blob_key=ref.blob_key,
             detections=found.detections,
+            roadwork_prob=prob,
             model=self.detector.name,
             ingested_utc=ref.ingested_utc,
             timings_ms=timings,
@@ -210,10 +270,11 @@ class DetectHandler(Handler):
             tick=ref.tick,
             t=ref.t,
             blob_key=ref.blob_key,
-            descriptor=found.descriptor,
+            descriptor=found.descriptor if score is None else score.descriptor,
             detections=found.detections,
             utc=ref.utc,
             telemetry=ref.telemetry,
+            roadwork_prob=prob,
         )
         self._apply(self._camera(ref.drive_id, ref.camera, delivery.partition).add(frame, delivery), result)
 
@@ -264,6 +325,13 @@ class DetectHandler(Handler):
         nbytes = sum(d.message.nbytes for d in acked if isinstance(d.message, FrameRef))
         if nbytes:
             await self.blobs.release(nbytes)
+
+
+def torch_normalize(features: Any) -> Any:
+    """L2-normalise pooled features row by row (as the detector's descriptor is)."""
+    from torch.nn import functional as F  # torch loads only with the model
+
+    return F.normalize(features, dim=1)
 
 
 def _frame_name(ref: FrameRef) -> str:

@@ -1,6 +1,8 @@
 """``roadstream run FOOTAGE``: every stage in one process, footage in, output folder out.
 
 1. Discover the drives (a folder without footage is refused before anything starts).
+   The detect stage runs the shipped models (``stages/models/``: the cone detector and the
+   roadwork frame scorer) unless the settings name others (``shipped_models``).
 2. Pick the broker: the given URL; else a private ``redis-server`` on a Unix socket in a
    temporary folder when one is on the PATH (stopped at the end); else the in-process
    ``MemoryBroker``.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.resources
 import shutil
 import subprocess
 import tempfile
@@ -36,6 +39,11 @@ from stream.schemas import DeadLetter, DriveMarker, DriveSummary, Job, Verdict
 from stream.settings import Settings
 from workers.runtime import Worker
 from workers.supervisor import build_workers
+
+#: The shipped weights, found in the installed package (never the current folder).
+MODELS_DIR = Path(str(importlib.resources.files("stages") / "models"))
+SHIPPED_DETECTOR = MODELS_DIR / "cones_yolo11n.pt"
+SHIPPED_SCORER = MODELS_DIR / "scorer.pt"
 
 #: Seconds to wait for a private redis-server to accept connections.
 REDIS_START_S = 10.0
@@ -76,6 +84,22 @@ class RunResult:
     paths: dict[str, Path] = field(default_factory=dict)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
+
+
+def shipped_models(settings: Settings) -> Settings:
+    """The settings with the shipped detector and scorer where none is named.
+
+    A model named anywhere (config file, environment, ``--set``; ``detect.scorer=""``
+    turns the scorer off) wins: only settings left at their defaults are replaced. The
+    bare worker's defaults stay as they are (a yaml detector, no scorer), so tests and
+    benchmarks that rely on them are unchanged.
+    """
+    named = settings.detect.model_fields_set
+    shipped = {"model": str(SHIPPED_DETECTOR), "scorer": str(SHIPPED_SCORER)}
+    missing = {k: v for k, v in shipped.items() if k not in named}
+    if not missing:
+        return settings
+    return settings.model_copy(update={"detect": settings.detect.model_copy(update=missing)})
 
 
 def stages_for(settings: Settings) -> list[str]:
@@ -304,6 +328,7 @@ def run_footage(
     if not found.drives:
         message = f"{found.root}: no TeslaCam footage found (expected YYYY-MM-DD_HH-MM-SS-<camera>.mp4 clips)"
         raise NoFootage(message)
+    settings = shipped_models(settings)
     if url is not None:
         return _run(found, settings, url, out_dir, progress, timeout_s, on_broker)
     with private_redis() as private:
