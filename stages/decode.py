@@ -159,7 +159,11 @@ def _creation_utc(value: str | None) -> float | None:
 
 
 class _SeiReader:
-    """Telemetry of each packet, keyed by pts; knows the stream's NAL framing."""
+    """Telemetry of each packet, keyed by pts; knows the stream's NAL framing.
+
+    Demuxing keeps only the SEI NAL units in front of each picture; they are parsed
+    (emulation prevention removed, protobuf read) only for the frames that get sampled.
+    """
 
     def __init__(self, stream: av.video.stream.VideoStream) -> None:
         extradata = bytes(stream.codec_context.extradata or b"")
@@ -171,30 +175,39 @@ class _SeiReader:
             self.length_size = (extradata[4] & 3) + 1
         else:
             self.length_size = 4
-        self.by_pts: dict[int, bytes] = {}
+        self.sei_kind = sei.HEVC_SEI_PREFIX if self.hevc else sei.H264_SEI
+        self.nals_by_pts: dict[int, list[bytes]] = {}
 
     def read(self, packet: av.Packet) -> None:
-        """Remember the telemetry payload of one packet, if it carries one."""
+        """Keep the SEI NAL units of one packet, if it carries any."""
         if packet.pts is None or packet.size == 0:
             return
-        payload = self._payload(memoryview(packet))
-        if payload is not None:
-            self.by_pts[packet.pts] = payload
+        nals = self._sei_nals(memoryview(packet))
+        if nals:
+            self.nals_by_pts[packet.pts] = nals
 
-    def _payload(self, data: memoryview) -> bytes | None:
+    def _sei_nals(self, data: memoryview) -> list[bytes]:
         nals = sei.iter_annexb_nals(bytes(data)) if self.annexb else sei.iter_avcc_nals(data, self.length_size)
+        found = []
         for nal in nals:
             kind = (nal[0] >> 1) & 0x3F if self.hevc else nal[0] & 0x1F
             if (self.hevc and kind < 32) or (not self.hevc and 1 <= kind <= 5):
-                return None  # the picture itself: its SEI would have come before it
-            payload = sei.telemetry_payload(bytes(nal), self.hevc)
+                break  # the picture itself: its SEI would have come before it
+            if kind == self.sei_kind:
+                found.append(bytes(nal))
+        return found
+
+    def payload(self, pts: int) -> bytes | None:
+        """The telemetry protobuf bytes of the picture with this pts, if it has any."""
+        for nal in self.nals_by_pts.get(pts, ()):
+            payload = sei.telemetry_payload(nal, self.hevc)
             if payload is not None:
                 return payload
         return None
 
     def telemetry(self, pts: int) -> Telemetry | None:
         """The telemetry of the picture with this pts, parsed only now (sampled frames only)."""
-        payload = self.by_pts.get(pts)
+        payload = self.payload(pts)
         meta = sei.parse_metadata(payload) if payload is not None else None
         return sei.to_telemetry(meta) if meta is not None else None
 
@@ -287,7 +300,8 @@ def read_telemetry(path: str | Path) -> dict[float, Telemetry]:
         except av.FFmpegError as exc:
             raise FootageError(path, f"cannot demux ({_reason(exc)})") from exc
         base, tb = stream.start_time or 0, float(stream.time_base)
-        return {round((pts - base) * tb, 6): reader.telemetry(pts) for pts in sorted(reader.by_pts)}
+        carrying = (pts for pts in sorted(reader.nals_by_pts) if reader.payload(pts) is not None)
+        return {round((pts - base) * tb, 6): reader.telemetry(pts) for pts in carrying}
 
 
 def _sample_decord(path, sample_fps, tolerance_s, limit_s, threads, size) -> Iterator[Sample]:

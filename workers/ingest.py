@@ -1,9 +1,11 @@
 """The ingest handler: one ``Job`` (a drive) in, ordered frame references out.
 
-For each minute and camera of the drive the clip is decoded once in a thread (decoding
-and JPEG encoding release the GIL), sampled on the drive's shared tick grid, resized and
-encoded; the loop meanwhile stores the previous chunk's pixels in the blob store and
-publishes its ``FrameRef``s to the frame partition of (drive, camera). Every output has a
+One thread decodes the drive's clips back to back, minute by minute and camera by
+camera, and samples them on the drive's shared tick grid; each sampled frame is resized
+and JPEG-encoded in a small thread pool (swscale and libjpeg-turbo release the GIL) while
+the decoder runs on. The loop meanwhile stores finished chunks' pixels in the blob store
+and publishes their ``FrameRef``s to the frame partition of (drive, camera). Decoding so
+never waits for encoding, publishing or the next clip's start. Every output has a
 deterministic dedupe key, so a redelivered job publishes nothing twice.
 
 A ``DriveMarker`` "started" precedes a drive's frames on every camera partition and on
@@ -18,12 +20,13 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from brokers.blobs import BlobStore
-from stages.decode import sample_clip
+from stages.decode import Sample, clip_info, open_container, sample_clip
 from stages.discover import CAMERAS, STAMP_FORMAT
 from stages.frames import Encoded, encode_frame, target_size
 from stream import ids
@@ -36,7 +39,9 @@ from workers.handler import BatchResult, Delivery, Handler, Output
 #: Frames per blob write and publish round trip.
 CHUNK = 32
 #: Chunks the decoding thread may run ahead of publishing.
-AHEAD = 3
+AHEAD = 4
+#: Threads that resize and encode sampled frames while the decoder runs on.
+ENCODERS = 2
 
 
 @dataclass
@@ -47,6 +52,18 @@ class _Shot:
     pts_s: float
     telemetry: Telemetry | None
     pixels: Encoded
+
+
+@dataclass
+class _Piece:
+    """Part of one camera minute, handed from the decoding thread to the loop."""
+
+    index: int  # the minute
+    camera: str
+    shots: list[Future]  # of _Shot, in tick order; encoding may still be running
+    utc: Future | None  # of the clip's creation time
+    last: bool = False  # the camera minute ends with this piece
+    problem: str | None = None  # why the clip stopped early
 
 
 @dataclass
@@ -97,7 +114,6 @@ class IngestHandler(Handler):
         self.settings = settings
         self.blobs = blobs
         self.frames_published = 0
-        self._utc: dict[str, float | None] = {}  # clip path -> creation time
 
     async def handle(self, batch: list[Delivery]) -> BatchResult:
         """Ingest each job of the batch; a job outside the footage roots fails alone."""
@@ -124,11 +140,17 @@ class IngestHandler(Handler):
         cameras = [c for c in CAMERAS if any(c in clip.files for clip in job.clips)]
         progress = DriveProgress(cameras, {c: 0 for c in cameras})
         await self._publish_markers(job, self._marker(job, "started", progress))
-        offsets = minute_offsets(job)
-        for index, clip in enumerate(job.clips):
-            limit = offsets[index + 1] - offsets[index] if index + 1 < len(job.clips) else float("inf")
-            for camera in cameras:
-                await self._camera_minute(job, index, camera, offsets[index], limit, progress)
+        pool = ThreadPoolExecutor(ENCODERS, thread_name_prefix="ingest-encode")
+        try:
+            taken = 0  # frames of the current camera minute
+            async for piece in _in_thread(lambda: self._decode_drive(job, cameras, pool), AHEAD):
+                taken += await self._take(job, piece, progress)
+                if piece.last:
+                    if taken == 0:
+                        progress.lacks(piece.camera, job.clips[piece.index].start)
+                    taken = 0
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
         ended = self._marker(job, "ended", progress)
         await self._publish_markers(job, ended)
         return ended
@@ -149,62 +171,64 @@ class IngestHandler(Handler):
                     message = f"{path}: outside the allowed footage roots ({', '.join(map(str, roots))})"
                     raise InputError(message)
 
-    async def _camera_minute(
-        self, job: Job, index: int, camera: str, offset_s: float, limit_s: float, progress: DriveProgress
-    ) -> None:
-        clip = job.clips[index]
-        path = clip.files.get(camera)
-        if path is None:
-            progress.lacks(camera, clip.start)
-            return
-        before = progress.frame_counts[camera]
-        try:
-            async for shots in self._shots(path, offset_s, limit_s):
-                await self._publish_chunk(job, camera, clip.start, shots, progress)
-        except FootageError as exc:
-            progress.problems.append(str(exc))
-        if progress.frame_counts[camera] == before:
-            progress.lacks(camera, clip.start)
+    async def _take(self, job: Job, piece: _Piece, progress: DriveProgress) -> int:
+        """Publish one piece's frames and note its problem; returns how many frames it had."""
+        shots = [await _result(shot) for shot in piece.shots]
+        if shots:
+            utc = await _result(piece.utc)
+            await self._publish_chunk(job, piece.camera, job.clips[piece.index].start, shots, utc, progress)
+        if piece.problem is not None:
+            progress.problems.append(piece.problem)
+        return len(shots)
 
-    async def _shots(self, path: str, offset_s: float, limit_s: float) -> AsyncIterator[list[_Shot]]:
-        """Chunks of encoded samples of one clip, made in a thread one step ahead."""
-        async for chunk in _in_thread(lambda: self._encode_clip(path, offset_s, limit_s), AHEAD):
-            yield chunk
+    def _decode_drive(self, job: Job, cameras: list[str], pool: ThreadPoolExecutor) -> Iterator[_Piece]:
+        """Every camera minute of the drive in publishing order (runs in the decoding thread)."""
+        offsets = minute_offsets(job)
+        for index, clip in enumerate(job.clips):
+            limit = offsets[index + 1] - offsets[index] if index + 1 < len(job.clips) else float("inf")
+            for camera in cameras:
+                path = clip.files.get(camera)
+                if path is None:
+                    yield _Piece(index, camera, [], None, last=True)
+                else:
+                    yield from self._decode_clip(index, camera, path, offsets[index], limit, pool)
 
-    def _encode_clip(self, path: str, offset_s: float, limit_s: float) -> Iterator[list[_Shot]]:
+    def _decode_clip(
+        self, index: int, camera: str, path: str, offset_s: float, limit_s: float, pool: ThreadPoolExecutor
+    ) -> Iterator[_Piece]:
         ing = self.settings.ingest
         tick0 = round(offset_s * ing.sample_fps)
-        size = None
-        if ing.decoder == "decord":
-            size = _decord_size(path, ing.long_side)
-        samples = sample_clip(
-            path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads,
-            decoder=ing.decoder, size=size,
-        )
-        chunk: list[_Shot] = []
+        utc = pool.submit(_creation_utc, path)
+        shots: list[Future] = []
         try:
+            size = _decord_size(path, ing.long_side) if ing.decoder == "decord" else None
+            samples = sample_clip(
+                path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads,
+                decoder=ing.decoder, size=size,
+            )
             for sample in samples:
-                pixels = encode_frame(sample.image, long_side=ing.long_side, encoding=ing.encoding,
-                                      quality=ing.jpeg_quality)
-                chunk.append(_Shot(tick0 + sample.k, sample.pts_s, sample.telemetry, pixels))
-                if len(chunk) >= CHUNK:
-                    yield chunk
-                    chunk = []
-        except FootageError:
+                shots.append(pool.submit(self._encode, tick0 + sample.k, sample))
+                if len(shots) >= CHUNK:
+                    yield _Piece(index, camera, shots, utc)
+                    shots = []
+        except FootageError as exc:
             # A clip that breaks mid-way (truncated) still hands over what it had.
-            if chunk:
-                yield chunk
-            raise
-        if chunk:
-            yield chunk
+            yield _Piece(index, camera, shots, utc, last=True, problem=str(exc))
+            return
+        yield _Piece(index, camera, shots, utc, last=True)
+
+    def _encode(self, tick: int, sample: Sample) -> _Shot:
+        ing = self.settings.ingest
+        pixels = encode_frame(sample.image, long_side=ing.long_side, encoding=ing.encoding, quality=ing.jpeg_quality)
+        return _Shot(tick, sample.pts_s, sample.telemetry, pixels)
 
     async def _publish_chunk(
-        self, job: Job, camera: str, minute: str, shots: list[_Shot], progress: DriveProgress
+        self, job: Job, camera: str, minute: str, shots: list[_Shot], created: float | None,
+        progress: DriveProgress,
     ) -> None:
         partition = frame_partition(job.drive_id, camera, self.settings.broker.frame_partitions)
         await self.publisher.wait_for_room(FRAMES, partition)
         fallback = estimate(job.event)
-        created = _creation_utc(job, minute, camera, self._utc)
         refs, blobs = [], {}
         now = time.time()
         for shot in shots:
@@ -250,23 +274,21 @@ class IngestHandler(Handler):
         await self.publisher.publish(outputs)
 
 
-def _creation_utc(job: Job, minute: str, camera: str, cache: dict[str, float | None]) -> float | None:
+def _creation_utc(path: str) -> float | None:
     # The MP4 creation_time is GPS-based UTC; read once per clip, header only.
-    path = next(c.files[camera] for c in job.clips if c.start == minute)
-    if path not in cache:
-        from stages.decode import clip_info, open_container
+    try:
+        with open_container(Path(path)) as container:
+            return clip_info(container).creation_utc
+    except FootageError:
+        return None
 
-        try:
-            with open_container(Path(path)) as container:
-                cache[path] = clip_info(container).creation_utc
-        except FootageError:
-            cache[path] = None
-    return cache[path]
+
+async def _result(future: Future):
+    """A thread pool future's result, without a loop round trip when it is already done."""
+    return future.result() if future.done() else await asyncio.wrap_future(future)
 
 
 def _decord_size(path: str, long_side: int) -> tuple[int, int] | None:
-    from stages.decode import clip_info, open_container
-
     with open_container(Path(path)) as container:
         info = clip_info(container)
     return target_size(info.width, info.height, long_side)
