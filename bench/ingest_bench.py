@@ -21,6 +21,7 @@ import asyncio
 import multiprocessing as mp
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,12 +89,42 @@ async def _full_path(root: Path, url: str, threads: int, namespace: str) -> floa
         await broker.publish(names.stream_name(names.JOBS, ns=namespace), codec.encode(drive.to_job()))
     handler = build(settings, blobs)
     inside = _time_handle(handler)
+    decoding = _watch_decoding(handler)
     started = time.perf_counter()
     await Worker(handler, broker, blobs, settings, burst=True).run()
     elapsed = time.perf_counter() - started
     await broker.close()
     await blobs.close()
-    return inside[0], elapsed
+    return inside[0], elapsed, decoding
+
+
+def _schedstat() -> tuple[float, float] | None:
+    # Linux: (seconds this thread ran on a core, seconds it waited in the run queue).
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as file:
+            ran, waited = file.read().split()[:2]
+    except OSError:
+        return None
+    return int(ran) / 1e9, int(waited) / 1e9
+
+
+def _watch_decoding(handler) -> dict[str, float]:
+    # Where ingest's decoding thread spends its wall time: on a core, waiting for a core
+    # (other threads or processes), or asleep (the GIL, a full hand-over queue).
+    spent = {"wall": 0.0, "cpu": 0.0, "runqueue": 0.0}
+    decode_drive = handler._decode_drive
+
+    def watched(*args):
+        wall, before = time.perf_counter(), _schedstat()
+        yield from decode_drive(*args)
+        after = _schedstat()
+        spent["wall"] += time.perf_counter() - wall
+        if before and after:
+            spent["cpu"] += after[0] - before[0]
+            spent["runqueue"] += after[1] - before[1]
+
+    handler._decode_drive = watched
+    return spent
 
 
 def _time_handle(handler) -> list[float]:
@@ -113,12 +144,16 @@ def _time_handle(handler) -> list[float]:
     return spent
 
 
-def full_path(root: Path, url: str, threads: int, namespace: str = NS) -> tuple[float, float]:
-    """(b): ingest's whole path through the runtime. Returns (seconds in the handler, seconds in all)."""
+def full_path(root: Path, url: str, threads: int, namespace: str = NS) -> tuple[float, float, dict[str, float]]:
+    """(b): ingest's whole path through the runtime.
+
+    Returns:
+        Seconds in the handler, seconds in all, and the decoding thread's time split.
+    """
     return asyncio.run(_full_path(root, url, threads, namespace))
 
 
-def _child(args: tuple) -> float:
+def _child(args: tuple) -> tuple[float, float, dict[str, float]]:
     root, url, threads, namespace, start_at = args
     while time.time() < start_at:  # start together, after every child has imported
         time.sleep(0.005)
@@ -142,13 +177,18 @@ def side_by_side(root: Path, args: argparse.Namespace) -> float:
     for _ in range(args.repeat):
         frames, seconds_a = bare_decode(paths, args.threads)
         cleanup(args.redis)
-        seconds_b, seconds_run = full_path(root, args.redis, args.threads)
+        seconds_b, seconds_run, decoding = full_path(root, args.redis, args.threads)
+        if frames / seconds_b > best_b:
+            split = decoding
         best_a, best_b = max(best_a, frames / seconds_a), max(best_b, frames / seconds_b)
         best_run = max(best_run, frames / seconds_run)
     print(f"clips {len(paths)}, frames decoded {frames}, decoder threads {args.threads or 'auto'}")
     print(f"(a) bare PyAV decode : {best_a:8.1f} frames/s")
     print(f"(b) ingest full path : {best_b:8.1f} frames/s   ratio b/a = {best_b / best_a:.3f} (goal >= 0.85)")
     print(f"    with worker start and burst exit: {best_run:8.1f} frames/s   ratio {best_run / best_a:.3f}")
+    asleep = split["wall"] - split["cpu"] - split["runqueue"]
+    print(f"    (b)'s decoding thread: {split['wall']:.2f} s = {split['cpu']:.2f} on a core + {split['runqueue']:.2f} "
+          f"waiting for a core + {asleep:.2f} asleep (GIL, publisher behind)")
     return best_b
 
 
@@ -160,7 +200,7 @@ def scaling(roots: list[Path], single_fps: float, args: argparse.Namespace) -> N
     jobs = [(str(r), args.redis, args.threads, f"{NS}{i}", start_at) for i, r in enumerate(roots)]
     with mp.get_context("spawn").Pool(len(roots)) as pool:
         seconds = pool.map(_child, jobs)
-    aggregate = frames / max(inside for inside, _ in seconds)
+    aggregate = frames / max(inside for inside, _, _ in seconds)
     n = len(roots)
     print(f"{n} processes: {aggregate:8.1f} frames/s aggregate, {aggregate / single_fps:.2f}x one process "
           f"(goal >= {0.8 * n:.1f}x)")

@@ -310,7 +310,8 @@ async def _in_thread(make: callable, ahead: int) -> AsyncIterator:
                     return
                 loop.call_soon_threadsafe(queue.put_nowait, (item, None))
         except BaseException as exc:  # handed to the consumer, raised there
-            loop.call_soon_threadsafe(queue.put_nowait, (None, exc))
+            if not stop.is_set():  # nobody listens any more (and the loop may be closed)
+                loop.call_soon_threadsafe(queue.put_nowait, (None, exc))
             return
         loop.call_soon_threadsafe(queue.put_nowait, (done, None))
 
