@@ -115,6 +115,8 @@ class Worker:
         # these are read, so no new entry of a partition overtakes its replayed ones.
         self._ready: set[int] = set()
         self._stream_partition: dict[str, int | None] = {}
+        # Bumped each time a partition's state is dropped (revoked, rebuilt, taken over).
+        self._generation: dict[int | None, int] = {}
         self._queue: asyncio.Queue[list[Delivery]] = asyncio.Queue(maxsize=1)
         self._busy = 0
         self._stop_event = asyncio.Event()
@@ -255,6 +257,7 @@ class Worker:
                 if remaining <= 0:
                     break
                 block_ms = max(1, int(remaining * 1000))
+            generations = dict(self._generation)
             entries = await self.broker.read(
                 self.group, self.consumer, streams, count=size - len(batch), block_ms=block_ms
             )
@@ -262,7 +265,7 @@ class Worker:
                 if deadline is None:
                     break  # nothing came within a poll: let the loop tick
                 continue
-            batch += await self._accept(entries)
+            batch += self._behind_replays(await self._accept(entries), generations)
             if deadline is None:
                 deadline = time.monotonic() + wait_s
             batch += self._take_replay(size - len(batch))
@@ -272,6 +275,16 @@ class Worker:
         batch, extra = batch[:size], batch[size:]
         self._replay += extra
         return batch
+
+    def _behind_replays(self, accepted: list[Delivery], generations: dict[int | None, int]) -> list[Delivery]:
+        """New entries of a partition rebuilt or taken over while the read was in flight
+        go behind that partition's replay (older entries, queued meanwhile), never ahead
+        of it; the others join the batch."""
+        moved = [d for d in accepted if self._generation.get(d.partition, 0) != generations.get(d.partition, 0)]
+        if not moved:
+            return accepted
+        self._replay += moved
+        return [d for d in accepted if self._generation.get(d.partition, 0) == generations.get(d.partition, 0)]
 
     def _current(self, delivery: Delivery) -> bool:
         """False for a delivery whose partition was revoked or rebuilt since it was read."""
@@ -469,6 +482,7 @@ class Worker:
                 await self._take_over(partition)
 
     def _forget_partition(self, partition: int) -> None:
+        self._generation[partition] = self._generation.get(partition, 0) + 1
         self._ready.discard(partition)
         self._held = {k: d for k, d in self._held.items() if d.partition != partition}
         self._replay = [d for d in self._replay if d.partition != partition]
