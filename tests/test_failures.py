@@ -594,3 +594,48 @@ def test_poison_entries_and_bad_footage_are_dead_lettered_or_reported_and_the_re
     assert any(bad.clip(1, "left_repeater").name in problem for problem in summary.problems), summary.problems
     windows = sorted(w for d, w in outcome.windows if d == bad_drive.drive_id)
     assert windows == sorted({w for d, w, *_ in reference.verdicts if d == setup.drives[0].drive_id})
+
+
+async def test_entries_read_while_their_partition_is_rebuilt_go_behind_its_replay() -> None:
+    # Given a grouping stage (groups of 5, order-sensitive) holding frames 0-2 of a camera,
+    # whose partition is rebuilt (as on a reclaim or a takeover) while a read is in flight
+    from brokers.memory import MemoryBlobStore, MemoryBroker
+    from fixtures.relay import GroupingHandler, frame
+    from stream.settings import load_settings
+    from workers.runtime import Worker
+
+    broker = MemoryBroker(namespace="race")
+    settings = load_settings(environ={}, worker={"batch_size": 8, "max_wait_ms": 20, "heartbeat_s": 60})
+    settings = settings.model_copy(update={"namespace": "race"})
+    worker = Worker(GroupingHandler(size=5), broker, MemoryBlobStore(), settings, consumer="w")
+    partition = names.frame_partition("d1", "front", settings.broker.frame_partitions)
+    stream = names.stream_name(names.FRAMES, partition, "race")
+    read = broker.read
+
+    async def read_during_a_rebuild(*args: object, **kwargs: object) -> list:
+        entries = await read(*args, **kwargs)
+        if any(codec.decode(e.data).seq == 3 for e in entries):
+            async with worker._state_lock:  # what the heartbeat does, landing mid-read
+                await worker._rebuild(partition)
+        return entries
+
+    broker.read = read_during_a_rebuild
+    for seq in range(3):
+        await broker.publish(stream, codec.encode(frame("d1", seq)))
+    task = asyncio.create_task(worker.run())
+    while len(worker._held) < 3:
+        await asyncio.sleep(0.01)
+
+    # When frames 3-9 arrive through that read
+    for seq in range(3, 10):
+        await broker.publish(stream, codec.encode(frame("d1", seq)))
+    out = names.stream_name("bench-out", ns="race")
+    deadline = time.monotonic() + 10
+    while len(await broker.range(out)) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    worker.stop()
+    await task
+
+    # Then the groups hold frames 0-4 and 5-9: the replayed frames came first
+    groups = [codec.decode(e.data, FrameRef) for e in await broker.range(out)]
+    assert [(g.seq, g.tick) for g in groups] == [(0, 0 + 1 + 2 + 3 + 4), (1, 5 + 6 + 7 + 8 + 9)]
