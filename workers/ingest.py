@@ -17,6 +17,7 @@ go on. Only a job outside the allowed footage roots fails (``InputError``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -42,6 +43,8 @@ CHUNK = 32
 AHEAD = 4
 #: Threads that resize and encode sampled frames while the decoder runs on.
 ENCODERS = 2
+#: Sampled frames decoded but not yet encoded; the decoder waits beyond this (memory).
+BACKLOG = 8
 
 
 @dataclass
@@ -140,15 +143,17 @@ class IngestHandler(Handler):
         cameras = [c for c in CAMERAS if any(c in clip.files for clip in job.clips)]
         progress = DriveProgress(cameras, {c: 0 for c in cameras})
         await self._publish_markers(job, self._marker(job, "started", progress))
-        pool = ThreadPoolExecutor(ENCODERS, thread_name_prefix="ingest-encode")
+        pool = _Encoders()
         try:
             taken = 0  # frames of the current camera minute
-            async for piece in _in_thread(lambda: self._decode_drive(job, cameras, pool), AHEAD):
-                taken += await self._take(job, piece, progress)
-                if piece.last:
-                    if taken == 0:
-                        progress.lacks(piece.camera, job.clips[piece.index].start)
-                    taken = 0
+            pieces = _in_thread(lambda: self._decode_drive(job, cameras, pool), AHEAD)
+            async with contextlib.aclosing(pieces):  # a failure stops the decoding thread at once
+                async for piece in pieces:
+                    taken += await self._take(job, piece, progress)
+                    if piece.last:
+                        if taken == 0:
+                            progress.lacks(piece.camera, job.clips[piece.index].start)
+                        taken = 0
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         ended = self._marker(job, "ended", progress)
@@ -181,7 +186,7 @@ class IngestHandler(Handler):
             progress.problems.append(piece.problem)
         return len(shots)
 
-    def _decode_drive(self, job: Job, cameras: list[str], pool: ThreadPoolExecutor) -> Iterator[_Piece]:
+    def _decode_drive(self, job: Job, cameras: list[str], pool: _Encoders) -> Iterator[_Piece]:
         """Every camera minute of the drive in publishing order (runs in the decoding thread)."""
         offsets = minute_offsets(job)
         for index, clip in enumerate(job.clips):
@@ -194,7 +199,7 @@ class IngestHandler(Handler):
                     yield from self._decode_clip(index, camera, path, offsets[index], limit, pool)
 
     def _decode_clip(
-        self, index: int, camera: str, path: str, offset_s: float, limit_s: float, pool: ThreadPoolExecutor
+        self, index: int, camera: str, path: str, offset_s: float, limit_s: float, pool: _Encoders
     ) -> Iterator[_Piece]:
         ing = self.settings.ingest
         tick0 = round(offset_s * ing.sample_fps)
@@ -207,7 +212,7 @@ class IngestHandler(Handler):
                 decoder=ing.decoder, size=size,
             )
             for sample in samples:
-                shots.append(pool.submit(self._encode, tick0 + sample.k, sample))
+                shots.append(pool.submit_frame(self._encode, tick0 + sample.k, sample))
                 if len(shots) >= CHUNK:
                     yield _Piece(index, camera, shots, utc)
                     shots = []
@@ -272,6 +277,21 @@ class IngestHandler(Handler):
             copy = marker.copy_with(camera=camera)
             outputs.append(Output(FRAMES, copy, ids.output_key(INGEST, job.drive_id, marker.event, camera), partition))
         await self.publisher.publish(outputs)
+
+
+class _Encoders(ThreadPoolExecutor):
+    """The encoding threads, with a bounded backlog of decoded frames."""
+
+    def __init__(self) -> None:
+        super().__init__(ENCODERS, thread_name_prefix="ingest-encode")
+        self._room = threading.Semaphore(BACKLOG)
+
+    def submit_frame(self, encode: callable, *args) -> Future:
+        """Queue one frame's encoding; blocks while ``BACKLOG`` frames wait already."""
+        self._room.acquire()
+        future = self.submit(encode, *args)
+        future.add_done_callback(lambda _: self._room.release())
+        return future
 
 
 def _creation_utc(path: str) -> float | None:
