@@ -211,6 +211,7 @@ class Worker:
                 batch = await self._next_batch()
             except BrokerConnectionError as exc:
                 log.warning("worker %s: broker unreachable (%s); retrying", self.consumer, exc)
+                await self._drop_partitions()
                 await asyncio.sleep(RECONNECT_DELAY_S)
                 continue
             if not batch:
@@ -227,6 +228,21 @@ class Worker:
             except Exception as exc:  # prepare is best effort; handle() sees the failure again
                 log.warning("worker %s: prepare failed: %r", self.consumer, exc)
             await self._queue.put(batch)
+
+    async def _drop_partitions(self) -> None:
+        """After a failed read, hand every owned partition to the heartbeat to take over again.
+
+        A read whose reply was lost (the connection dropped after Redis ran it) delivered
+        entries that this worker never saw; later reads skip them. A partitioned stage
+        must not go on without them, so it drops its partitions' state and the next beat
+        takes each over again: claiming all its pending entries, those included, in order.
+        """
+        if self._partitions is None:
+            return
+        async with self._state_lock:
+            for partition in sorted(self._ready):
+                await self.handler.revoked(partition)
+                self._forget_partition(partition)
 
     async def _on_idle(self, idle_rounds: int) -> None:
         if self._queue.empty() and not self._busy:
