@@ -287,8 +287,14 @@ class Pipeline:
                 held[consumer_pid(consumer["name"])] += consumer["pending"]
         return {pid: n for pid, n in held.items() if n and pid in self.pids(stage)}
 
-    def wait_for_summaries(self, drives: set[str], on_poll: Callable[[], None] = lambda: None) -> Outcome:
-        """Poll until every drive has its summary; ``on_poll`` injects faults meanwhile."""
+    def wait_for_summaries(
+        self,
+        drives: set[str],
+        on_poll: Callable[[], None] = lambda: None,
+        until: Callable[[], bool] = lambda: True,
+    ) -> Outcome:
+        """Poll until every drive has its summary and ``until()`` holds; ``on_poll`` injects
+        faults meanwhile."""
         deadline = time.monotonic() + RUN_DEADLINE_S
         while True:
             try:
@@ -296,7 +302,7 @@ class Pipeline:
                 outcome = read_outcome(self.client)
             except redis.ConnectionError:  # the server is being restarted
                 outcome = Outcome()
-            if drives <= outcome.summaries.keys():
+            if drives <= outcome.summaries.keys() and until():
                 break
             waiting = sorted(drives - outcome.summaries.keys())
             assert time.monotonic() < deadline, f"no summary for {waiting}: verdicts lost\n{self.log_tail()}"
@@ -478,6 +484,7 @@ class Pauser:
         self.pipeline = pipeline
         self.paused: dict[str, tuple[int, float]] = {}  # stage -> (pid, when)
         self.resumed: dict[str, int] = {}  # stage -> entries the paused worker still held
+        self.last_resume = 0.0
 
     def __call__(self) -> None:
         self.pipeline.check_alive()
@@ -498,6 +505,11 @@ class Pauser:
         if waited > PAUSE_S and (held == 0 or waited > 15):
             self.pipeline.send(pid, signal.SIGCONT)
             self.resumed[stage] = held
+            self.last_resume = time.monotonic()
+
+    def done(self) -> bool:
+        """Every paused worker resumed, a second ago at least (its late acks are in)."""
+        return len(self.resumed) == len(self.paused) and time.monotonic() - self.last_resume > 1.0
 
 
 def test_workers_paused_past_the_claim_timeout_then_resumed_double_nothing(
@@ -513,7 +525,7 @@ def test_workers_paused_past_the_claim_timeout_then_resumed_double_nothing(
     # When one worker of each stage is SIGSTOPped while it holds entries, until the other
     # took them over, and then SIGCONTed (its late publishes and acks go through)
     pauser = Pauser(pipeline)
-    outcome = pipeline.wait_for_summaries(setup.drive_ids, on_poll=pauser)
+    outcome = pipeline.wait_for_summaries(setup.drive_ids, on_poll=pauser, until=pauser.done)
 
     # Then every stage had a worker paused and its entries taken over, and no verdict
     # was lost or doubled
@@ -639,3 +651,44 @@ async def test_entries_read_while_their_partition_is_rebuilt_go_behind_its_repla
     # Then the groups hold frames 0-4 and 5-9: the replayed frames came first
     groups = [codec.decode(e.data, FrameRef) for e in await broker.range(out)]
     assert [(g.seq, g.tick) for g in groups] == [(0, 0 + 1 + 2 + 3 + 4), (1, 5 + 6 + 7 + 8 + 9)]
+
+
+async def test_entries_of_a_read_whose_reply_was_lost_are_replayed_in_order() -> None:
+    # Given a grouping stage (groups of 5, order-sensitive) and ten frames of a camera,
+    # and a connection that drops after Redis ran the first read but before its reply came
+    from brokers.memory import MemoryBlobStore, MemoryBroker
+    from fixtures.relay import GroupingHandler, frame
+    from stream.errors import BrokerConnectionError
+    from stream.settings import load_settings
+    from workers.runtime import Worker
+
+    broker = MemoryBroker(namespace="lost")
+    settings = load_settings(environ={}, worker={"batch_size": 8, "max_wait_ms": 20, "heartbeat_s": 0.05})
+    settings = settings.model_copy(update={"namespace": "lost"})
+    worker = Worker(GroupingHandler(size=5), broker, MemoryBlobStore(), settings, consumer="w")
+    stream = names.stream_name(names.FRAMES, names.frame_partition("d1", "front", 16), "lost")
+    for seq in range(10):
+        await broker.publish(stream, codec.encode(frame("d1", seq)))
+    read, lost = broker.read, []
+
+    async def read_losing_the_first_reply(*args: object, **kwargs: object) -> list:
+        entries = await read(*args, **kwargs)
+        if entries and not lost:
+            lost.extend(entries)  # delivered to this consumer, never seen by it
+            raise BrokerConnectionError("reply lost")
+        return entries
+
+    broker.read = read_losing_the_first_reply
+
+    # When the worker runs
+    task = asyncio.create_task(worker.run())
+    out = names.stream_name("bench-out", ns="lost")
+    deadline = time.monotonic() + 10
+    while len(await broker.range(out)) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    worker.stop()
+    await task
+
+    # Then the lost entries were not skipped: groups hold frames 0-4 and 5-9
+    groups = [codec.decode(e.data, FrameRef) for e in await broker.range(out)]
+    assert lost and [(g.seq, g.tick) for g in groups] == [(0, 0 + 1 + 2 + 3 + 4), (1, 5 + 6 + 7 + 8 + 9)]
