@@ -65,6 +65,15 @@ for i = 2, #KEYS do
 end
 return ids
 """
+# KEYS[1] stream; ARGV payloads. A run of plain entries to one stream in one call: cheaper
+# to pack and parse than one XADD each (measured on the hop benchmark).
+_PUBLISH_MANY = """
+local ids = {}
+for i = 1, #ARGV do
+  ids[i] = redis.call('XADD', KEYS[1], '*', 'd', ARGV[i])
+end
+return ids
+"""
 # KEYS[1] lease; ARGV[1] owner, ARGV[2] ttl (ms). Take when free, renew when ours.
 _LEASE = """
 local owner = redis.call('GET', KEYS[1])
@@ -186,6 +195,7 @@ class RedisBroker(Broker):
         self.client = client if client is not None else client_from_url(url or "", **client_kwargs)
         self._groups: set[tuple[str, str]] = set()  # (stream, group) known to exist
         self._publish_once_sha = self.client.register_script(_PUBLISH_ONCE).sha
+        self._publish_many_sha = self.client.register_script(_PUBLISH_MANY).sha
         self._lease = self.client.register_script(_LEASE)
         self._release = self.client.register_script(_RELEASE)
         self._join = self.client.register_script(_JOIN)
@@ -230,6 +240,7 @@ class RedisBroker(Broker):
             # The server lost its script cache (restart, SCRIPT FLUSH); those EVALSHAs did
             # nothing, so running them again cannot double an entry.
             await self.client.script_load(_PUBLISH_ONCE)
+            await self.client.script_load(_PUBLISH_MANY)
             retried = await self._publish_pipeline([items[i] for i in missing])
             for i, reply in zip(missing, retried, strict=True):
                 replies[i] = reply
@@ -239,26 +250,29 @@ class RedisBroker(Broker):
         return [text(reply) for reply in replies]
 
     async def _publish_pipeline(self, items: Sequence[Publish]) -> list[Any]:
-        """One pipeline: plain XADDs, and one EVALSHA per run of deduplicated items that
-        go to the same stream. Returns one reply (an id or an error) per item, in order."""
-        runs = _dedupe_runs(items)
+        """One pipeline with one call per run of items to the same stream (a script call for
+        a run of several, with or without dedupe keys). Returns one reply (an id or an error)
+        per item, in order."""
+        runs = _publish_runs(items)
         ttl = self.settings.dedupe_ttl_s
         # EVALSHA straight into the pipeline: redis-py's Script in a pipeline would first
         # ask SCRIPT EXISTS, a second round trip on every batch.
         async with self.client.pipeline(transaction=False) as pipe:
             for run in runs:
                 first = items[run[0]]
-                if first.dedupe_key is None:
-                    pipe.xadd(first.stream, {FIELD: first.data})
-                else:
+                payloads = [items[i].data for i in run]
+                if first.dedupe_key is not None:
                     keys = [self.dedupe_name(first.stream, items[i].dedupe_key) for i in run]
-                    pipe.evalsha(self._publish_once_sha, 1 + len(keys), first.stream, *keys, ttl, *(items[i].data for i in run))
+                    pipe.evalsha(self._publish_once_sha, 1 + len(keys), first.stream, *keys, ttl, *payloads)
+                elif len(run) > 1:
+                    pipe.evalsha(self._publish_many_sha, 1, first.stream, *payloads)
+                else:
+                    pipe.xadd(first.stream, {FIELD: first.data})
             results = await pipe.execute(raise_on_error=False)
         replies: list[Any] = [None] * len(items)
         for run, result in zip(runs, results, strict=True):
-            many = isinstance(result, list) and items[run[0]].dedupe_key is not None
             for j, i in enumerate(run):
-                replies[i] = result[j] if many else result
+                replies[i] = result[j] if isinstance(result, list) else result
         return replies
 
     # -- consuming ----------------------------------------------------------------
@@ -646,19 +660,18 @@ def _ids_by_stream(entries: Sequence[Entry]) -> dict[str, list[str]]:
     return by_stream
 
 
-def _dedupe_runs(items: Sequence[Publish]) -> list[list[int]]:
-    """Item indexes grouped into runs: consecutive deduplicated items of one stream share a
-    run (one script call); every other item is a run of its own. Order is kept."""
+def _publish_runs(items: Sequence[Publish]) -> list[list[int]]:
+    """Item indexes grouped into runs of consecutive items to one stream that all have, or
+    all lack, a dedupe key: each run is one call. Order is kept."""
     runs: list[list[int]] = []
     for i, item in enumerate(items):
         previous = items[i - 1] if i else None
-        if (
-            runs
-            and item.dedupe_key is not None
-            and previous is not None
-            and previous.dedupe_key is not None
+        same = (
+            previous is not None
             and previous.stream == item.stream
-        ):
+            and (previous.dedupe_key is None) == (item.dedupe_key is None)
+        )
+        if runs and same:
             runs[-1].append(i)
         else:
             runs.append([i])
