@@ -24,6 +24,7 @@ from rich.table import Table
 from stream import names
 from stream.errors import ConfigError, RoadstreamError
 from stream.settings import Settings, load_settings
+from workers.logs import configure as configure_logs
 
 #: Modules whose ``register(cli)`` adds their commands.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -87,10 +88,17 @@ def redis_option(func: Any) -> Any:
 @click.option("--config", type=click.Path(dir_okay=False), help="TOML or YAML settings [env: ROADSTREAM_CONFIG]")
 @click.option("--set", "set_", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-def cli(config: str | None, set_: tuple[str, ...], verbose: int) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    envvar="ROADSTREAM_LOG_FORMAT",
+    show_envvar=True,
+    help="json: one object a line, with stage, drive and window fields.",
+)
+def cli(config: str | None, set_: tuple[str, ...], verbose: int, log_format: str) -> None:
     """roadstream: TeslaCam footage in, roadwork verdicts out, over Redis Streams."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logs(logging.WARNING - 10 * min(verbose, 2), log_format)
 
 
 @cli.command()

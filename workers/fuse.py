@@ -107,6 +107,14 @@ class FuseHandler(Handler):
         self._held = {k: d for k, d in self._held.items() if d.partition != partition}
 
     async def _commit(self, step: Step) -> BatchResult:
+        for message in step.outputs:
+            log.info(
+                "fuse: %s %s window %s",
+                message.KIND,
+                message.drive_id,  # type: ignore[attr-defined]
+                getattr(message, "window", "-"),
+                extra={"stage": names.FUSE, "drive": message.drive_id, "window": getattr(message, "window", None)},  # type: ignore[attr-defined]
+            )
         outputs = [self._output(m) for m in step.outputs]
         if outputs and self.publisher is not None:
             await self.publisher.publish(outputs)  # before the checkpoint that says they are out
