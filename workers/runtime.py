@@ -120,6 +120,7 @@ class Worker:
         self._queue: asyncio.Queue[list[Delivery]] = asyncio.Queue(maxsize=1)
         self._busy = 0
         self._stop_event = asyncio.Event()
+        self._beating = True
         # Handler state changes one at a time: a batch being handled never sees its
         # partition revoked or rebuilt under it by the heartbeat.
         self._state_lock = asyncio.Lock()
@@ -176,9 +177,8 @@ class Worker:
             await self._stop_event.wait()
             await self._drain(tasks)
         finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await beat
+            self._beating = False
+            await _cancel_all([beat], self.consumer)
             await self._shutdown()
 
     async def _drain(self, tasks: list[asyncio.Task]) -> None:
@@ -187,12 +187,7 @@ class Worker:
         deadline = time.monotonic() + self.settings.worker.grace_s
         while (self._busy or not self._queue.empty()) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        for task in tasks:
-            task.cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                log.error("worker %s: task failed: %r", self.consumer, result)
+        await _cancel_all(tasks, self.consumer)
 
     async def _shutdown(self) -> None:
         with contextlib.suppress(Exception):
@@ -346,6 +341,8 @@ class Worker:
             try:
                 await self._process(batch)
             except BrokerConnectionError as exc:
+                if self.stopping:
+                    return  # possibly our own cancellation, turned into a connection error
                 log.warning("worker %s: broker unreachable mid-batch (%s); recovering", self.consumer, exc)
                 await self._recover(batch)
             finally:
@@ -423,9 +420,11 @@ class Worker:
         self.counts["failed"] += 1
         self._held.pop(_key(delivery), None)
         error = f"{reason}: {exc}"
+        context = self._context(entry, getattr(delivery.message, "drive_id", None))
         if isinstance(exc, InputError) or entry.deliveries >= self.settings.broker.max_deliveries:
-            await self._dead_letter(entry, error)
+            await self._dead_letter(entry, error, context)
             return False
+        log.info("worker %s: %s %s failed, left for redelivery: %s", self.consumer, entry.stream, entry.id, error, extra=context)
         # Left pending: redelivered with a higher count. Keep the reason for the dead
         # letter, in case the next try is the last.
         await self.broker.put_value(self._error_key(entry), error.encode(), ttl_ms=24 * 3600 * 1000)
@@ -434,11 +433,16 @@ class Worker:
     def _error_key(self, entry: Entry) -> str:
         return f"{self.broker.namespace}:error:{self.group}:{entry.stream}:{entry.id}"
 
-    async def _dead_letter(self, entry: Entry, error: str) -> None:
+    def _context(self, entry: Entry, drive: str | None = None) -> dict[str, object]:
+        """Log fields that say where a record comes from (JSON logs write them as keys)."""
+        return {"stage": self.group, "consumer": self.consumer, "stream": entry.stream, "entry": entry.id, "drive": drive}
+
+    async def _dead_letter(self, entry: Entry, error: str, context: dict[str, object] | None = None) -> None:
         await self.broker.dead_letter(self.group, entry, error, consumer=self.consumer)
         metrics.DEAD_LETTERS.labels(self.group).inc()
         self.counts["dead"] += 1
-        log.warning("worker %s: dead-lettered %s %s: %s", self.consumer, entry.stream, entry.id, error)
+        context = context or self._context(entry)
+        log.warning("worker %s: dead-lettered %s %s: %s", self.consumer, entry.stream, entry.id, error, extra=context)
 
     async def publish(self, outputs: Sequence[Output]) -> None:
         """Encode and publish outputs in one round trip (idempotent by dedupe key)."""
@@ -458,7 +462,9 @@ class Worker:
         touch_every = self.settings.broker.claim_idle_ms / 3000
         reclaim_every = self.settings.worker.reclaim_interval_s
         last_touch = last_reclaim = time.monotonic()
-        while True:
+        # A flag, not only cancellation: redis-py can turn a cancel that lands mid-command
+        # into a connection error, which this loop survives on purpose.
+        while self._beating:
             await asyncio.sleep(min(interval, touch_every))
             try:
                 now = time.monotonic()
@@ -633,6 +639,23 @@ class Worker:
     def ready(self) -> bool:
         """Whether the worker started and is taking work (the readiness probe)."""
         return self.started and not self.stopping and self.live()
+
+
+#: Longest wait for a cancelled task to end before shutdown goes on without it.
+CANCEL_WAIT_S = 5.0
+
+
+async def _cancel_all(tasks: list[asyncio.Task], consumer: str) -> None:
+    """Cancel tasks and wait for them, but never forever: a task that swallowed its
+    cancellation (a cancel turned into a connection error) must not hang shutdown."""
+    for task in tasks:
+        task.cancel()
+    done, pending = await asyncio.wait(tasks, timeout=CANCEL_WAIT_S)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker %s: task failed: %r", consumer, task.exception())
+    for task in pending:
+        log.error("worker %s: task %s did not stop when cancelled; left behind", consumer, task.get_name())
 
 
 def _key(delivery: Delivery) -> tuple[str, str]:
