@@ -232,6 +232,13 @@ class Pipeline:
         self.started = 0
         logs.mkdir(parents=True, exist_ok=True)
 
+    def run(self, drives: list, per_stage: int = 1) -> None:
+        """Start ``per_stage`` workers of each stage, wait until they are ready, submit ``drives``."""
+        for stage in (names.INGEST, names.DETECT, names.FUSE):
+            self.start(stage, per_stage)
+        self.wait_ready()
+        submit(self.url, drives)
+
     def start(self, stage: str, count: int = 1) -> None:
         """Start ``count`` workers of ``stage``."""
         for _ in range(count):
@@ -376,10 +383,7 @@ def reference(setup: Setup, redis_server_url: str) -> Outcome:
         client.flushdb()
     pipeline = Pipeline(setup, redis_server_url, setup.work / "reference-logs")
     try:
-        for stage in (names.INGEST, names.DETECT, names.FUSE):
-            pipeline.start(stage)
-        pipeline.wait_ready()
-        submit(redis_server_url, setup.drives)
+        pipeline.run(setup.drives)
         outcome = pipeline.wait_for_summaries(setup.drive_ids)
     finally:
         pipeline.close()
@@ -430,10 +434,7 @@ def test_workers_of_every_stage_sigkilled_mid_run_lose_and_double_no_verdict(
 ):
     # Given two workers of each stage on the two drives
     pipeline = pipeline_factory(redis_url)
-    for stage in (names.INGEST, names.DETECT, names.FUSE):
-        pipeline.start(stage, 2)
-    pipeline.wait_ready()
-    submit(redis_url, setup.drives)
+    pipeline.run(setup.drives, per_stage=2)
 
     # When workers of every stage are SIGKILLed while they hold entries, and restarted
     killer = Killer(pipeline, per_stage=2)
@@ -451,10 +452,7 @@ def test_redis_killed_and_restarted_with_aof_mid_run_workers_reconnect_and_finis
     with RedisServers(tmp_path / "redis") as servers:
         server = servers.start(appendonly=True)
         pipeline = pipeline_factory(server.url())
-        for stage in (names.INGEST, names.DETECT, names.FUSE):
-            pipeline.start(stage)
-        pipeline.wait_ready()
-        submit(server.url(), setup.drives)
+        pipeline.run(setup.drives)
 
         # When the server is SIGKILLed while detect holds frames, and started again 1 s later
         restarts = []
@@ -517,10 +515,7 @@ def test_workers_paused_past_the_claim_timeout_then_resumed_double_nothing(
 ):
     # Given two workers of each stage on the two drives
     pipeline = pipeline_factory(redis_url)
-    for stage in (names.INGEST, names.DETECT, names.FUSE):
-        pipeline.start(stage, 2)
-    pipeline.wait_ready()
-    submit(redis_url, setup.drives)
+    pipeline.run(setup.drives, per_stage=2)
 
     # When one worker of each stage is SIGSTOPped while it holds entries, until the other
     # took them over, and then SIGCONTed (its late publishes and acks go through)
@@ -584,12 +579,9 @@ def test_poison_entries_and_bad_footage_are_dead_lettered_or_reported_and_the_re
     not_a_video(bad.clip(1, "left_repeater"))
     (bad_drive,) = discover(setup.footage / "c").drives
     pipeline = pipeline_factory(redis_url)
-    for stage in (names.INGEST, names.DETECT, names.FUSE):
-        pipeline.start(stage)
-    pipeline.wait_ready()
 
     # When the three drives are submitted
-    submit(redis_url, [*setup.drives, bad_drive])
+    pipeline.run([*setup.drives, bad_drive])
     outcome = pipeline.wait_for_summaries(setup.drive_ids | {bad_drive.drive_id})
 
     # Then each bad entry is dead-lettered once, by the group it reached, with its reason
