@@ -236,8 +236,7 @@ class Worker:
             return
         async with self._state_lock:
             for partition in sorted(self._ready):
-                await self.handler.revoked(partition)
-                self._forget_partition(partition)
+                await self._drop_state(partition)
 
     async def _on_idle(self, idle_rounds: int) -> None:
         if self._queue.empty() and not self._busy:
@@ -498,10 +497,14 @@ class Worker:
             return
         async with self._state_lock:
             for partition in sorted(revoked):
-                await self.handler.revoked(partition)
-                self._forget_partition(partition)
+                await self._drop_state(partition)
             for partition in sorted(assigned | unready):
                 await self._take_over(partition)
+
+    async def _drop_state(self, partition: int) -> None:
+        """Drop what the handler and this worker hold of a partition (its entries stay pending)."""
+        await self.handler.revoked(partition)
+        self._forget_partition(partition)
 
     def _forget_partition(self, partition: int) -> None:
         self._generation[partition] = self._generation.get(partition, 0) + 1
@@ -523,8 +526,7 @@ class Worker:
                     self._replay += await self._accept(sorted(claimed, key=_entry_order), taking_over=True)
         except BrokerConnectionError:
             # Half a replay would rebuild half a state: drop it, claim it all next beat.
-            await self.handler.revoked(partition)
-            self._forget_partition(partition)
+            await self._drop_state(partition)
             raise
         self._ready.add(partition)
 
@@ -540,8 +542,7 @@ class Worker:
         pending = [d for d in self._held.values() if d.partition == partition and _key(d) not in failed_keys]
         pending += [Delivery(replace(d.entry, deliveries=d.entry.deliveries + 1), d.message, partition) for d in failed]
         pending += list(claimed)
-        await self.handler.revoked(partition)
-        self._forget_partition(partition)
+        await self._drop_state(partition)
         if self._partitions is None or partition not in self._partitions.owned:
             return  # no longer ours: its new owner replays it
         await self.handler.assigned(partition)
