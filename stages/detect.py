@@ -1,12 +1,20 @@
 """The detector: an ultralytics YOLO run as a bare ``nn.Module`` over batches of JPEGs.
 
-The hot path is built for throughput and stays on the device from the JPEG bytes to the
-boxes: one batched JPEG decode (nvJPEG on CUDA), letterbox + resize + normalise as tensor
-ops, ONE forward pass of the underlying ``DetectionModel`` (never ``YOLO.predict``, whose
-per-image pre- and post-processing is what a batch is meant to avoid), box decoding and
-batched NMS over the whole batch in one ``torchvision.ops.batched_nms`` call, and one copy
-of the results to the host. A frame descriptor (the global-average-pooled feature map of
-the last backbone layer, L2-normalised) is taken by a forward hook in the same pass.
+The hot path is built for throughput. One batched JPEG decode (nvJPEG on CUDA), then
+letterbox + resize + normalise as tensor ops, ONE forward pass of the underlying
+``DetectionModel`` (never ``YOLO.predict``, whose per-image pre- and post-processing is
+what a batch is meant to avoid), and a fixed-shape top-k of candidate boxes per image, all
+queued on the device without waiting (``launch``): the caller gets a ``PendingBatch``
+whose candidates and descriptors land in pinned host memory behind the forward pass. On
+the host (``collect``), the few candidates above the threshold go through class-aware NMS
+per image and are mapped back to the frame. So the next batch is fetched, decoded and
+queued while the device still runs this one, and no step in between waits for the device.
+
+On CUDA each batch is padded to a multiple of ``pad_batch_to`` frames, and the forward
+pass of each input shape is captured once as a CUDA graph and replayed: for a small
+model, launching its few hundred kernels one by one from Python costs more than the
+kernels themselves. A frame descriptor (the global-average-pooled feature map of the
+last backbone layer, L2-normalised) is taken by a forward hook in the same pass.
 
 The model is named in ``DetectSettings.model`` and loaded by ultralytics' own loader: a
 ``.pt`` file, an ultralytics model name found in its weights folder, or a model yaml
@@ -18,8 +26,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,8 +52,14 @@ PAD_VALUE = 114 / 255
 MAX_CANDIDATES = 1000
 #: The stride every YOLO input side must be a multiple of.
 STRIDE = 32
+#: CUDA graphs kept (one per batch shape); shapes beyond these run eagerly.
+MAX_GRAPHS = 32
 
-STAGES = ("decode", "preprocess", "forward", "nms", "postprocess")
+STAGES = ("decode", "preprocess", "forward", "candidates", "nms", "postprocess")
+
+#: Extra work over a batch's decoded frames in the same call (the roadwork scorer): named
+#: device tensors with one row per frame, copied to the host with the detections.
+ExtraHeads = Callable[[Sequence[torch.Tensor]], dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -66,17 +81,65 @@ class FrameResult:
 
 @dataclass
 class Letterbox:
-    """Where each image of a batch lies in the model input (for mapping boxes back)."""
+    """Where each image of a batch lies in the model input (host arrays, for mapping boxes back)."""
 
     shape: tuple[int, int]  # model input (h, w)
-    scale: torch.Tensor  # (B,) resize factor
-    pad: torch.Tensor  # (B, 2) left, top padding in input pixels
-    size: torch.Tensor  # (B, 2) original width, height
+    scale: np.ndarray  # (n,) resize factor
+    pad: np.ndarray  # (n, 2) left, top padding in input pixels
+    size: np.ndarray  # (n, 2) original width, height
+
+
+@dataclass
+class PendingBatch:
+    """A batch queued on the device; its outputs are on their way to pinned host memory.
+
+    Attributes:
+        letterbox: where each frame lies in the model input.
+        candidates: ``(n, K, 6)`` rows ``x1 y1 x2 y2 score class`` in input pixels, the
+            top ``K`` per frame by score, before threshold and NMS.
+        features: ``(n, D)`` descriptors.
+        extras: the extra heads' outputs, by name.
+        event: recorded behind the copies (``None`` on the CPU: already there).
+        seconds: host time per step spent on this batch so far.
+    """
+
+    letterbox: Letterbox
+    candidates: torch.Tensor
+    features: torch.Tensor
+    extras: dict[str, torch.Tensor]
+    event: torch.cuda.Event | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.letterbox.scale)
+
+    def ready(self) -> bool:
+        """True once the outputs are on the host."""
+        return self.event is None or self.event.query()
+
+    def wait(self) -> None:
+        """Block until the outputs are on the host (releases the GIL meanwhile)."""
+        if self.event is not None:
+            self.event.synchronize()
+
+
+@dataclass
+class _Graph:
+    """A captured forward pass: replay it after copying a batch into ``input``."""
+
+    graph: torch.cuda.CUDAGraph
+    input: torch.Tensor
+    output: torch.Tensor
+    features: torch.Tensor
+    #: Tensors outside the graph's pool that it reads and the model would drop: the
+    #: head's anchors of this shape (it caches only the last shape's; replaying a graph
+    #: whose anchors were freed read freed memory on an H200).
+    keep: tuple[torch.Tensor, ...] = ()
 
 
 @dataclass
 class Timings:
-    """Cumulative seconds per hot-path step (exact only with ``profile=True`` on CUDA)."""
+    """Cumulative seconds per hot-path step (device time only with ``profile=True`` on CUDA)."""
 
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     frames: int = 0
@@ -95,10 +158,14 @@ def normalise_name(name: str) -> str:
 class Detector:
     """A YOLO detector over batches of JPEG frames.
 
+    ``decode`` blocks (in C++, without the GIL: call it from a thread), ``launch`` only
+    queues device work (call it from anywhere), ``collect`` waits for a launched batch and
+    builds its results; ``detect`` is ``launch`` then ``collect``.
+
     Parameters:
         settings: model, device, input size, thresholds and the class map.
         profile: synchronise the device between steps so that ``timings`` is exact
-            (costs a little throughput; for benchmarks).
+            (costs throughput; for benchmarks).
 
     Raises:
         ModelError: the model file is missing, does not load, or is not a detector.
@@ -108,7 +175,8 @@ class Detector:
         self.settings = settings
         self.profile = profile
         self.device = torch.device(settings.device)
-        self.half = settings.half and self.device.type == "cuda"
+        self.cuda = self.device.type == "cuda"
+        self.half = settings.half and self.cuda
         self.dtype = torch.float16 if self.half else torch.float32
         self.timings = Timings()
         self.name = Path(settings.model).name
@@ -119,14 +187,21 @@ class Detector:
             self.net.half()
         for p in self.net.parameters():
             p.requires_grad_(False)
+        if self.cuda:
+            # Batches come in a few fixed shapes (pad_batch_to): autotune each once.
+            torch.backends.cudnn.benchmark = True
         names = {int(k): str(v) for k, v in self.net.names.items()}
         self.labels: dict[int, str] = metadata_labels(settings.model, names)
         self.class_types = self._class_types(settings.classes)
         self._class_ids = torch.tensor(sorted(self.class_types), dtype=torch.long, device=self.device)
         self._features: torch.Tensor | None = None
-        # Decoding runs on its own CUDA stream so that the next batch's nvJPEG work can
-        # overlap the current batch's forward pass.
-        self._decode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._end2end = False  # set by the first forward pass: an NMS-free head
+        # Decoding runs on its own CUDA stream (and, in the worker, its own thread) so that
+        # the next batch's nvJPEG work overlaps the current batch's forward pass.
+        self._decode_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._graphs: dict[tuple[int, ...], _Graph] = {}
+        # Held by decode and by graph capture: no other thread's CUDA work during a capture.
+        self._device_lock = threading.Lock()
         self.descriptor_layer = self._hook_descriptor(settings.descriptor_layer)
 
     # -- set-up -------------------------------------------------------------------
@@ -149,11 +224,13 @@ class Detector:
 
     # -- the hot path ---------------------------------------------------------------
 
-    def _mark(self, stage: str, started: float) -> float:
-        if self.profile and self.device.type == "cuda":
+    def _mark(self, stage: str, started: float, seconds: dict[str, float] | None = None) -> float:
+        if self.profile and self.cuda:
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.timings.add(stage, now - started)
+        if seconds is not None:
+            seconds[stage] = seconds.get(stage, 0.0) + now - started
         return now
 
     def decode(self, blobs: Sequence[bytes | None], names: Sequence[str] | None = None) -> list:
@@ -180,9 +257,9 @@ class Detector:
         if self._decode_stream is None:
             images = self._decode_batch(tensors, [names[i] for i in todo])
         else:
-            with torch.cuda.stream(self._decode_stream):
+            with self._device_lock, torch.cuda.stream(self._decode_stream):
                 images = self._decode_batch(tensors, [names[i] for i in todo])
-            self._decode_stream.synchronize()
+                self._decode_stream.synchronize()
         for i, image in zip(todo, images, strict=True):
             out[i] = image
         self._mark("decode", started)
@@ -204,30 +281,56 @@ class Detector:
             reason = str(exc).rsplit(", ", 1)[-1].strip()
             return InputError(f"{name}: frame does not decode as JPEG ({reason})")
 
-    def detect(self, images: Sequence[torch.Tensor]) -> list[FrameResult]:
-        """Detect objects in decoded frames with one forward pass.
+    def launch(self, images: Sequence[torch.Tensor], extra: ExtraHeads | None = None) -> PendingBatch:
+        """Queue one batch's detection on the device; nothing here waits for the device.
 
         Parameters:
             images: ``uint8`` RGB tensors ``(3, H, W)`` (any sizes) from ``decode``.
+            extra: more heads over the same decoded frames, run in the same call.
+
+        Returns:
+            The pending batch, for ``collect``.
+        """
+        seconds: dict[str, float] = {}
+        n = len(images)
+        with torch.inference_mode():
+            started = time.perf_counter()
+            batch, box = self.preprocess(images)
+            started = self._mark("preprocess", started, seconds)
+            preds, features = self.forward(batch)
+            started = self._mark("forward", started, seconds)
+            candidates, features = self._to_host(self.candidates(preds)[:n]), self._to_host(features[:n])
+            started = self._mark("candidates", started, seconds)
+            extras = {k: self._to_host(v) for k, v in extra(images).items()} if extra is not None else {}
+            if extra is not None:
+                self._mark("score", started, seconds)
+            pending = PendingBatch(box, candidates, features, extras, seconds=seconds)
+            if self.cuda:
+                pending.event = torch.cuda.Event()
+                pending.event.record()
+        return pending
+
+    def collect(self, pending: PendingBatch) -> list[FrameResult]:
+        """Wait for a launched batch, then threshold, NMS and map its boxes on the host.
 
         Returns:
             One ``FrameResult`` per image, in order.
         """
-        if not images:
-            return []
-        with torch.inference_mode():
-            started = time.perf_counter()
-            batch, box = self.preprocess(images)
-            started = self._mark("preprocess", started)
-            preds = self.forward(batch)
-            started = self._mark("forward", started)
-            rows = self.nms(preds)
-            started = self._mark("nms", started)
-            results = self._results(rows, box, len(images))
-            self._mark("postprocess", started)
-        self.timings.frames += len(images)
+        pending.wait()
+        started = time.perf_counter()
+        rows = self._nms_host(pending.candidates.numpy())
+        started = self._mark("nms", started, pending.seconds)
+        results = self._results(rows, pending.letterbox, pending.features.numpy())
+        self._mark("postprocess", started, pending.seconds)
+        self.timings.frames += len(pending)
         self.timings.batches += 1
         return results
+
+    def detect(self, images: Sequence[torch.Tensor]) -> list[FrameResult]:
+        """Detect objects in decoded frames with one forward pass (``launch`` + ``collect``)."""
+        if not images:
+            return []
+        return self.collect(self.launch(images))
 
     def detect_jpegs(self, blobs: Sequence[bytes | None], names: Sequence[str] | None = None) -> list:
         """Decode and detect; returns a ``FrameResult`` or an ``InputError`` per frame."""
@@ -249,20 +352,27 @@ class Detector:
             w = max(w, math.ceil(round(fw * r) / STRIDE) * STRIDE)
         return h, w
 
+    def padded_size(self, frames: int) -> int:
+        """Rows of the model input for a batch of ``frames`` (padded on CUDA only)."""
+        step = self.settings.pad_batch_to if self.cuda else 1
+        return -(-frames // step) * step
+
     def preprocess(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Letterbox]:
         """Letterbox, resize and normalise a batch on the device.
 
-        Frames of one size (the usual case) are resized in a single ``interpolate`` call.
+        Frames of one size (the usual case) are resized in a single ``interpolate`` call;
+        rows past the frames (padding up to ``padded_size``) stay blank.
         """
         if self._decode_stream is not None:
             # Made on the decode stream: keep the allocator from reusing them too early.
             for im in images:
                 im.record_stream(torch.cuda.current_stream(self.device))
+        n = len(images)
         sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
         shape = self.input_shape(sizes)
-        canvas = torch.full((len(images), 3, *shape), PAD_VALUE, dtype=self.dtype, device=self.device)
-        scale = torch.empty(len(images), device=self.device)
-        pad = torch.empty(len(images), 2, device=self.device)
+        canvas = torch.full((self.padded_size(n), 3, *shape), PAD_VALUE, dtype=self.dtype, device=self.device)
+        scale = np.empty(n, dtype=np.float32)
+        pad = np.empty((n, 2), dtype=np.float32)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, size in enumerate(sizes):
             groups.setdefault(size, []).append(i)
@@ -273,86 +383,137 @@ class Detector:
             x = torch.stack([images[i] for i in index]).to(self.device, self.dtype, non_blocking=True)
             if (nh, nw) != (fh, fw):
                 x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
-            idx = torch.tensor(index, device=self.device)
-            canvas[idx, :, top : top + nh, left : left + nw] = x.mul_(1 / 255)
-            scale[idx] = r
-            pad[idx] = torch.tensor([left, top], dtype=pad.dtype, device=self.device)
-        size = torch.tensor([(w, h) for h, w in sizes], dtype=torch.float32, device=self.device)
+            rows = slice(0, n) if len(groups) == 1 else torch.tensor(index, device=self.device)
+            canvas[rows, :, top : top + nh, left : left + nw] = x.mul_(1 / 255)
+            scale[index] = r
+            pad[index] = (left, top)
+        size = np.array([(w, h) for h, w in sizes], dtype=np.float32).reshape(n, 2)
         return canvas, Letterbox(shape, scale, pad, size)
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """One forward pass; returns raw predictions ``(B, 4 + nc, anchors)`` (xywh, scores).
-
-        Also leaves the pooled descriptor of each image in ``self._features``.
-        """
-        out = self.net(batch)
-        return out[0] if isinstance(out, (list, tuple)) else out
-
-    def nms(self, preds: torch.Tensor) -> torch.Tensor:
-        """Box decoding and class-aware NMS over the whole batch at once.
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass.
 
         Returns:
-            Rows ``(image, x1, y1, x2, y2, score, class)`` in input pixels, by image and
-            then score, at most ``max_det`` per image, mapped classes only.
+            Raw predictions ``(B, 4 + nc, anchors)`` (xywh, scores), or ``(B, N, 6)`` from
+            an end-to-end head, and the pooled descriptors ``(B, D)``.
         """
-        s = self.settings
-        empty = torch.zeros((0, 7), device=preds.device)
+        graph = self._graph(batch) if self.cuda and self.settings.cuda_graphs else None
+        if graph is not None:
+            graph.input.copy_(batch)
+            graph.graph.replay()
+            return graph.output, graph.features
+        return self._predictions(self.net(batch)), self._features
+
+    def _predictions(self, out: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        preds = out[0] if isinstance(out, (list, tuple)) else out
+        self._end2end = preds.shape[-1] == 6  # NMS-free head: (B, N, x1 y1 x2 y2 score cls)
+        return preds
+
+    def _graph(self, batch: torch.Tensor) -> _Graph | None:
+        """The captured forward pass for this batch shape (captured on first sight)."""
+        key = tuple(batch.shape)
+        if key not in self._graphs:
+            if len(self._graphs) >= MAX_GRAPHS:
+                return None
+            self._graphs[key] = self._capture(batch)
+        return self._graphs[key]
+
+    def _capture(self, batch: torch.Tensor) -> _Graph:
+        static = batch.clone()
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with self._device_lock:
+            with torch.cuda.stream(side):
+                for _ in range(3):  # autotuning and first allocations stay out of the graph
+                    self.net(static)
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                output = self._predictions(self.net(static))
+                features = self._features
+        keep = tuple(
+            t
+            for m in self.net.modules()
+            for t in (getattr(m, "anchors", None), getattr(m, "strides", None))
+            if isinstance(t, torch.Tensor)
+        )
+        return _Graph(graph, static, output, features, keep)
+
+    def candidates(self, preds: torch.Tensor) -> torch.Tensor:
+        """The top ``MAX_CANDIDATES`` boxes per image, of mapped classes, in fixed shape.
+
+        Returns:
+            ``(B, K, 6)`` float32 rows ``x1 y1 x2 y2 score class`` in input pixels, by
+            score; no threshold applied (that needs data-dependent shapes: host side).
+        """
+        b = preds.shape[0]
         if self._class_ids.numel() == 0:
-            return empty
-        if preds.shape[-1] == 6:  # end-to-end head (NMS-free): (B, N, x1 y1 x2 y2 score cls)
-            return self._end2end_rows(preds)
+            return torch.zeros((b, 0, 6), device=preds.device)
+        if self._end2end:
+            rows = preds.float()
+            mapped = (rows[..., 5:6] == self._class_ids.float()).any(-1)
+            rows[..., 4] = torch.where(mapped, rows[..., 4], -1.0)  # unmapped never pass
+            return rows
         scores = preds[:, 4:, :].index_select(1, self._class_ids)  # (B, K, A)
         conf, j = scores.max(1)  # (B, A)
-        k = min(MAX_CANDIDATES, conf.shape[1])
-        conf, anchor = conf.topk(k, dim=1)
-        keep = conf > s.conf
-        b, a = keep.nonzero(as_tuple=True)
-        if b.numel() == 0:
-            return empty
-        anchor = anchor[b, a]
-        xywh = preds[b, :4, anchor].float()
-        boxes = torch.cat((xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2), 1)
-        score = conf[b, a].float()
-        cls = self._class_ids[j[b, anchor]]
-        kept = batched_nms(boxes, score, b * len(self.labels) + cls, s.iou)
-        rows = torch.cat((b[kept, None].float(), boxes[kept], score[kept, None], cls[kept, None].float()), 1)
-        return self._cap_per_image(rows)
+        conf, anchor = conf.topk(min(MAX_CANDIDATES, conf.shape[1]), dim=1)  # (B, k)
+        xywh = preds[:, :4, :].gather(2, anchor[:, None, :].expand(-1, 4, -1)).float()  # (B, 4, k)
+        half = xywh[:, 2:] / 2
+        cls = self._class_ids[j.gather(1, anchor)].float()
+        rows = torch.cat((xywh[:, :2] - half, xywh[:, :2] + half, conf[:, None].float(), cls[:, None]), 1)
+        return rows.transpose(1, 2)
 
-    def _end2end_rows(self, preds: torch.Tensor) -> torch.Tensor:
-        preds = preds.float()
-        mapped = (preds[..., 5:6] == self._class_ids.float()).any(-1)
-        b, n = ((preds[..., 4] > self.settings.conf) & mapped).nonzero(as_tuple=True)
-        return self._cap_per_image(torch.cat((b[:, None].float(), preds[b, n]), 1))
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Copy to the host; on CUDA into pinned memory, without waiting for it."""
+        if not self.cuda:
+            return tensor.float() if tensor.dtype == torch.float16 else tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor.contiguous(), non_blocking=True)
+        return host
 
-    def _cap_per_image(self, rows: torch.Tensor) -> torch.Tensor:
-        """Sort rows by image then score and keep the first ``max_det`` of each image."""
-        order = torch.argsort(rows[:, 5], descending=True, stable=True)
-        rows = rows[order]
-        rows = rows[torch.argsort(rows[:, 0], stable=True)]
-        image = rows[:, 0].long()
-        first = torch.searchsorted(image, image, right=False)
-        rank = torch.arange(len(rows), device=rows.device) - first
-        return rows[rank < self.settings.max_det]
+    def _nms_host(self, candidates: np.ndarray) -> list[np.ndarray]:
+        """Per image: rows above the threshold, class-aware NMS, at most ``max_det``, by score.
 
-    def _results(self, rows: torch.Tensor, box: Letterbox, n: int) -> list[FrameResult]:
-        """Map boxes back to normalised frame coordinates and copy everything to the host once."""
-        if len(rows):
-            b = rows[:, 0].long()
-            xy = (rows[:, 1:5].view(-1, 2, 2) - box.pad[b, None, :]) / box.scale[b, None, None]
-            xy = (xy / box.size[b, None, :]).clamp_(0, 1).view(-1, 4)
-            rows = torch.cat((rows[:, :1], xy, rows[:, 5:]), 1)
-        host = rows.cpu().numpy()
-        features = self._features.cpu().numpy().astype(np.float32)
-        sizes = box.size.cpu().numpy().astype(int)
-        per_image: list[list[Detection]] = [[] for _ in range(n)]
-        for image, x1, y1, x2, y2, score, cls in host.tolist():
-            label = self.labels[int(cls)]
-            per_image[int(image)].append(
-                Detection(type=self.class_types[int(cls)], label=label, score=score, box=(x1, y1, x2, y2))
-            )
-        return [
-            FrameResult(per_image[i], features[i], int(sizes[i][0]), int(sizes[i][1])) for i in range(n)
-        ]
+        One ``batched_nms`` call serves the whole batch (boxes of different images or
+        classes never suppress each other); a per-image call costs more in overhead than
+        the few boxes a frame has.
+        """
+        s = self.settings
+        image, index = np.nonzero(candidates[..., 4] > s.conf)  # candidates come sorted by score
+        rows = candidates[image, index]
+        if len(rows) and not self._end2end:
+            t = torch.from_numpy(rows)
+            groups = torch.from_numpy(image).long() * max(len(self.labels), 1) + t[:, 5].long()
+            keep = batched_nms(t[:, :4], t[:, 4], groups, s.iou).numpy()  # by score, descending
+            keep = keep[np.argsort(image[keep], kind="stable")]
+            image, rows = image[keep], rows[keep]
+        elif len(rows):
+            order = np.lexsort((-rows[:, 4], image))
+            image, rows = image[order], rows[order]
+        bounds = np.searchsorted(image, np.arange(len(candidates) + 1))
+        return [rows[start : min(end, start + s.max_det)] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def _results(self, rows: Sequence[np.ndarray], box: Letterbox, features: np.ndarray) -> list[FrameResult]:
+        """Map each image's boxes back to normalised frame coordinates."""
+        results = []
+        for i, found in enumerate(rows):
+            detections = []
+            if len(found):
+                xy = (found[:, :4].reshape(-1, 2, 2) - box.pad[i]) / box.scale[i] / box.size[i]
+                xy = np.clip(xy, 0, 1).reshape(-1, 4)
+                for (x1, y1, x2, y2), score, cls in zip(xy.tolist(), found[:, 4].tolist(), found[:, 5].tolist(), strict=True):
+                    detections.append(
+                        Detection(
+                            type=self.class_types[int(cls)],
+                            label=self.labels[int(cls)],
+                            score=score,
+                            box=(x1, y1, x2, y2),
+                        )
+                    )
+            width, height = (int(v) for v in box.size[i])
+            results.append(FrameResult(detections, features[i].astype(np.float32), width, height))
+        return results
 
 
 def resolve_weights(name: str) -> str:

@@ -51,6 +51,10 @@ class WorkerSettings(BaseModel):
     batch_size: int = 32
     max_wait_ms: int = 50
     concurrency: int = 1
+    #: Batches read ahead of the one being handled. Their preparation (the detect stage's
+    #: blob fetch, JPEG decode and GPU launch) runs concurrently, so one batch's fetch
+    #: overlaps another's decode and the device always has work queued.
+    prefetch: int = Field(default=2, ge=1)
     #: Seconds to finish in-flight work after SIGTERM before cancelling it.
     grace_s: float = 10.0
     reclaim_interval_s: float = 5.0
@@ -86,6 +90,13 @@ class DetectSettings(BaseModel):
     conf: float = 0.25
     iou: float = 0.45
     max_det: int = 100
+    #: On CUDA, pad each batch with blank frames up to a multiple of this many, so the
+    #: model sees a few batch shapes: each is autotuned (cuDNN) and captured (CUDA graph)
+    #: once instead of per batch size. 1 pads nothing.
+    pad_batch_to: int = Field(default=8, ge=1)
+    #: On CUDA, run the model's forward pass as a captured CUDA graph per input shape
+    #: (one launch instead of hundreds: the launches, not the GPU, bound small models).
+    cuda_graphs: bool = True
     #: Model class name -> roadwork object type; classes not named are ignored.
     #: Names match in any case, with spaces, underscores and hyphens alike.
     classes: dict[str, str] = Field(

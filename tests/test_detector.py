@@ -101,8 +101,8 @@ def test_boxes_map_back_from_letterbox_to_original_frame(detector: Detector) -> 
     assert box.shape == (96, 160)
 
     # When a box covering the resized frame exactly is mapped back
-    rows = torch.tensor([[0, 0.0, 3.0, 160.0, 93.0, 0.9, 0.0], [0, 40.0, 25.5, 80.0, 48.0, 0.8, 1.0]])
-    results = detector._results(rows, box, 1)  # (descriptor: left from the last pass)
+    rows = np.array([[0.0, 3.0, 160.0, 93.0, 0.9, 0.0], [40.0, 25.5, 80.0, 48.0, 0.8, 1.0]], dtype=np.float32)
+    results = detector._results([rows], box, np.ones((1, 256), dtype=np.float32))
 
     # Then it covers the whole frame, and a partial box lands where it should
     assert results[0].detections[0].box == pytest.approx((0.0, 0.0, 1.0, 1.0))
