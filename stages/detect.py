@@ -202,6 +202,10 @@ class Detector:
         self._graphs: dict[tuple[int, ...], _Graph] = {}
         # Held by decode and by graph capture: no other thread's CUDA work during a capture.
         self._device_lock = threading.Lock()
+        # One launch at a time: a pass leaves its descriptors in ``_features`` (and the
+        # model caches its anchors), so concurrent passes (CPU launches run in threads)
+        # would read each other's.
+        self._launch_lock = threading.Lock()
         self.descriptor_layer = self._hook_descriptor(settings.descriptor_layer)
 
     # -- set-up -------------------------------------------------------------------
@@ -293,7 +297,7 @@ class Detector:
         """
         seconds: dict[str, float] = {}
         n = len(images)
-        with torch.inference_mode():
+        with self._launch_lock, torch.inference_mode():
             started = time.perf_counter()
             batch, box = self.preprocess(images)
             started = self._mark("preprocess", started, seconds)

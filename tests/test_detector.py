@@ -155,3 +155,23 @@ def test_class_names_match_loosely() -> None:
     # Given class names written the ways datasets write them
     # Then they all reduce to one key of the class map
     assert normalise_name("Arrow-Board") == normalise_name("arrow_board") == normalise_name(" arrow  board") == "arrow_board"
+
+
+def test_launches_from_several_threads_keep_their_own_results(detector: Detector) -> None:
+    # Given batches of different sizes launched from several threads at once (the worker
+    # launches CPU batches in threads, and prepares several batches concurrently)
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [[jpeg(40 + 10 * b + i) for i in range(2 + b)] for b in range(4)]
+    want = [[r.descriptor for r in detector.detect_jpegs(jpegs)] for jpegs in batches]
+
+    def run(jpegs: list[bytes]) -> list[np.ndarray]:
+        return [r.descriptor for r in detector.collect(detector.launch(detector.decode(jpegs)))]
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(run, batches * 3))
+
+    # Then every batch got its own frames' descriptors, as when run alone
+    for g, w in zip(got, want * 3, strict=True):
+        assert len(g) == len(w)
+        assert all(np.allclose(a, b, atol=1e-4) for a, b in zip(g, w, strict=True))

@@ -1,14 +1,19 @@
 """The detect worker's handler: frames in, per-frame detections and window segments out.
 
 The runtime reads batches across every frame partition this worker owns and calls
-``prepare`` for the next batch while ``handle`` runs the current one, so fetching and
-JPEG decoding overlap the forward pass (which runs in a thread to leave the event loop
-free). ``handle`` runs ONE forward pass of the detector over the batch and, when
+``prepare`` for the next batch while ``handle`` runs the current one. ``prepare`` fetches
+the batch's blobs in one round trip, decodes them (nvJPEG, in a thread: the call blocks
+without the GIL) and *launches* the batch: ONE forward pass of the detector and, when
 ``DetectSettings.scorer`` names one, one of the roadwork frame scorer over the same decoded
-pixels (same device, same call), then walks the batch in its order (which keeps each
-camera's order) feeding the temporal windows. The scorer's probability goes out with the
-frame's detections (``FrameDetections.roadwork_prob``) and into the key frames; its pooled
-features are the window descriptor when ``DetectSettings.descriptor`` is ``"scorer"``.
+pixels, queued on the device without waiting. ``handle`` then waits for the batch's
+outputs (in a thread, so the event loop goes on reading, fetching and publishing) and walks
+the batch in its order (which keeps each camera's order) feeding the temporal windows. So
+on a GPU the device always has the next batch queued behind the current one, and the host
+work of a batch (Redis, messages, windows) overlaps the device work of the next.
+
+The scorer's probability goes out with the frame's detections
+(``FrameDetections.roadwork_prob``) and into the key frames; its pooled features are the
+window descriptor when ``DetectSettings.descriptor`` is ``"scorer"``.
 
 Acknowledgement follows ``stages.window``: a frame is acked only once the newest window
 that holds it has been published; its detections are published at once (idempotent by
@@ -44,7 +49,7 @@ async def _inline(func: Callable[..., Any], *args: Any) -> Any:
 
 if TYPE_CHECKING:
     from brokers.blobs import BlobStore
-    from stages.detect import Detector, FrameResult
+    from stages.detect import Detector, FrameResult, PendingBatch
     from stages.scorer import RoadworkScorer
 
 Key = tuple[str, str]  # (stream, entry id)
@@ -67,7 +72,7 @@ class FrameScore:
 class HandlerTimings:
     """Cumulative seconds the handler spent outside the detector's own steps."""
 
-    seconds: dict[str, float] = field(default_factory=lambda: {"fetch": 0.0, "window": 0.0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"fetch": 0.0, "wait": 0.0, "window": 0.0})
 
     def add(self, stage: str, seconds: float) -> None:
         """Add time to one step."""
@@ -106,11 +111,13 @@ class DetectHandler(Handler):
         self.batch_sizes: list[int] = []  # frames per forward pass
         self.windows: dict[Camera, CameraWindows] = {}
         self._camera_partition: dict[Camera, int | None] = {}
-        self._prepared: dict[Key, tuple[int | None, Any]] = {}
+        # Per prepared frame: (partition, (launched batch, row) or the frame's InputError).
+        self._prepared: dict[Key, tuple[int | None, tuple[PendingBatch, int] | InputError]] = {}
         self._generation: dict[int | None, int] = {}  # bumped when a partition is revoked
         self._config: WindowConfig | None = None
-        # CPU inference runs in a thread so the loop keeps reading; see ``start`` for CUDA.
-        self._offload: Callable[..., Awaitable[Any]] = asyncio.to_thread
+        # CPU inference runs in a thread so the loop keeps reading; on CUDA launching only
+        # queues work and runs inline (see ``start``).
+        self._launcher: Callable[..., Awaitable[Any]] = asyncio.to_thread
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -130,24 +137,27 @@ class DetectHandler(Handler):
             # GIL to the event loop on every kernel launch (the convoy effect), and ran 5x
             # slower than inline calls with a short switch interval. CUDA work only queues
             # kernels, so inline calls hold the loop for milliseconds, not a batch's time.
-            self._offload = _inline
+            self._launcher = _inline
             sys.setswitchinterval(GPU_SWITCH_INTERVAL_S)
             self._warm_up()
         self._config = WindowConfig.from_settings(self.settings.detect, model=self.detector.name)
 
-    def _warm_up(self, rounds: int = 3) -> None:
-        """Run full batches through decode and detect once, before the first real one.
+    def _warm_up(self) -> None:
+        """Run each padded batch size through decode and detect once, before the first real one.
 
-        The first batches of a process pay for nvJPEG, cuDNN and allocator set-up (on an
-        H200 the first of two back-to-back benchmark runs was markedly slower).
+        The first batch of a shape pays for cuDNN autotuning and its CUDA graph capture, and
+        the first of the process for nvJPEG and allocator set-up.
         """
         import numpy as np
         import simplejpeg
 
         grey = np.full((360, 640, 3), 114, dtype=np.uint8)
-        jpegs = [simplejpeg.encode_jpeg(grey)] * self.settings.worker.batch_size
-        for _ in range(rounds):
-            self._infer([im for im in self.detector.decode(jpegs) if not isinstance(im, Exception)])
+        size = self.settings.worker.batch_size
+        step = self.settings.detect.pad_batch_to
+        for frames in sorted({*range(step, size + 1, step), size}):
+            jpegs = [simplejpeg.encode_jpeg(grey)] * frames
+            images = [im for im in self.detector.decode(jpegs) if not isinstance(im, Exception)]
+            self._collect_now(self._launch_now(images))
         self.detector.timings = type(self.detector.timings)()
 
     def _load_scorer(self) -> RoadworkScorer:
@@ -156,21 +166,36 @@ class DetectHandler(Handler):
 
         return RoadworkScorer.load(self.settings.detect.scorer, device=self.detector.device)
 
-    def _infer(self, images: list) -> tuple[list[FrameResult], list[FrameScore | None]]:
-        """The detector, then the scorer, over the same decoded frames (one thread, one call)."""
-        found = self.detector.detect(images)
-        if self.scorer is None or not images:
-            return found, [None] * len(images)
-        started = time.perf_counter()
+    def _launch_now(self, images: list) -> PendingBatch:
+        """Queue the detector, then the scorer, over the same decoded frames (one call)."""
+        return self.detector.launch(images, self._score if self.scorer is not None else None)
+
+    def _score(self, images: list) -> dict[str, Any]:
         probs, pooled = self.scorer.score_frames(images)
+        heads = {"prob": probs}
         if self.settings.detect.descriptor == "scorer":
-            pooled = torch_normalize(pooled)
-            descriptors = pooled.cpu().numpy().astype(np.float32)
+            heads["descriptor"] = torch_normalize(pooled)
+        return heads
+
+    def _collect_now(self, pending: PendingBatch) -> tuple[list[FrameResult], list[FrameScore | None]]:
+        """The launched batch's detections and scores (waits for the device)."""
+        found = self.detector.collect(pending)
+        if "prob" not in pending.extras:
+            return found, [None] * len(found)
+        probs = pending.extras["prob"].tolist()
+        if "descriptor" in pending.extras:
+            descriptors = list(pending.extras["descriptor"].numpy().astype(np.float32))
         else:
             descriptors = [r.descriptor for r in found]
-        scores = [FrameScore(p, d) for p, d in zip(probs.cpu().tolist(), descriptors, strict=True)]
-        self.detector.timings.add("score", time.perf_counter() - started)
-        return found, scores
+        return found, [FrameScore(p, d) for p, d in zip(probs, descriptors, strict=True)]
+
+    async def _collect(self, pending: PendingBatch) -> tuple[list[FrameResult], list[FrameScore | None]]:
+        if not pending.ready():
+            # The wait releases the GIL: the loop reads, fetches and publishes meanwhile.
+            started = time.perf_counter()
+            await asyncio.to_thread(pending.wait)
+            self.timings.add("wait", time.perf_counter() - started)
+        return self._collect_now(pending)
 
     async def revoked(self, partition: int) -> None:
         """Drop the partition's windows and prepared frames; its entries go to the next owner."""
@@ -187,7 +212,7 @@ class DetectHandler(Handler):
     # -- the batch -------------------------------------------------------------------
 
     async def prepare(self, batch: list[Delivery]) -> None:
-        """Fetch the batch's blobs in one round trip and decode them on the device."""
+        """Fetch the batch's blobs in one round trip, decode them and launch detection."""
         frames = [d for d in batch if isinstance(d.message, FrameRef) and _key(d) not in self._prepared]
         if not frames:
             return
@@ -196,23 +221,27 @@ class DetectHandler(Handler):
         blobs = await self.blobs.get_many([d.message.blob_key for d in frames])
         self.timings.add("fetch", time.perf_counter() - started)
         labels = [_frame_name(d.message) for d in frames]
-        decoded = await self._offload(self.detector.decode, blobs, labels)
-        for delivery, image in zip(frames, decoded, strict=True):
-            if self._generation.get(delivery.partition, 0) == generations[delivery.partition]:
-                self._prepared[_key(delivery)] = (delivery.partition, image)
+        decoded = await asyncio.to_thread(self.detector.decode, blobs, labels)
+        good = [i for i, image in enumerate(decoded) if not isinstance(image, (InputError, type(None)))]
+        pending = await self._launcher(self._launch_now, [decoded[i] for i in good]) if good else None
+        rows = {i: row for row, i in enumerate(good)}
+        for i, delivery in enumerate(frames):
+            if self._generation.get(delivery.partition, 0) != generations[delivery.partition]:
+                continue  # revoked meanwhile
+            item = (pending, rows[i]) if i in rows else decoded[i] or InputError(f"{labels[i]}: not decoded")
+            self._prepared[_key(delivery)] = (delivery.partition, item)
 
     async def handle(self, batch: list[Delivery]) -> BatchResult:
-        """One forward pass over the batch's frames, then the windows in batch order."""
+        """The batch's detections (launched by ``prepare``), then the windows in batch order."""
         generations = {d.partition: self._generation.get(d.partition, 0) for d in batch}
         await self.prepare(batch)
         frames = [d for d in batch if isinstance(d.message, FrameRef)]
         self.batch_sizes.append(len(frames))
-        images = {_key(d): self._prepared.pop(_key(d), (None, None))[1] for d in frames}
-        good = [d for d in frames if not isinstance(images[_key(d)], (InputError, type(None)))]
-        before = dict(self.detector.timings.seconds)
-        found, scores = await self._offload(self._infer, [images[_key(d)] for d in good])
-        results = {_key(d): (f, s) for d, f, s in zip(good, found, scores, strict=True)}
-        per_frame = self._per_frame_ms(before, len(frames))
+        items = {_key(d): self._prepared.pop(_key(d), (None, None))[1] for d in frames}
+        collected: dict[int, tuple[PendingBatch, list, list]] = {}
+        for item in items.values():
+            if isinstance(item, tuple) and id(item[0]) not in collected:
+                collected[id(item[0])] = (item[0], *await self._collect(item[0]))
         started = time.perf_counter()
         result = BatchResult(ack=[])
         for delivery in batch:
@@ -220,11 +249,14 @@ class DetectHandler(Handler):
                 continue  # revoked while we worked: the next owner does it again
             if isinstance(delivery.message, DriveMarker):
                 self._on_marker(delivery, result)
-            elif _key(delivery) in results:
-                self._on_frame(delivery, *results[_key(delivery)], per_frame, result)
+                continue
+            item = items[_key(delivery)]
+            if isinstance(item, tuple):
+                pending, found, scores = collected[id(item[0])]
+                timings = _per_frame_ms(pending)
+                self._on_frame(delivery, found[item[1]], scores[item[1]], timings, result)
             else:
-                error = images[_key(delivery)] or InputError(f"{_frame_name(delivery.message)}: not decoded")
-                result.failed.append((delivery, error))
+                result.failed.append((delivery, item or InputError(f"{_frame_name(delivery.message)}: not decoded")))
         self.timings.add("window", time.perf_counter() - started)
         await self._release_blobs(result.ack)
         return result
@@ -315,10 +347,6 @@ class DetectHandler(Handler):
     def _cameras_of(self, drive: str, partition: int | None) -> list[str]:
         return sorted(c for (d, c), p in self._camera_partition.items() if d == drive and p == partition)
 
-    def _per_frame_ms(self, before: dict[str, float], frames: int) -> dict[str, float]:
-        after = self.detector.timings.seconds
-        return {k: round(1000 * (after[k] - before.get(k, 0.0)) / max(frames, 1), 3) for k in after if k != "decode"}
-
     async def _release_blobs(self, acked: list[Delivery]) -> None:
         # The pixels stay (vera and vlm read key frames by blob key until the TTL); only the
         # producers' in-flight count drops, once per frame, when its window is published.
@@ -332,6 +360,11 @@ def torch_normalize(features: Any) -> Any:
     from torch.nn import functional as F  # torch loads only with the model
 
     return F.normalize(features, dim=1)
+
+
+def _per_frame_ms(pending: PendingBatch) -> dict[str, float]:
+    """Host milliseconds per frame of each detector step of the frame's batch."""
+    return {k: round(1000 * v / max(len(pending), 1), 3) for k, v in pending.seconds.items()}
 
 
 def _frame_name(ref: FrameRef) -> str:

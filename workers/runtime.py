@@ -1,9 +1,11 @@
 """The generic worker: read a batch, run the stage, publish, then acknowledge.
 
-Shape of the loop (after arq's ``Worker.main``): a reader task fills a one-slot queue
-with batches that are already *prepared* (blobs fetched, JPEGs decoded), so IO of the
-next batch overlaps the stage's compute on the current one; ``concurrency`` processor
-tasks take batches from the queue; a heartbeat task renews partition leases, touches
+Shape of the loop (after arq's ``Worker.main``): a reader task fills a queue of
+``prefetch`` batches, starting each batch's *preparation* (the handler's ``prepare``:
+blobs fetched, JPEGs decoded, GPU work launched) as a task of its own, so the IO and
+device work of the next batches overlap each other and the stage's work on the current
+one; ``concurrency`` processor tasks take batches from the queue, each once its
+preparation is done; a heartbeat task renews partition leases, touches
 entries still held, reclaims idle entries of dead consumers and writes health.
 
 Delivery guarantees:
@@ -117,7 +119,10 @@ class Worker:
         self._stream_partition: dict[str, int | None] = {}
         # Bumped each time a partition's state is dropped (revoked, rebuilt, taken over).
         self._generation: dict[int | None, int] = {}
-        self._queue: asyncio.Queue[list[Delivery]] = asyncio.Queue(maxsize=1)
+        # Batches read ahead, each with the task preparing it.
+        self._queue: asyncio.Queue[tuple[list[Delivery], asyncio.Task]] = asyncio.Queue(
+            maxsize=settings.worker.prefetch
+        )
         self._busy = 0
         self._stop_event = asyncio.Event()
         self._beating = True
@@ -188,6 +193,11 @@ class Worker:
         while (self._busy or not self._queue.empty()) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         await _cancel_all(tasks, self.consumer)
+        left = []  # batches read but never handled: their entries stay pending (reclaimed)
+        while not self._queue.empty():
+            left.append(self._queue.get_nowait()[1])
+        if left:
+            await _cancel_all(left, self.consumer)
 
     async def _shutdown(self) -> None:
         with contextlib.suppress(Exception):
@@ -218,11 +228,18 @@ class Worker:
                     await self._recover([])
                 continue
             idle_rounds = 0
+            preparing = asyncio.create_task(self._prepare(batch), name=f"{self.consumer}-prepare")
             try:
-                await self.handler.prepare(batch)
-            except Exception as exc:  # prepare is best effort; handle() sees the failure again
-                log.warning("worker %s: prepare failed: %r", self.consumer, exc)
-            await self._queue.put(batch)
+                await self._queue.put((batch, preparing))
+            except asyncio.CancelledError:
+                preparing.cancel()
+                raise
+
+    async def _prepare(self, batch: list[Delivery]) -> None:
+        try:
+            await self.handler.prepare(batch)
+        except Exception as exc:  # prepare is best effort; handle() sees the failure again
+            log.warning("worker %s: prepare failed: %r", self.consumer, exc)
 
     async def _drop_partitions(self) -> None:
         """After a failed read, hand every owned partition to the heartbeat to take over again.
@@ -335,9 +352,10 @@ class Worker:
 
     async def _process_loop(self) -> None:
         while True:
-            batch = await self._queue.get()
+            batch, preparing = await self._queue.get()
             self._busy += 1
             try:
+                await preparing
                 await self._process(batch)
             except BrokerConnectionError as exc:
                 if self.stopping:
