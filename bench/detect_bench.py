@@ -20,6 +20,10 @@ which times the model but not the detections' path):
 * (c) ``naive``: ultralytics ``model.predict`` on one frame at a time (JPEG decoded with
   OpenCV, as a user would).
 
+With ``--processes N``, (b) runs once more with N worker processes sharing the GPU and the
+partitions (each loads and warms up first, then all start together); the figure is all
+frames over the span from the first batch of any to the last of any.
+
 Frames come from ``--footage DIR`` (``*.mp4``), resized to 640 on the long side and
 JPEG-encoded at quality 85. Prints a JSON summary at the end.
 
