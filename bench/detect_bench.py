@@ -391,7 +391,7 @@ async def bench_model(model: str, url: str, jpegs: list[bytes], args) -> dict:
     if args.processes > 1:
         multi = await processes_run(model, url, f"bench-{tag}-x{args.processes}", jpegs, args)
     if args.quick:
-        b_profiled, c = b, None
+        b_profiled, c = None, None
     else:
         detector.profile = True
         b_profiled = await worker_run(detector, conf, url, f"bench-{tag}-prof", jpegs, args)
@@ -410,7 +410,7 @@ async def bench_model(model: str, url: str, jpegs: list[bytes], args) -> dict:
         "b_over_c": c and round(b["images_per_s"] / c, 2),
         "worker": b,
         "worker_profiled": b_profiled,
-        "time_ms_per_frame_profiled": {
+        "time_ms_per_frame_profiled": b_profiled and {
             k: round(1000 * v / b_profiled["frames"], 3) for k, v in b_profiled["seconds"].items()
         },
     }

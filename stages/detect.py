@@ -7,7 +7,7 @@ what a batch is meant to avoid), and a fixed-shape top-k of candidate boxes per 
 queued on the device without waiting (``launch``): the caller gets a ``PendingBatch``
 whose candidates and descriptors land in pinned host memory behind the forward pass. On
 the host (``collect``), the few candidates above the threshold go through class-aware NMS
-per image and are mapped back to the frame. So the next batch is fetched, decoded and
+(boxes suppress only boxes of their own image and class) and are mapped back to the frame. So the next batch is fetched, decoded and
 queued while the device still runs this one, and no step in between waits for the device.
 
 On CUDA each batch is padded to a multiple of ``pad_batch_to`` frames, and the forward
@@ -23,6 +23,7 @@ The model is named in ``DetectSettings.model`` and loaded by ultralytics' own lo
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -303,10 +304,11 @@ class Detector:
             started = self._mark("preprocess", started, seconds)
             preds, features = self.forward(batch)
             started = self._mark("forward", started, seconds)
-            candidates, features = self._to_host(self.candidates(preds)[:n]), self._to_host(features[:n])
+            candidates, features = self._to_host(self.candidates(preds[:n])), self._to_host(features[:n])
             started = self._mark("candidates", started, seconds)
-            extras = {k: self._to_host(v) for k, v in extra(images).items()} if extra is not None else {}
+            extras = {}
             if extra is not None:
+                extras = {k: self._to_host(v) for k, v in extra(images).items()}
                 self._mark("score", started, seconds)
             pending = PendingBatch(box, candidates, features, extras, seconds=seconds)
             if self.cuda:
@@ -471,7 +473,7 @@ class Detector:
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         """Copy to the host; on CUDA into pinned memory, without waiting for it."""
         if not self.cuda:
-            return tensor.float() if tensor.dtype == torch.float16 else tensor
+            return tensor
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         host.copy_(tensor.contiguous(), non_blocking=True)
         return host
@@ -496,7 +498,7 @@ class Detector:
             order = np.lexsort((-rows[:, 4], image))
             image, rows = image[order], rows[order]
         bounds = np.searchsorted(image, np.arange(len(candidates) + 1))
-        return [rows[start : min(end, start + s.max_det)] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+        return [rows[start : min(end, start + s.max_det)] for start, end in itertools.pairwise(bounds)]
 
     def _results(self, rows: Sequence[np.ndarray], box: Letterbox, features: np.ndarray) -> list[FrameResult]:
         """Map each image's boxes back to normalised frame coordinates."""

@@ -151,12 +151,11 @@ class DetectHandler(Handler):
         import numpy as np
         import simplejpeg
 
-        grey = np.full((360, 640, 3), 114, dtype=np.uint8)
+        grey = simplejpeg.encode_jpeg(np.full((360, 640, 3), 114, dtype=np.uint8))
         size = self.settings.worker.batch_size
         step = self.settings.detect.pad_batch_to
         for frames in sorted({*range(step, size + 1, step), size}):
-            jpegs = [simplejpeg.encode_jpeg(grey)] * frames
-            images = [im for im in self.detector.decode(jpegs) if not isinstance(im, Exception)]
+            images = [im for im in self.detector.decode([grey] * frames) if not isinstance(im, Exception)]
             self._collect_now(self._launch_now(images))
         self.detector.timings = type(self.detector.timings)()
 
@@ -222,13 +221,13 @@ class DetectHandler(Handler):
         self.timings.add("fetch", time.perf_counter() - started)
         labels = [_frame_name(d.message) for d in frames]
         decoded = await asyncio.to_thread(self.detector.decode, blobs, labels)
-        good = [i for i, image in enumerate(decoded) if not isinstance(image, (InputError, type(None)))]
+        good = [i for i, image in enumerate(decoded) if not isinstance(image, InputError)]
         pending = await self._launcher(self._launch_now, [decoded[i] for i in good]) if good else None
         rows = {i: row for row, i in enumerate(good)}
         for i, delivery in enumerate(frames):
             if self._generation.get(delivery.partition, 0) != generations[delivery.partition]:
                 continue  # revoked meanwhile
-            item = (pending, rows[i]) if i in rows else decoded[i] or InputError(f"{labels[i]}: not decoded")
+            item = (pending, rows[i]) if i in rows else decoded[i]  # decoded or its InputError
             self._prepared[_key(delivery)] = (delivery.partition, item)
 
     async def handle(self, batch: list[Delivery]) -> BatchResult:
