@@ -39,7 +39,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from brokers.partitions import rendezvous_owner
+from brokers.partitions import balanced_owners
 from brokers.redis import RedisBroker
 from fixtures import teslacam as tc
 from stages.discover import discover
@@ -254,11 +254,12 @@ class Owners:
         return await self.broker.members(names.members_name(self.group, self.namespace))
 
     async def balanced(self, live: set[str]) -> bool:
-        """Every partition held by a live worker, the one rendezvous hashing picks among them."""
+        """Every partition held by a live worker, the one ``balanced_owners`` picks among them."""
         if not live:
             return False
         owners = await self.owners()
-        return all(o == rendezvous_owner(self.group, p, live) for p, o in enumerate(owners))
+        wanted = balanced_owners(self.group, len(owners), live)
+        return all(o == wanted[p] for p, o in enumerate(owners))
 
     async def wait_balanced(self, live: set[str], timeout_s: float) -> float:
         """Seconds until ``balanced``; raises after ``timeout_s``."""

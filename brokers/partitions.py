@@ -7,8 +7,14 @@ Why it works this way:
 
 * **Rendezvous hashing** (highest random weight) over the live members decides who
   *should* own each partition. Every member computes the same answer from the same
-  member list with no coordination, and a member joining or leaving moves only the
+  member list with no coordination, and a member joining or leaving moves mostly the
   partitions it gains or loses, not a reshuffle of all of them.
+* **Bounded loads.** Plain rendezvous hashing splits few partitions unevenly (16 over
+  three members came out 3/5/8), and the busiest member bounds the stage. Each member
+  takes at most its fair share (``partitions / members`` rounded up, for only as many
+  members as the remainder asks), and a partition whose first choice is full goes to its
+  next choice. Shares differ by at most one partition; a member joining or leaving still
+  moves about its own share.
 * **Leases decide who *does* own it.** Computing an assignment is not enough: two members
   may briefly disagree on the member list. A partition is worked on only under a lease
   (a key with a TTL that one owner holds), so it is never owned twice. A member that
@@ -30,6 +36,31 @@ from stream.names import lease_name, members_name, stable_hash
 def rendezvous_owner(group: str, partition: int, members: Iterable[str]) -> str | None:
     """The member that should own ``partition``: the highest hash of (group, partition, member)."""
     return max(members, key=lambda m: (stable_hash(group, str(partition), m), m), default=None)
+
+
+def balanced_owners(group: str, partitions: int, members: Iterable[str]) -> dict[int, str]:
+    """Owner of every partition: rendezvous hashing with bounded loads.
+
+    Partitions are placed in index order, each with its highest-ranked member that still
+    has room. Every member gets ``partitions // len(members)`` or one more, and exactly
+    ``partitions % len(members)`` members get one more.
+    """
+    pool = sorted(set(members))
+    if not pool:
+        return {}
+    floor, extra = divmod(partitions, len(pool))
+    load = dict.fromkeys(pool, 0)
+    above_floor = 0
+    owners: dict[int, str] = {}
+    for partition in range(partitions):
+        ranked = sorted(pool, key=lambda m: (stable_hash(group, str(partition), m), m), reverse=True)
+        for member in ranked:
+            if load[member] < floor or (load[member] == floor and above_floor < extra):
+                above_floor += load[member] == floor
+                load[member] += 1
+                owners[partition] = member
+                break
+    return owners
 
 
 class PartitionManager:
@@ -69,27 +100,39 @@ class PartitionManager:
         return lease_name(self.group, partition, self.broker.namespace)
 
     async def wanted(self) -> set[int]:
-        """The partitions rendezvous hashing gives this member among the live members."""
+        """The partitions this member should own among the live members (``balanced_owners``)."""
         members = set(await self.broker.members(self.pool)) | {self.member}
-        return {p for p in range(self.partitions) if rendezvous_owner(self.group, p, members) == self.member}
+        owners = balanced_owners(self.group, self.partitions, members)
+        return {p for p, owner in owners.items() if owner == self.member}
 
-    async def refresh(self) -> tuple[set[int], set[int]]:
+    async def refresh(self, *, release_surplus: bool = True) -> tuple[set[int], set[int]]:
         """Heartbeat, renew held leases, give back surplus ones, take free wanted ones.
+
+        Parameters:
+            release_surplus: give surplus leases back at once. A runtime that is still
+                working on a surplus partition passes ``False``, finishes the work, drops
+                the partition's state and then calls ``release``: released earlier, the
+                next owner would claim entries this member is about to publish and ack.
 
         Returns:
             (newly assigned, revoked) partitions since the last refresh. Revoked ones were
-            lost to another owner or released because they now belong to another member.
+            lost to another owner or are surplus: they now belong to another member.
         """
         await self.broker.join(self.pool, self.member, self.ttl_ms)
         wanted = await self.wanted()
         lost = {p for p in self.owned if not await self._renew(p)}
         surplus = self.owned - lost - wanted
-        for partition in sorted(surplus):  # rebalance: another member should own it now
-            await self.broker.release(self.lease_key(partition), self.member)
+        if release_surplus:  # rebalance: another member should own them now
+            await self.release(surplus)
         taken = {p for p in sorted(wanted - self.owned) if await self._take(p)}
         revoked = lost | surplus
         self.owned = (self.owned - revoked) | taken
         return taken, revoked
+
+    async def release(self, partitions: Iterable[int]) -> None:
+        """Give these partitions' leases back (only where this member still holds them)."""
+        for partition in sorted(partitions):
+            await self.broker.release(self.lease_key(partition), self.member)
 
     async def _renew(self, partition: int) -> bool:
         # Fencing: a lease another owner took while we stalled is lost, not renewed.

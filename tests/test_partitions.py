@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 from brokers.base import Broker
-from brokers.partitions import PartitionManager, rendezvous_owner
+from brokers.partitions import PartitionManager, balanced_owners, rendezvous_owner
 
 PARTITIONS = 8
 GROUP = "detect"
@@ -48,6 +49,36 @@ def test_rendezvous_moves_only_partitions_to_a_joining_member() -> None:
     moved = {p for p in before if before[p] != after[p]}
     assert moved
     assert all(after[p] == "d" for p in moved)
+
+
+def test_balanced_owners_split_partitions_evenly_where_plain_rendezvous_does_not() -> None:
+    plain_spreads = []
+    # Given 16 partitions and member sets of 2 to 6 workers
+    for count in range(2, 7):
+        members = [f"w{i}" for i in range(count)]
+        # When the balanced assignment places the partitions
+        owners = balanced_owners(GROUP, 16, members)
+        # Then every partition has one owner and the shares differ by at most one
+        loads = Counter(owners.values())
+        assert sorted(owners) == list(range(16))
+        assert set(loads) == set(members)
+        assert max(loads.values()) - min(loads.values()) <= 1
+        plain = Counter(rendezvous_owner(GROUP, p, members) for p in range(16))
+        plain_spreads.append(max(plain.values()) - min(plain.values()) if len(plain) == count else 16)
+    # (plain rendezvous hashing of the same members is uneven: the case this fixes)
+    assert max(plain_spreads) > 1
+
+
+def test_balanced_owners_move_about_a_share_when_a_member_joins() -> None:
+    # Given 64 partitions over four members
+    members = ["a", "b", "c", "d"]
+    before = balanced_owners(GROUP, 64, members)
+    # When a fifth joins
+    after = balanced_owners(GROUP, 64, [*members, "e"])
+    # Then it gets its share, and few partitions move between the others (not a reshuffle)
+    moved = {p for p in before if before[p] != after[p]}
+    assert sum(o == "e" for o in after.values()) in (12, 13)
+    assert len(moved - {p for p in after if after[p] == "e"}) <= 8
 
 
 async def test_two_members_split_all_partitions(broker: Broker) -> None:
@@ -103,8 +134,8 @@ async def test_joining_member_gets_a_share_and_none_is_owned_twice(broker: Broke
     # When a third joins and all refresh (disjointness checked after every refresh)
     (c,) = managers(broker, "c")
     await settle([c, a, b, c])
-    # Then the third owns the partitions rendezvous hashing gives it, and all are owned
-    assert c.owned == {p for p in range(PARTITIONS) if rendezvous_owner(GROUP, p, ["a", "b", "c"]) == "c"}
+    # Then the third owns the partitions the balanced assignment gives it, and all are owned
+    assert c.owned == {p for p, o in balanced_owners(GROUP, PARTITIONS, ["a", "b", "c"]).items() if o == "c"}
     assert a.owned | b.owned | c.owned == set(range(PARTITIONS))
 
 

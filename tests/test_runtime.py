@@ -11,6 +11,7 @@ import pytest
 
 from brokers.base import Broker
 from brokers.memory import MemoryBlobStore
+from brokers.partitions import balanced_owners
 from fixtures.relay import BAD_INPUT_DRIVE, FLAKY_DRIVE, GroupingHandler, RelayHandler, frame
 from stream import codec, names
 from stream.schemas import DeadLetter, FrameRef
@@ -226,6 +227,56 @@ async def test_a_stateful_stage_loses_and_doubles_nothing_on_takeover(broker: Br
         group = stats.group("grouping")
         pending += group.pending if group else 0
     assert pending == 9
+
+
+class GatedGroupingHandler(GroupingHandler):
+    """A grouping stage whose batches wait at a gate (a batch in hand, held open)."""
+
+    def __init__(self) -> None:
+        super().__init__(size=5)
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def handle(self, batch: list) -> object:
+        self.entered.set()
+        await self.gate.wait()
+        return await super().handle(batch)
+
+
+async def test_a_partition_moving_to_another_worker_is_released_only_after_its_batch_in_hand(
+    broker: Broker,
+) -> None:
+    # Given one worker in the middle of a batch of partition p (a whole group of five)
+    partitions = broker.settings.frame_partitions
+    await publish_frames(broker, names.FRAMES, [frame("d1", i) for i in range(5)], partitions)
+    p = names.frame_partition("d1", "front", partitions)
+    settings = fast_settings(broker, batch_size=5, max_wait_ms=200)
+    settings = settings.model_copy(update={"broker": broker.settings.model_copy(update={"lease_ttl_ms": 3000})})
+    handler = GatedGroupingHandler()
+    worker, task = start(handler, broker, settings, "w1")
+    await asyncio.wait_for(handler.entered.wait(), 10)
+    lease = names.lease_name(handler.group, p, broker.namespace)
+
+    # When a member joins that should own p from now on, and the worker beats ten times
+    newcomer = next(m for m in (f"n{i}" for i in range(100)) if balanced_owners(handler.group, partitions, {"w1", m})[p] == m)
+    await broker.join(names.members_name(handler.group, broker.namespace), newcomer, 60_000)
+    await asyncio.sleep(10 * settings.worker.heartbeat_s)
+
+    # Then the worker keeps p's lease while the batch is in hand (a new owner would claim
+    # entries about to be published and acked, and rebuild a group from the middle)
+    assert await broker.lease_owner(lease) == "w1"
+    # and gives it back once the batch is published and acked
+    handler.gate.set()
+    await wait_until(lambda: _lease_gone(broker, lease))
+    assert [(m.seq, m.tick) for m in await outputs(broker)] == [(0, 10)]
+    stats = await broker.stats(names.stream_name(names.FRAMES, p, broker.namespace))
+    assert stats.group(handler.group).pending == 0
+    worker.stop()
+    await task
+
+
+async def _lease_gone(broker: Broker, lease: str) -> bool:
+    return await broker.lease_owner(lease) is None
 
 
 async def test_stop_finishes_the_batch_in_hand(broker: Broker) -> None:

@@ -501,8 +501,10 @@ class Worker:
                 log.exception("worker %s: heartbeat failed", self.consumer)
 
     async def _refresh_partitions(self) -> None:
-        # Leases are renewed outside the lock, so a long batch cannot let them lapse.
-        assigned, revoked = await self._partitions.refresh()
+        # Leases are renewed outside the lock, so a long batch cannot let them lapse. Surplus
+        # ones are given back only under it, once no batch of theirs is being handled:
+        # the next owner then claims only what this worker has not published and acked.
+        assigned, revoked = await self._partitions.refresh(release_surplus=False)
         metrics.PARTITIONS_OWNED.labels(self.group, self.consumer).set(len(self._partitions.owned))
         for partition in revoked:  # its lag is exported by its new owner now
             for hop in self.handler.inputs:
@@ -516,6 +518,7 @@ class Worker:
         async with self._state_lock:
             for partition in sorted(revoked):
                 await self._drop_state(partition)
+            await self._partitions.release(revoked)  # lost ones are another's: left alone
             for partition in sorted(assigned | unready):
                 await self._take_over(partition)
 
