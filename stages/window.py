@@ -138,8 +138,13 @@ def top_detections(detections: list[Detection], budget: int) -> list[Detection]:
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine similarity; 0 when either vector is zero."""
-    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return float(np.dot(a, b)) / norm if norm else 0.0
+    return float(np.dot(unit(a), unit(b)))
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    """The vector scaled to length 1 (a zero vector stays zero)."""
+    norm = math.sqrt(float(np.dot(vector, vector)))
+    return vector / norm if norm else vector
 
 
 @dataclass
@@ -150,7 +155,7 @@ class _Window:
     frames_total: int = 0
     key_frames: list[KeyFrame] = field(default_factory=list)
     descriptors: list[np.ndarray] = field(default_factory=list)
-    last_kept: np.ndarray | None = None
+    last_kept: np.ndarray | None = None  # unit length
     counts: dict[str, int] = field(default_factory=dict)
     held: list[Any] = field(default_factory=list)  # tokens of frames this window releases
     held_seqs: list[int] = field(default_factory=list)
@@ -204,8 +209,9 @@ class CameraWindows:
             self._open.append(_Window(k, k * stride, k * stride + length))
             self.last_index = k
         holding = [w for w in self._open if w.start - EPSILON <= frame.t < w.end - EPSILON]
+        direction = unit(frame.descriptor) if holding else None  # once, for every window holding it
         for window in holding:
-            self._feed(window, frame)
+            self._feed(window, frame, direction)
         if not holding:  # time went back into closed windows: nothing will hold it
             update.released.append(token)
             return update
@@ -234,14 +240,14 @@ class CameraWindows:
             update.extend(self._close(self._open.pop(0)))
         return update
 
-    def _feed(self, window: _Window, frame: WindowFrame) -> None:
+    def _feed(self, window: _Window, frame: WindowFrame, direction: np.ndarray) -> None:
         window.frames_total += 1
         for type_, n in _type_counts(frame.detections).items():
             window.counts[type_] = max(window.counts.get(type_, 0), n)
         last = window.last_kept
-        if last is not None and cosine(frame.descriptor, last) >= self.config.similarity_threshold:
+        if last is not None and float(np.dot(direction, last)) >= self.config.similarity_threshold:
             return
-        window.last_kept = frame.descriptor
+        window.last_kept = direction
         window.descriptors.append(frame.descriptor)
         kept = top_detections(frame.detections, self.config.per_frame_budget)
         self.stats.detections += len(frame.detections)

@@ -237,10 +237,10 @@ class DetectHandler(Handler):
         frames = [d for d in batch if isinstance(d.message, FrameRef)]
         self.batch_sizes.append(len(frames))
         items = {_key(d): self._prepared.pop(_key(d), (None, None))[1] for d in frames}
-        collected: dict[int, tuple[PendingBatch, list, list]] = {}
+        collected: dict[int, tuple[list, list, dict[str, float]]] = {}
         for item in items.values():
             if isinstance(item, tuple) and id(item[0]) not in collected:
-                collected[id(item[0])] = (item[0], *await self._collect(item[0]))
+                collected[id(item[0])] = (*await self._collect(item[0]), _per_frame_ms(item[0]))
         started = time.perf_counter()
         result = BatchResult(ack=[])
         for delivery in batch:
@@ -251,8 +251,7 @@ class DetectHandler(Handler):
                 continue
             item = items[_key(delivery)]
             if isinstance(item, tuple):
-                pending, found, scores = collected[id(item[0])]
-                timings = _per_frame_ms(pending)
+                found, scores, timings = collected[id(item[0])]
                 self._on_frame(delivery, found[item[1]], scores[item[1]], timings, result)
             else:
                 result.failed.append((delivery, item or InputError(f"{_frame_name(delivery.message)}: not decoded")))
