@@ -30,10 +30,12 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 
 from stream.errors import InputError, ModelError
 from stream.schemas import Detection
@@ -200,6 +202,7 @@ class Detector:
         # Decoding runs on its own CUDA stream (and, in the worker, its own thread) so that
         # the next batch's nvJPEG work overlaps the current batch's forward pass.
         self._decode_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._decode_pool: ThreadPoolExecutor | None = None  # decode == "cpu": made on first use
         self._graphs: dict[tuple[int, ...], _Graph] = {}
         # Held by decode and by graph capture: no other thread's CUDA work during a capture.
         self._device_lock = threading.Lock()
@@ -258,6 +261,12 @@ class Detector:
                 out[i] = InputError(f"{names[i]}: frame blob is missing (expired or never stored)")
             else:
                 todo.append(i)
+        if self.settings.decode == "cpu":
+            images = self._decode_host([blobs[i] for i in todo], [names[i] for i in todo])
+            for i, image in zip(todo, images, strict=True):
+                out[i] = image
+            self._mark("decode", started)
+            return out
         tensors = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in todo]
         if self._decode_stream is None:
             images = self._decode_batch(tensors, [names[i] for i in todo])
@@ -278,6 +287,46 @@ class Detector:
         except RuntimeError:
             # One bad JPEG fails the whole batched call: decode one by one to name it.
             return [self._decode_one(t, n) for t, n in zip(tensors, names, strict=True)]
+
+    def _decode_host(self, blobs: list[bytes], names: list[str]) -> list:
+        """libjpeg-turbo decode in the pool's threads (the GIL is released), straight into one
+        pinned buffer per frame size, then one upload and one HWC to CHW copy per size."""
+        out: list = [None] * len(blobs)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, blob in enumerate(blobs):
+            try:
+                height, width, _, _ = simplejpeg.decode_jpeg_header(blob)
+            except ValueError as exc:
+                out[i] = InputError(f"{names[i]}: frame does not decode as JPEG ({exc})")
+                continue
+            groups.setdefault((height, width), []).append(i)
+        for (height, width), index in groups.items():
+            host = torch.empty((len(index), height, width, 3), dtype=torch.uint8, pin_memory=self.cuda)
+            rows = host.numpy()
+
+            def decode_row(k: int, index: list[int] = index, rows: np.ndarray = rows) -> str | None:
+                try:
+                    simplejpeg.decode_jpeg(blobs[index[k]], colorspace="RGB", buffer=rows[k])
+                except ValueError as exc:
+                    return str(exc)
+                return None
+
+            errors = list(self._host_pool().map(decode_row, range(len(index))))
+            if self._decode_stream is None:
+                frames = host.permute(0, 3, 1, 2).contiguous()
+            else:
+                with self._device_lock, torch.cuda.stream(self._decode_stream):
+                    frames = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+                    self._decode_stream.synchronize()  # the pinned buffer is free to go after this
+            for k, i in enumerate(index):
+                failed = errors[k]
+                out[i] = frames[k] if failed is None else InputError(f"{names[i]}: frame does not decode as JPEG ({failed})")
+        return out
+
+    def _host_pool(self) -> ThreadPoolExecutor:
+        if self._decode_pool is None:
+            self._decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="jpeg-decode")
+        return self._decode_pool
 
     def _decode_one(self, data: torch.Tensor, name: str) -> torch.Tensor | InputError:
         try:

@@ -109,7 +109,34 @@ def test_boxes_map_back_from_letterbox_to_original_frame(detector: Detector) -> 
     assert results[0].detections[1].box == pytest.approx((0.25, 0.25, 0.5, 0.5))
 
 
-def test_bad_frames_are_named_and_the_rest_of_the_batch_goes_on(detector: Detector) -> None:
+@pytest.fixture(scope="module")
+def host_decoding() -> Detector:
+    """The same detector, decoding JPEGs with libjpeg-turbo in threads (``decode="cpu"``)."""
+    return make_detector(decode="cpu", decode_threads=2)
+
+
+def test_host_decoding_gives_the_same_frames_and_detections(detector: Detector, host_decoding: Detector) -> None:
+    # Given frames of two sizes, in mixed order
+    blobs = [jpeg(21), jpeg(22, 90, 200), jpeg(23), jpeg(24, 90, 200)]
+
+    # When both decoders read them
+    torchvision_frames = detector.decode(blobs)
+    threaded_frames = host_decoding.decode(blobs)
+
+    # Then each frame comes out as the same CHW uint8 image (libjpeg-turbo both: equal up
+    # to rounding), in order, and one model finds the same boxes in both
+    for a, b in zip(torchvision_frames, threaded_frames, strict=True):
+        assert b.shape == a.shape and b.dtype == torch.uint8 and b.is_contiguous()
+        assert (a.int() - b.int()).abs().max() <= 2
+    want = [np.array([d.box for d in r.detections]) for r in detector.detect(torchvision_frames)]
+    got = [np.array([d.box for d in r.detections]) for r in detector.detect(threaded_frames)]
+    assert [len(b) for b in got] == [len(b) for b in want] and any(len(b) for b in want)
+    assert all(np.allclose(g, w, atol=1e-4) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("decoder", ["detector", "host_decoding"])
+def test_bad_frames_are_named_and_the_rest_of_the_batch_goes_on(decoder: str, request: pytest.FixtureRequest) -> None:
+    detector: Detector = request.getfixturevalue(decoder)
     # Given a batch with an expired blob and a truncated JPEG among good frames
     good = jpeg(11)
     blobs = [good, None, good[: len(good) // 2], b"not a jpeg", good]

@@ -82,3 +82,23 @@ def test_batches_launched_ahead_each_get_their_own_results(detector: Detector) -
     for g, w in zip(got, want, strict=True):
         assert_same(g, w)
     assert {shape[0] for shape in detector._graphs} == {8, 16}
+
+
+def test_host_decoding_uploads_the_frames_nvjpeg_would_decode(detector: Detector) -> None:
+    # Given JPEGs of two sizes and the same detector decoding with libjpeg-turbo threads
+    blobs = frames(3) + [simplejpeg.encode_jpeg(np.full((90, 200, 3), 77, np.uint8))] + frames(2, seed=5)
+    settings = detector.settings
+    nvjpeg = detector.decode(blobs)
+    detector.settings = settings.model_copy(update={"decode": "cpu", "decode_threads": 3})
+    try:
+        # When the batch is decoded on the host and uploaded
+        uploaded = detector.decode(blobs + [b"not a jpeg"], [f"k{i}" for i in range(len(blobs) + 1)])
+    finally:
+        detector.settings = settings
+
+    # Then each frame is on the GPU, CHW uint8, and matches nvJPEG's up to IDCT rounding;
+    # a bad one is an InputError naming it
+    for a, b in zip(nvjpeg, uploaded, strict=False):
+        assert b.device.type == "cuda" and b.shape == a.shape and b.dtype == torch.uint8
+        assert (a.float() - b.float()).abs().mean() < 2.0
+    assert "k6" in str(uploaded[-1]) and not isinstance(uploaded[-1], torch.Tensor)
