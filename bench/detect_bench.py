@@ -20,12 +20,17 @@ which times the model but not the detections' path):
 * (c) ``naive``: ultralytics ``model.predict`` on one frame at a time (JPEG decoded with
   OpenCV, as a user would).
 
-With ``--processes N``, (b) runs once more with N worker processes sharing the GPU and the
-partitions (each loads and warms up first, then all start together); the figure is all
-frames over the span from the first batch of any to the last of any.
+With ``--processes N[,M…]``, (b) runs once more for each count with that many worker
+processes sharing the GPU and the partitions (each loads and warms up first, then all start
+together); the figure is all frames over the span from the first batch of any to the last
+of any, and also the rate while all were busy. With ``--pipeline N[,M…]``, the device path
+alone (in-memory JPEGs: nvJPEG decode one batch ahead, launch, collect; no Redis, no
+windows) runs in that many processes: what the GPU gives the worker at most. Each (b) run
+also reports the Redis server's CPU share (of one core).
 
 Frames come from ``--footage DIR`` (``*.mp4``), resized to 640 on the long side and
-JPEG-encoded at quality 85. Prints a JSON summary at the end.
+JPEG-encoded at quality 85, 4:2:0 (as ingest encodes them). ``--decode gpu,cpu`` runs (b)
+with each JPEG decoder (``detect.decode``: nvJPEG on the GPU, or libjpeg-turbo threads). Prints a JSON summary at the end.
 
 GPU: ``python bench/detect_bench.py --device cuda --footage /work/shared/footage/roadwork
 --redis-server /usr/bin/redis-server``. Smoke test here: add ``--device cpu --n small``.
@@ -101,7 +106,8 @@ def encode(rgb: np.ndarray, long_side: int, quality: int) -> bytes:
     h, w = rgb.shape[:2]
     r = long_side / max(h, w)
     resized = cv2.resize(rgb, (round(w * r), round(h * r)), interpolation=cv2.INTER_AREA)
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(resized), quality=quality, colorspace="RGB")
+    # 4:2:0, as ingest encodes frames (from the decoder's own yuv420p planes)
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(resized), quality=quality, colorspace="RGB", colorsubsampling="420")
 
 
 # -- Redis -----------------------------------------------------------------------------
@@ -202,6 +208,70 @@ def tight_loop(step, batch: int, seconds: float, device: torch.device) -> float:
     return batch * iters / (time.perf_counter() - started)
 
 
+def redis_cpu_seconds(url: str) -> float:
+    """CPU seconds the Redis server has used so far (user + system, main thread and others)."""
+    info = redis.Redis.from_url(url).info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+# -- the device path alone: decode + detect, no Redis ------------------------------------------
+
+
+def pipeline_child(model: str, args: argparse.Namespace, conn) -> None:
+    """One process: nvJPEG decode one batch ahead (a thread) + launch + collect, in a loop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.backends.cudnn.benchmark = True
+    detector = Detector(settings_for(model, args).detect)
+    jpegs = conn.recv()
+    size = args.batch_size
+    batches = [[jpegs[(i + j) % len(jpegs)] for j in range(size)] for i in range(0, len(jpegs), size)]
+    for batch in batches[:3]:
+        detector.collect(detector.launch(detector.decode(batch)))
+    conn.send("ready")
+    conn.recv()
+    frames, pending, i = 0, None, 1
+    with ThreadPoolExecutor(1) as pool:
+        decoding = pool.submit(detector.decode, batches[0])
+        started = time.monotonic()
+        while time.monotonic() - started < args.seconds:
+            images = decoding.result()
+            decoding = pool.submit(detector.decode, batches[i % len(batches)])
+            i += 1
+            launched = detector.launch(images)
+            if pending is not None:
+                frames += len(detector.collect(pending))
+            pending = launched
+        frames += len(detector.collect(pending))
+        ended = time.monotonic()
+        decoding.result()
+    conn.send({"frames": frames, "first": started, "last": ended})
+
+
+async def pipeline_run(model: str, jpegs: list[bytes], args: argparse.Namespace, count: int) -> dict:
+    """Images/s of ``count`` processes running the device path alone on the one GPU."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    pipes, procs = [], []
+    for _ in range(count):
+        mine, theirs = context.Pipe()
+        proc = context.Process(target=pipeline_child, args=(model, args, theirs))
+        proc.start()
+        mine.send(jpegs)
+        pipes.append(mine)
+        procs.append(proc)
+    for pipe in pipes:
+        assert await asyncio.to_thread(pipe.recv) == "ready"
+    for pipe in pipes:
+        pipe.send("go")
+    spans = [await asyncio.to_thread(pipe.recv) for pipe in pipes]
+    for proc in procs:
+        proc.join(timeout=60)
+    wall = max(s["last"] for s in spans) - min(s["first"] for s in spans)
+    return {"processes": count, "images_per_s": round(sum(s["frames"] for s in spans) / wall, 1)}
+
+
 # -- (b) the worker end to end ------------------------------------------------------------
 
 
@@ -213,9 +283,11 @@ async def worker_run(detector: Detector, conf: Settings, url: str, ns: str, jpeg
     worker = Worker(handler, broker, blobs, conf, burst=True)
     span = instrument(handler, worker)
     detector.timings.__init__()
+    redis_cpu = redis_cpu_seconds(url)
     started = time.monotonic()
     await worker.run()
     wall = time.monotonic() - started
+    redis_cpu = redis_cpu_seconds(url) - redis_cpu
     stats = handler.window_stats()
     seg_stream = names.stream_name(names.SEGMENTS, ns=ns)
     segments = (await broker.stats(seg_stream)).length
@@ -226,6 +298,7 @@ async def worker_run(detector: Detector, conf: Settings, url: str, ns: str, jpeg
         "frames": frames,
         "images_per_s": frames / steady,
         "images_per_s_incl_startup": frames / wall,
+        "redis_server_cpu_share": round(redis_cpu / wall, 3),  # of one core
         "batches": len(handler.batch_sizes),
         "mean_batch_frames": float(np.mean(handler.batch_sizes)) if handler.batch_sizes else 0.0,
         "modal_batch_frames": int(np.bincount(handler.batch_sizes).argmax()) if handler.batch_sizes else 0,
@@ -262,20 +335,20 @@ async def _child_worker(model: str, url: str, ns: str, args: argparse.Namespace,
     conn.send("ready")
     await asyncio.to_thread(conn.recv)
     await worker.run()
-    conn.send({"frames": sum(handler.batch_sizes), "first": span["first"], "last": span["last"]})
+    conn.send({"frames": sum(handler.batch_sizes), "first": span["first"], "last": span["last"], "done": span["done"]})
     await broker.close()
     await blobs.close()
 
 
-async def processes_run(model: str, url: str, ns: str, jpegs: list[bytes], args: argparse.Namespace) -> dict:
-    """(b) with ``--processes`` detect workers sharing the GPU and the partitions."""
+async def processes_run(model: str, url: str, ns: str, jpegs: list[bytes], args: argparse.Namespace, count: int) -> dict:
+    """(b) with ``count`` detect workers sharing the GPU and the partitions."""
     import multiprocessing
 
     conf = settings_for(model, args)
     frames = await stage_frames(url, ns, jpegs, args.n, args.drives, args.cameras, conf)
     context = multiprocessing.get_context("spawn")  # CUDA is initialised in this process
     pipes, procs = [], []
-    for index in range(args.processes):
+    for index in range(count):
         mine, theirs = context.Pipe()
         proc = context.Process(target=child_worker, args=(model, url, ns, args, theirs, index))
         proc.start()
@@ -286,17 +359,28 @@ async def processes_run(model: str, url: str, ns: str, jpegs: list[bytes], args:
         assert ready == "ready", ready
     for pipe in pipes:
         pipe.send("go")
+    redis_cpu = redis_cpu_seconds(url)
     spans = [await asyncio.to_thread(pipe.recv) for pipe in pipes]
+    redis_cpu = redis_cpu_seconds(url) - redis_cpu
     for proc in procs:
         proc.join(timeout=60)
     handled = sum(s["frames"] for s in spans)
     active = [s for s in spans if s["first"] is not None]
     wall = max(s["last"] for s in active) - min(s["first"] for s in active)
+    # While every process is busy: from the last one's first batch to the first one's last.
+    # Hashing cameras onto partitions gives some processes more frames than others, and
+    # over a finite backlog those run on alone at the end, which the whole span counts.
+    busy_from, busy_to = max(s["first"] for s in active), min(s["last"] for s in active)
+    busy_frames = sum(n for s in active for t, n in s["done"] if busy_from < t <= busy_to)
     return {
-        "processes": args.processes,
+        "processes": count,
         "frames": frames,
         "frames_handled": handled,
         "images_per_s": handled / wall,
+        "images_per_s_all_busy": busy_frames / (busy_to - busy_from) if busy_to > busy_from else None,
+        "all_busy_s": round(busy_to - busy_from, 3),
+        "span_s": round(wall, 3),
+        "redis_server_cpu_share": round(redis_cpu / wall, 3),  # of one core, over the span
         "per_process_frames": [s["frames"] for s in spans],
         "per_process_images_per_s": [round(s["frames"] / (s["last"] - s["first"]), 1) for s in active],
     }
@@ -305,7 +389,7 @@ async def processes_run(model: str, url: str, ns: str, jpegs: list[bytes], args:
 def instrument(handler: DetectHandler, worker: Worker) -> dict:
     """Record the first prepare, the last handle and publish time (system-wide clock:
     the spans of worker processes are compared)."""
-    span = {"first": None, "last": 0.0, "publish": 0.0}
+    span = {"first": None, "last": 0.0, "publish": 0.0, "done": []}  # done: (time, frames) per batch
     prepare, handle, publish = handler.prepare, handler.handle, worker.publish
 
     async def timed_prepare(batch):
@@ -316,6 +400,7 @@ def instrument(handler: DetectHandler, worker: Worker) -> dict:
         span["first"] = span["first"] or time.monotonic()
         result = await handle(batch)
         span["last"] = time.monotonic()
+        span["done"].append((span["last"], handler.batch_sizes[-1] if handler.batch_sizes else 0))
         return result
 
     async def timed_publish(outputs):
@@ -362,7 +447,15 @@ def naive(model: str, jpegs: list[bytes], count: int, args) -> float:
 def settings_for(model: str, args) -> Settings:
     return load_settings(
         environ={},
-        detect={"model": model, "device": args.device, "imgsz": args.imgsz, "half": True, "conf": args.conf},
+        detect={
+            "model": model,
+            "device": args.device,
+            "imgsz": args.imgsz,
+            "half": True,
+            "conf": args.conf,
+            "decode": getattr(args, "decode", args.decodes[0]),
+            "decode_threads": args.decode_threads,
+        },
         worker={
             "batch_size": args.batch_size,
             "max_wait_ms": args.max_wait_ms,
@@ -383,36 +476,52 @@ async def bench_model(model: str, url: str, jpegs: list[bytes], args) -> dict:
     a = ceiling(detector, args.batch_size, shape, args.seconds)
     a_square = ceiling(detector, args.batch_size, (args.imgsz, args.imgsz), args.seconds)
     tag = Path(model).stem.replace(".", "-")
-    b = await worker_run(detector, conf, url, f"bench-{tag}", jpegs, args)
-    # The runtime decides the batches; the ceiling is taken at the batch it actually formed.
-    batch = b["modal_batch_frames"] or args.batch_size
-    a_same = a if batch == args.batch_size else ceiling(detector, batch, shape, args.seconds)
-    multi = None
-    if args.processes > 1:
-        multi = await processes_run(model, url, f"bench-{tag}-x{args.processes}", jpegs, args)
-    if args.quick:
-        b_profiled, c = None, None
-    else:
-        detector.profile = True
-        b_profiled = await worker_run(detector, conf, url, f"bench-{tag}-prof", jpegs, args)
-        detector.profile = False
-        c = naive(model, jpegs, args.naive_frames, args)
+    c = None if args.quick else naive(model, jpegs, args.naive_frames, args)
+    by_decode, a_same, batch = {}, a, args.batch_size
+    for decode in args.decodes:
+        run_args = argparse.Namespace(**{**vars(args), "decode": decode})
+        conf = settings_for(model, run_args)
+        detector.settings = conf.detect
+        b = await worker_run(detector, conf, url, f"bench-{tag}-{decode}", jpegs, run_args)
+        # The runtime decides the batches; the ceiling is taken at the batch it actually formed.
+        batch = b["modal_batch_frames"] or args.batch_size
+        a_same = a if batch == args.batch_size else ceiling(detector, batch, shape, args.seconds)
+        multi = [
+            await processes_run(model, url, f"bench-{tag}-{decode}-x{n}", jpegs, run_args, n) for n in args.processes if n > 1
+        ]
+        pipeline = [await pipeline_run(model, jpegs, run_args, n) for n in args.pipeline]
+        b_profiled = None
+        if not args.quick and decode == args.decodes[0]:
+            detector.profile = True
+            b_profiled = await worker_run(detector, conf, url, f"bench-{tag}-{decode}-prof", jpegs, run_args)
+            detector.profile = False
+        by_decode[decode] = {
+            "b_worker_images_per_s": round(b["images_per_s"], 1),
+            "b_over_a": round(b["images_per_s"] / a_same["best"], 3),
+            "b_over_c": c and round(b["images_per_s"] / c, 2),
+            "b_worker_processes": multi,
+            "b_processes_over_a": {
+                m["processes"]: {
+                    "span": round(m["images_per_s"] / a_same["best"], 3),
+                    "all_busy": m["images_per_s_all_busy"] and round(m["images_per_s_all_busy"] / a_same["best"], 3),
+                }
+                for m in multi
+            },
+            "device_path_no_redis": pipeline,
+            "worker": b,
+            "worker_profiled": b_profiled,
+            "time_ms_per_frame_profiled": b_profiled and {
+                k: round(1000 * v / b_profiled["frames"], 3) for k, v in b_profiled["seconds"].items()
+            },
+        }
     return {
         "model": model,
         "input_shape": list(shape),
         "worker_batch_frames": batch,
         "a_ceiling_images_per_s": a_same["best"],
         "a_ceiling_detail": {"at_worker_batch": a_same, "at_batch_size": a, "square": a_square},
-        "b_worker_images_per_s": round(b["images_per_s"], 1),
-        "b_worker_processes": multi,
         "c_naive_images_per_s": c and round(c, 1),
-        "b_over_a": round(b["images_per_s"] / a_same["best"], 3),
-        "b_over_c": c and round(b["images_per_s"] / c, 2),
-        "worker": b,
-        "worker_profiled": b_profiled,
-        "time_ms_per_frame_profiled": b_profiled and {
-            k: round(1000 * v / b_profiled["frames"], 3) for k, v in b_profiled["seconds"].items()
-        },
+        "b_by_decode": by_decode,
     }
 
 
@@ -429,7 +538,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--conf", type=float, default=0.25, help="score threshold (lower it to load NMS and windows)")
     ap.add_argument("--max-wait-ms", type=int, default=20)
     ap.add_argument("--prefetch", type=int, default=4, help="batches the worker prepares ahead")
-    ap.add_argument("--processes", type=int, default=1, help="also run (b) with this many worker processes")
+    ap.add_argument("--decode", dest="decodes", default="gpu", help="JPEG decoders to run (b) with: gpu, cpu or gpu,cpu")
+    ap.add_argument("--decode-threads", type=int, default=3, help="decode threads per worker process (--decode cpu)")
+    ap.add_argument("--processes", default="1", help="also run (b) with these many worker processes (e.g. 2,4)")
+    ap.add_argument(
+        "--pipeline", default="", help="also time the device path alone (decode+detect, no Redis) in these many processes"
+    )
     ap.add_argument("--n", default="4096", help="frames through the worker, or 'small' (%d)" % SMALL_N)
     ap.add_argument("--naive-frames", type=int, default=None, help="frames for (c); default min(n, 300)")
     ap.add_argument("--drives", type=int, default=4)
@@ -443,6 +557,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", default=None, help="also write the summary to this file")
     ap.add_argument("--quick", action="store_true", help="(a) and (b) only: no profiled pass, no (c)")
     args = ap.parse_args(argv)
+    args.processes = [int(c) for c in args.processes.split(",") if c]
+    args.decodes = [d for d in args.decodes.split(",") if d]
+    args.pipeline = [int(c) for c in args.pipeline.split(",") if c]
     small = args.n == "small"
     args.n = SMALL_N if small else int(args.n)
     args.batch_size = args.batch_size or (8 if small else 32)
@@ -461,6 +578,7 @@ def main(argv: list[str] | None = None) -> dict:
         for model in args.models.split(","):
             print(f"benchmarking {model} …", file=sys.stderr, flush=True)
             results.append(asyncio.run(bench_model(model, url, jpegs, args)))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # kept if a later model fails
     summary = {
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
