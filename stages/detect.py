@@ -10,10 +10,12 @@ the host (``collect``), the few candidates above the threshold go through class-
 (boxes suppress only boxes of their own image and class) and are mapped back to the frame. So the next batch is fetched, decoded and
 queued while the device still runs this one, and no step in between waits for the device.
 
-On CUDA each batch is padded to a multiple of ``pad_batch_to`` frames, and the forward
-pass of each input shape is captured once as a CUDA graph and replayed: for a small
-model, launching its few hundred kernels one by one from Python costs more than the
-kernels themselves. A frame descriptor (the global-average-pooled feature map of the
+On CUDA each batch is padded to a multiple of ``pad_batch_to`` frames, and the work of
+each batch shape is captured once as a CUDA graph and replayed: for a small model,
+launching its few hundred kernels one by one from Python costs more than the kernels
+themselves. For frames of one size (the usual batch) the graph holds letterbox, forward
+pass and candidates; a batch of mixed sizes is letterboxed op by op and replays the
+forward pass's graph. A frame descriptor (the global-average-pooled feature map of the
 last backbone layer, L2-normalised) is taken by a forward hook in the same pass.
 
 The model is named in ``DetectSettings.model`` and loaded by ultralytics' own loader: a
@@ -349,11 +351,17 @@ class Detector:
         n = len(images)
         with self._launch_lock, torch.inference_mode():
             started = time.perf_counter()
-            batch, box = self.preprocess(images)
-            started = self._mark("preprocess", started, seconds)
-            preds, features = self.forward(batch)
-            started = self._mark("forward", started, seconds)
-            candidates, features = self._to_host(self.candidates(preds[:n])), self._to_host(features[:n])
+            fused = self._replay_fused(images)
+            if fused is not None:  # letterbox, forward and candidates: one graph replay
+                candidates, features, box = fused
+                started = self._mark("forward", started, seconds)
+                candidates, features = self._to_host(candidates[:n]), self._to_host(features[:n])
+            else:
+                batch, box = self.preprocess(images)
+                started = self._mark("preprocess", started, seconds)
+                preds, features = self.forward(batch)
+                started = self._mark("forward", started, seconds)
+                candidates, features = self._to_host(self.candidates(preds[:n])), self._to_host(features[:n])
             started = self._mark("candidates", started, seconds)
             extras = {}
             if extra is not None:
@@ -432,9 +440,7 @@ class Detector:
         for i, size in enumerate(sizes):
             groups.setdefault(size, []).append(i)
         for (fh, fw), index in groups.items():
-            r = min(shape[0] / fh, shape[1] / fw)
-            nh, nw = round(fh * r), round(fw * r)
-            top, left = (shape[0] - nh) // 2, (shape[1] - nw) // 2
+            r, nh, nw, top, left = placement(shape, fh, fw)
             x = torch.stack([images[i] for i in index]).to(self.device, self.dtype, non_blocking=True)
             if (nh, nw) != (fh, fw):
                 x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
@@ -470,23 +476,71 @@ class Detector:
         if key not in self._graphs:
             if len(self._graphs) >= MAX_GRAPHS:
                 return None
-            self._graphs[key] = self._capture(batch)
+            static = batch.clone()
+            self._graphs[key] = self._capture(static, lambda: (self._predictions(self.net(static)), self._features))
         return self._graphs[key]
 
-    def _capture(self, batch: torch.Tensor) -> _Graph:
-        static = batch.clone()
+    def _replay_fused(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Letterbox] | None:
+        """On CUDA, for frames of one size (the usual batch): copy them into a captured graph
+        of letterbox + forward + candidates and replay it. ``None`` where it does not apply.
+
+        Measured on an H200: the letterbox and top-k launched op by op took 0.04 ms per
+        frame next to the forward pass's 0.13 (YOLO11n), host time that one replay saves.
+        """
+        sizes = {(int(im.shape[1]), int(im.shape[2])) for im in images}
+        if not (self.cuda and self.settings.cuda_graphs and len(sizes) == 1):
+            return None
+        ((fh, fw),) = sizes
+        n, shape = len(images), self.input_shape([(fh, fw)])
+        key = (self.padded_size(n), "frames", fh, fw, *shape)
+        if key not in self._graphs:
+            if len(self._graphs) >= MAX_GRAPHS:
+                return None
+            self._graphs[key] = self._capture_fused(key[0], (fh, fw), shape)
+        graph = self._graphs[key]
+        if self._decode_stream is not None:
+            for im in images:  # made on the decode stream: keep the allocator from reusing them early
+                im.record_stream(torch.cuda.current_stream(self.device))
+        torch.stack(list(images), out=graph.input[:n])  # rows past n keep old frames: their results are dropped
+        graph.graph.replay()
+        r, _, _, top, left = placement(shape, fh, fw)
+        box = Letterbox(
+            shape,
+            np.full(n, r, dtype=np.float32),
+            np.tile(np.array([left, top], dtype=np.float32), (n, 1)),
+            np.tile(np.array([fw, fh], dtype=np.float32), (n, 1)),
+        )
+        return graph.output, graph.features, box
+
+    def _capture_fused(self, rows: int, frame: tuple[int, int], shape: tuple[int, int]) -> _Graph:
+        static = torch.zeros((rows, 3, *frame), dtype=torch.uint8, device=self.device)
+        _, nh, nw, top, left = placement(shape, *frame)
+
+        def body() -> tuple[torch.Tensor, torch.Tensor]:
+            # The same ops as ``preprocess`` then ``forward`` then ``candidates``.
+            x = static.to(self.dtype)
+            if (nh, nw) != frame:
+                x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+            canvas = torch.full((rows, 3, *shape), PAD_VALUE, dtype=self.dtype, device=self.device)
+            canvas[:, :, top : top + nh, left : left + nw] = x.mul_(1 / 255)
+            preds = self._predictions(self.net(canvas))
+            return self.candidates(preds), self._features
+
+        return self._capture(static, body)
+
+    def _capture(self, static: torch.Tensor, body: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> _Graph:
+        """Capture ``body`` (which reads ``static``) as a CUDA graph returning (output, features)."""
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
         with self._device_lock:
             with torch.cuda.stream(side):
                 for _ in range(3):  # autotuning and first allocations stay out of the graph
-                    self.net(static)
+                    body()
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                output = self._predictions(self.net(static))
-                features = self._features
+                output, features = body()
         keep = tuple(
             t
             for m in self.net.modules()
@@ -569,6 +623,17 @@ class Detector:
             width, height = (int(v) for v in box.size[i])
             results.append(FrameResult(detections, features[i].astype(np.float32), width, height))
         return results
+
+
+def placement(shape: tuple[int, int], height: int, width: int) -> tuple[float, int, int, int, int]:
+    """Where a ``height`` x ``width`` frame lies in a model input of ``shape`` (letterbox).
+
+    Returns:
+        ``(scale, new_height, new_width, top, left)``.
+    """
+    r = min(shape[0] / height, shape[1] / width)
+    nh, nw = round(height * r), round(width * r)
+    return r, nh, nw, (shape[0] - nh) // 2, (shape[1] - nw) // 2
 
 
 def resolve_weights(name: str) -> str:

@@ -84,6 +84,21 @@ def test_batches_launched_ahead_each_get_their_own_results(detector: Detector) -
     assert {shape[0] for shape in detector._graphs} == {8, 16}
 
 
+def test_resized_and_mixed_size_batches_match_the_eager_pass(detector: Detector) -> None:
+    # Given a batch of larger frames (resized inside the captured graph) and a batch of
+    # two sizes (letterboxed op by op, then the forward graph)
+    rng = np.random.default_rng(9)
+    large = [simplejpeg.encode_jpeg(rng.integers(0, 255, (360, 640, 3), dtype=np.uint8)) for _ in range(6)]
+    mixed = frames(3, seed=8) + large[:3]
+    for jpegs in (large, mixed):
+        want = eager(detector, jpegs)
+        # When each runs through the graphs
+        got = detector.detect_jpegs(jpegs)
+        # Then the results are the eager pass's
+        assert_same(got, want)
+    assert any(r.detections for r in eager(detector, large))
+
+
 def test_host_decoding_uploads_the_frames_nvjpeg_would_decode(detector: Detector) -> None:
     # Given JPEGs of two sizes and the same detector decoding with libjpeg-turbo threads
     blobs = frames(3) + [simplejpeg.encode_jpeg(np.full((90, 200, 3), 77, np.uint8))] + frames(2, seed=5)
