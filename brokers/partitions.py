@@ -33,9 +33,14 @@ from brokers.base import Broker
 from stream.names import lease_name, members_name, stable_hash
 
 
+def _weight(group: str, partition: int, member: str) -> tuple[int, str]:
+    """A member's rendezvous weight for a partition (ties, never seen, go by name)."""
+    return stable_hash(group, str(partition), member), member
+
+
 def rendezvous_owner(group: str, partition: int, members: Iterable[str]) -> str | None:
-    """The member that should own ``partition``: the highest hash of (group, partition, member)."""
-    return max(members, key=lambda m: (stable_hash(group, str(partition), m), m), default=None)
+    """The member that should own ``partition`` with no bound on loads: the highest weight."""
+    return max(members, key=lambda m: _weight(group, partition, m), default=None)
 
 
 def balanced_owners(group: str, partitions: int, members: Iterable[str]) -> dict[int, str]:
@@ -53,7 +58,7 @@ def balanced_owners(group: str, partitions: int, members: Iterable[str]) -> dict
     above_floor = 0
     owners: dict[int, str] = {}
     for partition in range(partitions):
-        ranked = sorted(pool, key=lambda m: (stable_hash(group, str(partition), m), m), reverse=True)
+        ranked = sorted(pool, key=lambda m: _weight(group, partition, m), reverse=True)
         for member in ranked:
             if load[member] < floor or (load[member] == floor and above_floor < extra):
                 above_floor += load[member] == floor

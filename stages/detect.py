@@ -244,7 +244,8 @@ class Detector:
         return now
 
     def decode(self, blobs: Sequence[bytes | None], names: Sequence[str] | None = None) -> list:
-        """Decode JPEGs on the detector's device in one batch.
+        """Decode JPEGs to frames on the detector's device: nvJPEG in one batched call, or
+        (``decode="cpu"``) libjpeg-turbo threads and one upload.
 
         Parameters:
             blobs: JPEG bytes; ``None`` stands for a blob that expired.

@@ -100,8 +100,9 @@ class DetectSettings(BaseModel):
     cuda_graphs: bool = True
     #: Where JPEGs are decoded: ``gpu`` (nvJPEG on the detector's device, one batched call)
     #: or ``cpu`` (libjpeg-turbo in ``decode_threads`` threads, then one upload per batch).
-    #: Measured on an H200 (README): nvJPEG takes about a quarter of the GPU's time from a
-    #: small model; ``cpu`` gives that back at the cost of about a core per 1,000 frames/s.
+    #: Measured on an H200 (README): ``cpu`` lifted the device path alone from 5.9k to 6.2k
+    #: frames/s (YOLO11n, 4 processes) but costs about 0.9 ms of a core per 640×360 frame,
+    #: and slowed a single worker whose event loop then shares the cores (3.8k to 2.1k).
     decode: Literal["gpu", "cpu"] = "gpu"
     #: Threads decoding JPEGs when ``decode`` is ``cpu`` (per worker process).
     decode_threads: int = Field(default=4, ge=1)
