@@ -101,8 +101,9 @@ class DetectSettings(BaseModel):
     #: Where JPEGs are decoded: ``gpu`` (nvJPEG on the detector's device, one batched call)
     #: or ``cpu`` (libjpeg-turbo in ``decode_threads`` threads, then one upload per batch).
     #: Measured on an H200 (README): ``cpu`` lifted the device path alone from 5.9k to 6.2k
-    #: frames/s (YOLO11n, 4 processes) but costs about 0.9 ms of a core per 640×360 frame,
-    #: and slowed a single worker whose event loop then shares the cores (3.8k to 2.1k).
+    #: frames/s (YOLO11n, 4 processes) and slowed a single worker, whose event loop then
+    #: shares the cores (3.8k to 2.1k). It costs about 0.9 ms of a core per 640×360 frame
+    #: (on the 2-core dev machine).
     decode: Literal["gpu", "cpu"] = "gpu"
     #: Threads decoding JPEGs when ``decode`` is ``cpu`` (per worker process).
     decode_threads: int = Field(default=4, ge=1)
