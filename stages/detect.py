@@ -130,7 +130,8 @@ class PendingBatch:
 
 @dataclass
 class _Graph:
-    """A captured forward pass: replay it after copying a batch into ``input``."""
+    """A captured pass (forward, or letterbox + forward + candidates): replay it after
+    copying a batch into ``input``."""
 
     graph: torch.cuda.CUDAGraph
     input: torch.Tensor
@@ -205,7 +206,7 @@ class Detector:
         # the next batch's nvJPEG work overlaps the current batch's forward pass.
         self._decode_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._decode_pool: ThreadPoolExecutor | None = None  # decode == "cpu": made on first use
-        self._graphs: dict[tuple[int, ...], _Graph] = {}
+        self._graphs: dict[tuple, _Graph] = {}  # by batch shape
         # Held by decode and by graph capture: no other thread's CUDA work during a capture.
         self._device_lock = threading.Lock()
         # One launch at a time: a pass leaves its descriptors in ``_features`` (and the
@@ -427,30 +428,33 @@ class Detector:
         Frames of one size (the usual case) are resized in a single ``interpolate`` call;
         rows past the frames (padding up to ``padded_size``) stay blank.
         """
-        if self._decode_stream is not None:
-            # Made on the decode stream: keep the allocator from reusing them too early.
-            for im in images:
-                im.record_stream(torch.cuda.current_stream(self.device))
+        self._hold(images)
         n = len(images)
         sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
         shape = self.input_shape(sizes)
         canvas = torch.full((self.padded_size(n), 3, *shape), PAD_VALUE, dtype=self.dtype, device=self.device)
-        scale = np.empty(n, dtype=np.float32)
-        pad = np.empty((n, 2), dtype=np.float32)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, size in enumerate(sizes):
             groups.setdefault(size, []).append(i)
-        for (fh, fw), index in groups.items():
-            r, nh, nw, top, left = placement(shape, fh, fw)
-            x = torch.stack([images[i] for i in index]).to(self.device, self.dtype, non_blocking=True)
-            if (nh, nw) != (fh, fw):
-                x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+        for frame, index in groups.items():
             rows = slice(0, n) if len(groups) == 1 else torch.tensor(index, device=self.device)
-            canvas[rows, :, top : top + nh, left : left + nw] = x.mul_(1 / 255)
-            scale[index] = r
-            pad[index] = (left, top)
-        size = np.array([(w, h) for h, w in sizes], dtype=np.float32).reshape(n, 2)
-        return canvas, Letterbox(shape, scale, pad, size)
+            self._paste(canvas, rows, torch.stack([images[i] for i in index]), frame)
+        return canvas, letterbox(shape, sizes)
+
+    def _paste(self, canvas: torch.Tensor, rows: slice | torch.Tensor, frames: torch.Tensor, frame: tuple[int, int]) -> None:
+        """Resize ``uint8`` frames of one size, normalise them and put them in their place
+        in ``canvas`` rows (the one letterbox of the op-by-op path and the captured one)."""
+        _, nh, nw, top, left = placement(tuple(canvas.shape[2:]), *frame)
+        x = frames.to(self.device, self.dtype, non_blocking=True)
+        if (nh, nw) != frame:
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+        canvas[rows, :, top : top + nh, left : left + nw] = x.mul_(1 / 255)
+
+    def _hold(self, images: Sequence[torch.Tensor]) -> None:
+        """Frames made on the decode stream: keep the allocator from reusing them too early."""
+        if self._decode_stream is not None:
+            for im in images:
+                im.record_stream(torch.cuda.current_stream(self.device))
 
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward pass.
@@ -473,12 +477,19 @@ class Detector:
 
     def _graph(self, batch: torch.Tensor) -> _Graph | None:
         """The captured forward pass for this batch shape (captured on first sight)."""
-        key = tuple(batch.shape)
+
+        def capture() -> _Graph:
+            static = batch.clone()
+            return self._capture(static, lambda: (self._predictions(self.net(static)), self._features))
+
+        return self._cached_graph(tuple(batch.shape), capture)
+
+    def _cached_graph(self, key: tuple, capture: Callable[[], _Graph]) -> _Graph | None:
+        """The graph of ``key``, captured on first sight; ``None`` once ``MAX_GRAPHS`` are kept."""
         if key not in self._graphs:
             if len(self._graphs) >= MAX_GRAPHS:
                 return None
-            static = batch.clone()
-            self._graphs[key] = self._capture(static, lambda: (self._predictions(self.net(static)), self._features))
+            self._graphs[key] = capture()
         return self._graphs[key]
 
     def _replay_fused(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Letterbox] | None:
@@ -493,39 +504,23 @@ class Detector:
             return None
         ((fh, fw),) = sizes
         n, shape = len(images), self.input_shape([(fh, fw)])
-        key = (self.padded_size(n), "frames", fh, fw, *shape)
-        if key not in self._graphs:
-            if len(self._graphs) >= MAX_GRAPHS:
-                return None
-            self._graphs[key] = self._capture_fused(key[0], (fh, fw), shape)
-        graph = self._graphs[key]
-        if self._decode_stream is not None:
-            for im in images:  # made on the decode stream: keep the allocator from reusing them early
-                im.record_stream(torch.cuda.current_stream(self.device))
+        rows = self.padded_size(n)
+        graph = self._cached_graph((rows, "frames", fh, fw, *shape), lambda: self._capture_fused(rows, (fh, fw), shape))
+        if graph is None:
+            return None
+        self._hold(images)
         torch.stack(list(images), out=graph.input[:n])  # rows past n keep old frames: their results are dropped
         graph.graph.replay()
-        r, _, _, top, left = placement(shape, fh, fw)
-        box = Letterbox(
-            shape,
-            np.full(n, r, dtype=np.float32),
-            np.tile(np.array([left, top], dtype=np.float32), (n, 1)),
-            np.tile(np.array([fw, fh], dtype=np.float32), (n, 1)),
-        )
-        return graph.output, graph.features, box
+        return graph.output, graph.features, letterbox(shape, [(fh, fw)] * n)
 
     def _capture_fused(self, rows: int, frame: tuple[int, int], shape: tuple[int, int]) -> _Graph:
         static = torch.zeros((rows, 3, *frame), dtype=torch.uint8, device=self.device)
-        _, nh, nw, top, left = placement(shape, *frame)
 
         def body() -> tuple[torch.Tensor, torch.Tensor]:
-            # The same ops as ``preprocess`` then ``forward`` then ``candidates``.
-            x = static.to(self.dtype)
-            if (nh, nw) != frame:
-                x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+            # What ``preprocess`` then ``forward`` then ``candidates`` do, in one graph.
             canvas = torch.full((rows, 3, *shape), PAD_VALUE, dtype=self.dtype, device=self.device)
-            canvas[:, :, top : top + nh, left : left + nw] = x.mul_(1 / 255)
-            preds = self._predictions(self.net(canvas))
-            return self.candidates(preds), self._features
+            self._paste(canvas, slice(None), static, frame)
+            return self.candidates(self._predictions(self.net(canvas))), self._features
 
         return self._capture(static, body)
 
@@ -624,6 +619,15 @@ class Detector:
             width, height = (int(v) for v in box.size[i])
             results.append(FrameResult(detections, features[i].astype(np.float32), width, height))
         return results
+
+
+def letterbox(shape: tuple[int, int], sizes: Sequence[tuple[int, int]]) -> Letterbox:
+    """Where frames of these ``(h, w)`` sizes lie in a model input of ``shape``."""
+    placed = {size: placement(shape, *size) for size in set(sizes)}
+    scale = np.array([placed[size][0] for size in sizes], dtype=np.float32)
+    pad = np.array([(placed[size][4], placed[size][3]) for size in sizes], dtype=np.float32).reshape(-1, 2)
+    size = np.array([(w, h) for h, w in sizes], dtype=np.float32).reshape(-1, 2)
+    return Letterbox(shape, scale, pad, size)
 
 
 def placement(shape: tuple[int, int], height: int, width: int) -> tuple[float, int, int, int, int]:

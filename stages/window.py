@@ -263,8 +263,7 @@ class CameraWindows:
 
     def _segment(self, window: _Window) -> Segment:
         mean = np.mean(window.descriptors, axis=0) if window.descriptors else np.zeros(0, np.float32)
-        norm = float(np.linalg.norm(mean))
-        mean = (mean / norm if norm else mean).astype(np.float32)
+        mean = unit(mean).astype(np.float32)
         return Segment(
             drive_id=self.drive_id,
             camera=self.camera,
