@@ -20,6 +20,10 @@ Why it works this way:
   (a key with a TTL that one owner holds), so it is never owned twice. A member that
   should own a partition still held by another simply waits: the holder releases it on
   its next refresh (rebalancing on join), or its lease expires when it died.
+* **Knowing when not to act.** A member that stalled (a long GC, SIGSTOP, a stuck call)
+  may have lost its leases without having run a refresh to find out. ``fresh`` says
+  whether the last successful refresh is recent enough that the leases cannot have
+  expired since; a runtime reads, handles and publishes a partition's work only then.
 * **Fencing.** Before renewing, a member checks that the lease is still its own; if
   another owner took it (our renewals stalled past the TTL), the partition is reported
   revoked so the runtime drops its state for it instead of acting on it.
@@ -27,6 +31,8 @@ Why it works this way:
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterable
 
 from brokers.base import Broker
@@ -94,6 +100,15 @@ class PartitionManager:
         self.pool = members_name(group, broker.namespace)
         #: Partitions this member holds the lease of, as of the last ``refresh``.
         self.owned: set[int] = set()
+        self._refreshed_at = -math.inf  # monotonic start of the last refresh that completed
+
+    def fresh(self) -> bool:
+        """True while the leases renewed by the last refresh cannot have expired yet.
+
+        Counted from that refresh's start (its renewals came later, so they last longer),
+        with a third of the TTL to spare for the work done on the strength of it.
+        """
+        return time.monotonic() < self._refreshed_at + 2 * self.ttl_ms / 3000
 
     @property
     def interval_s(self) -> float:
@@ -123,6 +138,7 @@ class PartitionManager:
             (newly assigned, revoked) partitions since the last refresh. Revoked ones were
             lost to another owner or are surplus: they now belong to another member.
         """
+        started = time.monotonic()
         await self.broker.join(self.pool, self.member, self.ttl_ms)
         wanted = await self.wanted()
         lost = {p for p in self.owned if not await self._renew(p)}
@@ -132,6 +148,7 @@ class PartitionManager:
         taken = {p for p in sorted(wanted - self.owned) if await self._take(p)}
         revoked = lost | surplus
         self.owned = (self.owned - revoked) | taken
+        self._refreshed_at = started
         return taken, revoked
 
     async def release(self, partitions: Iterable[int]) -> None:

@@ -275,6 +275,55 @@ async def test_a_partition_moving_to_another_worker_is_released_only_after_its_b
     await task
 
 
+class StallingGroupingHandler(GroupingHandler):
+    """A grouping stage whose first batch freezes the whole process (a long GC, SIGSTOP)."""
+
+    def __init__(self, stall_s: float) -> None:
+        super().__init__(size=5)
+        self.stall_s = stall_s
+        self.stalled = False
+
+    async def handle(self, batch: list) -> object:
+        if not self.stalled:
+            self.stalled = True
+            time.sleep(self.stall_s)  # noqa: ASYNC251 - on purpose: the event loop stalls, no heartbeat renews the leases
+        return await super().handle(batch)
+
+
+async def test_a_worker_that_stalled_past_its_leases_publishes_nothing_until_it_renewed_them(
+    broker: Broker,
+) -> None:
+    # Given a worker whose first batch stalls the process longer than the partition lease
+    partitions = broker.settings.frame_partitions
+    await publish_frames(broker, names.FRAMES, [frame("d1", i) for i in range(10)], partitions)
+    settings = fast_settings(broker, batch_size=5)
+    ttl_ms = 600
+    settings = settings.model_copy(update={"broker": broker.settings.model_copy(update={"lease_ttl_ms": ttl_ms})})
+    handler = StallingGroupingHandler(stall_s=1.5 * ttl_ms / 1000)
+    worker = Worker(handler, broker, MemoryBlobStore(), settings, consumer="w1")
+    stale_publishes = []
+    publish = worker.publish
+
+    async def watched_publish(outputs: list) -> None:
+        if outputs and not worker._partitions.fresh():
+            stale_publishes.append(len(outputs))
+        await publish(outputs)
+
+    worker.publish = watched_publish
+    task = asyncio.create_task(worker.run())
+
+    # When it wakes up, and goes on
+    await wait_until(lambda: _count(broker, 2))
+    worker.stop()
+    await task
+
+    # Then nothing was published on the strength of leases that may have expired; the
+    # partition was renewed, replayed and each group emitted once
+    assert handler.stalled
+    assert stale_publishes == []
+    assert sorted((m.seq, m.tick) for m in await outputs(broker)) == [(0, 10), (1, 35)]
+
+
 async def _lease_gone(broker: Broker, lease: str) -> bool:
     return await broker.lease_owner(lease) is None
 

@@ -146,7 +146,15 @@ class Worker:
         """The streams this worker reads now (owned partitions only, when partitioned)."""
         if not self.handler.partitioned:
             return [self.stream(hop) for hop in self.handler.inputs]
+        if not self._leases_fresh():
+            return []
         return [self.stream(hop, p) for p in sorted(self._ready) for hop in self.handler.inputs]
+
+    def _leases_fresh(self) -> bool:
+        """False when a partitioned worker may have lost its leases since it last renewed
+        them (it stalled past the TTL): it then reads, handles and publishes nothing for
+        its partitions until the heartbeat has refreshed them (and found which are lost)."""
+        return self._partitions is None or self._partitions.fresh()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -256,7 +264,7 @@ class Worker:
                 await self._drop_state(partition)
 
     async def _on_idle(self, idle_rounds: int) -> None:
-        if self._queue.empty() and not self._busy:
+        if self._queue.empty() and not self._busy and self._leases_fresh():
             async with self._state_lock:
                 result = await self.handler.tick()
                 if result.outputs or result.ack or result.failed:
@@ -271,6 +279,8 @@ class Worker:
         until ``max_wait_ms`` after the first arrived (a stream muxer's size-or-timeout)."""
         size = self.settings.worker.batch_size
         wait_s = self.settings.worker.max_wait_ms / 1000
+        if not self._leases_fresh():
+            return []
         batch = self._take_replay(size)
         deadline = time.monotonic() + wait_s if batch else None
         while len(batch) < size and not self.stopping:
@@ -402,6 +412,14 @@ class Worker:
             result = BatchResult(ack=[], failed=[(d, exc) for d in batch])
         metrics.STAGE_SECONDS.labels(self.group).observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.labels(self.group).observe(len(batch))
+        if not self._leases_fresh():
+            # Stalled past the leases while handling (or before): another worker may own
+            # these partitions now and be replaying the same entries. Publish and ack
+            # nothing; the state this batch changed is dropped, and the next beat takes
+            # each partition over again from its pending entries if it is still ours.
+            for partition in sorted({d.partition for d in batch}):
+                await self._drop_state(partition)
+            return
         await self._finish(batch, result)
 
     async def _finish(self, batch: list[Delivery], result: BatchResult) -> None:
