@@ -29,6 +29,7 @@ def fit_coefficients(
     *,
     l2: float = DEFAULT_L2,
     iterations: int = 50,
+    balanced: bool = False,
 ) -> dict[str, float]:
     """Fit a logistic model ``P(roadwork) = sigmoid(bias + Σ c_f · x_f)``.
 
@@ -38,6 +39,10 @@ def fit_coefficients(
         features: the feature names to fit, in order.
         l2: ridge penalty on the non-bias coefficients.
         iterations: Newton steps at most (it stops earlier once converged).
+        balanced: weigh each class to half the total (scikit-learn's
+            ``class_weight="balanced"``), so the fitted intercept assumes equal priors
+            rather than the training set's; the rule then transfers to data with another
+            share of roadwork.
 
     Returns:
         ``{"bias": …, feature: …}``.
@@ -53,13 +58,16 @@ def fit_coefficients(
         message = "calibration needs windows of both classes"
         raise ValueError(message)
     x = np.asarray([[1.0] + [float(row.get(f, 0.0)) for f in features] for row in rows])
+    sample = np.ones_like(y)
+    if balanced:
+        sample = np.where(y == 1, len(y) / (2 * y.sum()), len(y) / (2 * (len(y) - y.sum())))
     penalty = np.full(x.shape[1], l2 * len(y))
     penalty[0] = 0.0
     w = np.zeros(x.shape[1])
     for _ in range(iterations):
         p = 1.0 / (1.0 + np.exp(-(x @ w)))
-        gradient = x.T @ (p - y) + penalty * w
-        hessian = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty) + 1e-9 * np.eye(len(w))
+        gradient = x.T @ (sample * (p - y)) + penalty * w
+        hessian = (x * (sample * p * (1 - p))[:, None]).T @ x + np.diag(penalty) + 1e-9 * np.eye(len(w))
         step = np.linalg.solve(hessian, gradient)
         w -= step
         if np.max(np.abs(step)) < 1e-8:

@@ -124,6 +124,7 @@ class DetectSettings(BaseModel):
             "arrow board": "arrow_board",
             "message board": "message_board",
             "temporary sign": "temporary_sign",
+            "roadwork sign": "temporary_sign",
             "work sign": "temporary_sign",
             "work vehicle": "work_vehicle",
             "worker": "worker",

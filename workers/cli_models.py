@@ -90,23 +90,48 @@ def train_detector(cones, out, settings_file, **overrides) -> None:
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--weights", default=None, help="scorer weights [default: the shipped stages/models/scorer.pt]")
+@click.option(
+    "--detector",
+    default=None,
+    help="detector weights [default: the shipped stages/models/roadwork_yolo11n.pt]; '' for none",
+)
+@click.option("--rule", default=None, help="combination rule [default: the shipped stages/models/classify.json]")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="one JSON array on stdout")
-def classify(images, weights, device, as_json) -> None:
-    """Print each image's roadwork probability (> 0.5 means roadwork)."""
-    from stages.scorer import DEFAULT_WEIGHTS, RoadworkScorer
+def classify(images, weights, detector, rule, device, as_json) -> None:
+    """Print each image's roadwork probability (> 0.5 means roadwork) and the objects found.
 
+    The probability combines the frame scorer and the detector by the rule fitted on
+    held-out sources (stages/models/README.md); without a detector it is the scorer's.
+    """
+    from stages.classify import DEFAULT_DETECTOR, DEFAULT_RULE, FrameClassifier
+    from stages.scorer import DEFAULT_WEIGHTS, read_image
+
+    detector = DEFAULT_DETECTOR if detector is None else detector
+    rule = DEFAULT_RULE if rule is None else rule
     try:
-        scorer = RoadworkScorer.load(weights or DEFAULT_WEIGHTS, device)
-        probs = scorer.score_images(list(images))
+        classifier = FrameClassifier.load(weights or DEFAULT_WEIGHTS, detector, rule, device)
+        verdicts = []
+        for start in range(0, len(images), 16):
+            verdicts += classifier.classify([read_image(p) for p in images[start : start + 16]])
     except RoadstreamError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
         rows = [
-            {"image": str(p), "roadwork_probability": round(q, 6), "roadwork": q > 0.5}
-            for p, q in zip(images, probs)
+            {
+                "image": str(p),
+                "roadwork_probability": round(v.roadwork_probability, 6),
+                "roadwork": v.roadwork_probability > 0.5,
+                "scorer_probability": round(v.scorer_probability, 6),
+                "objects": [{"type": t, "confidence": c, "box": b} for t, c, b in v.objects],
+            }
+            for p, v in zip(images, verdicts)
         ]
         click.echo(json.dumps(rows))
         return
-    for path, prob in zip(images, probs):
-        click.echo(f"{prob:.4f}\t{path}")
+    for path, v in zip(images, verdicts):
+        counts: dict[str, int] = {}
+        for kind, _, _ in v.objects:
+            counts[kind] = counts.get(kind, 0) + 1
+        objects = ", ".join(f"{k}×{n}" for k, n in sorted(counts.items())) or "-"
+        click.echo(f"{v.roadwork_probability:.4f}\t{objects}\t{path}")

@@ -50,7 +50,26 @@ def offline_ultralytics() -> Any:
 
     # Fonts are only for plots, which are off; the check would try to download Arial.ttf.
     data_utils.check_font = lambda *args, **kwargs: None
+    try:
+        import polars  # noqa: F401
+    except ImportError:
+        # ultralytics reads its results.csv back with polars only to store it in each
+        # checkpoint; a GPU machine without polars (54 MB) reads it with the csv module.
+        from ultralytics.engine.trainer import BaseTrainer
+
+        BaseTrainer.read_results_csv = _read_results_csv
     return ultralytics
+
+
+def _read_results_csv(trainer) -> dict[str, list]:
+    import csv
+
+    try:
+        with open(trainer.csv, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError:
+        return {}
+    return {k.strip(): [float(r[k]) for r in rows] for k in (rows[0] if rows else {})}
 
 
 def load_settings(path: str | Path = SETTINGS_FILE, **overrides: Any) -> dict[str, Any]:
