@@ -11,7 +11,15 @@ Windows. Window ``i`` of a drive covers ``[i·w, (i+1)·w)`` on the drive clock 
 * every expected camera's watermark (its latest ``t``; cameras arrive in order) reached
   its end, or that camera's drive-ended marker arrived — and, when vera runs, every camera's
   anomaly scores cover it too; or
-* ``watermark_timeout_s`` passed since its first entry arrived.
+* the drive stalled: no entry of it arrived for ``watermark_timeout_s`` *and* for
+  ``stall_lag_factor`` times the pipeline's own lag (the longest ingest-to-fuse delay seen
+  of its frames). Then the cameras it still waits for are given up (a dead-lettered ingest
+  job, a partition nobody serves) and the summary names them.
+
+Windows close on the drive's own progress, never on the time a window has been open: a
+camera that arrives late because the machine is loaded (ingest decodes a minute camera by
+camera; detect may be behind on one partition) still lands in its windows, so the same
+footage gives the same verdicts on a quiet and on a loaded machine.
 
 Cross-view fusion. A cone in the overlap of two neighbouring cameras is seen twice. For
 each tick (all cameras of a tick share one time) and object type, the fused count is the
@@ -218,6 +226,10 @@ class Drive:
     frame_counts: dict[str, int] = field(default_factory=dict)  # frames of published windows
     late: int = 0
     done: bool = False
+    progress_at: float | None = None  # when an entry of the drive last arrived
+    lag_s: float = 0.0  # the longest ingest-to-fuse delay of its frames
+    given_up: dict[str, list[int]] = field(default_factory=dict)  # camera -> windows closed without it
+    stalled_s: float = 0.0  # the longest stall that made fuse give up cameras
 
     def expected_cameras(self) -> set[str]:
         """Cameras named by markers, plus cameras seen."""
@@ -381,6 +393,7 @@ class Fuser:
         if handler is None:
             text = f"fuse takes detections, drive markers, anomaly scores and answers, not {message.KIND!r}"
             raise TypeError(text)
+        drive.progress_at = now if drive.progress_at is None else max(drive.progress_at, now)
         step = Step(release=handler(drive, message, token, now))
         step.extend(self._advance(drive, now))
         return self._released(drive, step)
@@ -409,6 +422,8 @@ class Fuser:
 
     def _on_frame(self, drive: Drive, msg: FrameDetections, token: Token, now: float) -> list[Token]:
         drive.watermark[msg.camera] = max(drive.watermark.get(msg.camera, -math.inf), msg.t)
+        if msg.ingested_utc is not None:
+            drive.lag_s = max(drive.lag_s, now - msg.ingested_utc)
         index = self._window_index(msg.t)
         if index in drive.closed:
             drive.late += 1
@@ -467,9 +482,10 @@ class Fuser:
         return step
 
     def _try_close(self, drive: Drive, window: Window, now: float) -> Step:
-        timed_out = now - window.opened_at >= self.settings.watermark_timeout_s
-        if not (timed_out or self._complete(drive, window)):
-            return Step()
+        if not self._complete(drive, window):
+            if not self._stalled(drive, now):
+                return Step()
+            self._give_up(drive, window, now)
         answer = drive.answers.get(window.index)
         evidence = self.evidence(drive, window, answer)
         base = confidence({**evidence.features, "vlm": 0.0}, self.coefficients)
@@ -482,11 +498,30 @@ class Fuser:
                 return Step()
         return self._close(drive, window, evidence, answer, now)
 
+    def stall_limit(self, drive: Drive) -> float:
+        """Seconds without any entry of the drive after which fuse gives up its missing cameras."""
+        return max(self.settings.watermark_timeout_s, self.settings.stall_lag_factor * drive.lag_s)
+
+    def _stalled(self, drive: Drive, now: float) -> bool:
+        return drive.progress_at is not None and now - drive.progress_at >= self.stall_limit(drive)
+
+    def _waiting_for(self, drive: Drive, window: Window) -> list[str]:
+        if drive.ended_all:
+            return []
+        return sorted(
+            camera
+            for camera in drive.expected_cameras()
+            if camera not in drive.ended and drive.watermark.get(camera, -math.inf) < window.t_end
+        )
+
+    def _give_up(self, drive: Drive, window: Window, now: float) -> None:
+        drive.stalled_s = max(drive.stalled_s, now - (drive.progress_at or now))
+        for camera in self._waiting_for(drive, window):
+            drive.given_up.setdefault(camera, []).append(window.index)
+
     def _complete(self, drive: Drive, window: Window) -> bool:
-        if not drive.ended_all:
-            for camera in drive.expected_cameras():
-                if camera not in drive.ended and drive.watermark.get(camera, -math.inf) < window.t_end:
-                    return False
+        if self._waiting_for(drive, window):
+            return False
         if not self.expect_anomaly:
             return True
         return all(self._anomaly_covers(drive, camera, window) for camera in window.frames)
@@ -664,6 +699,12 @@ class Fuser:
             got = drive.frame_counts.get(camera, 0)
             if got < n:
                 problems.append(f"{camera}: {n - got} of {n} frames never reached fuse (dead-lettered or late)")
+        for camera, windows in sorted(drive.given_up.items()):
+            problems.append(
+                f"{camera}: gave up waiting for it after {drive.stalled_s:.0f} s without any entry of the drive "
+                f"(pipeline lag {drive.lag_s:.0f} s); {len(windows)} window(s) closed without it "
+                f"(first {min(windows)})"
+            )
         if drive.late:
             problems.append(f"{drive.late} entries arrived after their window closed")
         return problems
@@ -685,6 +726,9 @@ class Fuser:
                 for c in sorted(drive.closed.values(), key=lambda c: c.index)
             ],  # fmt: skip
             "segments": [s.model_dump(mode="json") for s in drive.segments.values()],
+            "given_up": {camera: list(windows) for camera, windows in drive.given_up.items()},
+            "stalled_s": drive.stalled_s,
+            "lag_s": drive.lag_s,
         }
 
     def restore(self, drive_id: str, snapshot: dict[str, Any]) -> None:
@@ -702,6 +746,9 @@ class Fuser:
         for row in snapshot["closed"]:
             index, t0, t1, u0, u1, roadwork, conf, track, est = row
             drive.closed[index] = ClosedWindow(index, t0, t1, u0, u1, roadwork, conf, [tuple(p) for p in track], est)
+        # Written since the stall guard; older checkpoints lack them.
+        drive.given_up = {str(c): [int(i) for i in w] for c, w in snapshot.get("given_up", {}).items()}
+        drive.stalled_s, drive.lag_s = float(snapshot.get("stalled_s", 0.0)), float(snapshot.get("lag_s", 0.0))
         for data in snapshot["segments"]:
             seg = AnomalyScore.model_validate(data)
             drive.segments[(seg.camera, seg.index)] = seg

@@ -225,3 +225,55 @@ def test_dedupe_keys_are_one_per_window_and_drive():
     # Then their keys match; another window's differs
     assert dedupe_key(a) == dedupe_key(b)
     assert dedupe_key(a) != dedupe_key(a.copy_with(window=1))
+
+
+def _published(fuser: Fuser, schedule) -> tuple[list[tuple], DriveSummary]:
+    # Feed (now, message) pairs, ticking the clock between them as the worker does.
+    outputs = []
+    for i, (now, msg) in enumerate(schedule):
+        outputs += fuser.add(msg, token=i, now=now).outputs
+        outputs += fuser.tick(now).outputs
+    rows = [(v.window, v.cameras, v.objects, round(v.confidence, 9)) for v in verdicts(outputs)]
+    (summary,) = [o for o in outputs if isinstance(o, DriveSummary)]
+    return sorted(rows), summary
+
+
+def test_the_same_drive_gives_the_same_verdicts_on_a_quiet_and_a_loaded_machine():
+    # Given three cameras of 8 ticks, cones on every camera from tick 4 on, ingested at t=0
+    cams = ("front", "back", "left_repeater")
+
+    def msg(cam: str, tick: int) -> FrameDetections:
+        f = frame(cam, tick, dets=[cone(0.5)] if tick >= 4 else [])
+        return f.copy_with(ingested_utc=0.0)
+
+    per_camera = {c: [msg(c, t) for t in range(8)] + [ended(c, cams)] for c in cams}
+    # When on a quiet machine the cameras arrive interleaved within a second...
+    quiet = [(0.0, m) for m in started(cams)]
+    quiet += [(0.01 * i, m) for i, m in enumerate(m for t in range(9) for c in cams for m in per_camera[c][t : t + 1])]
+    # ...and on a loaded one camera by camera (as ingest publishes a minute), each entry
+    # 10 s after the one before: the last camera starts 170 s after window 0 opened
+    loaded = [(0.0, m) for m in started(cams)]
+    loaded += [(10.0 * (i + 1), m) for i, m in enumerate(m for c in cams for m in per_camera[c])]
+    # Then the verdicts are the same, every window has every camera, and nothing was given up
+    quiet_rows, quiet_summary = _published(Fuser(FuseSettings(watermark_timeout_s=30.0)), quiet)
+    loaded_rows, loaded_summary = _published(Fuser(FuseSettings(watermark_timeout_s=30.0)), loaded)
+    assert loaded_rows == quiet_rows
+    assert [r[1] for r in loaded_rows] == [[], sorted(cams)]
+    assert loaded_summary.problems == quiet_summary.problems == []
+
+
+def test_a_camera_that_is_really_gone_is_given_up_only_after_the_drive_stalls():
+    # Given front and back, ingested at t=0; back stops after tick 1, front runs to its end
+    fuser = Fuser(FuseSettings(watermark_timeout_s=30.0, stall_lag_factor=3.0))
+    msgs = started() + [frame("back", t).copy_with(ingested_utc=0.0) for t in range(2)]
+    msgs += [frame("front", t).copy_with(ingested_utc=0.0) for t in range(8)] + [ended("front")]
+    out, _ = feed(fuser, msgs, now=20.0)  # 20 s of pipeline lag
+    # When the drive has made no progress for 59 s (less than 3 × its 20 s lag), then for 61 s
+    early = fuser.tick(now=79.0)
+    late = fuser.tick(now=81.0)
+    # Then nothing closes early; after it, both windows close without back, and it is named
+    assert verdicts(out) == [] and early.outputs == []
+    assert [v.window for v in verdicts(late.outputs)] == [0, 1]
+    summary = fuser.add(ended("back"), token="end", now=82.0).outputs
+    (summary,) = [o for o in summary if isinstance(o, DriveSummary)]
+    assert any(p.startswith("back: gave up waiting") and "2 window(s)" in p for p in summary.problems)
