@@ -625,6 +625,7 @@ class Fuser:
             roadwork=conf >= self.settings.threshold,
             confidence=conf,
             cameras=evidence.cameras,
+            missing_cameras=sorted(drive.expected_cameras() - set(window.frames)),
             objects=evidence.objects,
             anomaly_score=evidence.anomaly,
             roadwork_prob=evidence.prob,
@@ -679,6 +680,9 @@ class Fuser:
             spans=build_spans(closed),
             cameras=sorted(drive.expected_cameras()),
             frame_counts=dict(sorted(drive.frame_counts.items())),
+            missing=_merged_lists(m.missing for m in drive.markers),
+            missed_ticks={c: max(m.missed_ticks.get(c, 0) for m in drive.markers)
+                          for c in sorted({c for m in drive.markers for c in m.missed_ticks})},
             problems=self._problems(drive),
             source=next((m.source for m in drive.markers if m.source), ""),
         )
@@ -760,6 +764,16 @@ class Fuser:
         self.drives.pop(drive_id, None)
         for key in [k for k in self._smoothed if k[0] == drive_id]:
             del self._smoothed[key]
+
+
+def _merged_lists(maps) -> dict[str, list[str]]:
+    # The drives hop and every camera partition carry copies of one marker: merge, once each.
+    merged: dict[str, list[str]] = {}
+    for mapping in maps:
+        for key, values in mapping.items():
+            merged.setdefault(key, [])
+            merged[key] += [v for v in values if v not in merged[key]]
+    return {key: sorted(values) for key, values in sorted(merged.items())}
 
 
 def _mean_gps(track: Sequence[tuple[float, float]], estimated: bool) -> Gps | None:

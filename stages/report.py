@@ -157,8 +157,35 @@ def _drive_html(drive: str, verdicts: Sequence[Verdict], summary: DriveSummary |
         )
         problems = "".join(f"<li>{html.escape(p)}</li>" for p in summary.problems)
         facts += f"<ul>{spans}</ul>" + (f"<p>Problems:</p><ul>{problems}</ul>" if problems else "")
+    facts += _missing_html(verdicts)
     return (f"<section><h2>Drive {html.escape(drive)}</h2><p>{facts}</p>{timeline_svg(verdicts, threshold)}"
             f"<div class=thumbs>{_thumbs_html(verdicts, images)}</div></section>")  # fmt: skip
+
+
+def _missing_html(verdicts: Sequence[Verdict]) -> str:
+    # Which windows were decided without which camera: absence is normal, silence is not.
+    by_camera: dict[str, list[int]] = {}
+    for v in sorted(verdicts, key=lambda v: v.window):
+        for camera in v.missing_cameras:
+            by_camera.setdefault(camera, []).append(v.window)
+    if not by_camera:
+        return ""
+    rows = "".join(
+        f"<li>{html.escape(camera)}: no frame in {len(windows)} of {len(verdicts)} windows "
+        f"({html.escape(_ranges(windows))})</li>"
+        for camera, windows in sorted(by_camera.items())
+    )
+    return f"<p>Windows decided without a camera:</p><ul>{rows}</ul>"
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] + 1 == i:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def report_html(

@@ -263,3 +263,30 @@ async def test_submit_queues_one_job_per_drive_once(tmp_path: Path, redis_url: s
     jobs = [codec.decode(e.data) for e in await broker.range(f"{NS}:jobs")]
     await broker.close()
     assert sorted(j.clips[0].start for j in jobs) == ["2024-05-01_10-00-00", "2024-05-01_12-00-00"]
+
+
+async def test_header_only_and_absent_clips_are_named_in_the_drive_marker(tmp_path: Path, ingest) -> None:
+    # Given a two-minute drive: minute 1's back clip holds a header and no frame, and
+    # minute 1 has no left_repeater clip at all
+    drive = tc.make_drive(tmp_path, minutes=2, spec=SHORT, missing={(1, "left_repeater")})
+    empty = tc.header_only(drive.clip(1, "back"))
+    # When ingested
+    ended = (await ingest(_jobs(tmp_path))).ended()
+    # Then the marker names the header-only file and the absent camera's minute, and
+    # lists both minutes as missing for machines
+    assert f"{empty}: holds no frames ({empty.stat().st_size} bytes: a header and no video; " \
+           "the clip was never written)" in ended.problems
+    assert any(p.startswith("left_repeater: no clip in 1 of 2 minute(s)") and drive.minutes[1] in p
+               for p in ended.problems)
+    assert ended.missing == {"back": [drive.minutes[1]], "left_repeater": [drive.minutes[1]]}
+
+
+async def test_ticks_a_variable_rate_camera_has_no_frame_for_are_counted_and_named(tmp_path: Path, ingest) -> None:
+    # Given a camera whose stream has a 1 s hole (frames every 28 ms around it)
+    spec = tc.ClipSpec(duration_s=2.5, fps=35.7, gaps_ms=(28,) * 40 + (1000,))
+    drive = tc.make_drive(tmp_path, minutes=1, cameras=("front",), spec=spec)
+    # When ingested at 5 ticks per second
+    ended = (await ingest(_jobs(tmp_path))).ended()
+    # Then the five ticks inside the hole are counted and the file is named
+    assert ended.missed_ticks == {"front": 5}
+    assert any(p.startswith(f"{drive.clip(0, 'front')}: 5 tick(s) had no frame") for p in ended.problems)

@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 from brokers.blobs import BlobStore
-from stages.decode import Sample, clip_info, open_container, sample_clip
+from stages.decode import ClipStats, Sample, clip_info, display_rotation, open_container, sample_clip
 from stages.discover import CAMERAS, STAMP_FORMAT
 from stages.frames import Encoded, encode_frame, target_size
 from stream import ids
@@ -66,7 +66,8 @@ class _Piece:
     shots: list[Future]  # of _Shot, in tick order; encoding may still be running
     utc: Future | None  # of the clip's creation time
     last: bool = False  # the camera minute ends with this piece
-    problem: str | None = None  # why the clip stopped early
+    problems: list[str] = field(default_factory=list)  # why the clip stopped early, what it lost
+    missed: int = 0  # ticks inside the clip that got no frame
 
 
 @dataclass
@@ -77,13 +78,24 @@ class DriveProgress:
     frame_counts: dict[str, int] = field(default_factory=dict)
     ticks: set[int] = field(default_factory=set)
     missing: dict[str, list[str]] = field(default_factory=dict)
+    absent: dict[str, list[str]] = field(default_factory=dict)  # camera -> minutes with no file
+    missed_ticks: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     first_utc: float | None = None
     last_utc: float | None = None
+    minutes: int = 0
 
     def lacks(self, camera: str, minute: str) -> None:
         """Note a camera minute that gave no frame."""
         self.missing.setdefault(camera, []).append(minute)
+
+    def all_problems(self) -> list[str]:
+        """The problems, then one line per camera absent from some minutes (normal, but said)."""
+        lines = list(self.problems)
+        for camera, minutes in self.absent.items():
+            lines.append(f"{camera}: no clip in {len(minutes)} of {self.minutes} minute(s) "
+                         f"({', '.join(minutes)}): the camera did not record them")  # fmt: skip
+        return lines
 
 
 def minute_offsets(job: Job) -> list[float]:
@@ -141,7 +153,7 @@ class IngestHandler(Handler):
         """
         self.check_roots(job)
         cameras = [c for c in CAMERAS if any(c in clip.files for clip in job.clips)]
-        progress = DriveProgress(cameras, {c: 0 for c in cameras})
+        progress = DriveProgress(cameras, {c: 0 for c in cameras}, minutes=len(job.clips))
         await self._publish_markers(job, self._marker(job, "started", progress))
         pool = _Encoders()
         try:
@@ -151,8 +163,11 @@ class IngestHandler(Handler):
                 async for piece in pieces:
                     taken += await self._take(job, piece, progress)
                     if piece.last:
+                        minute = job.clips[piece.index].start
                         if taken == 0:
-                            progress.lacks(piece.camera, job.clips[piece.index].start)
+                            progress.lacks(piece.camera, minute)
+                        if piece.camera not in job.clips[piece.index].files:
+                            progress.absent.setdefault(piece.camera, []).append(minute)
                         taken = 0
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -182,8 +197,9 @@ class IngestHandler(Handler):
         if shots:
             utc = await _result(piece.utc)
             await self._publish_chunk(job, piece.camera, job.clips[piece.index].start, shots, utc, progress)
-        if piece.problem is not None:
-            progress.problems.append(piece.problem)
+        progress.problems.extend(piece.problems)
+        if piece.missed:
+            progress.missed_ticks[piece.camera] = progress.missed_ticks.get(piece.camera, 0) + piece.missed
         return len(shots)
 
     def _decode_drive(self, job: Job, cameras: list[str], pool: _Encoders) -> Iterator[_Piece]:
@@ -205,11 +221,13 @@ class IngestHandler(Handler):
         tick0 = round(offset_s * ing.sample_fps)
         utc = pool.submit(_creation_utc, path)
         shots: list[Future] = []
+        stats = ClipStats()
+        problems: list[str] = []
         try:
             size = _decord_size(path, ing.long_side) if ing.decoder == "decord" else None
             samples = sample_clip(
                 path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads,
-                decoder=ing.decoder, size=size,
+                decoder=ing.decoder, size=size, stats=stats,
             )
             for sample in samples:
                 shots.append(pool.submit_frame(self._encode, tick0 + sample.k, sample))
@@ -218,9 +236,9 @@ class IngestHandler(Handler):
                     shots = []
         except FootageError as exc:
             # A clip that breaks mid-way (truncated) still hands over what it had.
-            yield _Piece(index, camera, shots, utc, last=True, problem=str(exc))
-            return
-        yield _Piece(index, camera, shots, utc, last=True)
+            problems.append(str(exc))
+        yield _Piece(index, camera, shots, utc, last=True, problems=problems + clip_notes(path, stats),
+                     missed=len(stats.missed))  # fmt: skip
 
     def _encode(self, tick: int, sample: Sample) -> _Shot:
         ing = self.settings.ingest
@@ -263,7 +281,8 @@ class IngestHandler(Handler):
             drive_id=job.drive_id, event=event, cameras=progress.cameras,
             frame_counts=dict(progress.frame_counts) if event == "ended" else {},
             ticks=len(progress.ticks), missing=progress.missing if event == "ended" else {},
-            problems=progress.problems if event == "ended" else [], source=job.root,
+            missed_ticks=dict(progress.missed_ticks) if event == "ended" else {},
+            problems=progress.all_problems() if event == "ended" else [], source=job.root,
             start_utc=progress.first_utc, end_utc=progress.last_utc if event == "ended" else None,
             est_lat=position.lat if position else None, est_lon=position.lon if position else None,
         )
@@ -294,6 +313,18 @@ class _Encoders(ThreadPoolExecutor):
         return future
 
 
+def clip_notes(path: str, stats: ClipStats) -> list[str]:
+    """What a clip's sampling lost or worked around, in words, naming the file."""
+    notes = []
+    if stats.fallback:
+        notes.append(f"{path}: {stats.fallback}")
+    if stats.missed:
+        at = ", ".join(f"{t:.1f}" for t in stats.missed[:5]) + (" …" if len(stats.missed) > 5 else "")
+        notes.append(f"{path}: {len(stats.missed)} tick(s) had no frame within half the local frame spacing "
+                     f"(at {at} s into the clip): a hole in the stream")  # fmt: skip
+    return notes
+
+
 def _creation_utc(path: str) -> float | None:
     # The MP4 creation_time is GPS-based UTC; read once per clip, header only.
     try:
@@ -309,9 +340,12 @@ async def _result(future: Future):
 
 
 def _decord_size(path: str, long_side: int) -> tuple[int, int] | None:
+    # decord applies the display rotation: the size asked of it is the size shown.
     with open_container(Path(path)) as container:
         info = clip_info(container)
-    return target_size(info.width, info.height, long_side)
+        sideways = display_rotation(container) % 180 != 0
+    width, height = target_size(info.width, info.height, long_side)
+    return (height, width) if sideways else (width, height)
 
 
 async def _in_thread(make: callable, ahead: int) -> AsyncIterator:
