@@ -77,6 +77,7 @@ class ClipStats:
     expected: int = 0  # frames the container's index promises; 0 when unknown
     missed: list[float] = field(default_factory=list)  # tick times (s) inside the clip with no frame near
     fallback: str | None = None  # why decord was not used for (part of) the clip
+    no_fix: int = 0  # sampled frames whose telemetry has no GPS fix (the caller counts)
 
 
 @dataclass

@@ -281,20 +281,45 @@ def key_frames(window: Window) -> list[CameraFrame]:
     return chosen
 
 
+#: Faster than any car (m/s): a fix that far from the window's others is no position.
+MAX_SPEED_MPS = 100.0
+#: GPS noise allowed on top of that distance (m).
+GPS_SLACK_M = 50.0
+
+
 def _fixes(frames: Sequence[FrameDetections]) -> tuple[list[tuple[float, float]], bool]:
     # One position per tick (the car has one), telemetry fixes before estimates.
-    by_tick: dict[int, tuple[float, float, bool]] = {}
+    by_tick: dict[int, tuple[float, float, bool, float]] = {}
     for frame in sorted(frames, key=lambda f: (f.tick, f.camera)):
         tel = frame.telemetry
         if tel is None or tel.lat is None or tel.lon is None:
             continue
         held = by_tick.get(frame.tick)
         if held is None or (held[2] and not tel.estimated):
-            by_tick[frame.tick] = (tel.lat, tel.lon, tel.estimated)
-    measured = [(lat, lon) for lat, lon, est in by_tick.values() if not est]
+            by_tick[frame.tick] = (tel.lat, tel.lon, tel.estimated, frame.t)
+    measured = _plausible([(lat, lon, t) for lat, lon, est, t in by_tick.values() if not est])
     if measured:
         return measured, False
-    return [(lat, lon) for lat, lon, _ in by_tick.values()], True
+    return [(lat, lon) for lat, lon, est, _ in by_tick.values() if est], True
+
+
+def _plausible(fixes: list[tuple[float, float, float]]) -> list[tuple[float, float]]:
+    """The fixes a car could have driven between: none farther from the window's median
+    position than ``MAX_SPEED_MPS`` over the window's time span allows (a GPS jump)."""
+    if not fixes:
+        return []
+    mid_lat = statistics.median(f[0] for f in fixes)
+    mid_lon = statistics.median(f[1] for f in fixes)
+    span_s = max(f[2] for f in fixes) - min(f[2] for f in fixes)
+    reach = MAX_SPEED_MPS * span_s + GPS_SLACK_M
+    return [(lat, lon) for lat, lon, _ in fixes if _metres(lat, lon, mid_lat, mid_lon) <= reach]
+
+
+def _metres(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Great-circle distance (haversine, metres)."""
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    a = math.sin((p2 - p1) / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2
+    return 2 * 6_371_000 * math.asin(min(1.0, math.sqrt(a)))
 
 
 def _utc_offset(frames: Sequence[FrameDetections], drive: Drive) -> float | None:

@@ -1,9 +1,11 @@
-"""The output folder of a run: ``verdicts.jsonl``, ``drives.geojson`` and ``report.html``.
+"""The output folder of a run: ``verdicts.jsonl``, ``drives.jsonl``, ``drives.geojson``, ``report.html``.
 
 Pure apart from writing files: the caller fetches the key-frame blobs it wants drawn
 (``thumbnail_keys`` says which) and passes their bytes in.
 
 * ``verdicts.jsonl`` — one verdict a line, ordered by drive and window.
+* ``drives.jsonl`` — one drive summary a line: windows, spans, cameras, frame counts, the
+  minutes each camera had no frame, missed ticks and the problems, each naming its file.
 * ``drives.geojson`` — a FeatureCollection with one feature per roadwork span: a
   LineString of its GPS track (``[lon, lat]``), a Point when the track has one position
   (an event's estimate), or no geometry when nothing is known; properties carry the drive,
@@ -222,12 +224,15 @@ def write_report(
         threshold: the roadwork threshold drawn on the timelines.
 
     Returns:
-        ``{"verdicts": path, "geojson": path, "html": path}``.
+        ``{"verdicts": path, "drives": path, "geojson": path, "html": path}``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"verdicts": out / "verdicts.jsonl", "geojson": out / "drives.geojson", "html": out / "report.html"}
+    paths = {"verdicts": out / "verdicts.jsonl", "drives": out / "drives.jsonl", "geojson": out / "drives.geojson",
+             "html": out / "report.html"}  # fmt: skip
     write_verdicts(paths["verdicts"], verdicts)
+    ordered = sorted(summaries, key=lambda s: s.drive_id)
+    paths["drives"].write_text("".join(s.model_dump_json() + "\n" for s in ordered))
     paths["geojson"].write_text(json.dumps(geojson(summaries), indent=1) + "\n")
     paths["html"].write_text(report_html(verdicts, summaries, images or {}, threshold))
     return paths

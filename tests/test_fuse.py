@@ -277,3 +277,16 @@ def test_a_camera_that_is_really_gone_is_given_up_only_after_the_drive_stalls():
     summary = fuser.add(ended("back"), token="end", now=82.0).outputs
     (summary,) = [o for o in summary if isinstance(o, DriveSummary)]
     assert any(p.startswith("back: gave up waiting") and "2 window(s)" in p for p in summary.problems)
+
+
+def test_a_gps_jump_faster_than_a_car_is_no_position():
+    # Given a window whose frames have fixes near 30.2 N, -97.6 E but one 0.5 degree away
+    fuser = Fuser()
+    msgs = [frame(c, t, dets=[cone(), cone(0.4)]) for t in range(4) for c in CAMS]
+    fixes = {0: 30.2000, 1: 30.2001, 2: 30.7000, 3: 30.2002}
+    msgs = [m.copy_with(telemetry=Telemetry(lat=fixes[m.tick], lon=-97.6)) for m in msgs]
+    # When the window closes
+    out, _ = feed(fuser, started() + msgs + [ended("front"), ended("back")])
+    # Then its position ignores the jump
+    (verdict,) = verdicts(out)
+    assert abs(verdict.gps.lat - 30.2001) < 1e-4 and not verdict.gps.estimated

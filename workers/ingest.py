@@ -230,6 +230,8 @@ class IngestHandler(Handler):
                 decoder=ing.decoder, size=size, stats=stats,
             )
             for sample in samples:
+                if sample.telemetry is not None and sample.telemetry.lat is None:
+                    stats.no_fix += 1
                 shots.append(pool.submit_frame(self._encode, tick0 + sample.k, sample))
                 if len(shots) >= CHUNK:
                     yield _Piece(index, camera, shots, utc)
@@ -318,6 +320,9 @@ def clip_notes(path: str, stats: ClipStats) -> list[str]:
     notes = []
     if stats.fallback:
         notes.append(f"{path}: {stats.fallback}")
+    if stats.no_fix:
+        notes.append(f"{path}: telemetry of {stats.no_fix} sampled frame(s) has no GPS fix (latitude/longitude "
+                     "unset or impossible): no position taken from them")  # fmt: skip
     if stats.missed:
         at = ", ".join(f"{t:.1f}" for t in stats.missed[:5]) + (" …" if len(stats.missed) > 5 else "")
         notes.append(f"{path}: {len(stats.missed)} tick(s) had no frame within half the local frame spacing "

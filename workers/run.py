@@ -11,7 +11,7 @@
    its ``DriveSummary`` arrived, or ingest's drive-ended marker says it has no frames at
    all, or its job was dead-lettered.
 4. Collect verdicts and summaries, fetch the key frames of roadwork windows, and write
-   ``verdicts.jsonl``, ``drives.geojson`` and ``report.html``.
+   ``verdicts.jsonl``, ``drives.jsonl`` (drive summaries), ``drives.geojson`` and ``report.html``.
 """
 
 from __future__ import annotations
