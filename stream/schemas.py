@@ -61,8 +61,11 @@ class Telemetry(Model):
 class ClipRef(Model):
     """One minute of a drive: the file of each camera present."""
 
-    start: str  # clip name timestamp, e.g. "2024-05-01_10-11-12"
+    start: str  # clip name timestamp, e.g. "2024-05-01_10-11-12" (the car's local clock)
     files: dict[str, str]  # camera -> path
+    #: The minute's start in UTC (POSIX s) from the clips' MP4 ``creation_time``, or from the
+    #: name and the drive's other minutes where no clip has one; ``None``: names only.
+    utc: float | None = None
 
 
 class Job(Message):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -290,3 +290,18 @@ async def test_ticks_a_variable_rate_camera_has_no_frame_for_are_counted_and_nam
     # Then the five ticks inside the hole are counted and the file is named
     assert ended.missed_ticks == {"front": 5}
     assert any(p.startswith(f"{drive.clip(0, 'front')}: 5 tick(s) had no frame") for p in ended.problems)
+
+
+async def test_clips_are_placed_by_their_utc_times_not_by_their_local_names(tmp_path: Path, ingest) -> None:
+    # Given a drive whose clip names step 1 s (a clock that jumped) while each 2 s clip's
+    # MP4 creation_time (UTC) starts 2 s after the one before
+    start = datetime(2024, 5, 1, 15, 0, 0, tzinfo=timezone.utc)
+    specs = {(m, c): tc.ClipSpec(duration_s=2.0, creation_utc=start + timedelta(seconds=2 * m))
+             for m in range(3) for c in tc.THREE}  # fmt: skip
+    tc.make_drive(tmp_path, minutes=3, cameras=tc.THREE, specs=specs, step_s=1)
+    # When ingested
+    out = await ingest(_jobs(tmp_path))
+    # Then no clip is cut at the next name: every camera has all 30 ticks, on UTC time
+    assert out.ended().frame_counts == {c: 30 for c in tc.THREE}
+    assert [f.tick for f in out.frames["front"]] == list(range(30))
+    assert [round(f.utc - start.timestamp(), 3) for f in out.frames["front"]][::10] == [0.0, 2.0, 4.0]

@@ -81,5 +81,7 @@ def register(cli: click.Group) -> None:
             sys.exit(1)
         for problem in result.found.problems:
             console.print(f"skipped: {problem}")
+        for note in result.found.notes:
+            console.print(f"note: {note}")
         _print_result(Console(), result)
 

@@ -99,7 +99,11 @@ class DriveProgress:
 
 
 def minute_offsets(job: Job) -> list[float]:
-    """Seconds from the drive's first clip to each clip, from the clip names."""
+    """Seconds from the drive's first clip to each clip: from their UTC starts (MP4
+    ``creation_time``, set by discovery) when every minute has one, else from the names
+    (the car's local clock, which a clock change would break)."""
+    if all(clip.utc is not None for clip in job.clips):
+        return [clip.utc - job.clips[0].utc for clip in job.clips]
     starts = [datetime.strptime(clip.start, STAMP_FORMAT) for clip in job.clips]
     return [(s - starts[0]).total_seconds() for s in starts]
 
