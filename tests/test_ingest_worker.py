@@ -305,3 +305,30 @@ async def test_clips_are_placed_by_their_utc_times_not_by_their_local_names(tmp_
     assert out.ended().frame_counts == {c: 30 for c in tc.THREE}
     assert [f.tick for f in out.frames["front"]] == list(range(30))
     assert [round(f.utc - start.timestamp(), 3) for f in out.frames["front"]][::10] == [0.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "decord"])
+async def test_a_rotated_clip_is_published_upright(tmp_path: Path, ingest, decoder: str) -> None:
+    # Given a clip coded sideways (120x160) with a -90 degree display rotation
+    spec = tc.ClipSpec(duration_s=0.4, size=(160, 120), rotation=-90)
+    tc.make_drive(tmp_path, minutes=1, cameras=("front",), spec=spec)
+    # When ingested with the decoder
+    out = await ingest(_jobs(tmp_path), decoder=decoder, long_side=160)
+    # Then the stored frames are upright, as a player shows them
+    frame = out.frames["front"][0]
+    image = decode_jpeg(await out.blobs.get(frame.blob_key))
+    upright = tc.upright_frame(spec, "front", 0)
+    assert (frame.width, frame.height) == (160, 120) and image.shape == upright.shape
+    assert abs(image.astype(int) - upright).mean() < 8
+
+
+async def test_a_truncated_clip_keeps_its_frames_with_decord_and_says_how_many_were_lost(tmp_path: Path, ingest) -> None:
+    # Given a fast-start clip cut to 60% of its bytes
+    drive = tc.make_drive(tmp_path, minutes=1, cameras=("front",), spec=tc.ClipSpec(duration_s=3.0, faststart=True))
+    cut = tc.truncate(drive.clip(0, "front"), 0.6)
+    # When ingested with decord
+    ended = (await ingest(_jobs(tmp_path), decoder="decord")).ended()
+    # Then the frames before the cut are published and the file is named with the loss
+    assert ended.frame_counts["front"] > 5
+    assert any(p.startswith(f"{cut}: truncated clip: decoded") and "lost" in p for p in ended.problems)
+    assert any(p.startswith(f"{cut}: decord could not read it") for p in ended.problems)
