@@ -64,8 +64,10 @@ async def ingest(redis_url: str):
     broker = RedisBroker(url=redis_url, namespace=NS)
     blobs = RedisBlobStore(redis_url, namespace=NS)
 
-    async def run(jobs: list[Job], **ingest_settings) -> Published:
+    async def run(jobs: list[Job], max_deliveries_for_test: int | None = None, **ingest_settings) -> Published:
         settings = Settings(namespace=NS, ingest=IngestSettings(**ingest_settings))
+        if max_deliveries_for_test is not None:
+            settings.broker.max_deliveries = max_deliveries_for_test
         for job in jobs:
             await broker.publish(names.stream_name(names.JOBS, ns=NS), codec.encode(job))
         worker = Worker(build(settings, blobs), broker, blobs, settings, burst=True)
@@ -332,3 +334,20 @@ async def test_a_truncated_clip_keeps_its_frames_with_decord_and_says_how_many_w
     assert ended.frame_counts["front"] > 5
     assert any(p.startswith(f"{cut}: truncated clip: decoded") and "lost" in p for p in ended.problems)
     assert any(p.startswith(f"{cut}: decord could not read it") for p in ended.problems)
+
+
+async def test_a_job_dead_lettered_for_good_ends_its_drive_with_the_failure_named(tmp_path: Path, ingest) -> None:
+    # Given a drive's job whose clip name cannot be read as a time (and no UTC to go by),
+    # with one delivery allowed
+    tc.make_drive(tmp_path, minutes=1, cameras=tc.THREE, spec=SHORT)
+    (job,) = _jobs(tmp_path)
+    broken = job.model_copy(update={"clips": [job.clips[0].model_copy(update={"start": "no-time", "utc": None})]})
+    # When ingested and it fails
+    out = await ingest([broken], max_deliveries_for_test=1)
+    # Then the job is a dead letter and every camera's partition carries an "ended" marker
+    # that names the failure, so fuse need not wait for the drive
+    (letter,) = out.dead
+    assert "no-time" in letter.error
+    (ended,) = [m for m in out.drives if m.event == "ended"]
+    assert any("ingest of this drive failed and was dead-lettered" in p and "no-time" in p for p in ended.problems)
+    assert all(kinds[-1] == "ended" for kinds in out.kinds.values()) and sorted(out.kinds) == sorted(tc.THREE)

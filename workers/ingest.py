@@ -179,6 +179,21 @@ class IngestHandler(Handler):
         await self._publish_markers(job, ended)
         return ended
 
+    async def dead_lettered(self, message: Job, error: str) -> list[Output]:
+        """A job that failed for good ends its drive on every camera partition (and the
+        drives hop) with the failure as its problem, so fuse closes the drive's windows on
+        what arrived instead of waiting out its stall guard. A job refused for its roots
+        published nothing and gets nothing."""
+        try:
+            self.check_roots(message)
+        except InputError:
+            return []
+        cameras = [c for c in CAMERAS if any(c in clip.files for clip in message.clips)]
+        progress = DriveProgress(cameras, minutes=len(message.clips))
+        progress.problems.append(f"{message.root}: ingest of this drive failed and was dead-lettered ({error}); "
+                                 "frames after the failure were not published")  # fmt: skip
+        return self._marker_outputs(message, self._marker(message, "ended", progress))
+
     def check_roots(self, job: Job) -> None:
         """Refuse a job whose footage lies outside the configured roots.
 
@@ -294,6 +309,9 @@ class IngestHandler(Handler):
         )
 
     async def _publish_markers(self, job: Job, marker: DriveMarker) -> None:
+        await self.publisher.publish(self._marker_outputs(job, marker))
+
+    def _marker_outputs(self, job: Job, marker: DriveMarker) -> list[Output]:
         # In band on each camera's partition (after its last frame for "ended"), and once
         # on the drives hop for whoever tracks drives as a whole.
         outputs = [Output(DRIVES, marker, ids.output_key(INGEST, job.drive_id, marker.event))]
@@ -301,7 +319,7 @@ class IngestHandler(Handler):
             partition = frame_partition(job.drive_id, camera, self.settings.broker.frame_partitions)
             copy = marker.copy_with(camera=camera)
             outputs.append(Output(FRAMES, copy, ids.output_key(INGEST, job.drive_id, marker.event, camera), partition))
-        await self.publisher.publish(outputs)
+        return outputs
 
 
 class _Encoders(ThreadPoolExecutor):
