@@ -502,6 +502,13 @@ class Fuser:
         step = Step()
         for index in sorted(drive.windows):
             step.extend(self._try_close(drive, drive.windows[index], now))
+        if not drive.ended_all and not drive.windows and drive.ended and self._stalled(drive, now):
+            # Some cameras ended, the rest made no progress for far longer than the
+            # pipeline's lag: they are gone, and the drive is summarised without them.
+            drive.stalled_s = max(drive.stalled_s, now - (drive.progress_at or now))
+            for camera in sorted(drive.expected_cameras() - drive.ended):
+                drive.given_up.setdefault(camera, [])
+            drive.ended_all = True
         if drive.ended_all and not drive.windows:
             step.extend(self._finish(drive))
         return step
@@ -729,10 +736,10 @@ class Fuser:
             if got < n:
                 problems.append(f"{camera}: {n - got} of {n} frames never reached fuse (dead-lettered or late)")
         for camera, windows in sorted(drive.given_up.items()):
+            closed = f"; {len(windows)} window(s) closed without it (first {min(windows)})" if windows else ""
             problems.append(
                 f"{camera}: gave up waiting for it after {drive.stalled_s:.0f} s without any entry of the drive "
-                f"(pipeline lag {drive.lag_s:.0f} s); {len(windows)} window(s) closed without it "
-                f"(first {min(windows)})"
+                f"(pipeline lag {drive.lag_s:.0f} s): its partition made no progress and it never ended{closed}"
             )
         if drive.late:
             problems.append(f"{drive.late} entries arrived after their window closed")

@@ -271,12 +271,14 @@ def test_a_camera_that_is_really_gone_is_given_up_only_after_the_drive_stalls():
     # When the drive has made no progress for 59 s (less than 3 × its 20 s lag), then for 61 s
     early = fuser.tick(now=79.0)
     late = fuser.tick(now=81.0)
-    # Then nothing closes early; after it, both windows close without back, and it is named
+    # Then nothing closes early; after it, both windows close without back and the drive
+    # is summarised, naming back as given up
     assert verdicts(out) == [] and early.outputs == []
-    assert [v.window for v in verdicts(late.outputs)] == [0, 1]
-    summary = fuser.add(ended("back"), token="end", now=82.0).outputs
-    (summary,) = [o for o in summary if isinstance(o, DriveSummary)]
+    assert [(v.window, v.missing_cameras) for v in verdicts(late.outputs)] == [(0, []), (1, ["back"])]
+    (summary,) = [o for o in late.outputs if isinstance(o, DriveSummary)]
     assert any(p.startswith("back: gave up waiting") and "2 window(s)" in p for p in summary.problems)
+    # and if back's end marker still comes, it is only counted as late
+    assert fuser.add(ended("back"), token="end", now=82.0).release == ["end"]
 
 
 def test_a_gps_jump_faster_than_a_car_is_no_position():
