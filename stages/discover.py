@@ -84,6 +84,7 @@ class FoundDrive:
     root: str
     minutes: list[ClipRef]
     event: dict[str, str] | None = None
+    car_cameras: list[str] = field(default_factory=list)  # every camera seen in the footage folder
 
     @property
     def cameras(self) -> list[str]:
@@ -94,7 +95,7 @@ class FoundDrive:
     def to_job(self, submitted_utc: float | None = None) -> Job:
         """The ingest job of this drive."""
         return Job(drive_id=self.drive_id, root=self.root, clips=self.minutes, event=self.event,
-                   submitted_utc=submitted_utc)
+                   submitted_utc=submitted_utc, car_cameras=self.car_cameras)
 
 
 @dataclass
@@ -300,6 +301,9 @@ def discover(path: str | Path) -> Discovery:
         key = chain[0].stamp if chain[0].stamp not in repeated else f"{chain[0].stamp}@{chain[0].utc}"
         ident = drive_id(str(first.path.parent), key)
         found.drives.append(FoundDrive(ident, str(root), refs, _event_for(chain, clips, found)))
+    car = [c for c in CAMERAS if any(c in m.files for m in minutes)]
+    for drive in found.drives:
+        drive.car_cameras = car
     _report_clock_changes(chains, found)
     _report_encrypted(found)
     return found

@@ -77,6 +77,9 @@ class Job(Message):
     clips: list[ClipRef]
     event: dict[str, str] | None = None
     submitted_utc: float | None = None
+    #: The car's cameras (every camera seen in the footage folder): a camera of these with
+    #: no clip in a minute of this drive is reported as absent there.
+    car_cameras: list[str] = Field(default_factory=list)
 
 
 class FrameRef(Message):

@@ -351,3 +351,17 @@ async def test_a_job_dead_lettered_for_good_ends_its_drive_with_the_failure_name
     (ended,) = [m for m in out.drives if m.event == "ended"]
     assert any("ingest of this drive failed and was dead-lettered" in p and "no-time" in p for p in ended.problems)
     assert all(kinds[-1] == "ended" for kinds in out.kinds.values()) and sorted(out.kinds) == sorted(tc.THREE)
+
+
+async def test_a_drive_without_some_of_the_cars_cameras_says_which(tmp_path: Path, ingest) -> None:
+    # Given a folder with a six-camera drive and, later, a drive of front and back only
+    tc.make_drive(tmp_path, minutes=1, cameras=tc.CAMERAS, spec=SHORT)
+    late = tc.make_drive(tmp_path, start="2024-05-01_11-00-00", minutes=1, cameras=("front", "back"), spec=SHORT)
+    # When both are ingested
+    out = await ingest(_jobs(tmp_path))
+    # Then the second drive's marker names the four cameras that recorded nothing in it
+    (ended,) = [m for m in out.drives if m.event == "ended" and m.cameras == ["front", "back"]]
+    absent = sorted(p.split(":")[0] for p in ended.problems if "the camera did not record them" in p)
+    assert absent == ["left_pillar", "left_repeater", "right_pillar", "right_repeater"]
+    assert all(late.minutes[0] in p for p in ended.problems)
+    assert sorted(ended.missing) == absent

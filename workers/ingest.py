@@ -175,6 +175,10 @@ class IngestHandler(Handler):
                         taken = 0
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+        for camera in [c for c in job.car_cameras if c not in cameras]:
+            # A camera of the car that recorded nothing in this drive: said, not expected.
+            progress.absent[camera] = [clip.start for clip in job.clips]
+            progress.missing[camera] = [clip.start for clip in job.clips]
         ended = self._marker(job, "ended", progress)
         await self._publish_markers(job, ended)
         return ended
