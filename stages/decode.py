@@ -373,10 +373,11 @@ def _pyav_frames(path, container, stream, reader: _SeiReader, state: dict) -> It
 
 
 def read_telemetry(path: str | Path) -> dict[float, Telemetry]:
-    """Every frame's telemetry by pts in seconds, from a demux-only pass (no decoding).
+    """Every frame's telemetry by pts in seconds, from a demux-only pass (no decoding);
+    of a clip cut mid-way, the frames before the cut.
 
     Raises:
-        FootageError: the file cannot be opened as a video.
+        FootageError: the file cannot be opened as a video, or not demuxed at all.
     """
     path = Path(path)
     with open_container(path) as container:
@@ -386,7 +387,10 @@ def read_telemetry(path: str | Path) -> dict[float, Telemetry]:
             for packet in container.demux(stream):
                 reader.read(packet)
         except av.FFmpegError as exc:
-            raise FootageError(path, f"cannot demux ({_reason(exc)})") from exc
+            if not reader.nals_by_pts:
+                raise FootageError(path, f"cannot demux ({_reason(exc)})") from exc
+            # A cut clip: the telemetry of the packets before the cut is kept; the
+            # decoder reports the loss.
         base, tb = stream.start_time or 0, float(stream.time_base)
         carrying = (pts for pts in sorted(reader.nals_by_pts) if reader.payload(pts) is not None)
         return {round((pts - base) * tb, 6): reader.telemetry(pts) for pts in carrying}

@@ -135,7 +135,11 @@ def _source_of(path: Path) -> tuple[str, Path | None]:
 def _walk(root: Path, found: Discovery) -> list[ClipFile]:
     clips: list[ClipFile] = []
     paths = [root] if root.is_file() else _files(root, found)
+    with_clips = {p.parent for p in paths if p.suffix.lower() == ".mp4"}
     for path in paths:
+        if path.name == "event.json" and path.parent not in with_clips:
+            # The car deletes an event's clips before its event.json and thumbnail.
+            found.problems.append(f"{path.parent}: event folder without clips (only its event.json is left)")
         if path.suffix.lower() != ".mp4":
             continue
         if "encryptedclips" in (p.lower() for p in path.parts):

@@ -191,9 +191,10 @@ def _ranges(indices: Sequence[int]) -> str:
 
 
 def report_html(
-    verdicts: Sequence[Verdict], summaries: Sequence[DriveSummary], images: Mapping[str, bytes], threshold: float = 0.5
+    verdicts: Sequence[Verdict], summaries: Sequence[DriveSummary], images: Mapping[str, bytes], threshold: float = 0.5,
+    footage: Sequence[str] = (),
 ) -> str:
-    """The self-contained report page."""
+    """The self-contained report page; ``footage``: what discovery skipped or noted, in words."""
     by_summary = {s.drive_id: s for s in summaries}
     drives = sorted({v.drive_id for v in verdicts} | set(by_summary))
     body = "".join(
@@ -203,7 +204,15 @@ def report_html(
              ".thumbs{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0}figcaption{font-size:11px}")  # fmt: skip
     return (f"<!doctype html><html><head><meta charset=utf-8><title>roadstream report</title>"
             f"<style>{style}</style></head><body><h1>roadstream report</h1>"
-            f"<p>{len(drives)} drives, {len(verdicts)} windows.</p>{body or '<p>No drives.</p>'}</body></html>")  # fmt: skip
+            f"<p>{len(drives)} drives, {len(verdicts)} windows.</p>{_footage_html(footage)}"
+            f"{body or '<p>No drives.</p>'}</body></html>")  # fmt: skip
+
+
+def _footage_html(footage: Sequence[str]) -> str:
+    if not footage:
+        return ""
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in footage)
+    return f"<p>Footage folder:</p><ul>{items}</ul>"
 
 
 def write_report(
@@ -213,6 +222,7 @@ def write_report(
     images: Mapping[str, bytes] | None = None,
     *,
     threshold: float = 0.5,
+    footage: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write the three output files into ``out_dir`` (created if missing).
 
@@ -222,6 +232,7 @@ def write_report(
         summaries: every drive summary of the run.
         images: blob key -> encoded frame (JPEG), for ``thumbnail_keys(verdicts)``.
         threshold: the roadwork threshold drawn on the timelines.
+        footage: discovery's problems and notes (skipped files, clock changes), shown first.
 
     Returns:
         ``{"verdicts": path, "drives": path, "geojson": path, "html": path}``.
@@ -234,5 +245,5 @@ def write_report(
     ordered = sorted(summaries, key=lambda s: s.drive_id)
     paths["drives"].write_text("".join(s.model_dump_json() + "\n" for s in ordered))
     paths["geojson"].write_text(json.dumps(geojson(summaries), indent=1) + "\n")
-    paths["html"].write_text(report_html(verdicts, summaries, images or {}, threshold))
+    paths["html"].write_text(report_html(verdicts, summaries, images or {}, threshold, footage))
     return paths

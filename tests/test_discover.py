@@ -142,3 +142,16 @@ def test_a_repeated_clip_name_with_another_utc_time_is_another_minute(tmp_path: 
     # Then neither is dropped as a repeat, and they have different ids
     assert len(found.drives) == 2 and found.duplicates == 0
     assert found.drives[0].drive_id != found.drives[1].drive_id
+
+
+def test_an_event_folder_whose_clips_are_gone_is_reported(tmp_path: Path) -> None:
+    # Given a saved event with clips and one with only event.json and thumb.png left
+    tc.make_drive(tmp_path, minutes=1, cameras=("front",), layout="saved", spec=TINY)
+    gone = tc.clip_folder(tmp_path, "saved", "2024-05-02_09-00-00")
+    gone.mkdir(parents=True)
+    tc.write_event(gone, tc.default_event("2024-05-02_09-00-00"))
+    # When discovered
+    found = discover(tmp_path)
+    # Then the empty event is named, the other is a drive
+    assert len(found.drives) == 1
+    assert found.problems == [f"{gone.resolve()}: event folder without clips (only its event.json is left)"]

@@ -304,7 +304,8 @@ async def _write(out_dir: str | Path, result: RunResult, blobs: BlobStore, setti
     keys = thumbnail_keys(result.verdicts)
     images = {k: b for k, b in zip(keys, await blobs.get_many(keys), strict=True) if b}
     summaries = [s.summary for s in result.drives.values() if s.summary is not None]
-    return write_report(out_dir, result.verdicts, summaries, images, threshold=settings.fuse.threshold)
+    footage = [*result.found.problems, *result.found.notes]
+    return write_report(out_dir, result.verdicts, summaries, images, threshold=settings.fuse.threshold, footage=footage)
 
 
 def run_footage(
