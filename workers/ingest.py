@@ -30,7 +30,7 @@ from brokers.blobs import BlobStore
 from stages.decode import ClipStats, Sample, clip_info, display_rotation, open_container, sample_clip
 from stages.discover import CAMERAS, STAMP_FORMAT
 from stages.frames import Encoded, encode_frame, target_size
-from stages.sei import position
+from stages import sei
 from stream import ids
 from stream.errors import FootageError, InputError
 from stream.names import DRIVES, FRAMES, INGEST, JOBS, frame_partition
@@ -112,7 +112,7 @@ def minute_offsets(job: Job) -> list[float]:
 def estimate(event: dict[str, str] | None) -> Telemetry | None:
     """The event's estimated position, marked as an estimate; ``None`` without one (or at 0, 0)."""
     try:
-        lat, lon = position(float(event["est_lat"]), float(event["est_lon"]))
+        lat, lon = sei.position(float(event["est_lat"]), float(event["est_lon"]))
     except (TypeError, KeyError, ValueError):
         return None
     return Telemetry(lat=lat, lon=lon, estimated=True) if lat is not None else None
