@@ -182,11 +182,32 @@ def open_container(path: Path) -> av.container.InputContainer:
     try:
         container = av.open(str(path))
     except av.FFmpegError as exc:
+        if _cut_before_index(path):
+            raise FootageError(path, "cut before its index was written (an MP4 with frame data but no 'moov' box: "
+                                     "power lost while recording); no frame can be decoded from it") from exc  # fmt: skip
         raise FootageError(path, f"not a readable video ({_reason(exc)})") from exc
     if not container.streams.video:
         container.close()
         raise FootageError(path, "no video stream in the file")
     return container
+
+
+def _cut_before_index(path: Path) -> bool:
+    """An MP4 whose top-level boxes start ``ftyp`` … ``mdat`` and end before any ``moov``."""
+    kinds, at = [], 0
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        while at + 8 <= size:
+            file.seek(at)
+            header = file.read(16)
+            length, kind = int.from_bytes(header[:4], "big"), header[4:8]
+            if length == 1 and len(header) == 16:
+                length = int.from_bytes(header[8:16], "big")  # 64-bit size (large mdat)
+            kinds.append(kind)
+            if length < 8:
+                break
+            at += length
+    return bool(kinds) and kinds[0] == b"ftyp" and b"mdat" in kinds and b"moov" not in kinds
 
 
 def _reason(exc: BaseException) -> str:

@@ -237,3 +237,14 @@ def test_a_rotated_clip_is_sampled_upright_with_every_decoder(tmp_path: Path) ->
         # Then it is the upright picture, as a player shows it
         assert image.shape == upright.shape, decoder
         assert abs(image.astype(int) - upright).mean() < 8, decoder
+
+
+def test_a_clip_cut_before_its_index_is_named_as_such(tmp_path: Path) -> None:
+    # Given a clip written index-last and cut at 60% (the index never written)
+    drive = tc.make_drive(tmp_path, minutes=1, cameras=("front",), layout="flat", spec=tc.ClipSpec(duration_s=2.0))
+    path = tc.truncate(drive.clip(0, "front"), 0.6)
+    # When sampled with either decoder / Then the error names the file and says why
+    for decoder in ("pyav", "decord"):
+        with pytest.raises(FootageError, match="cut before its index was written") as caught:
+            list(sample_clip(path, decoder=decoder))
+        assert caught.value.path == str(path)
