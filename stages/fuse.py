@@ -230,6 +230,7 @@ class Drive:
     lag_s: float = 0.0  # the longest ingest-to-fuse delay of its frames
     given_up: dict[str, list[int]] = field(default_factory=dict)  # camera -> windows closed without it
     stalled_s: float = 0.0  # the longest stall that made fuse give up cameras
+    no_anomaly: list[int] = field(default_factory=list)  # windows closed without vera's scores
 
     def expected_cameras(self) -> set[str]:
         """Cameras named by markers, plus cameras seen."""
@@ -548,8 +549,11 @@ class Fuser:
 
     def _give_up(self, drive: Drive, window: Window, now: float) -> None:
         drive.stalled_s = max(drive.stalled_s, now - (drive.progress_at or now))
-        for camera in self._waiting_for(drive, window):
+        waiting = self._waiting_for(drive, window)
+        for camera in waiting:
             drive.given_up.setdefault(camera, []).append(window.index)
+        if not waiting and self.expect_anomaly:
+            drive.no_anomaly.append(window.index)  # only vera's scores were missing
 
     def _complete(self, drive: Drive, window: Window) -> bool:
         if self._waiting_for(drive, window):
@@ -741,6 +745,12 @@ class Fuser:
                 f"{camera}: gave up waiting for it after {drive.stalled_s:.0f} s without any entry of the drive "
                 f"(pipeline lag {drive.lag_s:.0f} s): its partition made no progress and it never ended{closed}"
             )
+        if drive.no_anomaly:
+            problems.append(
+                f"anomaly scores (vera) never arrived for {len(drive.no_anomaly)} window(s) (first "
+                f"{min(drive.no_anomaly)}) after {drive.stalled_s:.0f} s without any entry of the drive: "
+                "decided without them"
+            )
         if drive.late:
             problems.append(f"{drive.late} entries arrived after their window closed")
         return problems
@@ -764,6 +774,7 @@ class Fuser:
             "segments": [s.model_dump(mode="json") for s in drive.segments.values()],
             "given_up": {camera: list(windows) for camera, windows in drive.given_up.items()},
             "stalled_s": drive.stalled_s,
+            "no_anomaly": list(drive.no_anomaly),
             "lag_s": drive.lag_s,
         }
 
@@ -785,6 +796,7 @@ class Fuser:
         # Written since the stall guard; older checkpoints lack them.
         drive.given_up = {str(c): [int(i) for i in w] for c, w in snapshot.get("given_up", {}).items()}
         drive.stalled_s, drive.lag_s = float(snapshot.get("stalled_s", 0.0)), float(snapshot.get("lag_s", 0.0))
+        drive.no_anomaly = [int(i) for i in snapshot.get("no_anomaly", [])]
         for data in snapshot["segments"]:
             seg = AnomalyScore.model_validate(data)
             drive.segments[(seg.camera, seg.index)] = seg

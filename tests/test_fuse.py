@@ -292,3 +292,16 @@ def test_a_gps_jump_faster_than_a_car_is_no_position():
     # Then its position ignores the jump
     (verdict,) = verdicts(out)
     assert abs(verdict.gps.lat - 30.2001) < 1e-4 and not verdict.gps.estimated
+
+
+def test_a_window_closed_without_vera_scores_after_a_stall_says_so():
+    # Given vera on, every camera's frames and end markers, and no anomaly score
+    fuser = Fuser(FuseSettings(watermark_timeout_s=30.0), expect_anomaly=True)
+    out, _ = feed(fuser, started() + [frame(c, t) for t in range(4) for c in CAMS] + [ended("front"), ended("back")])
+    # When the drive makes no progress for 30 s
+    assert verdicts(out) == [] and fuser.tick(now=29.0).outputs == []
+    step = fuser.tick(now=31.0)
+    # Then the window closes, and the summary says vera's scores never came
+    assert [v.window for v in verdicts(step.outputs)] == [0]
+    (summary,) = [o for o in step.outputs if isinstance(o, DriveSummary)]
+    assert any(p.startswith("anomaly scores (vera) never arrived for 1 window(s)") for p in summary.problems)
