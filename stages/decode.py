@@ -183,8 +183,9 @@ def open_container(path: Path) -> av.container.InputContainer:
         container = av.open(str(path))
     except av.FFmpegError as exc:
         if _cut_before_index(path):
-            raise FootageError(path, "cut before its index was written (an MP4 with frame data but no 'moov' box: "
-                                     "power lost while recording); no frame can be decoded from it") from exc  # fmt: skip
+            problem = ("cut before its index was written (an MP4 with frame data but no 'moov' box: "
+                       "power lost while recording); no frame can be decoded from it")
+            raise FootageError(path, problem) from exc
         raise FootageError(path, f"not a readable video ({_reason(exc)})") from exc
     if not container.streams.video:
         container.close()

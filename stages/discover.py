@@ -221,7 +221,10 @@ def _place(minutes: list[_Minute]) -> None:
     offset = statistics.median(offsets) if offsets else None
     for minute in minutes:
         known = minute.known_utc
-        minute.utc = known if known is not None else (_naive_posix(minute.stamp) + offset if offset is not None else None)
+        if known is not None:
+            minute.utc = known
+        elif offset is not None:
+            minute.utc = _naive_posix(minute.stamp) + offset
 
 
 def _naive_posix(stamp: str) -> float:

@@ -10,7 +10,8 @@ Pure apart from writing files: the caller fetches the key-frame blobs it wants d
   LineString of its GPS track (``[lon, lat]``), a Point when the track has one position
   (an event's estimate), or no geometry when nothing is known; properties carry the drive,
   times, confidence and whether the position is an estimate.
-* ``report.html`` — one self-contained page: per drive, an inline SVG timeline of the
+* ``report.html`` — one self-contained page: what discovery skipped, then per drive its
+  problems, the windows decided without each camera, an inline SVG timeline of the
   roadwork confidence per window (threshold line, roadwork windows shaded), then JPEG
   thumbnails (base64) of its roadwork windows' key frames with the boxes drawn.
 """

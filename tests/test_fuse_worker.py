@@ -189,7 +189,8 @@ def _back_sees_cones(drive: str) -> list:
     out = []
     for m in detections(drive, 12):
         if isinstance(m, FrameDetections):
-            m = m.copy_with(ingested_utc=1_000_000.0 - 50.0, detections=[cone, cone] if m.camera == "back" and m.tick >= 4 else [])
+            seen = [cone, cone] if m.camera == "back" and m.tick >= 4 else []
+            m = m.copy_with(ingested_utc=1_000_000.0 - 50.0, detections=seen)
         out.append(m)
     return out
 

@@ -324,7 +324,9 @@ async def test_a_rotated_clip_is_published_upright(tmp_path: Path, ingest, decod
     assert abs(image.astype(int) - upright).mean() < 8
 
 
-async def test_a_truncated_clip_keeps_its_frames_with_decord_and_says_how_many_were_lost(tmp_path: Path, ingest) -> None:
+async def test_a_truncated_clip_keeps_its_frames_with_decord_and_says_how_many_were_lost(
+    tmp_path: Path, ingest
+) -> None:
     # Given a fast-start clip cut to 60% of its bytes
     drive = tc.make_drive(tmp_path, minutes=1, cameras=("front",), spec=tc.ClipSpec(duration_s=3.0, faststart=True))
     cut = tc.truncate(drive.clip(0, "front"), 0.6)

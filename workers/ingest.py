@@ -9,9 +9,13 @@ never waits for encoding, publishing or the next clip's start. Every output has 
 deterministic dedupe key, so a redelivered job publishes nothing twice.
 
 A ``DriveMarker`` "started" precedes a drive's frames on every camera partition and on
-the drives hop; "ended" (frame counts, missing minutes, problems) follows the last frame.
-A broken clip is a problem in the marker, not a failed job: the other cameras and minutes
-go on. Only a job outside the allowed footage roots fails (``InputError``).
+the drives hop; "ended" (frame counts, missing minutes, missed ticks, problems) follows the
+last frame. A broken clip is a problem in the marker, not a failed job: the other cameras
+and minutes go on. Every loss is a problem in words naming its file: empty, header-only,
+cut or unreadable clips, a camera of the car with no clip in a minute, ticks a camera had
+no frame for, telemetry without a GPS fix, a clip decord could not read. Only a job outside
+the allowed footage roots fails (``InputError``); a job dead-lettered for good still ends
+its drive (``dead_lettered``). Minutes are placed by their UTC starts (``minute_offsets``).
 """
 
 from __future__ import annotations
