@@ -1,24 +1,32 @@
 """Decode one camera's clip and sample it on the drive's tick grid, by presentation time.
 
 Ticks are ``k / sample_fps`` seconds into the clip; for each tick the frame with the
-nearest presentation timestamp is taken when it lies within ``tolerance_s``, so every
-camera of a tick shows (nearly) the same instant, whatever each camera's frame rate. The
-streams are variable frame rate: timestamps decide, never frame counts.
+nearest presentation timestamp is taken when it lies within half the *local* frame
+spacing (the interval between the frames either side of the tick, unless that interval is
+a hole in the stream), so every camera of a tick shows (nearly) the same instant, whatever
+each camera's frame rate. The streams are variable frame rate: timestamps decide, never
+frame counts or the average rate. Ticks that get no frame are counted (``ClipStats``).
 
 The clip is decoded once; only sampled frames are ever converted (the caller resizes and
 encodes them, ``stages.frames``). Telemetry SEI is read from the same demuxed packets
 and keyed by the packet's pts, so it lands on the right frame with B-frames too.
 
 PyAV is the default backend; decord is an option (it reads SEI through a PyAV
-demux-only pass). Any unusable file raises ``FootageError`` naming it — possibly after
-some samples were already yielded (a truncated clip keeps what it had).
+demux-only pass; a clip decord refuses, such as a truncated one, is read with PyAV).
+Any unusable file raises ``FootageError`` naming it — possibly after some samples were
+already yielded (a truncated clip keeps what it had and says how many frames it lost).
+A display rotation (the MP4 display matrix) is carried on each PyAV frame
+(``frame.rotation``) and applied when the frame is encoded (``stages.frames``); decord
+applies it itself.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
+from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +40,10 @@ from stream.schemas import Telemetry
 
 #: Fewer decoded frames than the index promises, beyond this, means the file was cut.
 TRUNCATION_SLACK = 2
+#: An interval longer than this many times the recent median is a hole, not frame spacing.
+HOLE = 1.5
+#: Recent frame intervals the median spacing is taken over.
+SPACING_WINDOW = 9
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,17 @@ class Sample:
 
 
 @dataclass
+class ClipStats:
+    """What sampling one clip found; ``sample_clip`` fills it in as it runs."""
+
+    decoded: int = 0  # frames decoded (pyav) or indexed (decord)
+    expected: int = 0  # frames the container's index promises; 0 when unknown
+    missed: list[float] = field(default_factory=list)  # tick times (s) inside the clip with no frame near
+    fallback: str | None = None  # why decord was not used for (part of) the clip
+    no_fix: int = 0  # sampled frames whose telemetry has no GPS fix (the caller counts)
+
+
+@dataclass
 class _Candidate:
     pts_s: float
     pts: int
@@ -65,26 +88,62 @@ class _Candidate:
 
 
 def pick_nearest(
-    frames: Iterable[_Candidate], step_s: float, tolerance_s: float, limit_s: float
+    frames: Iterable[_Candidate],
+    step_s: float,
+    tolerance_s: float | None,
+    limit_s: float,
+    *,
+    nominal_s: float = 0.0,
+    missed: list[float] | None = None,
 ) -> Iterator[tuple[int, float, _Candidate]]:
-    """For each tick ``k·step_s < limit_s``, the frame nearest in time, if within tolerance.
+    """For each tick ``k·step_s < limit_s``, the frame nearest in time, if near enough.
 
     Frames arrive in presentation order; one frame of look-ahead decides each tick.
+
+    Parameters:
+        frames: candidates in presentation order.
+        step_s: seconds between ticks.
+        tolerance_s: a fixed largest distance from tick to frame; ``None``: half the local
+            frame spacing, i.e. the interval between the frames either side of the tick
+            unless it exceeds ``HOLE`` × the median of the recent intervals (a hole, where
+            the median stands in), and ``nominal_s`` where no interval is known yet.
+        limit_s: no tick at or after this time.
+        nominal_s: half the nominal frame interval, for ticks outside any known interval.
+        missed: if given, the time of every tick up to the last frame that got no frame.
+
+    Yields:
+        ``(k, tick time, candidate)`` in tick order.
     """
     k, previous = 0, None
+    gaps: deque[float] = deque(maxlen=SPACING_WINDOW)
     for item in frames:
+        if previous is not None:
+            gaps.append(item.pts_s - previous.pts_s)
         while k * step_s < limit_s and item.pts_s >= k * step_s:
             tick = k * step_s
             best = item if previous is None or item.pts_s - tick <= tick - previous.pts_s else previous
-            if abs(best.pts_s - tick) <= tolerance_s:
+            spacing = None if previous is None else item.pts_s - previous.pts_s
+            if abs(best.pts_s - tick) <= _tolerance(tolerance_s, spacing, gaps, nominal_s):
                 yield k, tick, best
+            elif missed is not None:
+                missed.append(tick)
             k += 1
         previous = item
         if k * step_s >= limit_s:
             return
-    while previous is not None and k * step_s < limit_s and k * step_s - previous.pts_s <= tolerance_s:
+    tail = _tolerance(tolerance_s, None, gaps, nominal_s)
+    while previous is not None and k * step_s < limit_s and k * step_s - previous.pts_s <= tail:
         yield k, k * step_s, previous
         k += 1
+
+
+def _tolerance(fixed: float | None, spacing: float | None, gaps: deque[float], nominal_s: float) -> float:
+    if fixed is not None:
+        return fixed
+    median = statistics.median(gaps) if gaps else None
+    if spacing is not None and (median is None or spacing <= HOLE * median):
+        return spacing / 2 + 1e-6
+    return median / 2 + 1e-6 if median is not None else nominal_s
 
 
 def half_interval(fps: float) -> float:
@@ -123,11 +182,33 @@ def open_container(path: Path) -> av.container.InputContainer:
     try:
         container = av.open(str(path))
     except av.FFmpegError as exc:
+        if _cut_before_index(path):
+            problem = ("cut before its index was written (an MP4 with frame data but no 'moov' box: "
+                       "power lost while recording); no frame can be decoded from it")
+            raise FootageError(path, problem) from exc
         raise FootageError(path, f"not a readable video ({_reason(exc)})") from exc
     if not container.streams.video:
         container.close()
         raise FootageError(path, "no video stream in the file")
     return container
+
+
+def _cut_before_index(path: Path) -> bool:
+    """An MP4 whose top-level boxes start ``ftyp`` … ``mdat`` and end before any ``moov``."""
+    kinds, at = [], 0
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        while at + 8 <= size:
+            file.seek(at)
+            header = file.read(16)
+            length, kind = int.from_bytes(header[:4], "big"), header[4:8]
+            if length == 1 and len(header) == 16:
+                length = int.from_bytes(header[8:16], "big")  # 64-bit size (large mdat)
+            kinds.append(kind)
+            if length < 8:
+                break
+            at += length
+    return bool(kinds) and kinds[0] == b"ftyp" and b"mdat" in kinds and b"moov" not in kinds
 
 
 def _reason(exc: BaseException) -> str:
@@ -147,6 +228,15 @@ def clip_info(container: av.container.InputContainer) -> ClipInfo:
         frames=stream.frames or 0,
         creation_utc=_creation_utc(container.metadata.get("creation_time")),
     )
+
+
+def display_rotation(container: av.container.InputContainer) -> int:
+    """The display rotation (degrees counter-clockwise) of an open clip's first frame; 0 if none decodes."""
+    try:
+        frame = next(container.decode(video=0), None)
+    except av.FFmpegError:
+        return 0
+    return round(getattr(frame, "rotation", 0) or 0) if frame is not None else 0
 
 
 def _creation_utc(value: str | None) -> float | None:
@@ -221,6 +311,7 @@ def sample_clip(
     threads: int = 0,
     decoder: str = "pyav",
     size: tuple[int, int] | None = None,
+    stats: ClipStats | None = None,
 ) -> Iterator[Sample]:
     """Decode a clip once and yield one ``Sample`` per tick that has a frame near it.
 
@@ -228,42 +319,61 @@ def sample_clip(
         path: the clip.
         sample_fps: ticks per second.
         tolerance_s: largest distance between a tick and the frame taken for it; by
-            default half the clip's nominal frame interval, so a camera that has no
-            frame that close to a tick (a gap, past its end) skips the tick.
+            default half the local frame spacing (see ``pick_nearest``), so a camera
+            whose stream has a hole at a tick, or has ended, skips the tick.
         limit_s: no tick at or after this time in the clip (where the next minute starts).
         threads: decoder threads; 0 lets the decoder choose.
         decoder: ``pyav`` or ``decord``.
-        size: decord only: decode straight to this (width, height).
+        size: decord only: decode straight to this (width, height), as displayed.
+        stats: filled in while sampling: frames decoded and promised, ticks without a
+            frame, and why decord was replaced by PyAV.
 
     Yields:
-        Samples in tick order.
+        Samples in tick order. PyAV samples are ``av.VideoFrame`` s in coded orientation
+        with their display ``rotation``; decord samples are upright RGB arrays.
 
     Raises:
-        FootageError: the file cannot be used; the message names it and says why.
+        FootageError: the file cannot be used (also: it holds no frame, or it was cut and
+            lost frames); the message names it and says why.
     """
     path = Path(path)
+    stats = stats if stats is not None else ClipStats()
     if decoder == "decord":
-        yield from _sample_decord(path, sample_fps, tolerance_s, limit_s, threads, size)
+        yield from _sample_decord(path, sample_fps, tolerance_s, limit_s, threads, size, stats)
         return
     if decoder != "pyav":
         raise FootageError(path, f"unknown decoder {decoder!r} (pyav or decord)")
     with open_container(path) as container:
-        yield from _sample_pyav(path, container, sample_fps, tolerance_s, limit_s, threads)
+        yield from _sample_pyav(path, container, sample_fps, tolerance_s, limit_s, threads, stats)
 
 
-def _sample_pyav(path, container, sample_fps, tolerance_s, limit_s, threads) -> Iterator[Sample]:
+def _sample_pyav(path, container, sample_fps, tolerance_s, limit_s, threads, stats: ClipStats,
+                 from_k: int = 0) -> Iterator[Sample]:  # fmt: skip
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     stream.codec_context.thread_count = threads
     reader = _SeiReader(stream)
-    tolerance_s = tolerance_s if tolerance_s is not None else half_interval(clip_info(container).fps)
+    nominal = half_interval(clip_info(container).fps)
     state = {"decoded": 0, "exhausted": False}
+    stats.expected = stream.frames or 0
     frames = _pyav_frames(path, container, stream, reader, state)
-    for k, tick, item in pick_nearest(frames, 1.0 / sample_fps, tolerance_s, limit_s):
-        yield Sample(k, tick, item.pts_s, item.frame, reader.telemetry(item.pts))
-    expected = stream.frames or 0
-    if state["exhausted"] and expected and state["decoded"] + TRUNCATION_SLACK < expected:
-        raise FootageError(path, f"truncated clip: decoded {state['decoded']} of {expected} frames")
+    missed: list[float] = []
+    for k, tick, item in pick_nearest(frames, 1.0 / sample_fps, tolerance_s, limit_s, nominal_s=nominal, missed=missed):
+        stats.decoded = state["decoded"]
+        if k >= from_k:
+            yield Sample(k, tick, item.pts_s, item.frame, reader.telemetry(item.pts))
+    stats.decoded = state["decoded"]
+    stats.missed = [t for t in missed if t >= from_k / sample_fps]
+    _check_complete(path, state["decoded"], stats.expected, state["exhausted"])
+
+
+def _check_complete(path: Path, decoded: int, expected: int, exhausted: bool) -> None:
+    if exhausted and decoded == 0:
+        size = path.stat().st_size
+        raise FootageError(path, f"holds no frames ({size} bytes: a header and no video; the clip was never written)")
+    if exhausted and expected and decoded + TRUNCATION_SLACK < expected:
+        lost = expected - decoded
+        raise FootageError(path, f"truncated clip: decoded {decoded} of {expected} frames ({lost} lost)")
 
 
 def _pyav_frames(path, container, stream, reader: _SeiReader, state: dict) -> Iterator[_Candidate]:
@@ -285,10 +395,11 @@ def _pyav_frames(path, container, stream, reader: _SeiReader, state: dict) -> It
 
 
 def read_telemetry(path: str | Path) -> dict[float, Telemetry]:
-    """Every frame's telemetry by pts in seconds, from a demux-only pass (no decoding).
+    """Every frame's telemetry by pts in seconds, from a demux-only pass (no decoding);
+    of a clip cut mid-way, the frames before the cut.
 
     Raises:
-        FootageError: the file cannot be opened as a video.
+        FootageError: the file cannot be opened as a video, or not demuxed at all.
     """
     path = Path(path)
     with open_container(path) as container:
@@ -298,29 +409,46 @@ def read_telemetry(path: str | Path) -> dict[float, Telemetry]:
             for packet in container.demux(stream):
                 reader.read(packet)
         except av.FFmpegError as exc:
-            raise FootageError(path, f"cannot demux ({_reason(exc)})") from exc
+            if not reader.nals_by_pts:
+                raise FootageError(path, f"cannot demux ({_reason(exc)})") from exc
+            # A cut clip: the telemetry of the packets before the cut is kept; the
+            # decoder reports the loss.
         base, tb = stream.start_time or 0, float(stream.time_base)
         carrying = (pts for pts in sorted(reader.nals_by_pts) if reader.payload(pts) is not None)
         return {round((pts - base) * tb, 6): reader.telemetry(pts) for pts in carrying}
 
 
-def _sample_decord(path, sample_fps, tolerance_s, limit_s, threads, size) -> Iterator[Sample]:
+def _sample_decord(path, sample_fps, tolerance_s, limit_s, threads, size, stats: ClipStats) -> Iterator[Sample]:
     import decord  # optional backend
 
     telemetry = read_telemetry(path)  # also rejects what PyAV cannot open, naming the file
     width, height = size or (-1, -1)
+    next_k = 0
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=threads, width=width, height=height)
         starts = reader.get_frame_timestamp(np.arange(len(reader)))[:, 0]
-    except decord.DECORDError as exc:
-        raise FootageError(path, f"decord cannot decode ({exc})") from exc
-    if tolerance_s is None:
-        tolerance_s = half_interval(reader.get_avg_fps())
-    candidates = (_Candidate(round(float(t), 6), i, None) for i, t in enumerate(starts))
-    picks = list(pick_nearest(candidates, 1.0 / sample_fps, tolerance_s, limit_s))
-    by_time = {round(t, 3): v for t, v in telemetry.items()}
-    for start in range(0, len(picks), 16):
-        chunk = picks[start : start + 16]
-        images = reader.get_batch([item.pts for _, _, item in chunk]).asnumpy()
-        for (k, tick, item), image in zip(chunk, images, strict=True):
-            yield Sample(k, tick, item.pts_s, image, by_time.get(round(item.pts_s, 3)))
+        stats.decoded = stats.expected = len(reader)
+        nominal = half_interval(reader.get_avg_fps())
+        candidates = (_Candidate(round(float(t), 6), i, None) for i, t in enumerate(starts))
+        missed: list[float] = []
+        picks = list(pick_nearest(candidates, 1.0 / sample_fps, tolerance_s, limit_s, nominal_s=nominal, missed=missed))
+        stats.missed = missed
+        by_time = {round(t, 3): v for t, v in telemetry.items()}
+        for start in range(0, len(picks), 16):
+            chunk = picks[start : start + 16]
+            images = reader.get_batch([item.pts for _, _, item in chunk]).asnumpy()
+            for (k, tick, item), image in zip(chunk, images, strict=True):
+                yield Sample(k, tick, item.pts_s, image, by_time.get(round(item.pts_s, 3)))
+                next_k = k + 1
+    except (decord.DECORDError, RuntimeError) as exc:
+        # decord refuses a clip it cannot read to the end (a truncated one) and keeps
+        # nothing; PyAV decodes what is there, and says how much was lost.
+        stats.fallback = f"decord could not read it ({_decord_reason(exc)}); read with PyAV from tick {next_k}"
+        with open_container(path) as container:
+            yield from _sample_pyav(path, container, sample_fps, tolerance_s, limit_s, threads, stats, from_k=next_k)
+
+
+def _decord_reason(exc: BaseException) -> str:
+    # decord's messages carry a timestamp and its source path before the reason.
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split("Error: ")[-1].split("Check failed: ")[-1][:120]

@@ -5,7 +5,15 @@ Accepts a ``TeslaCam`` root (``RecentClips`` flat, ``SavedClips/<event>/``,
 ``YYYY-MM-DD_HH-MM-SS-<camera>.mp4`` files (also the pre-2019 ``YYYY-MM-DD_HH-MM`` form).
 Event folders repeat minutes that are still in ``RecentClips``: each (minute, camera) is
 kept once, the ``RecentClips`` copy first. Encrypted clips and names that match no camera
-are reported, never decoded. Pure: reads the file tree, calls no broker.
+are reported, never decoded. Pure: reads the file tree and the clips' headers, calls no
+broker.
+
+Time. Names are the car's local clock: a daylight-saving fall-back repeats an hour of
+names, a time-zone crossing or clock jump shifts them. Minutes are therefore ordered and
+chained into drives by their UTC start, the MP4 ``creation_time`` (GPS-based), and the name
+is used only where no clip of a minute has one (shifted by the offset between names and
+UTC that the drive's other minutes show). Clips of one name whose UTC starts lie apart are
+different minutes.
 """
 
 from __future__ import annotations
@@ -13,9 +21,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
+
+import av
 
 from stream.errors import FootageError
 from stream.ids import drive_id
@@ -30,6 +41,8 @@ STAMP_FORMAT = "%Y-%m-%d_%H-%M-%S"
 MAX_STEP_S = 75.0
 #: Which copy of a repeated minute wins: the rolling buffer first, then saved, sentry.
 SOURCE_RANK = {"recent": 0, "saved": 1, "sentry": 2, "other": 3}
+#: Clips of one name whose UTC starts lie further apart than this are different minutes.
+SAME_MINUTE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -41,11 +54,26 @@ class ClipFile:
     camera: str
     source: str  # recent | saved | sentry | other
     event_dir: Path | None = None
+    utc: float | None = None  # MP4 creation_time, POSIX seconds
 
     @property
     def start(self) -> datetime:
         """The clip's start from its name (the car's local clock)."""
         return datetime.strptime(self.stamp, STAMP_FORMAT)
+
+
+@dataclass
+class _Minute:
+    """The clips recorded together: one name, one UTC start (where known)."""
+
+    stamp: str
+    files: dict[str, ClipFile] = field(default_factory=dict)
+    utc: float | None = None  # known or estimated UTC start
+
+    @property
+    def known_utc(self) -> float | None:
+        times = [c.utc for c in self.files.values() if c.utc is not None]
+        return min(times) if times else None
 
 
 @dataclass
@@ -56,6 +84,7 @@ class FoundDrive:
     root: str
     minutes: list[ClipRef]
     event: dict[str, str] | None = None
+    car_cameras: list[str] = field(default_factory=list)  # every camera seen in the footage folder
 
     @property
     def cameras(self) -> list[str]:
@@ -66,7 +95,7 @@ class FoundDrive:
     def to_job(self, submitted_utc: float | None = None) -> Job:
         """The ingest job of this drive."""
         return Job(drive_id=self.drive_id, root=self.root, clips=self.minutes, event=self.event,
-                   submitted_utc=submitted_utc)
+                   submitted_utc=submitted_utc, car_cameras=self.car_cameras)
 
 
 @dataclass
@@ -78,6 +107,7 @@ class Discovery:
     problems: list[str] = field(default_factory=list)
     encrypted: list[Path] = field(default_factory=list)
     duplicates: int = 0  # minutes an event folder repeated
+    notes: list[str] = field(default_factory=list)  # worth saying, nothing skipped
 
 
 def parse_name(path: Path) -> tuple[str, str] | None:
@@ -105,7 +135,11 @@ def _source_of(path: Path) -> tuple[str, Path | None]:
 def _walk(root: Path, found: Discovery) -> list[ClipFile]:
     clips: list[ClipFile] = []
     paths = [root] if root.is_file() else _files(root, found)
+    with_clips = {p.parent for p in paths if p.suffix.lower() == ".mp4"}
     for path in paths:
+        if path.name == "event.json" and path.parent not in with_clips:
+            # The car deletes an event's clips before its event.json and thumbnail.
+            found.problems.append(f"{path.parent}: event folder without clips (only its event.json is left)")
         if path.suffix.lower() != ".mp4":
             continue
         if "encryptedclips" in (p.lower() for p in path.parts):
@@ -137,28 +171,75 @@ def _clip_file(path: Path, found: Discovery) -> ClipFile | None:
         )
         return None
     source, event_dir = _source_of(path)
-    return ClipFile(path, parsed[0], parsed[1], source, event_dir)
+    return ClipFile(path, parsed[0], parsed[1], source, event_dir, creation_utc(path))
 
 
-def _dedupe(clips: list[ClipFile], found: Discovery) -> dict[str, dict[str, ClipFile]]:
-    minutes: dict[str, dict[str, ClipFile]] = {}
+def creation_utc(path: Path) -> float | None:
+    """A clip's MP4 ``creation_time`` as POSIX seconds (UTC); ``None`` if absent or unreadable.
+
+    Only the header is read; a clip that cannot be opened is the decoder's to report.
+    """
+    try:
+        with av.open(str(path)) as container:
+            value = container.metadata.get("creation_time")
+    except (av.FFmpegError, OSError):
+        return None
+    if not value:
+        return None
+    try:
+        stamp = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _dedupe(clips: list[ClipFile], found: Discovery) -> list[_Minute]:
+    minutes: dict[str, list[_Minute]] = {}
     for clip in sorted(clips, key=lambda c: (SOURCE_RANK[c.source], str(c.path))):
-        cameras = minutes.setdefault(clip.stamp, {})
-        if clip.camera in cameras:
+        same_name = minutes.setdefault(clip.stamp, [])
+        minute = next((m for m in same_name if _same_minute(m, clip)), None)
+        if minute is None:
+            minute = _Minute(clip.stamp)
+            same_name.append(minute)
+        if clip.camera in minute.files:
             found.duplicates += 1
             continue
-        cameras[clip.camera] = clip
-    return minutes
+        minute.files[clip.camera] = clip
+    return [m for group in minutes.values() for m in group]
 
 
-def _chains(minutes: dict[str, dict[str, ClipFile]]) -> list[list[str]]:
-    chains: list[list[str]] = []
-    previous: datetime | None = None
-    for stamp in sorted(minutes):
-        start = datetime.strptime(stamp, STAMP_FORMAT)
-        if previous is None or (start - previous).total_seconds() > MAX_STEP_S:
+def _same_minute(minute: _Minute, clip: ClipFile) -> bool:
+    # A repeated name is one minute unless the clips' UTC starts say otherwise (DST fall-back).
+    known = minute.known_utc
+    return known is None or clip.utc is None or abs(known - clip.utc) <= SAME_MINUTE_S
+
+
+def _place(minutes: list[_Minute]) -> None:
+    """Give every minute a UTC start: its clips' own, else its name shifted by the
+    median offset between names and UTC of the minutes that have one."""
+    offsets = [m.known_utc - _naive_posix(m.stamp) for m in minutes if m.known_utc is not None]
+    offset = statistics.median(offsets) if offsets else None
+    for minute in minutes:
+        known = minute.known_utc
+        if known is not None:
+            minute.utc = known
+        elif offset is not None:
+            minute.utc = _naive_posix(minute.stamp) + offset
+
+
+def _naive_posix(stamp: str) -> float:
+    return datetime.strptime(stamp, STAMP_FORMAT).replace(tzinfo=timezone.utc).timestamp()
+
+
+def _chains(minutes: list[_Minute]) -> list[list[_Minute]]:
+    chains: list[list[_Minute]] = []
+    previous: float | None = None
+    ordered = sorted(minutes, key=lambda m: (m.utc if m.utc is not None else _naive_posix(m.stamp), m.stamp))
+    for minute in ordered:
+        start = minute.utc if minute.utc is not None else _naive_posix(minute.stamp)
+        if previous is None or start - previous > MAX_STEP_S:
             chains.append([])
-        chains[-1].append(stamp)
+        chains[-1].append(minute)
         previous = start
     return chains
 
@@ -179,11 +260,10 @@ def read_event(folder: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in data.items()}
 
 
-def _event_for(chain: list[str], clips: list[ClipFile], found: Discovery) -> dict[str, str] | None:
+def _event_for(chain: list[_Minute], clips: list[ClipFile], found: Discovery) -> dict[str, str] | None:
     # An event belongs to a drive when its folder holds one of the drive's minutes,
     # whether or not that copy won the de-duplication.
-    stamps = set(chain)
-    folders = sorted({c.event_dir for c in clips if c.event_dir and c.stamp in stamps})
+    folders = sorted({c.event_dir for c in clips if c.event_dir and any(_same(c, m) for m in chain)})
     for folder in folders:
         if (folder / "event.json").exists():
             try:
@@ -193,6 +273,10 @@ def _event_for(chain: list[str], clips: list[ClipFile], found: Discovery) -> dic
     return None
 
 
+def _same(clip: ClipFile, minute: _Minute) -> bool:
+    return clip.stamp == minute.stamp and _same_minute(minute, clip)
+
+
 def discover(path: str | Path) -> Discovery:
     """Find the drives under a footage folder (or one clip file).
 
@@ -200,8 +284,9 @@ def discover(path: str | Path) -> Discovery:
         path: a TeslaCam root, an event folder, a folder of clips, or one clip.
 
     Returns:
-        Drives in time order (each with a stable id), plus problems: encrypted clips,
-        names that match no camera, unreadable folders, bad event files.
+        Drives in UTC order (each with a stable id; minutes carry their UTC start), plus
+        problems: encrypted clips, names that match no camera, unreadable folders, bad
+        event files; and notes (clock changes between drives).
 
     Raises:
         FootageError: the path does not exist.
@@ -212,14 +297,39 @@ def discover(path: str | Path) -> Discovery:
     found = Discovery(root)
     clips = _walk(root, found)
     minutes = _dedupe(clips, found)
-    for chain in _chains(minutes):
-        refs = [ClipRef(start=s, files={cam: str(minutes[s][cam].path) for cam in CAMERAS if cam in minutes[s]})
-                for s in chain]
-        first = next(minutes[chain[0]][c] for c in CAMERAS if c in minutes[chain[0]])
-        ident = drive_id(str(first.path.parent), chain[0])
+    _place(minutes)
+    chains = _chains(minutes)
+    repeated = _repeated_names(chains)
+    for chain in chains:
+        refs = [ClipRef(start=m.stamp, files={cam: str(m.files[cam].path) for cam in CAMERAS if cam in m.files},
+                        utc=m.utc) for m in chain]  # fmt: skip
+        first = next(chain[0].files[c] for c in CAMERAS if c in chain[0].files)
+        # Ids stay as they were (folder, first name) unless a clock change repeats the name.
+        key = chain[0].stamp if chain[0].stamp not in repeated else f"{chain[0].stamp}@{chain[0].utc}"
+        ident = drive_id(str(first.path.parent), key)
         found.drives.append(FoundDrive(ident, str(root), refs, _event_for(chain, clips, found)))
+    car = [c for c in CAMERAS if any(c in m.files for m in minutes)]
+    for drive in found.drives:
+        drive.car_cameras = car
+    _report_clock_changes(chains, found)
     _report_encrypted(found)
     return found
+
+
+def _repeated_names(chains: list[list[_Minute]]) -> set[str]:
+    firsts = [chain[0].stamp for chain in chains]
+    return {s for s in firsts if firsts.count(s) > 1}
+
+
+def _report_clock_changes(chains: list[list[_Minute]], found: Discovery) -> None:
+    # Names that go back in time between drives ordered by UTC: say so, it explains the order.
+    for before, after in zip(chains, chains[1:]):
+        if before[-1].stamp >= after[0].stamp and after[0].utc is not None:
+            found.notes.append(
+                f"{after[0].files[next(iter(after[0].files))].path.parent}: clip names go back from "
+                f"{before[-1].stamp} to {after[0].stamp} while their UTC times (MP4 creation_time) go on: "
+                "the car's clock changed (daylight saving or time zone); drives are ordered by UTC"
+            )
 
 
 def _report_encrypted(found: Discovery) -> None:

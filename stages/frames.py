@@ -2,7 +2,9 @@
 
 The fast path for PyAV frames does resize and colour conversion in one swscale call
 straight to full-range YUV 4:2:0 and hands the planes to libjpeg-turbo (simplejpeg), so
-no RGB image is ever made for a JPEG. ``raw`` is H×W×3 RGB bytes, row-major.
+no RGB image is ever made for a JPEG. ``raw`` is H×W×3 RGB bytes, row-major. A frame
+with a display rotation (``frame.rotation``, from the MP4 display matrix) is stored turned
+as players show it, so the detector sees it upright.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def encode_frame(image: Any, *, long_side: int = 640, encoding: str = "jpeg", qu
     """Resize and encode one frame.
 
     Parameters:
-        image: an ``av.VideoFrame`` or an H×W×3 RGB uint8 array.
+        image: an ``av.VideoFrame`` (its display ``rotation`` applied) or an upright
+            H×W×3 RGB uint8 array.
         long_side: the longest side after resizing (no upscaling); 0 keeps the size.
         encoding: ``jpeg`` or ``raw``.
         quality: JPEG quality, 1–100.
@@ -50,14 +53,27 @@ def encode_frame(image: Any, *, long_side: int = 640, encoding: str = "jpeg", qu
         raise ValueError(message)
     if isinstance(image, np.ndarray):
         return _encode_array(image, long_side, encoding, quality)
+    turns = display_turns(image)
     width, height = target_size(image.width, image.height, long_side)
     if encoding == "raw":
-        rgb = image.reformat(width, height, format="rgb24").to_ndarray()
-        return Encoded(rgb.tobytes(), width, height, "raw")
+        rgb = _turned(image.reformat(width, height, format="rgb24").to_ndarray(), turns)
+        return Encoded(rgb.tobytes(), rgb.shape[1], rgb.shape[0], "raw")
     yuv = image.reformat(width, height, format="yuvj420p").to_ndarray()
-    y, u, v = _planes(yuv, width, height)
+    y, u, v = (_turned(plane, turns) for plane in _planes(yuv, width, height))
     data = simplejpeg.encode_jpeg_yuv_planes(y, u, v, quality=quality)
-    return Encoded(data, width, height, "jpeg")
+    return Encoded(data, y.shape[1], y.shape[0], "jpeg")
+
+
+def display_turns(image: Any) -> int:
+    """Quarter turns counter-clockwise that show a PyAV frame as players do (0–3).
+
+    Cameras and phones write multiples of 90 degrees; anything else is rounded to one.
+    """
+    return round((getattr(image, "rotation", 0) or 0) / 90) % 4
+
+
+def _turned(array: np.ndarray, turns: int) -> np.ndarray:
+    return np.ascontiguousarray(np.rot90(array, turns)) if turns else array
 
 
 def _planes(yuv: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -11,7 +11,15 @@ Windows. Window ``i`` of a drive covers ``[i·w, (i+1)·w)`` on the drive clock 
 * every expected camera's watermark (its latest ``t``; cameras arrive in order) reached
   its end, or that camera's drive-ended marker arrived — and, when vera runs, every camera's
   anomaly scores cover it too; or
-* ``watermark_timeout_s`` passed since its first entry arrived.
+* the drive stalled: no entry of it arrived for ``watermark_timeout_s`` *and* for
+  ``stall_lag_factor`` times the pipeline's own lag (the longest ingest-to-fuse delay seen
+  of its frames). Then the cameras it still waits for are given up (a dead-lettered ingest
+  job, a partition nobody serves) and the summary names them.
+
+Windows close on the drive's own progress, never on the time a window has been open: a
+camera that arrives late because the machine is loaded (ingest decodes a minute camera by
+camera; detect may be behind on one partition) still lands in its windows, so the same
+footage gives the same verdicts on a quiet and on a loaded machine.
 
 Cross-view fusion. A cone in the overlap of two neighbouring cameras is seen twice. For
 each tick (all cameras of a tick share one time) and object type, the fused count is the
@@ -218,6 +226,11 @@ class Drive:
     frame_counts: dict[str, int] = field(default_factory=dict)  # frames of published windows
     late: int = 0
     done: bool = False
+    progress_at: float | None = None  # when an entry of the drive last arrived
+    lag_s: float = 0.0  # the longest ingest-to-fuse delay of its frames
+    given_up: dict[str, list[int]] = field(default_factory=dict)  # camera -> windows closed without it
+    stalled_s: float = 0.0  # the longest stall that made fuse give up cameras
+    no_anomaly: list[int] = field(default_factory=list)  # windows closed without vera's scores
 
     def expected_cameras(self) -> set[str]:
         """Cameras named by markers, plus cameras seen."""
@@ -269,20 +282,45 @@ def key_frames(window: Window) -> list[CameraFrame]:
     return chosen
 
 
+#: Faster than any car (m/s): a fix that far from the window's others is no position.
+MAX_SPEED_MPS = 100.0
+#: GPS noise allowed on top of that distance (m).
+GPS_SLACK_M = 50.0
+
+
 def _fixes(frames: Sequence[FrameDetections]) -> tuple[list[tuple[float, float]], bool]:
     # One position per tick (the car has one), telemetry fixes before estimates.
-    by_tick: dict[int, tuple[float, float, bool]] = {}
+    by_tick: dict[int, tuple[float, float, bool, float]] = {}
     for frame in sorted(frames, key=lambda f: (f.tick, f.camera)):
         tel = frame.telemetry
         if tel is None or tel.lat is None or tel.lon is None:
             continue
         held = by_tick.get(frame.tick)
         if held is None or (held[2] and not tel.estimated):
-            by_tick[frame.tick] = (tel.lat, tel.lon, tel.estimated)
-    measured = [(lat, lon) for lat, lon, est in by_tick.values() if not est]
+            by_tick[frame.tick] = (tel.lat, tel.lon, tel.estimated, frame.t)
+    measured = _plausible([(lat, lon, t) for lat, lon, est, t in by_tick.values() if not est])
     if measured:
         return measured, False
-    return [(lat, lon) for lat, lon, _ in by_tick.values()], True
+    return [(lat, lon) for lat, lon, est, _ in by_tick.values() if est], True
+
+
+def _plausible(fixes: list[tuple[float, float, float]]) -> list[tuple[float, float]]:
+    """The fixes a car could have driven between: none farther from the window's median
+    position than ``MAX_SPEED_MPS`` over the window's time span allows (a GPS jump)."""
+    if not fixes:
+        return []
+    mid_lat = statistics.median(f[0] for f in fixes)
+    mid_lon = statistics.median(f[1] for f in fixes)
+    span_s = max(f[2] for f in fixes) - min(f[2] for f in fixes)
+    reach = MAX_SPEED_MPS * span_s + GPS_SLACK_M
+    return [(lat, lon) for lat, lon, _ in fixes if _metres(lat, lon, mid_lat, mid_lon) <= reach]
+
+
+def _metres(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Great-circle distance (haversine, metres)."""
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    a = math.sin((p2 - p1) / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2
+    return 2 * 6_371_000 * math.asin(min(1.0, math.sqrt(a)))
 
 
 def _utc_offset(frames: Sequence[FrameDetections], drive: Drive) -> float | None:
@@ -381,6 +419,7 @@ class Fuser:
         if handler is None:
             text = f"fuse takes detections, drive markers, anomaly scores and answers, not {message.KIND!r}"
             raise TypeError(text)
+        drive.progress_at = now if drive.progress_at is None else max(drive.progress_at, now)
         step = Step(release=handler(drive, message, token, now))
         step.extend(self._advance(drive, now))
         return self._released(drive, step)
@@ -409,6 +448,8 @@ class Fuser:
 
     def _on_frame(self, drive: Drive, msg: FrameDetections, token: Token, now: float) -> list[Token]:
         drive.watermark[msg.camera] = max(drive.watermark.get(msg.camera, -math.inf), msg.t)
+        if msg.ingested_utc is not None:
+            drive.lag_s = max(drive.lag_s, now - msg.ingested_utc)
         index = self._window_index(msg.t)
         if index in drive.closed:
             drive.late += 1
@@ -462,14 +503,22 @@ class Fuser:
         step = Step()
         for index in sorted(drive.windows):
             step.extend(self._try_close(drive, drive.windows[index], now))
+        if not drive.ended_all and not drive.windows and drive.ended and self._stalled(drive, now):
+            # Some cameras ended, the rest made no progress for far longer than the
+            # pipeline's lag: they are gone, and the drive is summarised without them.
+            drive.stalled_s = max(drive.stalled_s, now - (drive.progress_at or now))
+            for camera in sorted(drive.expected_cameras() - drive.ended):
+                drive.given_up.setdefault(camera, [])
+            drive.ended_all = True
         if drive.ended_all and not drive.windows:
             step.extend(self._finish(drive))
         return step
 
     def _try_close(self, drive: Drive, window: Window, now: float) -> Step:
-        timed_out = now - window.opened_at >= self.settings.watermark_timeout_s
-        if not (timed_out or self._complete(drive, window)):
-            return Step()
+        if not self._complete(drive, window):
+            if not self._stalled(drive, now):
+                return Step()
+            self._give_up(drive, window, now)
         answer = drive.answers.get(window.index)
         evidence = self.evidence(drive, window, answer)
         base = confidence({**evidence.features, "vlm": 0.0}, self.coefficients)
@@ -482,11 +531,33 @@ class Fuser:
                 return Step()
         return self._close(drive, window, evidence, answer, now)
 
+    def stall_limit(self, drive: Drive) -> float:
+        """Seconds without any entry of the drive after which fuse gives up its missing cameras."""
+        return max(self.settings.watermark_timeout_s, self.settings.stall_lag_factor * drive.lag_s)
+
+    def _stalled(self, drive: Drive, now: float) -> bool:
+        return drive.progress_at is not None and now - drive.progress_at >= self.stall_limit(drive)
+
+    def _waiting_for(self, drive: Drive, window: Window) -> list[str]:
+        if drive.ended_all:
+            return []
+        return sorted(
+            camera
+            for camera in drive.expected_cameras()
+            if camera not in drive.ended and drive.watermark.get(camera, -math.inf) < window.t_end
+        )
+
+    def _give_up(self, drive: Drive, window: Window, now: float) -> None:
+        drive.stalled_s = max(drive.stalled_s, now - (drive.progress_at or now))
+        waiting = self._waiting_for(drive, window)
+        for camera in waiting:
+            drive.given_up.setdefault(camera, []).append(window.index)
+        if not waiting and self.expect_anomaly:
+            drive.no_anomaly.append(window.index)  # only vera's scores were missing
+
     def _complete(self, drive: Drive, window: Window) -> bool:
-        if not drive.ended_all:
-            for camera in drive.expected_cameras():
-                if camera not in drive.ended and drive.watermark.get(camera, -math.inf) < window.t_end:
-                    return False
+        if self._waiting_for(drive, window):
+            return False
         if not self.expect_anomaly:
             return True
         return all(self._anomaly_covers(drive, camera, window) for camera in window.frames)
@@ -590,6 +661,7 @@ class Fuser:
             roadwork=conf >= self.settings.threshold,
             confidence=conf,
             cameras=evidence.cameras,
+            missing_cameras=sorted(drive.expected_cameras() - set(window.frames)),
             objects=evidence.objects,
             anomaly_score=evidence.anomaly,
             roadwork_prob=evidence.prob,
@@ -644,6 +716,9 @@ class Fuser:
             spans=build_spans(closed),
             cameras=sorted(drive.expected_cameras()),
             frame_counts=dict(sorted(drive.frame_counts.items())),
+            missing=_merged_lists(m.missing for m in drive.markers),
+            missed_ticks={c: max(m.missed_ticks.get(c, 0) for m in drive.markers)
+                          for c in sorted({c for m in drive.markers for c in m.missed_ticks})},
             problems=self._problems(drive),
             source=next((m.source for m in drive.markers if m.source), ""),
         )
@@ -664,6 +739,18 @@ class Fuser:
             got = drive.frame_counts.get(camera, 0)
             if got < n:
                 problems.append(f"{camera}: {n - got} of {n} frames never reached fuse (dead-lettered or late)")
+        for camera, windows in sorted(drive.given_up.items()):
+            closed = f"; {len(windows)} window(s) closed without it (first {min(windows)})" if windows else ""
+            problems.append(
+                f"{camera}: gave up waiting for it after {drive.stalled_s:.0f} s without any entry of the drive "
+                f"(pipeline lag {drive.lag_s:.0f} s): its partition made no progress and it never ended{closed}"
+            )
+        if drive.no_anomaly:
+            problems.append(
+                f"anomaly scores (vera) never arrived for {len(drive.no_anomaly)} window(s) (first "
+                f"{min(drive.no_anomaly)}) after {drive.stalled_s:.0f} s without any entry of the drive: "
+                "decided without them"
+            )
         if drive.late:
             problems.append(f"{drive.late} entries arrived after their window closed")
         return problems
@@ -685,6 +772,10 @@ class Fuser:
                 for c in sorted(drive.closed.values(), key=lambda c: c.index)
             ],  # fmt: skip
             "segments": [s.model_dump(mode="json") for s in drive.segments.values()],
+            "given_up": {camera: list(windows) for camera, windows in drive.given_up.items()},
+            "stalled_s": drive.stalled_s,
+            "no_anomaly": list(drive.no_anomaly),
+            "lag_s": drive.lag_s,
         }
 
     def restore(self, drive_id: str, snapshot: dict[str, Any]) -> None:
@@ -702,6 +793,10 @@ class Fuser:
         for row in snapshot["closed"]:
             index, t0, t1, u0, u1, roadwork, conf, track, est = row
             drive.closed[index] = ClosedWindow(index, t0, t1, u0, u1, roadwork, conf, [tuple(p) for p in track], est)
+        # Written since the stall guard; older checkpoints lack them.
+        drive.given_up = {str(c): [int(i) for i in w] for c, w in snapshot.get("given_up", {}).items()}
+        drive.stalled_s, drive.lag_s = float(snapshot.get("stalled_s", 0.0)), float(snapshot.get("lag_s", 0.0))
+        drive.no_anomaly = [int(i) for i in snapshot.get("no_anomaly", [])]
         for data in snapshot["segments"]:
             seg = AnomalyScore.model_validate(data)
             drive.segments[(seg.camera, seg.index)] = seg
@@ -713,6 +808,16 @@ class Fuser:
         self.drives.pop(drive_id, None)
         for key in [k for k in self._smoothed if k[0] == drive_id]:
             del self._smoothed[key]
+
+
+def _merged_lists(maps) -> dict[str, list[str]]:
+    # The drives hop and every camera partition carry copies of one marker: merge, once each.
+    merged: dict[str, list[str]] = {}
+    for mapping in maps:
+        for key, values in mapping.items():
+            merged.setdefault(key, [])
+            merged[key] += [v for v in values if v not in merged[key]]
+    return {key: sorted(values) for key, values in sorted(merged.items())}
 
 
 def _mean_gps(track: Sequence[tuple[float, float]], estimated: bool) -> Gps | None:

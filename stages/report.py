@@ -1,14 +1,17 @@
-"""The output folder of a run: ``verdicts.jsonl``, ``drives.geojson`` and ``report.html``.
+"""The output folder of a run: ``verdicts.jsonl``, ``drives.jsonl``, ``drives.geojson``, ``report.html``.
 
 Pure apart from writing files: the caller fetches the key-frame blobs it wants drawn
 (``thumbnail_keys`` says which) and passes their bytes in.
 
 * ``verdicts.jsonl`` — one verdict a line, ordered by drive and window.
+* ``drives.jsonl`` — one drive summary a line: windows, spans, cameras, frame counts, the
+  minutes each camera had no frame, missed ticks and the problems, each naming its file.
 * ``drives.geojson`` — a FeatureCollection with one feature per roadwork span: a
   LineString of its GPS track (``[lon, lat]``), a Point when the track has one position
   (an event's estimate), or no geometry when nothing is known; properties carry the drive,
   times, confidence and whether the position is an estimate.
-* ``report.html`` — one self-contained page: per drive, an inline SVG timeline of the
+* ``report.html`` — one self-contained page: what discovery skipped, then per drive its
+  problems, the windows decided without each camera, an inline SVG timeline of the
   roadwork confidence per window (threshold line, roadwork windows shaded), then JPEG
   thumbnails (base64) of its roadwork windows' key frames with the boxes drawn.
 """
@@ -157,14 +160,42 @@ def _drive_html(drive: str, verdicts: Sequence[Verdict], summary: DriveSummary |
         )
         problems = "".join(f"<li>{html.escape(p)}</li>" for p in summary.problems)
         facts += f"<ul>{spans}</ul>" + (f"<p>Problems:</p><ul>{problems}</ul>" if problems else "")
+    facts += _missing_html(verdicts)
     return (f"<section><h2>Drive {html.escape(drive)}</h2><p>{facts}</p>{timeline_svg(verdicts, threshold)}"
             f"<div class=thumbs>{_thumbs_html(verdicts, images)}</div></section>")  # fmt: skip
 
 
+def _missing_html(verdicts: Sequence[Verdict]) -> str:
+    # Which windows were decided without which camera: absence is normal, silence is not.
+    by_camera: dict[str, list[int]] = {}
+    for v in sorted(verdicts, key=lambda v: v.window):
+        for camera in v.missing_cameras:
+            by_camera.setdefault(camera, []).append(v.window)
+    if not by_camera:
+        return ""
+    rows = "".join(
+        f"<li>{html.escape(camera)}: no frame in {len(windows)} of {len(verdicts)} windows "
+        f"({html.escape(_ranges(windows))})</li>"
+        for camera, windows in sorted(by_camera.items())
+    )
+    return f"<p>Windows decided without a camera:</p><ul>{rows}</ul>"
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] + 1 == i:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
 def report_html(
-    verdicts: Sequence[Verdict], summaries: Sequence[DriveSummary], images: Mapping[str, bytes], threshold: float = 0.5
+    verdicts: Sequence[Verdict], summaries: Sequence[DriveSummary], images: Mapping[str, bytes], threshold: float = 0.5,
+    footage: Sequence[str] = (),
 ) -> str:
-    """The self-contained report page."""
+    """The self-contained report page; ``footage``: what discovery skipped or noted, in words."""
     by_summary = {s.drive_id: s for s in summaries}
     drives = sorted({v.drive_id for v in verdicts} | set(by_summary))
     body = "".join(
@@ -174,7 +205,15 @@ def report_html(
              ".thumbs{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0}figcaption{font-size:11px}")  # fmt: skip
     return (f"<!doctype html><html><head><meta charset=utf-8><title>roadstream report</title>"
             f"<style>{style}</style></head><body><h1>roadstream report</h1>"
-            f"<p>{len(drives)} drives, {len(verdicts)} windows.</p>{body or '<p>No drives.</p>'}</body></html>")  # fmt: skip
+            f"<p>{len(drives)} drives, {len(verdicts)} windows.</p>{_footage_html(footage)}"
+            f"{body or '<p>No drives.</p>'}</body></html>")  # fmt: skip
+
+
+def _footage_html(footage: Sequence[str]) -> str:
+    if not footage:
+        return ""
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in footage)
+    return f"<p>Footage folder:</p><ul>{items}</ul>"
 
 
 def write_report(
@@ -184,6 +223,7 @@ def write_report(
     images: Mapping[str, bytes] | None = None,
     *,
     threshold: float = 0.5,
+    footage: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write the three output files into ``out_dir`` (created if missing).
 
@@ -193,14 +233,18 @@ def write_report(
         summaries: every drive summary of the run.
         images: blob key -> encoded frame (JPEG), for ``thumbnail_keys(verdicts)``.
         threshold: the roadwork threshold drawn on the timelines.
+        footage: discovery's problems and notes (skipped files, clock changes), shown first.
 
     Returns:
-        ``{"verdicts": path, "geojson": path, "html": path}``.
+        ``{"verdicts": path, "drives": path, "geojson": path, "html": path}``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"verdicts": out / "verdicts.jsonl", "geojson": out / "drives.geojson", "html": out / "report.html"}
+    paths = {"verdicts": out / "verdicts.jsonl", "drives": out / "drives.jsonl", "geojson": out / "drives.geojson",
+             "html": out / "report.html"}  # fmt: skip
     write_verdicts(paths["verdicts"], verdicts)
+    ordered = sorted(summaries, key=lambda s: s.drive_id)
+    paths["drives"].write_text("".join(s.model_dump_json() + "\n" for s in ordered))
     paths["geojson"].write_text(json.dumps(geojson(summaries), indent=1) + "\n")
-    paths["html"].write_text(report_html(verdicts, summaries, images or {}, threshold))
+    paths["html"].write_text(report_html(verdicts, summaries, images or {}, threshold, footage))
     return paths

@@ -13,6 +13,8 @@ absent for some frames or stops mid-clip (never align by SEI count).
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator
 
 from google.protobuf.message import DecodeError as ProtoDecodeError
@@ -136,8 +138,22 @@ def packet_metadata(data: bytes, length_size: int = 4, hevc: bool = False) -> Se
     return None
 
 
+def position(lat: float, lon: float) -> tuple[float | None, float | None]:
+    """A GPS fix as ``(lat, lon)``, or ``(None, None)`` when it is no position.
+
+    Latitude and longitude left unset (proto3 reads them as 0, 0: the car had no fix yet,
+    leaving a garage) or outside the globe (or not finite) are no position.
+    """
+    if not (math.isfinite(lat) and math.isfinite(lon)) or abs(lat) > 90 or abs(lon) > 180:
+        return None, None
+    if lat == 0.0 and lon == 0.0:
+        return None, None
+    return lat, lon
+
+
 def to_telemetry(meta: SeiMetadata) -> Telemetry:
-    """Map the car's protobuf onto the pipeline's ``Telemetry`` schema."""
+    """Map the car's protobuf onto the pipeline's ``Telemetry`` schema (no fix: no lat/lon)."""
+    lat, lon = position(meta.latitude_deg, meta.longitude_deg)
     return Telemetry(
         version=meta.version,
         gear=_GEARS.get(meta.gear_state),
@@ -149,8 +165,8 @@ def to_telemetry(meta: SeiMetadata) -> Telemetry:
         blinker_right=meta.blinker_on_right,
         brake=meta.brake_applied,
         autopilot=_AUTOPILOT.get(meta.autopilot_state),
-        lat=meta.latitude_deg,
-        lon=meta.longitude_deg,
+        lat=lat,
+        lon=lon,
         heading=meta.heading_deg,
         accel_x=meta.linear_acceleration_mps2_x,
         accel_y=meta.linear_acceleration_mps2_y,

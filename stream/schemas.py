@@ -61,8 +61,11 @@ class Telemetry(Model):
 class ClipRef(Model):
     """One minute of a drive: the file of each camera present."""
 
-    start: str  # clip name timestamp, e.g. "2024-05-01_10-11-12"
+    start: str  # clip name timestamp, e.g. "2024-05-01_10-11-12" (the car's local clock)
     files: dict[str, str]  # camera -> path
+    #: The minute's start in UTC (POSIX s) from the clips' MP4 ``creation_time``, or from the
+    #: name and the drive's other minutes where no clip has one; ``None``: names only.
+    utc: float | None = None
 
 
 class Job(Message):
@@ -74,6 +77,9 @@ class Job(Message):
     clips: list[ClipRef]
     event: dict[str, str] | None = None
     submitted_utc: float | None = None
+    #: The car's cameras (every camera seen in the footage folder): a camera of these with
+    #: no clip in a minute of this drive is reported as absent there.
+    car_cameras: list[str] = Field(default_factory=list)
 
 
 class FrameRef(Message):
@@ -108,8 +114,9 @@ class DriveMarker(Message):
     frame_counts: dict[str, int] = Field(default_factory=dict)
     segment_counts: dict[str, int] = Field(default_factory=dict)
     ticks: int = 0
-    missing: dict[str, list[str]] = Field(default_factory=dict)  # camera -> minutes
-    problems: list[str] = Field(default_factory=list)
+    missing: dict[str, list[str]] = Field(default_factory=dict)  # camera -> minutes without a frame
+    missed_ticks: dict[str, int] = Field(default_factory=dict)  # camera -> ticks inside clips with no frame
+    problems: list[str] = Field(default_factory=list)  # each names its file and says what was lost
     source: str = ""
     start_utc: float | None = None
     end_utc: float | None = None
@@ -261,7 +268,9 @@ class Verdict(Message):
     end_utc: float | None = None
     roadwork: bool
     confidence: float = Field(ge=0.0, le=1.0)
-    cameras: list[str] = Field(default_factory=list)
+    cameras: list[str] = Field(default_factory=list)  # the cameras that support roadwork
+    #: The drive's cameras that have no frame in this window (absent, broken, given up).
+    missing_cameras: list[str] = Field(default_factory=list)
     objects: dict[str, int] = Field(default_factory=dict)
     anomaly_score: float | None = None
     roadwork_prob: float | None = None
@@ -298,6 +307,10 @@ class DriveSummary(Message):
     spans: list[RoadworkSpan] = Field(default_factory=list)
     cameras: list[str] = Field(default_factory=list)
     frame_counts: dict[str, int] = Field(default_factory=dict)
+    #: camera -> minutes (clip names) that gave it no frame: absent, empty or unreadable.
+    missing: dict[str, list[str]] = Field(default_factory=dict)
+    #: camera -> ticks inside its clips that got no frame (holes in the stream).
+    missed_ticks: dict[str, int] = Field(default_factory=dict)
     problems: list[str] = Field(default_factory=list)
     source: str = ""
 

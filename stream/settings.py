@@ -213,7 +213,11 @@ class FuseSettings(BaseModel):
     """Windows and verdicts."""
 
     window_s: float = 2.0
+    #: Windows close on the drive's progress (every camera's watermark or end marker). Only
+    #: when no entry of a drive arrived for this long, and for ``stall_lag_factor`` times the
+    #: pipeline's observed lag, are the cameras it still waits for given up as gone.
     watermark_timeout_s: float = 30.0
+    stall_lag_factor: float = 3.0
     escalate_low: float = 0.4
     escalate_high: float = 0.6
     vlm_timeout_s: float = 60.0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fixtures import teslacam as tc
-from stages.decode import _Candidate, pick_nearest, sample_clip
+from stages.decode import ClipStats, _Candidate, pick_nearest, sample_clip
 from stages.frames import decode_jpeg, encode_frame
 from stream.errors import FootageError
 
@@ -166,3 +166,85 @@ def test_an_unreadable_file_is_reported_as_such() -> None:
         assert message == f"{path}: cannot read the file: permission denied"
     finally:
         shutil.rmtree(folder)
+
+
+def test_variable_frame_rate_ticks_take_the_nearest_frame_within_half_the_local_spacing(tmp_path: Path) -> None:
+    # Given a 4 s clip at about 35.7 fps whose frame intervals vary 22-34 ms (as Tesla's)
+    spec = tc.ClipSpec(duration_s=4.0, fps=35.7, gaps_ms=(22, 34, 28, 31, 25))
+    drive = tc.make_drive(tmp_path, minutes=1, cameras=("left_repeater",), layout="flat", spec=spec)
+    times = [t / 1000 for t in tc.frame_times_ms(spec)]
+    # When sampled at 5 per second with each decoder
+    for decoder in ("pyav", "decord"):
+        stats = ClipStats()
+        samples = list(sample_clip(drive.clip(0, "left_repeater"), sample_fps=5, decoder=decoder, stats=stats))
+        # Then every one of the 20 ticks takes its nearest frame, and none is missed
+        assert [s.k for s in samples] == list(range(20)), decoder
+        for s in samples:
+            assert abs(s.pts_s - s.tick_s) == pytest.approx(min(abs(t - s.tick_s) for t in times), abs=1e-3)
+        assert stats.missed == []
+
+
+def test_ticks_in_a_hole_of_the_stream_are_missed_and_counted() -> None:
+    # Given frames every 28 ms with a 1 s hole after 1.12 s
+    times = [i * 0.028 for i in range(41)] + [2.12 + i * 0.028 for i in range(20)]
+    # When sampled at 5 per second with the local spacing as tolerance
+    missed: list[float] = []
+    picks = [k for k, _, _ in pick_nearest(_frames(times), 0.2, None, float("inf"), missed=missed)]
+    # Then the five ticks inside the hole get no frame and are counted, the others do
+    assert [round(t, 1) for t in missed] == [1.2, 1.4, 1.6, 1.8, 2.0]
+    assert picks == [0, 1, 2, 3, 4, 5, 11, 12, 13]
+
+
+def test_a_header_only_clip_is_named_as_holding_no_frames(tmp_path: Path) -> None:
+    # Given a clip with its header and no frame (the car lost power after opening it)
+    drive = tc.make_drive(tmp_path, minutes=1, cameras=("front",), layout="flat")
+    path = tc.header_only(drive.clip(0, "front"))
+    # When sampled with either decoder
+    for decoder in ("pyav", "decord"):
+        # Then the error names the file and says it holds no frames
+        with pytest.raises(FootageError, match="holds no frames") as caught:
+            list(sample_clip(path, decoder=decoder))
+        assert caught.value.path == str(path)
+
+
+def test_a_truncated_clip_keeps_the_same_frames_with_decord_and_says_how_many_were_lost(tmp_path: Path) -> None:
+    # Given a fast-start clip cut to 60% of its bytes
+    spec = tc.ClipSpec(duration_s=3.0, faststart=True)
+    drive = tc.make_drive(tmp_path, minutes=1, cameras=("front",), layout="flat", spec=spec)
+    path = tc.truncate(drive.clip(0, "front"), 0.6)
+    kept = {}
+    # When sampled with each decoder
+    for decoder in ("pyav", "decord"):
+        got, stats = [], ClipStats()
+        with pytest.raises(FootageError, match=r"truncated clip: decoded \d+ of 90 frames \(\d+ lost\)") as caught:
+            for sample in sample_clip(path, decoder=decoder, stats=stats):
+                got.append(sample.k)
+        kept[decoder] = got
+        assert caught.value.path == str(path)
+    # Then decord keeps the ticks PyAV keeps
+    assert kept["decord"] == kept["pyav"] and len(kept["pyav"]) > 5
+
+
+def test_a_rotated_clip_is_sampled_upright_with_every_decoder(tmp_path: Path) -> None:
+    # Given a clip coded sideways with a -90 degree display rotation (players show it upright)
+    spec = tc.ClipSpec(duration_s=0.4, size=(160, 120), rotation=-90)
+    drive = tc.make_drive(tmp_path, minutes=1, cameras=("front",), layout="flat", spec=spec)
+    upright = tc.upright_frame(spec, "front", 0)
+    # When its first frame is sampled and encoded with each decoder
+    for decoder in ("pyav", "decord"):
+        sample = next(iter(sample_clip(drive.clip(0, "front"), decoder=decoder, size=(160, 120))))
+        image = decode_jpeg(encode_frame(sample.image, long_side=160).data)
+        # Then it is the upright picture, as a player shows it
+        assert image.shape == upright.shape, decoder
+        assert abs(image.astype(int) - upright).mean() < 8, decoder
+
+
+def test_a_clip_cut_before_its_index_is_named_as_such(tmp_path: Path) -> None:
+    # Given a clip written index-last and cut at 60% (the index never written)
+    drive = tc.make_drive(tmp_path, minutes=1, cameras=("front",), layout="flat", spec=tc.ClipSpec(duration_s=2.0))
+    path = tc.truncate(drive.clip(0, "front"), 0.6)
+    # When sampled with either decoder / Then the error names the file and says why
+    for decoder in ("pyav", "decord"):
+        with pytest.raises(FootageError, match="cut before its index was written") as caught:
+            list(sample_clip(path, decoder=decoder))
+        assert caught.value.path == str(path)

@@ -109,3 +109,49 @@ def test_a_missing_folder_is_an_error_naming_it(tmp_path: Path) -> None:
     # Then the error names it
     with pytest.raises(FootageError, match="no such file or folder"):
         discover(tmp_path / "nope")
+
+
+def _dst_fallback(root: Path) -> tuple[tc.Drive, tc.Drive]:
+    # 01:00:10 and 01:01:10 CDT (UTC-5), then an hour later 01:00:40 .. 01:02:40 CST (UTC-6):
+    # local names of the two drives interleave, their UTC times do not.
+    first = tc.make_drive(root, start="2024-11-03_01-00-10", minutes=2, cameras=("front",), spec=TINY, utc_offset_h=-5)
+    second = tc.make_drive(root, start="2024-11-03_01-00-40", minutes=3, cameras=("front",), spec=TINY, utc_offset_h=-6)
+    return first, second
+
+
+def test_drives_across_a_daylight_saving_fall_back_are_ordered_and_chained_by_utc(tmp_path: Path) -> None:
+    # Given two drives an hour apart whose local clip names repeat (the clocks went back)
+    first, second = _dst_fallback(tmp_path)
+    # When discovered
+    found = discover(tmp_path)
+    # Then they are two drives, each with its own minutes in order, 60 s apart in UTC
+    assert [[m.start for m in d.minutes] for d in found.drives] == [first.minutes, second.minutes]
+    assert [[m.utc - d.minutes[0].utc for m in d.minutes] for d in found.drives] == [[0, 60], [0, 60, 120]]
+    assert found.drives[1].minutes[0].utc - found.drives[0].minutes[0].utc == 3600 + 30
+    # and the run is told why names go back
+    assert any("clip names go back" in note for note in found.notes)
+
+
+def test_a_repeated_clip_name_with_another_utc_time_is_another_minute(tmp_path: Path) -> None:
+    # Given two drives whose first clips have the same local name, an hour apart in UTC
+    tc.make_drive(tmp_path, start="2024-11-03_01-00-10", minutes=1, cameras=("front",), spec=TINY, utc_offset_h=-5)
+    tc.make_drive(tmp_path / "b", start="2024-11-03_01-00-10", minutes=1, cameras=("front",), spec=TINY,
+                  utc_offset_h=-6)  # fmt: skip
+    # When discovered
+    found = discover(tmp_path)
+    # Then neither is dropped as a repeat, and they have different ids
+    assert len(found.drives) == 2 and found.duplicates == 0
+    assert found.drives[0].drive_id != found.drives[1].drive_id
+
+
+def test_an_event_folder_whose_clips_are_gone_is_reported(tmp_path: Path) -> None:
+    # Given a saved event with clips and one with only event.json and thumb.png left
+    tc.make_drive(tmp_path, minutes=1, cameras=("front",), layout="saved", spec=TINY)
+    gone = tc.clip_folder(tmp_path, "saved", "2024-05-02_09-00-00")
+    gone.mkdir(parents=True)
+    tc.write_event(gone, tc.default_event("2024-05-02_09-00-00"))
+    # When discovered
+    found = discover(tmp_path)
+    # Then the empty event is named, the other is a drive
+    assert len(found.drives) == 1
+    assert found.problems == [f"{gone.resolve()}: event folder without clips (only its event.json is left)"]

@@ -297,11 +297,16 @@ def test_one_verdict_per_window_and_never_two(undisturbed: Outcome, setup: Setup
 def test_the_drive_summary_accounts_for_every_frame(undisturbed: Outcome, setup: Setup) -> None:
     # Given the undisturbed run
     (summary,) = undisturbed.summaries
-    # Then the one summary counts every window and every ingested frame, with no problem
+    # Then the one summary counts every window and every ingested frame, and its only
+    # problems say which cameras did not record the second clip set
     assert summary.drive_id == setup.drive_id
     assert summary.windows == expected_windows()
     assert summary.frame_counts == expected_frames()
-    assert summary.problems == []
+    (_, second) = discover(setup.footage).drives[0].minutes
+    absent = sorted(c for c in CAMERAS if c not in SECOND)
+    assert summary.problems == [f"{c}: no clip in 1 of 2 minute(s) ({second.start}): the camera did not record them"
+                                for c in absent]  # fmt: skip
+    assert summary.missing == {c: [second.start] for c in absent}
     assert summary.roadwork_windows == sum(v.roadwork for v in undisturbed.verdicts)
 
 

@@ -137,11 +137,11 @@ def write_config(path: Path, footage: Path, model: Path) -> Path:
             "window_s": 2.0,
             "stride_s": 1.0,
         },
-        # The watermark timeout bounds a verdict's latency when a camera stalls; here a
-        # stage's recovery (a killed worker's replacement loading its model on a busy CI
-        # machine, then replaying what the dead one held) may take longer than its default
-        # 30 s, which would close early windows without those cameras. These tests check
-        # that nothing is lost or doubled, so the timeout is out of their way.
+        # The stall guard gives up a drive's cameras only after no entry of the drive
+        # arrived for this long (and 3x the pipeline's lag); here a stage's recovery (a
+        # killed worker's replacement loading its model on a busy CI machine, then
+        # replaying what the dead one held) may stall a drive longer than its default
+        # 30 s. These tests check that nothing is lost or doubled, so it is out of their way.
         "fuse": {"window_s": 2.0, "watermark_timeout_s": 600.0},
     }
     path.write_text(yaml.safe_dump(config))

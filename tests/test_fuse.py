@@ -225,3 +225,83 @@ def test_dedupe_keys_are_one_per_window_and_drive():
     # Then their keys match; another window's differs
     assert dedupe_key(a) == dedupe_key(b)
     assert dedupe_key(a) != dedupe_key(a.copy_with(window=1))
+
+
+def _published(fuser: Fuser, schedule) -> tuple[list[tuple], DriveSummary]:
+    # Feed (now, message) pairs, ticking the clock between them as the worker does.
+    outputs = []
+    for i, (now, msg) in enumerate(schedule):
+        outputs += fuser.add(msg, token=i, now=now).outputs
+        outputs += fuser.tick(now).outputs
+    rows = [(v.window, v.cameras, v.objects, round(v.confidence, 9)) for v in verdicts(outputs)]
+    (summary,) = [o for o in outputs if isinstance(o, DriveSummary)]
+    return sorted(rows), summary
+
+
+def test_the_same_drive_gives_the_same_verdicts_on_a_quiet_and_a_loaded_machine():
+    # Given three cameras of 8 ticks, cones on every camera from tick 4 on, ingested at t=0
+    cams = ("front", "back", "left_repeater")
+
+    def msg(cam: str, tick: int) -> FrameDetections:
+        f = frame(cam, tick, dets=[cone(0.5)] if tick >= 4 else [])
+        return f.copy_with(ingested_utc=0.0)
+
+    per_camera = {c: [msg(c, t) for t in range(8)] + [ended(c, cams)] for c in cams}
+    # When on a quiet machine the cameras arrive interleaved within a second...
+    quiet = [(0.0, m) for m in started(cams)]
+    quiet += [(0.01 * i, m) for i, m in enumerate(m for t in range(9) for c in cams for m in per_camera[c][t : t + 1])]
+    # ...and on a loaded one camera by camera (as ingest publishes a minute), each entry
+    # 10 s after the one before: the last camera starts 170 s after window 0 opened
+    loaded = [(0.0, m) for m in started(cams)]
+    loaded += [(10.0 * (i + 1), m) for i, m in enumerate(m for c in cams for m in per_camera[c])]
+    # Then the verdicts are the same, every window has every camera, and nothing was given up
+    quiet_rows, quiet_summary = _published(Fuser(FuseSettings(watermark_timeout_s=30.0)), quiet)
+    loaded_rows, loaded_summary = _published(Fuser(FuseSettings(watermark_timeout_s=30.0)), loaded)
+    assert loaded_rows == quiet_rows
+    assert [r[1] for r in loaded_rows] == [[], sorted(cams)]
+    assert loaded_summary.problems == quiet_summary.problems == []
+
+
+def test_a_camera_that_is_really_gone_is_given_up_only_after_the_drive_stalls():
+    # Given front and back, ingested at t=0; back stops after tick 1, front runs to its end
+    fuser = Fuser(FuseSettings(watermark_timeout_s=30.0, stall_lag_factor=3.0))
+    msgs = started() + [frame("back", t).copy_with(ingested_utc=0.0) for t in range(2)]
+    msgs += [frame("front", t).copy_with(ingested_utc=0.0) for t in range(8)] + [ended("front")]
+    out, _ = feed(fuser, msgs, now=20.0)  # 20 s of pipeline lag
+    # When the drive has made no progress for 59 s (less than 3 × its 20 s lag), then for 61 s
+    early = fuser.tick(now=79.0)
+    late = fuser.tick(now=81.0)
+    # Then nothing closes early; after it, both windows close without back and the drive
+    # is summarised, naming back as given up
+    assert verdicts(out) == [] and early.outputs == []
+    assert [(v.window, v.missing_cameras) for v in verdicts(late.outputs)] == [(0, []), (1, ["back"])]
+    (summary,) = [o for o in late.outputs if isinstance(o, DriveSummary)]
+    assert any(p.startswith("back: gave up waiting") and "2 window(s)" in p for p in summary.problems)
+    # and if back's end marker still comes, it is only counted as late
+    assert fuser.add(ended("back"), token="end", now=82.0).release == ["end"]
+
+
+def test_a_gps_jump_faster_than_a_car_is_no_position():
+    # Given a window whose frames have fixes near 30.2 N, -97.6 E but one 0.5 degree away
+    fuser = Fuser()
+    msgs = [frame(c, t, dets=[cone(), cone(0.4)]) for t in range(4) for c in CAMS]
+    fixes = {0: 30.2000, 1: 30.2001, 2: 30.7000, 3: 30.2002}
+    msgs = [m.copy_with(telemetry=Telemetry(lat=fixes[m.tick], lon=-97.6)) for m in msgs]
+    # When the window closes
+    out, _ = feed(fuser, started() + msgs + [ended("front"), ended("back")])
+    # Then its position ignores the jump
+    (verdict,) = verdicts(out)
+    assert abs(verdict.gps.lat - 30.2001) < 1e-4 and not verdict.gps.estimated
+
+
+def test_a_window_closed_without_vera_scores_after_a_stall_says_so():
+    # Given vera on, every camera's frames and end markers, and no anomaly score
+    fuser = Fuser(FuseSettings(watermark_timeout_s=30.0), expect_anomaly=True)
+    out, _ = feed(fuser, started() + [frame(c, t) for t in range(4) for c in CAMS] + [ended("front"), ended("back")])
+    # When the drive makes no progress for 30 s
+    assert verdicts(out) == [] and fuser.tick(now=29.0).outputs == []
+    step = fuser.tick(now=31.0)
+    # Then the window closes, and the summary says vera's scores never came
+    assert [v.window for v in verdicts(step.outputs)] == [0]
+    (summary,) = [o for o in step.outputs if isinstance(o, DriveSummary)]
+    assert any(p.startswith("anomaly scores (vera) never arrived for 1 window(s)") for p in summary.problems)

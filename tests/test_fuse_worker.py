@@ -169,3 +169,78 @@ async def test_uncertain_windows_are_escalated_once(pair):
     escalations = await published(broker, names.ESCALATIONS)
     assert sorted(e.window for e in escalations if isinstance(e, Escalation)) == [0, 1]
     assert all(v.escalated for v in await published(broker) if isinstance(v, Verdict))
+
+
+class _Clock:
+    """The fuse worker's clock, moved only by the test (a machine as loaded as it says)."""
+
+    def __init__(self, now: float) -> None:
+        self.now, self.reads = now, 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.now
+
+
+def _back_sees_cones(drive: str) -> list:
+    # Three cameras, 12 ticks; only back sees cones (from tick 4); ingested 50 s before
+    # fuse first sees the drive (the pipeline's lag).
+    cone = Detection(type="cone", label="cone", score=0.9, box=(0.4, 0.5, 0.5, 0.6))
+    out = []
+    for m in detections(drive, 12):
+        if isinstance(m, FrameDetections):
+            seen = [cone, cone] if m.camera == "back" and m.tick >= 4 else []
+            m = m.copy_with(ingested_utc=1_000_000.0 - 50.0, detections=seen)
+        out.append(m)
+    return out
+
+
+async def _fused(pair, drive: str, stall_s: float) -> tuple[list[tuple], DriveSummary]:
+    broker, blobs = pair
+    clock = _Clock(1_000_000.0)
+    messages = _back_sees_cones(drive)
+    slow = [m for m in messages if m.camera == "back" and getattr(m, "event", "") != "started"] if stall_s else []
+    await send(broker, [m for m in messages if m not in slow])
+    settings = settings_for(broker, watermark_timeout_s=30.0)
+    handler = FuseHandler(settings, blobs, clock=clock)
+    worker = Worker(handler, broker, blobs, settings, consumer=f"f-{drive}")
+    task = asyncio.create_task(worker.run())
+    if slow:
+        # Back's partition stalls while the other cameras are fused; fuse's clock moves on
+        # past the 30 s timeout and fuse looks at the drive's windows many times over.
+        async def others_in() -> bool:
+            state = handler.fuser.drives.get(drive)
+            return state is not None and state.ended >= {"front", "left_repeater"}
+
+        await until(others_in)
+        clock.now += stall_s
+        reads = clock.reads
+
+        async def looked_again() -> bool:
+            return clock.reads > reads + 3
+
+        await until(looked_again)
+        await send(broker, slow)
+
+    async def summarised() -> bool:
+        return any(isinstance(m, DriveSummary) and m.drive_id == drive for m in await published(broker))
+
+    await until(summarised)
+    worker.stop()
+    await task
+    out = [m for m in await published(broker) if m.drive_id == drive]
+    rows = sorted((v.window, v.roadwork, v.cameras, v.missing_cameras, round(v.confidence, 9))
+                  for v in out if isinstance(v, Verdict))  # fmt: skip
+    (summary,) = [m for m in out if isinstance(m, DriveSummary)]
+    return rows, summary
+
+
+async def test_a_stalled_camera_partition_gives_the_same_verdicts_as_a_quiet_machine(pair):
+    # Given one drive fused on a quiet machine (every camera's entries there at once), and
+    # the same drive where back's partition stalls 120 s of fuse's clock (4x the timeout)
+    quiet, quiet_summary = await _fused(pair, "quiet", stall_s=0.0)
+    loaded, loaded_summary = await _fused(pair, "loaded", stall_s=120.0)
+    # Then the verdicts are the same: every window has back, whose cones make windows 1 and 2 roadwork
+    assert loaded == quiet
+    assert [(row[0], row[1], row[3]) for row in loaded] == [(0, False, []), (1, True, []), (2, True, [])]
+    assert loaded_summary.problems == quiet_summary.problems == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -64,8 +64,10 @@ async def ingest(redis_url: str):
     broker = RedisBroker(url=redis_url, namespace=NS)
     blobs = RedisBlobStore(redis_url, namespace=NS)
 
-    async def run(jobs: list[Job], **ingest_settings) -> Published:
+    async def run(jobs: list[Job], max_deliveries_for_test: int | None = None, **ingest_settings) -> Published:
         settings = Settings(namespace=NS, ingest=IngestSettings(**ingest_settings))
+        if max_deliveries_for_test is not None:
+            settings.broker.max_deliveries = max_deliveries_for_test
         for job in jobs:
             await broker.publish(names.stream_name(names.JOBS, ns=NS), codec.encode(job))
         worker = Worker(build(settings, blobs), broker, blobs, settings, burst=True)
@@ -263,3 +265,105 @@ async def test_submit_queues_one_job_per_drive_once(tmp_path: Path, redis_url: s
     jobs = [codec.decode(e.data) for e in await broker.range(f"{NS}:jobs")]
     await broker.close()
     assert sorted(j.clips[0].start for j in jobs) == ["2024-05-01_10-00-00", "2024-05-01_12-00-00"]
+
+
+async def test_header_only_and_absent_clips_are_named_in_the_drive_marker(tmp_path: Path, ingest) -> None:
+    # Given a two-minute drive: minute 1's back clip holds a header and no frame, and
+    # minute 1 has no left_repeater clip at all
+    drive = tc.make_drive(tmp_path, minutes=2, spec=SHORT, missing={(1, "left_repeater")})
+    empty = tc.header_only(drive.clip(1, "back"))
+    # When ingested
+    ended = (await ingest(_jobs(tmp_path))).ended()
+    # Then the marker names the header-only file and the absent camera's minute, and
+    # lists both minutes as missing for machines
+    assert f"{empty}: holds no frames ({empty.stat().st_size} bytes: a header and no video; " \
+           "the clip was never written)" in ended.problems
+    assert any(p.startswith("left_repeater: no clip in 1 of 2 minute(s)") and drive.minutes[1] in p
+               for p in ended.problems)
+    assert ended.missing == {"back": [drive.minutes[1]], "left_repeater": [drive.minutes[1]]}
+
+
+async def test_ticks_a_variable_rate_camera_has_no_frame_for_are_counted_and_named(tmp_path: Path, ingest) -> None:
+    # Given a camera whose stream has a 1 s hole (frames every 28 ms around it)
+    spec = tc.ClipSpec(duration_s=2.5, fps=35.7, gaps_ms=(28,) * 40 + (1000,))
+    drive = tc.make_drive(tmp_path, minutes=1, cameras=("front",), spec=spec)
+    # When ingested at 5 ticks per second
+    ended = (await ingest(_jobs(tmp_path))).ended()
+    # Then the five ticks inside the hole are counted and the file is named
+    assert ended.missed_ticks == {"front": 5}
+    assert any(p.startswith(f"{drive.clip(0, 'front')}: 5 tick(s) had no frame") for p in ended.problems)
+
+
+async def test_clips_are_placed_by_their_utc_times_not_by_their_local_names(tmp_path: Path, ingest) -> None:
+    # Given a drive whose clip names step 1 s (a clock that jumped) while each 2 s clip's
+    # MP4 creation_time (UTC) starts 2 s after the one before
+    start = datetime(2024, 5, 1, 15, 0, 0, tzinfo=timezone.utc)
+    specs = {(m, c): tc.ClipSpec(duration_s=2.0, creation_utc=start + timedelta(seconds=2 * m))
+             for m in range(3) for c in tc.THREE}  # fmt: skip
+    tc.make_drive(tmp_path, minutes=3, cameras=tc.THREE, specs=specs, step_s=1)
+    # When ingested
+    out = await ingest(_jobs(tmp_path))
+    # Then no clip is cut at the next name: every camera has all 30 ticks, on UTC time
+    assert out.ended().frame_counts == {c: 30 for c in tc.THREE}
+    assert [f.tick for f in out.frames["front"]] == list(range(30))
+    assert [round(f.utc - start.timestamp(), 3) for f in out.frames["front"]][::10] == [0.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "decord"])
+async def test_a_rotated_clip_is_published_upright(tmp_path: Path, ingest, decoder: str) -> None:
+    # Given a clip coded sideways (120x160) with a -90 degree display rotation
+    spec = tc.ClipSpec(duration_s=0.4, size=(160, 120), rotation=-90)
+    tc.make_drive(tmp_path, minutes=1, cameras=("front",), spec=spec)
+    # When ingested with the decoder
+    out = await ingest(_jobs(tmp_path), decoder=decoder, long_side=160)
+    # Then the stored frames are upright, as a player shows them
+    frame = out.frames["front"][0]
+    image = decode_jpeg(await out.blobs.get(frame.blob_key))
+    upright = tc.upright_frame(spec, "front", 0)
+    assert (frame.width, frame.height) == (160, 120) and image.shape == upright.shape
+    assert abs(image.astype(int) - upright).mean() < 8
+
+
+async def test_a_truncated_clip_keeps_its_frames_with_decord_and_says_how_many_were_lost(
+    tmp_path: Path, ingest
+) -> None:
+    # Given a fast-start clip cut to 60% of its bytes
+    drive = tc.make_drive(tmp_path, minutes=1, cameras=("front",), spec=tc.ClipSpec(duration_s=3.0, faststart=True))
+    cut = tc.truncate(drive.clip(0, "front"), 0.6)
+    # When ingested with decord
+    ended = (await ingest(_jobs(tmp_path), decoder="decord")).ended()
+    # Then the frames before the cut are published and the file is named with the loss
+    assert ended.frame_counts["front"] > 5
+    assert any(p.startswith(f"{cut}: truncated clip: decoded") and "lost" in p for p in ended.problems)
+    assert any(p.startswith(f"{cut}: decord could not read it") for p in ended.problems)
+
+
+async def test_a_job_dead_lettered_for_good_ends_its_drive_with_the_failure_named(tmp_path: Path, ingest) -> None:
+    # Given a drive's job whose clip name cannot be read as a time (and no UTC to go by),
+    # with one delivery allowed
+    tc.make_drive(tmp_path, minutes=1, cameras=tc.THREE, spec=SHORT)
+    (job,) = _jobs(tmp_path)
+    broken = job.model_copy(update={"clips": [job.clips[0].model_copy(update={"start": "no-time", "utc": None})]})
+    # When ingested and it fails
+    out = await ingest([broken], max_deliveries_for_test=1)
+    # Then the job is a dead letter and every camera's partition carries an "ended" marker
+    # that names the failure, so fuse need not wait for the drive
+    (letter,) = out.dead
+    assert "no-time" in letter.error
+    (ended,) = [m for m in out.drives if m.event == "ended"]
+    assert any("ingest of this drive failed and was dead-lettered" in p and "no-time" in p for p in ended.problems)
+    assert all(kinds[-1] == "ended" for kinds in out.kinds.values()) and sorted(out.kinds) == sorted(tc.THREE)
+
+
+async def test_a_drive_without_some_of_the_cars_cameras_says_which(tmp_path: Path, ingest) -> None:
+    # Given a folder with a six-camera drive and, later, a drive of front and back only
+    tc.make_drive(tmp_path, minutes=1, cameras=tc.CAMERAS, spec=SHORT)
+    late = tc.make_drive(tmp_path, start="2024-05-01_11-00-00", minutes=1, cameras=("front", "back"), spec=SHORT)
+    # When both are ingested
+    out = await ingest(_jobs(tmp_path))
+    # Then the second drive's marker names the four cameras that recorded nothing in it
+    (ended,) = [m for m in out.drives if m.event == "ended" and m.cameras == ["front", "back"]]
+    absent = sorted(p.split(":")[0] for p in ended.problems if "the camera did not record them" in p)
+    assert absent == ["left_pillar", "left_repeater", "right_pillar", "right_repeater"]
+    assert all(late.minutes[0] in p for p in ended.problems)
+    assert sorted(ended.missing) == absent

@@ -86,3 +86,18 @@ def test_undecodable_blobs_are_left_out(tmp_path):
     assert draw_boxes(b"not a jpeg", CameraFrame(camera="front", blob_key="k", t=0.0)) is None
     page = write_report(tmp_path, [verdict(1, True)], [], {"d1:front:1": b"junk"})["html"].read_text()
     assert "No roadwork key frames" in page and base64.b64encode(b"junk").decode() not in page
+
+
+def test_the_report_names_skipped_files_and_windows_decided_without_a_camera(tmp_path):
+    # Given verdicts where back had no frame in windows 1 and 2, and a skipped file
+    verdicts = [verdict(0, False)] + [verdict(i, True).copy_with(missing_cameras=["back"]) for i in (1, 2)]
+    summary = DriveSummary(drive_id="d1", windows=3, roadwork_windows=2, problems=["/f/x-back.mp4: holds no frames"])
+    skipped = "/f/y-fisheye.mp4: name matches no camera"
+    # When the report is written
+    paths = write_report(tmp_path, verdicts, [summary], footage=[skipped])
+    page = paths["html"].read_text()
+    # Then it names the skipped file, the drive's problem and back's windows; drives.jsonl
+    # carries the summary for machines
+    assert skipped in page and "/f/x-back.mp4: holds no frames" in page
+    assert "back: no frame in 2 of 3 windows (1–2)" in page
+    assert DriveSummary.model_validate_json(paths["drives"].read_text()) == summary

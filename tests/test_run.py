@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fixtures.teslacam import THREE, ClipSpec, make_drive, not_a_video, zero_byte
+from fixtures.teslacam import THREE, ClipSpec, header_only, make_drive, not_a_video, zero_byte
 from stages.report import read_verdicts
 from workers import run as run_module
 from workers.cli import cli
@@ -69,3 +69,55 @@ def test_an_empty_folder_is_refused_with_exit_code_2(tmp_path):
     result = invoke([str(tmp_path / "empty")])
     assert result.exit_code == 2
     assert "no TeslaCam footage" in result.output and "Traceback" not in result.output
+
+
+def _summaries(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "drives.jsonl").read_text().splitlines()]
+
+
+def test_run_names_a_header_only_clip_and_an_absent_camera_everywhere(tmp_path):
+    # Given two minutes of three cameras: minute 1's left_repeater clip is a header with no
+    # frame, and minute 1 has no right_repeater clip
+    drive = make_drive(tmp_path / "footage", cameras=THREE, minutes=2, spec=SPEC, missing={(1, "right_repeater")})
+    empty = header_only(drive.clip(1, "left_repeater"))
+    # When run
+    out = tmp_path / "out"
+    result = invoke([str(tmp_path / "footage"), "--out", str(out), "--timeout", "180"])
+    assert result.exit_code == 0, result.output
+    # Then the printed problems, the report and the drive summary name the file and the
+    # absent camera's minute in words
+    said = f"{empty}: holds no frames"
+    absent = f"right_repeater: no clip in 1 of 2 minute(s) ({drive.minutes[1]})"
+    printed = " ".join(result.output.split())  # rich wraps long lines
+    assert said in printed and absent in printed
+    report = (out / "report.html").read_text()
+    assert said in report and absent in report
+    (summary,) = _summaries(out)
+    assert any(p.startswith(said) for p in summary["problems"])
+    assert any(p.startswith(absent) for p in summary["problems"])
+    assert summary["missing"] == {"left_repeater": [drive.minutes[1]], "right_repeater": [drive.minutes[1]]}
+    # and each verdict of minute 1 lists both cameras as missing, those of minute 0 none
+    verdicts = read_verdicts(out / "verdicts.jsonl")
+    assert {tuple(v.missing_cameras) for v in verdicts if v.t_start >= 60} == {("left_repeater", "right_repeater")}
+    assert {tuple(v.missing_cameras) for v in verdicts if v.t_start < 60} == {()}
+
+
+def test_run_never_publishes_an_unset_gps_fix_as_a_position(tmp_path):
+    # Given a saved event (with est_lat/est_lon) whose first minute's telemetry has no GPS
+    # fix (latitude/longitude 0, 0) and whose second minute has one
+    specs = {(0, c): ClipSpec(duration_s=2.0, gps_fix=False) for c in THREE}
+    drive = make_drive(tmp_path / "footage", cameras=THREE, minutes=2, spec=SPEC, specs=specs, layout="saved")
+    # When run
+    out = tmp_path / "out"
+    result = invoke([str(tmp_path / "footage"), "--out", str(out), "--timeout", "180"])
+    assert result.exit_code == 0, result.output
+    verdicts = read_verdicts(out / "verdicts.jsonl")
+    # Then minute 0's windows carry the event's estimate, marked so; minute 1's the fixes
+    first = [v.gps for v in verdicts if v.t_start < 60]
+    second = [v.gps for v in verdicts if v.t_start >= 60]
+    assert first and all((g.lat, g.lon, g.estimated) == (30.2226, -97.6188, True) for g in first)
+    assert second and all(abs(g.lat - 30.2226) < 0.01 and not g.estimated for g in second)
+    # and no position anywhere is 0, 0; the run names the clips without a fix
+    assert "[0.0, 0.0]" not in (out / "drives.geojson").read_text().replace("\n", "").replace(" ", "")
+    printed = " ".join(result.output.split())
+    assert f"{drive.clip(0, 'front')}: telemetry of" in printed and "has no GPS fix" in printed

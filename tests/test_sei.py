@@ -71,3 +71,17 @@ def test_telemetry_that_stops_mid_clip_leaves_later_frames_without(tmp_path: Pat
     read = read_telemetry(drive.clip(0, "front"))
     # Then exactly those frames have telemetry, by their own times
     assert sorted(read) == [round(i / 30, 6) for i in range(7)]
+
+
+def test_an_unset_or_impossible_gps_fix_is_no_position():
+    # Given telemetry with latitude/longitude unset (0, 0), out of range, and valid
+    from stages.proto.sei_pb2 import SeiMetadata
+    from stages.sei import to_telemetry
+
+    def tel(lat: float, lon: float):
+        return to_telemetry(SeiMetadata(vehicle_speed_mps=13.0, latitude_deg=lat, longitude_deg=lon))
+
+    # When mapped / Then only the valid one is a position; the speed is kept either way
+    assert (tel(0.0, 0.0).lat, tel(0.0, 0.0).lon, tel(0.0, 0.0).speed_mps) == (None, None, 13.0)
+    assert (tel(95.0, 10.0).lat, tel(30.0, 200.0).lon) == (None, None)
+    assert (tel(30.2226, -97.6188).lat, tel(30.2226, -97.6188).lon) == (30.2226, -97.6188)

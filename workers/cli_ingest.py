@@ -76,6 +76,8 @@ def register(cli: click.Group) -> None:
             sys.exit(NO_FOOTAGE_EXIT)
         for problem in found.problems:
             click.echo(f"skipped: {problem}", err=True)
+        for note in found.notes:
+            click.echo(f"note: {note}", err=True)
         if not found.drives:
             click.echo(f"error: {found.root}: no TeslaCam footage found "
                        "(expected YYYY-MM-DD_HH-MM-SS-<camera>.mp4 clips)", err=True)

@@ -47,7 +47,7 @@ def register(cli: click.Group) -> None:
     @click.argument("footage", type=click.Path())
     @redis_option
     @click.option("--out", "out_dir", default="roadstream-out", show_default=True, type=click.Path(file_okay=False),
-                  help="Output folder (verdicts.jsonl, drives.geojson, report.html).")  # fmt: skip
+                  help="Output folder (verdicts.jsonl, drives.jsonl, drives.geojson, report.html).")  # fmt: skip
     @click.option("--timeout", "timeout_s", type=float, default=None, help="Give up after this many seconds.")
     @click.pass_context
     def run(ctx: click.Context, footage: str, redis: str | None, out_dir: str, timeout_s: float | None) -> None:
@@ -81,5 +81,7 @@ def register(cli: click.Group) -> None:
             sys.exit(1)
         for problem in result.found.problems:
             console.print(f"skipped: {problem}")
+        for note in result.found.notes:
+            console.print(f"note: {note}")
         _print_result(Console(), result)
 

@@ -108,5 +108,10 @@ class Handler:
     async def revoked(self, partition: int) -> None:
         """A partition went to another worker: drop its state, ack nothing more of it."""
 
+    async def dead_lettered(self, message: Message, error: str) -> list[Output]:
+        """An input was dead-lettered for good: what to publish so that downstream stops
+        waiting for its outputs (the runtime publishes them). Nothing by default."""
+        return []
+
     async def stop(self) -> None:
         """Release models and connections."""

@@ -9,9 +9,13 @@ never waits for encoding, publishing or the next clip's start. Every output has 
 deterministic dedupe key, so a redelivered job publishes nothing twice.
 
 A ``DriveMarker`` "started" precedes a drive's frames on every camera partition and on
-the drives hop; "ended" (frame counts, missing minutes, problems) follows the last frame.
-A broken clip is a problem in the marker, not a failed job: the other cameras and minutes
-go on. Only a job outside the allowed footage roots fails (``InputError``).
+the drives hop; "ended" (frame counts, missing minutes, missed ticks, problems) follows the
+last frame. A broken clip is a problem in the marker, not a failed job: the other cameras
+and minutes go on. Every loss is a problem in words naming its file: empty, header-only,
+cut or unreadable clips, a camera of the car with no clip in a minute, ticks a camera had
+no frame for, telemetry without a GPS fix, a clip decord could not read. Only a job outside
+the allowed footage roots fails (``InputError``); a job dead-lettered for good still ends
+its drive (``dead_lettered``). Minutes are placed by their UTC starts (``minute_offsets``).
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from datetime import datetime
 from pathlib import Path
 
 from brokers.blobs import BlobStore
-from stages.decode import Sample, clip_info, open_container, sample_clip
+from stages.decode import ClipStats, Sample, clip_info, display_rotation, open_container, sample_clip
 from stages.discover import CAMERAS, STAMP_FORMAT
 from stages.frames import Encoded, encode_frame, target_size
+from stages import sei
 from stream import ids
 from stream.errors import FootageError, InputError
 from stream.names import DRIVES, FRAMES, INGEST, JOBS, frame_partition
@@ -66,7 +71,8 @@ class _Piece:
     shots: list[Future]  # of _Shot, in tick order; encoding may still be running
     utc: Future | None  # of the clip's creation time
     last: bool = False  # the camera minute ends with this piece
-    problem: str | None = None  # why the clip stopped early
+    problems: list[str] = field(default_factory=list)  # why the clip stopped early, what it lost
+    missed: int = 0  # ticks inside the clip that got no frame
 
 
 @dataclass
@@ -77,27 +83,43 @@ class DriveProgress:
     frame_counts: dict[str, int] = field(default_factory=dict)
     ticks: set[int] = field(default_factory=set)
     missing: dict[str, list[str]] = field(default_factory=dict)
+    absent: dict[str, list[str]] = field(default_factory=dict)  # camera -> minutes with no file
+    missed_ticks: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     first_utc: float | None = None
     last_utc: float | None = None
+    minutes: int = 0
 
     def lacks(self, camera: str, minute: str) -> None:
         """Note a camera minute that gave no frame."""
         self.missing.setdefault(camera, []).append(minute)
 
+    def all_problems(self) -> list[str]:
+        """The problems, then one line per camera absent from some minutes (normal, but said)."""
+        lines = list(self.problems)
+        for camera, minutes in self.absent.items():
+            lines.append(f"{camera}: no clip in {len(minutes)} of {self.minutes} minute(s) "
+                         f"({', '.join(minutes)}): the camera did not record them")  # fmt: skip
+        return lines
+
 
 def minute_offsets(job: Job) -> list[float]:
-    """Seconds from the drive's first clip to each clip, from the clip names."""
+    """Seconds from the drive's first clip to each clip: from their UTC starts (MP4
+    ``creation_time``, set by discovery) when every minute has one, else from the names
+    (the car's local clock, which a clock change would break)."""
+    if all(clip.utc is not None for clip in job.clips):
+        return [clip.utc - job.clips[0].utc for clip in job.clips]
     starts = [datetime.strptime(clip.start, STAMP_FORMAT) for clip in job.clips]
     return [(s - starts[0]).total_seconds() for s in starts]
 
 
 def estimate(event: dict[str, str] | None) -> Telemetry | None:
-    """The event's estimated position, marked as an estimate; ``None`` without one."""
+    """The event's estimated position, marked as an estimate; ``None`` without one (or at 0, 0)."""
     try:
-        return Telemetry(lat=float(event["est_lat"]), lon=float(event["est_lon"]), estimated=True)
+        lat, lon = sei.position(float(event["est_lat"]), float(event["est_lon"]))
     except (TypeError, KeyError, ValueError):
         return None
+    return Telemetry(lat=lat, lon=lon, estimated=True) if lat is not None else None
 
 
 class IngestHandler(Handler):
@@ -141,7 +163,7 @@ class IngestHandler(Handler):
         """
         self.check_roots(job)
         cameras = [c for c in CAMERAS if any(c in clip.files for clip in job.clips)]
-        progress = DriveProgress(cameras, {c: 0 for c in cameras})
+        progress = DriveProgress(cameras, {c: 0 for c in cameras}, minutes=len(job.clips))
         await self._publish_markers(job, self._marker(job, "started", progress))
         pool = _Encoders()
         try:
@@ -151,14 +173,36 @@ class IngestHandler(Handler):
                 async for piece in pieces:
                     taken += await self._take(job, piece, progress)
                     if piece.last:
+                        minute = job.clips[piece.index].start
                         if taken == 0:
-                            progress.lacks(piece.camera, job.clips[piece.index].start)
+                            progress.lacks(piece.camera, minute)
+                        if piece.camera not in job.clips[piece.index].files:
+                            progress.absent.setdefault(piece.camera, []).append(minute)
                         taken = 0
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+        for camera in [c for c in job.car_cameras if c not in cameras]:
+            # A camera of the car that recorded nothing in this drive: said, not expected.
+            progress.absent[camera] = [clip.start for clip in job.clips]
+            progress.missing[camera] = [clip.start for clip in job.clips]
         ended = self._marker(job, "ended", progress)
         await self._publish_markers(job, ended)
         return ended
+
+    async def dead_lettered(self, message: Job, error: str) -> list[Output]:
+        """A job that failed for good ends its drive on every camera partition (and the
+        drives hop) with the failure as its problem, so fuse closes the drive's windows on
+        what arrived instead of waiting out its stall guard. A job refused for its roots
+        published nothing and gets nothing."""
+        try:
+            self.check_roots(message)
+        except InputError:
+            return []
+        cameras = [c for c in CAMERAS if any(c in clip.files for clip in message.clips)]
+        progress = DriveProgress(cameras, minutes=len(message.clips))
+        progress.problems.append(f"{message.root}: ingest of this drive failed and was dead-lettered ({error}); "
+                                 "frames after the failure were not published")  # fmt: skip
+        return self._marker_outputs(message, self._marker(message, "ended", progress))
 
     def check_roots(self, job: Job) -> None:
         """Refuse a job whose footage lies outside the configured roots.
@@ -182,8 +226,9 @@ class IngestHandler(Handler):
         if shots:
             utc = await _result(piece.utc)
             await self._publish_chunk(job, piece.camera, job.clips[piece.index].start, shots, utc, progress)
-        if piece.problem is not None:
-            progress.problems.append(piece.problem)
+        progress.problems.extend(piece.problems)
+        if piece.missed:
+            progress.missed_ticks[piece.camera] = progress.missed_ticks.get(piece.camera, 0) + piece.missed
         return len(shots)
 
     def _decode_drive(self, job: Job, cameras: list[str], pool: _Encoders) -> Iterator[_Piece]:
@@ -205,22 +250,26 @@ class IngestHandler(Handler):
         tick0 = round(offset_s * ing.sample_fps)
         utc = pool.submit(_creation_utc, path)
         shots: list[Future] = []
+        stats = ClipStats()
+        problems: list[str] = []
         try:
             size = _decord_size(path, ing.long_side) if ing.decoder == "decord" else None
             samples = sample_clip(
                 path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads,
-                decoder=ing.decoder, size=size,
+                decoder=ing.decoder, size=size, stats=stats,
             )
             for sample in samples:
+                if sample.telemetry is not None and sample.telemetry.lat is None:
+                    stats.no_fix += 1
                 shots.append(pool.submit_frame(self._encode, tick0 + sample.k, sample))
                 if len(shots) >= CHUNK:
                     yield _Piece(index, camera, shots, utc)
                     shots = []
         except FootageError as exc:
             # A clip that breaks mid-way (truncated) still hands over what it had.
-            yield _Piece(index, camera, shots, utc, last=True, problem=str(exc))
-            return
-        yield _Piece(index, camera, shots, utc, last=True)
+            problems.append(str(exc))
+        yield _Piece(index, camera, shots, utc, last=True, problems=problems + clip_notes(path, stats),
+                     missed=len(stats.missed))  # fmt: skip
 
     def _encode(self, tick: int, sample: Sample) -> _Shot:
         ing = self.settings.ingest
@@ -263,12 +312,16 @@ class IngestHandler(Handler):
             drive_id=job.drive_id, event=event, cameras=progress.cameras,
             frame_counts=dict(progress.frame_counts) if event == "ended" else {},
             ticks=len(progress.ticks), missing=progress.missing if event == "ended" else {},
-            problems=progress.problems if event == "ended" else [], source=job.root,
+            missed_ticks=dict(progress.missed_ticks) if event == "ended" else {},
+            problems=progress.all_problems() if event == "ended" else [], source=job.root,
             start_utc=progress.first_utc, end_utc=progress.last_utc if event == "ended" else None,
             est_lat=position.lat if position else None, est_lon=position.lon if position else None,
         )
 
     async def _publish_markers(self, job: Job, marker: DriveMarker) -> None:
+        await self.publisher.publish(self._marker_outputs(job, marker))
+
+    def _marker_outputs(self, job: Job, marker: DriveMarker) -> list[Output]:
         # In band on each camera's partition (after its last frame for "ended"), and once
         # on the drives hop for whoever tracks drives as a whole.
         outputs = [Output(DRIVES, marker, ids.output_key(INGEST, job.drive_id, marker.event))]
@@ -276,7 +329,7 @@ class IngestHandler(Handler):
             partition = frame_partition(job.drive_id, camera, self.settings.broker.frame_partitions)
             copy = marker.copy_with(camera=camera)
             outputs.append(Output(FRAMES, copy, ids.output_key(INGEST, job.drive_id, marker.event, camera), partition))
-        await self.publisher.publish(outputs)
+        return outputs
 
 
 class _Encoders(ThreadPoolExecutor):
@@ -294,6 +347,21 @@ class _Encoders(ThreadPoolExecutor):
         return future
 
 
+def clip_notes(path: str, stats: ClipStats) -> list[str]:
+    """What a clip's sampling lost or worked around, in words, naming the file."""
+    notes = []
+    if stats.fallback:
+        notes.append(f"{path}: {stats.fallback}")
+    if stats.no_fix:
+        notes.append(f"{path}: telemetry of {stats.no_fix} sampled frame(s) has no GPS fix (latitude/longitude "
+                     "unset or impossible): no position taken from them")  # fmt: skip
+    if stats.missed:
+        at = ", ".join(f"{t:.1f}" for t in stats.missed[:5]) + (" …" if len(stats.missed) > 5 else "")
+        notes.append(f"{path}: {len(stats.missed)} tick(s) had no frame within half the local frame spacing "
+                     f"(at {at} s into the clip): a hole in the stream")  # fmt: skip
+    return notes
+
+
 def _creation_utc(path: str) -> float | None:
     # The MP4 creation_time is GPS-based UTC; read once per clip, header only.
     try:
@@ -309,9 +377,12 @@ async def _result(future: Future):
 
 
 def _decord_size(path: str, long_side: int) -> tuple[int, int] | None:
+    # decord applies the display rotation: the size asked of it is the size shown.
     with open_container(Path(path)) as container:
         info = clip_info(container)
-    return target_size(info.width, info.height, long_side)
+        sideways = display_rotation(container) % 180 != 0
+    width, height = target_size(info.width, info.height, long_side)
+    return (height, width) if sideways else (width, height)
 
 
 async def _in_thread(make: callable, ahead: int) -> AsyncIterator:

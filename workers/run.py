@@ -11,7 +11,7 @@
    its ``DriveSummary`` arrived, or ingest's drive-ended marker says it has no frames at
    all, or its job was dead-lettered.
 4. Collect verdicts and summaries, fetch the key frames of roadwork windows, and write
-   ``verdicts.jsonl``, ``drives.geojson`` and ``report.html``.
+   ``verdicts.jsonl``, ``drives.jsonl`` (drive summaries), ``drives.geojson`` and ``report.html``.
 """
 
 from __future__ import annotations
@@ -304,7 +304,8 @@ async def _write(out_dir: str | Path, result: RunResult, blobs: BlobStore, setti
     keys = thumbnail_keys(result.verdicts)
     images = {k: b for k, b in zip(keys, await blobs.get_many(keys), strict=True) if b}
     summaries = [s.summary for s in result.drives.values() if s.summary is not None]
-    return write_report(out_dir, result.verdicts, summaries, images, threshold=settings.fuse.threshold)
+    footage = [*result.found.problems, *result.found.notes]
+    return write_report(out_dir, result.verdicts, summaries, images, threshold=settings.fuse.threshold, footage=footage)
 
 
 def run_footage(

@@ -478,6 +478,16 @@ class Worker:
         self.counts["dead"] += 1
         context = context or self._context(entry)
         log.warning("worker %s: dead-lettered %s %s: %s", self.consumer, entry.stream, entry.id, error, extra=context)
+        await self._after_dead_letter(entry, error)
+
+    async def _after_dead_letter(self, entry: Entry, error: str) -> None:
+        # Let the stage tell downstream not to wait for what this entry would have given
+        # (ingest ends the drive), so nobody waits on a timeout for it.
+        try:
+            message = codec.decode(entry.data, self.handler.accepts or None)
+        except DecodeError:
+            return
+        await self.publish(await self.handler.dead_lettered(message, error))
 
     async def publish(self, outputs: Sequence[Output]) -> None:
         """Encode and publish outputs in one round trip (idempotent by dedupe key)."""
