@@ -42,6 +42,7 @@ def main() -> None:
                 "file": item.path.name, "source": item.source, "label": item.label,
                 "scorer": verdict.scorer_probability, "combined": verdict.roadwork_probability,
                 "detector": 1.0 if verdict.objects else 0.0, "det_max": verdict.det_max,
+                "det_count": len(verdict.objects), "objects": [t for t, _, _ in verdict.objects],
             })
     result = {"models": vars(opts), "scorer": by_source(rows, "scorer")}
     if opts.detector:

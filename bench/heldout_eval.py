@@ -57,6 +57,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", default="320x180", help="camera resolution WxH")
     parser.add_argument("--shipped", default=str(ROOT / "stages" / "models" / "scorer.pt"))
     parser.add_argument("--timeout", type=float, default=900.0, help="per roadstream run")
+    parser.add_argument(
+        "--shipped-only", action="store_true",
+        help="no fold scorers: run only the --shipped scorer on the fold drives (a wiring check, not held out)",
+    )
     # On a busy CPU a camera's frames can reach fuse after the default 30 s watermark
     # timeout closed the window; a longer one keeps every camera in every verdict.
     parser.add_argument("--watermark-timeout", type=float, default=300.0, help="fuse.watermark_timeout_s")
@@ -207,29 +211,33 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     clips = read_manifest(args.footage)
     figures: dict = {"folds": [], "settings": vars(args)}
-    parts: dict[str, list[tuple[Path, Path]]] = {"heldout": [], "shipped": []}
+    models = ("shipped",) if args.shipped_only else ("heldout", "shipped")
+    parts: dict[str, list[tuple[Path, Path]]] = {model: [] for model in models}
     for i, held_out in enumerate(make_folds(clips, args.folds, args.seed), start=1):
         names = {c.name for c in held_out}
-        weights = train_fold(args, i, [c for c in clips if c.name not in names], work / f"fold{i}")
+        scorers = {"shipped": Path(args.shipped)}
+        if not args.shipped_only:
+            scorers["heldout"] = train_fold(args, i, [c for c in clips if c.name not in names], work / f"fold{i}")
         root, folder_labels = make_drives(args, i, held_out, work)
         labels = work / f"fold{i}_labels.csv"
         write_labels(folder_labels, labels)
         fold = {"fold": i, "held_out": sorted(names)}
-        for model, scorer in (("heldout", weights), ("shipped", Path(args.shipped))):
+        for model in models:
+            scorer = scorers[model]
             out = work / "out" / f"fold{i}_{model}"
             fold[model] = run_and_eval(args, root, scorer, labels, out)
             parts[model].append((labels, out / "verdicts.jsonl"))
         figures["folds"].append(fold)
     figures["pooled"] = {model: pool(work, p, model) for model, p in parts.items()}
     (work / "heldout_figures.json").write_text(json.dumps(figures, indent=2) + "\n")
-    print_table(figures)
+    print_table(figures, models)
 
 
-def print_table(figures: dict) -> None:
+def print_table(figures: dict, models: tuple[str, ...]) -> None:
     print("set | scorer | level | n | MCC | accuracy | confusion (tp fp tn fn)")
     rows = [(f"fold {f['fold']}", f) for f in figures["folds"]] + [("pooled", figures["pooled"])]
     for name, entry in rows:
-        for model in ("heldout", "shipped"):
+        for model in models:
             for level in ("drive", "window"):
                 m = entry[model][level]
                 confusion = " ".join(str(m.get(k)) for k in ("tp", "fp", "tn", "fn"))

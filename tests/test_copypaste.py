@@ -132,3 +132,33 @@ def test_items_round_trip_through_the_tsv(tmp_path):
     write_items(tmp_path / "items.tsv", [item], relative_to=tmp_path)
     (back,) = read_pack(tmp_path)
     assert back == item
+
+
+def test_train_pack_keeps_every_frames_source_and_label(tmp_path):
+    # Given a shared folder with labelled frames of two sources
+    import click
+    from click.testing import CliRunner
+
+    from workers.cli_models import register
+
+    cli = click.Group()
+    register(cli)
+
+    frames = tmp_path / "shared" / "labelled" / "frames"
+    rows = ["file\tlabel\tsource_repo\tpath"]
+    for i, (label, source) in enumerate([(0, "a/cams"), (1, "b/phone"), (0, "b/phone")]):
+        path = frames / "images" / f"f{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), np.full((600, 900, 3), 40 * i, np.uint8))
+        rows.append(f"images/f{i}.jpg\t{label}\t{source}\torig{i}.png")
+    (frames / "MANIFEST.tsv").write_text("\n".join(rows) + "\n")
+    # When packed with a 300 px long side
+    out = tmp_path / "pack"
+    result = CliRunner().invoke(cli, ["train", "pack", "--shared", str(tmp_path / "shared"), "--out", str(out),
+                                      "--long-side", "300"])
+    # Then every frame is there, shrunk, with its label and source
+    assert result.exit_code == 0, result.output
+    items = read_pack(out)
+    assert [(i.label, i.source, i.origin) for i in items] == [(0, "a/cams", "frames"), (1, "b/phone", "frames"),
+                                                               (0, "b/phone", "frames")]
+    assert all(max(cv2.imread(str(i.path)).shape[:2]) == 300 for i in items)

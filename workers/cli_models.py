@@ -46,8 +46,17 @@ def train() -> None:
 @click.option("--sample-fps", default=2.0, show_default=True, help="frames sampled per second of clip")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--workers", default=0, show_default=True, help="data loader processes")
+@click.option(
+    "--arch",
+    default="efficientnet-lite0",
+    show_default=True,
+    type=click.Choice(["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]),
+)
 def train_scorer(**options) -> None:
-    """Fine-tune the roadwork frame scorer (EfficientNet-Lite0) on footage clips."""
+    """Fine-tune the roadwork frame scorer (EfficientNet-Lite) on footage clips only.
+
+    `roadstream train heldout` trains on every labelled source instead, held out by source.
+    """
     from stages.train import scorer
 
     settings = scorer.ScorerTrainSettings(**options)
@@ -85,6 +94,48 @@ def train_detector(cones, out, settings_file, **overrides) -> None:
     except RoadstreamError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(metadata["test"]))
+
+
+@train.command("pack")
+@click.option("--shared", default="../shared", show_default=True, help="folder with footage/ and labelled/")
+@click.option("--out", default=".devdata/pack", show_default=True, help="the pack folder")
+@click.option("--long-side", default=416, show_default=True, help="images larger than this are shrunk (pixels)")
+@click.option("--quality", default=80, show_default=True, help="JPEG quality of the copies")
+@click.option("--fps", default=2.0, show_default=True, help="frames sampled per second of footage")
+def train_pack(shared, out, long_side, quality, fps) -> None:
+    """Gather every labelled source into one pack, each item with its source (for held-out training)."""
+    from stages.train.sources import build_pack
+
+    try:
+        items = build_pack(shared, out, long_side=long_side, quality=quality, fps=fps, log=_console_log())
+    except RoadstreamError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{len(items)} items from {len({i.source for i in items})} sources in {out}")
+
+
+@train.command("heldout")
+@click.option("--pack", default=".devdata/pack", show_default=True, help="a pack from `roadstream train pack`")
+@click.option("--out", default=".devdata/heldout", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--folds", default=3, show_default=True, help="source folds")
+@click.option("--archs", default="efficientnet-lite0", show_default=True, help="comma-separated Lite sizes")
+@click.option("--epochs", default=8, show_default=True, help="scorer epochs")
+@click.option("--synthetic", default=1500, show_default=True, help="copy-paste frames to make")
+@click.option("--det-epochs", default=40, show_default=True)
+@click.option("--det-imgsz", default=416, show_default=True)
+@click.option("--detector", default="", help="fixed detector weights instead of training fold detectors")
+@click.option("--workers", default=0, show_default=True, help="data loader processes")
+def train_heldout(archs, **options) -> None:
+    """Train scorer, detector and the combined rule with sources held out whole (slow on a CPU)."""
+    from stages.train.heldout import HeldoutSettings, run
+
+    settings = HeldoutSettings(archs=archs.split(","), det_workers=options["workers"], **options)
+    try:
+        result = run(settings, log=_console_log())
+    except RoadstreamError as exc:
+        raise click.ClickException(str(exc)) from exc
+    pooled = {k: {m: v["pooled"][m] for m in ("mcc", "roc_auc")} for k, v in result["figures"].items()}
+    click.echo(json.dumps({"out": settings.out, "pooled": pooled}, indent=2))
 
 
 @click.command()

@@ -75,6 +75,9 @@ class HeldoutSettings:
     max_per_source: int = 0
     #: Skip stages: any of ``scorer``, ``detector``.
     skip: list[str] = field(default_factory=list)
+    #: Detector weights trained on none of the scene sources, used instead of training
+    #: fold detectors (e.g. the cone detector, trained on cone photos only).
+    detector: str = ""
 
 
 # --------------------------------------------------------------------------- data
@@ -294,18 +297,24 @@ def run(settings: HeldoutSettings, log: Log = print) -> dict:
     scenes = scene_items(items)
     folds = [set(f) for f in source_folds(scenes, settings.folds, settings.seed)]
     log(f"folds: {[sorted(f) for f in folds]}")
-    detectors = [] if "detector" in settings.skip else _start_detectors(settings, len(folds))
+    train_detectors = "detector" not in settings.skip and not settings.detector
+    detectors = _start_detectors(settings, len(folds)) if train_detectors else []
     rows = [{"file": str(i.path.name), "source": i.source, "label": i.label, "fold": _fold_of(i, folds)} for i in scenes]
     timings: dict[str, float] = {}
     best_arch = settings.archs[0]
     if "scorer" not in settings.skip:
         best_arch = _scorer_cv(items, synthetic, scenes, folds, rows, settings, timings, log)
     det_figures = {}
-    with_detector = "detector" not in settings.skip
-    if with_detector:
+    with_detector = train_detectors or bool(settings.detector)
+    if train_detectors:
         det_figures = _collect_detectors(detectors, scenes, folds, rows, settings, timings, log)
+    elif settings.detector:
+        # Trained on none of the scene sources: its outputs are held out for every fold.
+        for row, det in zip(rows, detector_outputs(Path(settings.detector), scenes, settings.device, settings.det_imgsz)):
+            row.update(det)
+        det_figures = {"fixed": settings.detector}
     rule, nested = _fit_rule(rows, folds, "scorer" not in settings.skip and with_detector)
-    if "scorer" not in settings.skip:
+    if "scorer" not in settings.skip and not (out / "scorer.pt").is_file():
         t = time.time()
         model = train_scorer([*items, *_scorer_share(synthetic, settings)], best_arch, settings, log, " final")
         timings["scorer_final_s"] = time.time() - t
@@ -317,7 +326,10 @@ def run(settings: HeldoutSettings, log: Log = print) -> dict:
             "rule": "P(roadwork) = sigmoid(bias + scorer_logit*c1 + det_max*c2 + det_count*c3)",
             "features": {"scorer_logit": "log(p/(1-p)) of the scorer", "det_max": "strongest box, any class",
                          "det_count": f"log(1 + boxes with confidence >= {BOX_CONF})"},
-            "coefficients": rule, "fitted_on": "held-out predictions of every source fold, classes balanced",
+            "coefficients": rule["coefficients"], "chosen": rule["name"], "features_used": rule["features"],
+            "heldout_mcc_by_rule": rule["heldout_mcc"],
+            "fitted_on": "held-out predictions of every source fold, classes balanced; the rule with the"
+                         " better held-out MCC of RULE_SETS (chosen on those same figures)",
         }, indent=2) + "\n")
     result = {
         "settings": asdict(settings), "folds": [sorted(f) for f in folds], "best_arch": best_arch,
@@ -326,8 +338,23 @@ def run(settings: HeldoutSettings, log: Log = print) -> dict:
         "rows": rows,
     }
     (out / "heldout_figures.json").write_text(json.dumps(result, indent=2) + "\n")
+    _add_validation(out / "scorer.json", result)
     log(f"held-out run done in {time.time() - started:.0f} s")
     return result
+
+
+def _add_validation(meta_path: Path, result: dict) -> None:
+    # The scorer's metadata carries its held-out figures, as the footage-only trainer's did.
+    if not meta_path.is_file() or "scorer" not in result["figures"]:
+        return
+    meta = json.loads(meta_path.read_text())
+    meta["validation"] = {
+        "method": f"source-grouped {len(result['folds'])}-fold: each frame scored by a model that never saw"
+                  " its source; frame level, real frames only, threshold 0.5",
+        "folds": result["folds"],
+        "by_source": result["figures"]["scorer"],
+    }
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _scorer_share(synthetic: Sequence[Item], settings: HeldoutSettings) -> Sequence[Item]:
@@ -455,33 +482,56 @@ def _write_detector(best: Path, settings: HeldoutSettings, out: Path, log: Log) 
     return meta
 
 
-def _fit_rule(rows, folds, both: bool) -> tuple[dict[str, float], bool]:
-    """Fit the combined rule; each source's ``combined`` comes from a rule fitted on the
-    other sources' rows only (their scores come from models that never saw them either).
+#: The rules compared: every feature, and the detector's alone.
+RULE_SETS: dict[str, tuple[str, ...]] = {
+    "combined": RULE_FEATURES,
+    "combined_detector_only": ("det_max", "det_count"),
+}
+
+
+def _fit_rule(rows, folds, both: bool) -> tuple[dict, bool]:
+    """Fit each rule of ``RULE_SETS``; each source's prediction comes from a rule fitted on
+    the other sources' rows only (their scores come from models that never saw them either).
 
     Classes are balanced in the fit: the share of roadwork differs wildly between
     sources (one holds most real positives), and a rule that learnt the training share
-    calls nothing roadwork on a source with more of it.
-    """
-    from stages.calibration import fit_coefficients
+    calls nothing roadwork on a source with more of it. The rule shipped is the one with
+    the better pooled held-out MCC; the choice among ``RULE_SETS`` is itself made on
+    these figures (say so where they are quoted).
 
+    Returns:
+        ``({"name": …, "coefficients": {bias and every RULE_FEATURES, 0 where unused}}, fitted)``.
+    """
     if not both:
         return {}, False
     feats = [rule_features(r["scorer"], r["det_max"], r["det_count"]) for r in rows]
     labels = [r["label"] for r in rows]
+    fitted = {name: _fit_one(rows, feats, labels, name, names) for name, names in RULE_SETS.items()}
+    pooled = {name: figures([r["label"] for r in rows if r[name] is not None],
+                            [r[name] for r in rows if r[name] is not None])["mcc"] or 0.0 for name in RULE_SETS}
+    best = max(pooled, key=pooled.get)
+    coefficients = {k: 0.0 for k in ("bias", *RULE_FEATURES)} | fitted[best]
+    return {"name": best, "features": list(RULE_SETS[best]), "coefficients": coefficients,
+            "heldout_mcc": pooled}, True
+
+
+def _fit_one(rows, feats, labels, key: str, names: tuple[str, ...]) -> dict[str, float]:
+    from stages.calibration import fit_coefficients
+
+    chosen = [{k: f[k] for k in names} for f in feats]
     for source in {r["source"] for r in rows}:
         train = [k for k, r in enumerate(rows) if r["source"] != source]
         if len({labels[k] for k in train}) < 2:
             # The other sources hold one class only: no held-out rule for this source.
             for r in rows:
                 if r["source"] == source:
-                    r["combined"] = None
+                    r[key] = None
             continue
-        coef = fit_coefficients([feats[k] for k in train], [labels[k] for k in train], RULE_FEATURES, balanced=True)
+        coef = fit_coefficients([chosen[k] for k in train], [labels[k] for k in train], names, balanced=True)
         for k, r in enumerate(rows):
             if r["source"] == source:
-                r["combined"] = apply_rule(feats[k], coef)
-    return fit_coefficients(feats, labels, RULE_FEATURES, balanced=True), True
+                r[key] = apply_rule(chosen[k], coef)
+    return fit_coefficients(chosen, labels, names, balanced=True)
 
 
 def _all_figures(rows, nested: bool) -> dict:
@@ -495,7 +545,8 @@ def _all_figures(rows, nested: bool) -> dict:
         result["detector_any_box"] = by_source(rows, "detector")
         result["detector_det_max_auc"] = by_source(rows, "det_max", threshold=BOX_CONF)
     if nested:
-        result["combined"] = by_source(rows, "combined")
+        for name in RULE_SETS:
+            result[name] = by_source(rows, name)
     return result
 
 
