@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--baseline", default="")
     opts = parser.parse_args()
     figures = json.load(open(opts.figures))["figures"]
-    keys = [k for k in ("scorer", "detector_det_max_auc", "combined") if k in figures]
+    keys = [k for k in ("scorer", "detector_det_max_auc", "combined", "combined_detector_only") if k in figures]
     base = json.load(open(opts.baseline)) if opts.baseline else {}
     base_keys = [k for k in ("scorer", "detector_det_max_auc") if k in base]
     head = ["source", *keys, *[f"before: {k}" for k in base_keys]]

@@ -31,7 +31,7 @@ BOX_CONF = 0.25
 #: The detector is asked for boxes down to this confidence: ``det_max`` needs the weak ones.
 MIN_CONF = 0.01
 DEFAULT_RULE = Path(__file__).parent / "models" / "classify.json"
-DEFAULT_DETECTOR = Path(__file__).parent / "models" / "roadwork_yolo11n.pt"
+DEFAULT_DETECTOR = Path(__file__).parent / "models" / "cones_yolo11n.pt"
 
 
 def rule_features(scorer_prob: float, det_max: float, det_count: int) -> dict[str, float]:

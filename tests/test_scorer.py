@@ -165,3 +165,57 @@ def test_shipped_weights_tell_a_roadwork_frame_from_a_clear_one():
     # Then the roadwork frame is above 0.5 and the clear one below
     assert p_roadwork > 0.5
     assert p_clear < 0.5
+
+
+def test_classify_json_keeps_its_fields_and_adds_the_objects_and_the_scorers_own_probability(weights, tmp_path):
+    # Given two images, the scorer above, the shipped cone detector and a rule file
+    import click
+    from PIL import Image
+
+    from stages.classify import DEFAULT_DETECTOR, apply_rule, rule_features
+    from workers.cli_models import register
+
+    pytest.importorskip("ultralytics")
+    paths = []
+    for i, frame in enumerate(_frames(2)):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(frame.permute(1, 2, 0).numpy()).save(paths[-1])
+    coefficients = {"bias": -0.5, "scorer_logit": 0.7, "det_max": 1.3, "det_count": 1.1}
+    rule = tmp_path / "rule.json"
+    rule.write_text(json.dumps({"coefficients": coefficients}))
+    cli = click.Group()
+    register(cli)
+    # When classify runs with --json
+    args = ["classify", "--weights", str(weights), "--detector", str(DEFAULT_DETECTOR), "--rule", str(rule), "--json"]
+    result = CliRunner().invoke(cli, [*args, *map(str, paths)])
+    # Then each row keeps image / roadwork_probability / roadwork and adds the objects and
+    # the scorer's own probability; the probability is the rule over both models
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["image"] for r in rows] == [str(p) for p in paths]
+    for row in rows:
+        assert {"image", "roadwork_probability", "roadwork", "scorer_probability", "objects"} <= set(row)
+        assert row["roadwork"] == (row["roadwork_probability"] > 0.5)
+        assert all({"type", "confidence", "box"} <= set(o) and o["confidence"] >= 0.25 for o in row["objects"])
+        # Noise has no cone: with no box, the rule sees det_max (weak boxes only) and no count.
+        if not row["objects"]:
+            lowest = apply_rule(rule_features(row["scorer_probability"], 0.0, 0), coefficients)
+            highest = apply_rule(rule_features(row["scorer_probability"], 0.25, 0), coefficients)
+            assert lowest - 1e-5 <= row["roadwork_probability"] <= highest + 1e-5
+
+
+@pytest.mark.skipif(not FOOTAGE.is_dir(), reason="shared footage not present")
+def test_shipped_classify_finds_the_cones_of_a_work_zone_and_none_on_a_plain_highway(tmp_path):
+    # Given a frame full of cones and crews (Phoenix at 6 s) and a plain highway (muchlisin at 6 s)
+    pytest.importorskip("ultralytics")
+    from stages.classify import DEFAULT_DETECTOR, DEFAULT_RULE, FrameClassifier
+    from stages.scorer import read_image
+
+    classifier = FrameClassifier.load(DEFAULT_WEIGHTS, DEFAULT_DETECTOR, DEFAULT_RULE)
+    roadwork = read_image(_frame_at(FOOTAGE / "roadwork" / "mi3_workzone_phoenix.mp4", 6.0))
+    clear = read_image(_frame_at(FOOTAGE / "clear" / "muchlisin_driving.mp4", 6.0))
+    # When both are classified with the shipped models and rule
+    work, plain = classifier.classify([roadwork, clear])
+    # Then the work zone is roadwork with cones found, the highway is not
+    assert work.roadwork_probability > 0.5 and any(t == "cone" for t, _, _ in work.objects)
+    assert plain.roadwork_probability < 0.5 and not plain.objects

@@ -144,7 +144,7 @@ def train_heldout(archs, **options) -> None:
 @click.option(
     "--detector",
     default=None,
-    help="detector weights [default: the shipped stages/models/roadwork_yolo11n.pt]; '' for none",
+    help="detector weights [default: the shipped stages/models/cones_yolo11n.pt]; '' for none",
 )
 @click.option("--rule", default=None, help="combination rule [default: the shipped stages/models/classify.json]")
 @click.option("--device", default="cpu", show_default=True)
