@@ -12,12 +12,18 @@ built by ``stages.train.sources.build_pack``:
 3. **Scorer** per EfficientNet-Lite size and fold, then the best size (pooled held-out MCC,
    then AUC) retrained on everything.
 4. **Detector** (YOLO11n, the 11 roadwork classes) per fold and on everything, as parallel
-   processes; per-class mAP50 of the final one on held-out splits (the cone test split, the
-   barricade val split, synthesised frames of a held-out seed).
-5. **The combined rule**: a logistic model over the scorer's logit and the detector's
-   strongest box and box count (``stages.classify.RULE_FEATURES``), class-balanced, fitted
-   for each source on the held-out predictions of the *other* sources (nested), so its
-   per-source figures are held out too; the shipped rule is fitted on all of them.
+   processes; per-class mAP50 of the final one on the validation split (the boxed sets' val
+   splits and one synthesised frame in ten) and the boxed sets' test split (the cone test
+   split). Or, with ``--detector``, one fixed detector trained on none of the scene sources
+   (the cone detector) for every fold.
+5. **The combined rule**: a class-balanced logistic model over the scorer's logit and the
+   detector's strongest box and box count (``stages.classify.RULE_FEATURES``), and one over
+   the detector's two features alone (``RULE_SETS``); each fitted for each source on the
+   held-out predictions of the *other* sources (nested), so its per-source figures are held
+   out too. The one with the better pooled held-out MCC is fitted on all and shipped.
+
+A rerun with the same ``--out`` reuses what is there: the copy-paste set, each size's
+scorer predictions, trained fold detectors and the final scorer.
 
 Writes ``scorer.pt``/``.json``, ``roadwork_yolo11n.pt``/``.json``, ``classify.json`` (the
 rule) and ``heldout_figures.json`` (every figure, per source, per fold, per item) to
@@ -313,7 +319,7 @@ def run(settings: HeldoutSettings, log: Log = print) -> dict:
         for row, det in zip(rows, detector_outputs(Path(settings.detector), scenes, settings.device, settings.det_imgsz)):
             row.update(det)
         det_figures = {"fixed": settings.detector}
-    rule, nested = _fit_rule(rows, folds, "scorer" not in settings.skip and with_detector)
+    rule, nested = _fit_rule(rows, "scorer" not in settings.skip and with_detector)
     if "scorer" not in settings.skip and not (out / "scorer.pt").is_file():
         t = time.time()
         model = train_scorer([*items, *_scorer_share(synthetic, settings)], best_arch, settings, log, " final")
@@ -489,7 +495,7 @@ RULE_SETS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _fit_rule(rows, folds, both: bool) -> tuple[dict, bool]:
+def _fit_rule(rows, both: bool) -> tuple[dict, bool]:
     """Fit each rule of ``RULE_SETS``; each source's prediction comes from a rule fitted on
     the other sources' rows only (their scores come from models that never saw them either).
 
