@@ -2,8 +2,11 @@
 
 ``broker`` and ``blobs`` are parametrised over the in-memory and the Redis
 implementations, so one conformance suite holds both to the same behaviour. Redis tests
-use the database of ``ROADSTREAM_TEST_REDIS_URL`` and flush it (never FLUSHALL) before and
-after each test. Without a server they are skipped, except in CI, where they fail.
+use a private ``redis-server`` that the test session starts on a free loopback port (never
+the one on 127.0.0.1:6379, which may hold somebody's data), or the database that
+``ROADSTREAM_TEST_REDIS_URL`` names; that database is flushed (never FLUSHALL) before and
+after each test. Without ``redis-server`` and without the variable they are skipped,
+except in CI, where they fail.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from brokers.redis import RedisBlobStore, RedisBroker
 from stream.settings import BrokerSettings
 
 REDIS_URL_ENV = "ROADSTREAM_TEST_REDIS_URL"
-DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/9"
 #: Namespace of the keys tests write.
 TEST_NAMESPACE = "rstest"
 
@@ -40,15 +42,27 @@ def _redis_answers(url: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def redis_server_url() -> str:
-    """The test Redis URL once the server answers (skip without one; fail in CI)."""
-    url = os.environ.get(REDIS_URL_ENV, DEFAULT_TEST_REDIS_URL)
-    if not _redis_answers(url):
-        message = f"no Redis server answers at {url} (set {REDIS_URL_ENV})"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return url
+def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The test Redis URL: ``ROADSTREAM_TEST_REDIS_URL``, else a private server started for
+    the session (skip when neither answers; fail in CI)."""
+    url = os.environ.get(REDIS_URL_ENV)
+    if url:
+        if not _redis_answers(url):
+            _no_redis(f"no Redis server answers at {url} ({REDIS_URL_ENV})")
+        yield url
+        return
+    from redis_servers import REDIS_SERVER, RedisServers
+
+    if REDIS_SERVER is None:
+        _no_redis(f"redis-server is not installed (install it, or set {REDIS_URL_ENV})")
+    with RedisServers(tmp_path_factory.mktemp("redis")) as servers:
+        yield servers.start().url(db=9)
+
+
+def _no_redis(message: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 @pytest.fixture
