@@ -74,6 +74,10 @@ class Job(Message):
     clips: list[ClipRef]
     event: dict[str, str] | None = None
     submitted_utc: float | None = None
+    #: The cameras this job decodes; empty: all of the drive's. A drive split into
+    #: per-camera jobs (``stages.jobs.split_job``) keeps every clip in each job, so each
+    #: knows the whole drive; the last job to finish publishes the drive's "ended" markers.
+    cameras: list[str] = Field(default_factory=list)
 
 
 class FrameRef(Message):

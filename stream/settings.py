@@ -73,6 +73,10 @@ class IngestSettings(BaseModel):
     encoding: str = "jpeg"  # jpeg | raw
     jpeg_quality: int = 85
     decoder_threads: int = 0  # 0: the decoder's own choice
+    #: ``camera``: one ingest job per (drive, camera), so several ingest processes share a
+    #: drive (each partition still gets its frames in order; the drive ends when all its
+    #: jobs did). ``drive``: one job per drive.
+    split: Literal["camera", "drive"] = "camera"
     roots: list[str] = Field(default_factory=list)  # footage paths must lie under these
 
 
@@ -83,7 +87,10 @@ class DetectSettings(BaseModel):
     #: ``roadstream run`` uses the shipped ``stages/models/cones_yolo11n.pt`` when this is
     #: not set; a bare worker keeps this default (random weights: tests, benchmarks).
     model: str = "yolo11n.yaml"
-    device: str = "cpu"
+    #: ``auto``: the first GPU when torch sees one, else the CPU (as ultralytics does);
+    #: or a torch device (``cpu``, ``cuda:1``). ``roadstream run`` gives each of several
+    #: detect processes a GPU of its own.
+    device: str = "auto"
     imgsz: int = 640
     #: Pad each batch to the smallest stride-multiple rectangle instead of imgsz × imgsz.
     rect: bool = True

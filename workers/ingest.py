@@ -28,14 +28,16 @@ from pathlib import Path
 
 from brokers.blobs import BlobStore
 from stages.decode import Sample, clip_info, open_container, sample_clip
-from stages.discover import CAMERAS, STAMP_FORMAT
+from stages.discover import STAMP_FORMAT
 from stages.frames import Encoded, encode_frame, target_size
+from stages.jobs import drive_cameras, job_cameras
 from stream import ids
 from stream.errors import FootageError, InputError
 from stream.names import DRIVES, FRAMES, INGEST, JOBS, frame_partition
 from stream.schemas import DriveMarker, FrameRef, Job, Telemetry
 from stream.settings import Settings
 from workers.handler import BatchResult, Delivery, Handler, Output
+from workers.ingest_parts import RECORD_TTL_MS, CameraRecord, merge, record_key
 
 #: Frames per blob write and publish round trip.
 CHUNK = 32
@@ -80,6 +82,11 @@ class DriveProgress:
     problems: list[str] = field(default_factory=list)
     first_utc: float | None = None
     last_utc: float | None = None
+    # Where problems and the first/last UTC came from, (minute index, camera): what a
+    # drive split into per-camera jobs needs to merge its markers (``workers.ingest_parts``).
+    problem_at: list[tuple[int, str]] = field(default_factory=list)
+    first_at: tuple[int, str] | None = None
+    last_at: tuple[int, str] | None = None
 
     def lacks(self, camera: str, minute: str) -> None:
         """Note a camera minute that gave no frame."""
@@ -140,13 +147,14 @@ class IngestHandler(Handler):
             InputError: a clip lies outside ``settings.ingest.roots``.
         """
         self.check_roots(job)
-        cameras = [c for c in CAMERAS if any(c in clip.files for clip in job.clips)]
+        cameras = drive_cameras(job)
+        mine = job_cameras(job)  # all of them unless the drive was split into parts
         progress = DriveProgress(cameras, {c: 0 for c in cameras})
-        await self._publish_markers(job, self._marker(job, "started", progress))
+        await self._publish_markers(job, self._marker(job, "started", progress), mine)
         pool = _Encoders()
         try:
             taken = 0  # frames of the current camera minute
-            pieces = _in_thread(lambda: self._decode_drive(job, cameras, pool), AHEAD)
+            pieces = _in_thread(lambda: self._decode_drive(job, mine, pool), AHEAD)
             async with contextlib.aclosing(pieces):  # a failure stops the decoding thread at once
                 async for piece in pieces:
                     taken += await self._take(job, piece, progress)
@@ -156,7 +164,34 @@ class IngestHandler(Handler):
                         taken = 0
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+        if job.cameras:
+            return await self._finish_part(job, mine, progress)
         ended = self._marker(job, "ended", progress)
+        await self._publish_markers(job, ended)
+        return ended
+
+    async def _finish_part(self, job: Job, mine: list[str], progress: DriveProgress) -> DriveMarker | None:
+        """Store this part's camera records; the part that completes the drive ends it.
+
+        Returns:
+            The "ended" marker when this part published it, else ``None``.
+        """
+        ns = self.settings.namespace
+        for camera in mine:
+            record = _camera_record(progress, camera)
+            await self.publisher.put_value(record_key(ns, job.drive_id, camera), record.encode(), RECORD_TTL_MS)
+        records = {}
+        for camera in progress.cameras:
+            data = await self.publisher.get_value(record_key(ns, job.drive_id, camera))
+            if data is None:
+                return None  # another part is still running: it will end the drive
+            records[camera] = CameraRecord.decode(data)
+        merged = merge(progress.cameras, records)
+        whole = DriveProgress(
+            progress.cameras, merged.frame_counts, merged.ticks, merged.missing, merged.problems,
+            merged.first_utc, merged.last_utc,
+        )
+        ended = self._marker(job, "ended", whole)
         await self._publish_markers(job, ended)
         return ended
 
@@ -182,8 +217,13 @@ class IngestHandler(Handler):
         if shots:
             utc = await _result(piece.utc)
             await self._publish_chunk(job, piece.camera, job.clips[piece.index].start, shots, utc, progress)
+            if utc is not None:  # its frames have a UTC: the last one is the drive's last so far
+                progress.last_at = (piece.index, piece.camera)
         if piece.problem is not None:
             progress.problems.append(piece.problem)
+            progress.problem_at.append((piece.index, piece.camera))
+        if progress.first_utc is not None and progress.first_at is None:
+            progress.first_at = (piece.index, piece.camera)
         return len(shots)
 
     def _decode_drive(self, job: Job, cameras: list[str], pool: _Encoders) -> Iterator[_Piece]:
@@ -268,11 +308,12 @@ class IngestHandler(Handler):
             est_lat=position.lat if position else None, est_lon=position.lon if position else None,
         )
 
-    async def _publish_markers(self, job: Job, marker: DriveMarker) -> None:
+    async def _publish_markers(self, job: Job, marker: DriveMarker, cameras: list[str] | None = None) -> None:
         # In band on each camera's partition (after its last frame for "ended"), and once
-        # on the drives hop for whoever tracks drives as a whole.
+        # on the drives hop for whoever tracks drives as a whole. A part of a split drive
+        # starts only its own cameras' partitions (the drives hop copy is deduplicated).
         outputs = [Output(DRIVES, marker, ids.output_key(INGEST, job.drive_id, marker.event))]
-        for camera in marker.cameras:
+        for camera in marker.cameras if cameras is None else cameras:
             partition = frame_partition(job.drive_id, camera, self.settings.broker.frame_partitions)
             copy = marker.copy_with(camera=camera)
             outputs.append(Output(FRAMES, copy, ids.output_key(INGEST, job.drive_id, marker.event, camera), partition))
@@ -292,6 +333,18 @@ class _Encoders(ThreadPoolExecutor):
         future = self.submit(encode, *args)
         future.add_done_callback(lambda _: self._room.release())
         return future
+
+
+def _camera_record(progress: DriveProgress, camera: str) -> CameraRecord:
+    """One camera's share of a part's progress (a part may decode several cameras)."""
+    problems = [(i, p) for (i, c), p in zip(progress.problem_at, progress.problems, strict=True) if c == camera]
+    first = progress.first_at if progress.first_at and progress.first_at[1] == camera else None
+    last = progress.last_at if progress.last_at and progress.last_at[1] == camera else None
+    return CameraRecord(
+        frames=progress.frame_counts.get(camera, 0), ticks=sorted(progress.ticks),
+        missing=list(progress.missing.get(camera, [])), problems=problems,
+        first=(first[0], progress.first_utc) if first else None, last=(last[0], progress.last_utc) if last else None,
+    )
 
 
 def _creation_utc(path: str) -> float | None:
