@@ -67,12 +67,22 @@ class WorkerSettings(BaseModel):
 class IngestSettings(BaseModel):
     """Decoding, sampling and publishing of footage."""
 
-    decoder: str = "pyav"  # pyav | decord
+    #: ``pyav`` (CPU), ``decord``, ``nvdec`` (NVIDIA PyNvVideoCodec: decode, resize and
+    #: JPEG-encode on the GPU; a clip NVDEC cannot take falls back to PyAV), or ``auto``
+    #: (``roadstream run`` gives some ingest processes NVDEC on a GPU box, the rest PyAV;
+    #: a lone worker takes NVDEC when it can).
+    decoder: str = "pyav"
+    #: ``ticks``: every frame is decoded and one taken per tick (``sample_fps``).
+    #: ``keyframes``: only keyframes are decoded (about one a second on TeslaCam clips),
+    #: each put on its nearest tick: a fast first pass.
+    sample: Literal["ticks", "keyframes"] = "ticks"
     sample_fps: float = 5.0
     long_side: int = 640
     encoding: str = "jpeg"  # jpeg | raw
     jpeg_quality: int = 85
     decoder_threads: int = 0  # 0: the decoder's own choice
+    #: The GPU an NVDEC ingest worker decodes on (``roadstream run`` spreads them).
+    nvdec_device: str = "cuda:0"
     #: ``camera``: one ingest job per (drive, camera), so several ingest processes share a
     #: drive (each partition still gets its frames in order; the drive ends when all its
     #: jobs did). ``drive``: one job per drive.

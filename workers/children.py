@@ -27,6 +27,8 @@ from workers.plan import Plan
 STOP_SLACK_S = 5.0
 #: Lines of a dead child's log quoted in the error.
 LOG_TAIL = 15
+#: NVDEC decode sessions (concurrent ingest jobs) in one NVDEC ingest process.
+NVDEC_SESSIONS = 4
 #: Kept from the parent's environment although it has the settings prefix (not a setting).
 KEEP_ENV = ("ROADSTREAM_LOG_FORMAT",)
 
@@ -60,6 +62,11 @@ def child_envs(plan: Plan, settings: Settings) -> list[tuple[str, dict[str, str]
                 env[f"{ENV_PREFIX}DETECT__DEVICE"] = plan.detect_devices[i % len(plan.detect_devices)]
             if stage == names.INGEST and settings.ingest.decoder == "auto":
                 env[f"{ENV_PREFIX}INGEST__DECODER"] = "nvdec" if i < plan.nvdec_ingest else "pyav"
+            if stage == names.INGEST and i < plan.nvdec_ingest:
+                # Several NVDEC sessions per process: one job (camera) per session.
+                env[f"{ENV_PREFIX}INGEST__NVDEC_DEVICE"] = f"cuda:{i % max(1, plan.gpus)}"
+                env[f"{ENV_PREFIX}WORKER__CONCURRENCY"] = str(NVDEC_SESSIONS)
+                env[f"{ENV_PREFIX}WORKER__BATCH_SIZE"] = "1"
             out.append((stage, env))
     return out
 

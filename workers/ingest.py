@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -27,10 +28,11 @@ from datetime import datetime
 from pathlib import Path
 
 from brokers.blobs import BlobStore
-from stages.decode import Sample, clip_info, open_container, sample_clip
+from stages.decode import Sample, clip_info, open_container, sample_clip, sample_keyframes
 from stages.discover import STAMP_FORMAT
 from stages.frames import Encoded, encode_frame, target_size
 from stages.jobs import drive_cameras, job_cameras
+from stages.nvdec import NvdecSampler, choose_decoder, nvdec_refuses, nvdec_unavailable, timeline
 from stream import ids
 from stream.errors import FootageError, InputError
 from stream.names import DRIVES, FRAMES, INGEST, JOBS, frame_partition
@@ -38,6 +40,8 @@ from stream.schemas import DriveMarker, FrameRef, Job, Telemetry
 from stream.settings import Settings
 from workers.handler import BatchResult, Delivery, Handler, Output
 from workers.ingest_parts import RECORD_TTL_MS, CameraRecord, merge, record_key
+
+log = logging.getLogger("roadstream.ingest")
 
 #: Frames per blob write and publish round trip.
 CHUNK = 32
@@ -124,6 +128,12 @@ class IngestHandler(Handler):
         self.settings = settings
         self.blobs = blobs
         self.frames_published = 0
+        self.fallbacks = 0  # clips NVDEC refused or failed on, decoded with PyAV instead
+        self._sampler: NvdecSampler | None = None
+        asked = settings.ingest.decoder
+        self.decoder, note = choose_decoder(asked, nvdec_unavailable() if asked in ("auto", "nvdec") else None)
+        if note is not None:
+            log.warning(note)
 
     async def handle(self, batch: list[Delivery]) -> BatchResult:
         """Ingest each job of the batch; a job outside the footage roots fails alone."""
@@ -246,12 +256,7 @@ class IngestHandler(Handler):
         utc = pool.submit(_creation_utc, path)
         shots: list[Future] = []
         try:
-            size = _decord_size(path, ing.long_side) if ing.decoder == "decord" else None
-            samples = sample_clip(
-                path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads,
-                decoder=ing.decoder, size=size,
-            )
-            for sample in samples:
+            for sample in self._samples(path, limit_s):
                 shots.append(pool.submit_frame(self._encode, tick0 + sample.k, sample))
                 if len(shots) >= CHUNK:
                     yield _Piece(index, camera, shots, utc)
@@ -264,8 +269,48 @@ class IngestHandler(Handler):
 
     def _encode(self, tick: int, sample: Sample) -> _Shot:
         ing = self.settings.ingest
+        if isinstance(sample.image, Encoded):  # NVDEC: resized and encoded on the GPU already
+            return _Shot(tick, sample.pts_s, sample.telemetry, sample.image)
         pixels = encode_frame(sample.image, long_side=ing.long_side, encoding=ing.encoding, quality=ing.jpeg_quality)
         return _Shot(tick, sample.pts_s, sample.telemetry, pixels)
+
+    def _samples(self, path: str, limit_s: float) -> Iterator[Sample]:
+        """One clip's samples with the configured sampling and decoder (decoding thread)."""
+        ing = self.settings.ingest
+        if ing.sample == "keyframes":
+            return sample_keyframes(path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads)
+        if self.decoder == "nvdec" and ing.encoding == "jpeg":
+            return self._nvdec_or_pyav(path, limit_s)
+        decoder = "pyav" if self.decoder == "nvdec" else self.decoder
+        size = _decord_size(path, ing.long_side) if decoder == "decord" else None
+        return sample_clip(path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads,
+                           decoder=decoder, size=size)  # fmt: skip
+
+    def _nvdec_or_pyav(self, path: str, limit_s: float) -> Iterator[Sample]:
+        """NVDEC's samples; PyAV's, with a log line, for a clip NVDEC refuses or fails on at once."""
+        ing = self.settings.ingest
+        line = timeline(Path(path))
+        reason = nvdec_refuses(line.info)
+        if reason is None:
+            yielded = False
+            try:
+                for sample in self._nvdec().sample(path, sample_fps=ing.sample_fps, limit_s=limit_s, line=line):
+                    yielded = True
+                    yield sample
+                return
+            except FootageError as exc:
+                if yielded:  # part of the clip is published: PyAV cannot take over mid-way
+                    raise
+                reason = str(exc)
+        log.warning("%s: %s; decoding it with PyAV", path, reason)
+        self.fallbacks += 1
+        yield from sample_clip(path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads)
+
+    def _nvdec(self) -> NvdecSampler:
+        if self._sampler is None:
+            ing = self.settings.ingest
+            self._sampler = NvdecSampler(ing.nvdec_device, long_side=ing.long_side, quality=ing.jpeg_quality)
+        return self._sampler
 
     async def _publish_chunk(
         self, job: Job, camera: str, minute: str, shots: list[_Shot], created: float | None,
