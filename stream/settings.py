@@ -43,6 +43,15 @@ class BrokerSettings(BaseModel):
     blob_ttl_s: int = 3600
     frame_partitions: int = 16
     fuse_partitions: int = 8
+    #: Seconds a Redis command may wait for its reply before the server counts as
+    #: unreachable. At full load a blob fetch queues behind many others: redis-py's
+    #: default (none) hid dead servers, and short values cut healthy fetches.
+    socket_timeout_s: float = 30.0
+    socket_connect_timeout_s: float = 10.0
+    #: Seconds idle before a pooled connection is checked with a PING before use.
+    health_check_s: int = 30
+    #: Frame blobs per MGET; larger fetches are split (one round trip still).
+    blob_fetch_keys: int = Field(default=64, ge=1)
 
 
 class WorkerSettings(BaseModel):
