@@ -161,16 +161,16 @@ MAX_BLOCK_S = 5.0
 
 
 def client_kwargs_for(settings: BrokerSettings) -> dict[str, Any]:
-    """Connection options from the transport settings: timeouts and keepalive for full load.
+    """Connection options from the transport settings: timeouts and idle checks for full load.
 
     The socket timeout bounds how long one command may wait for its reply: at full load a
     large blob fetch queues behind others, so it is far above a command's usual time, but
-    a server that really went away still shows as unreachable within it.
+    a server that really went away still shows as unreachable within it. (No TCP
+    keepalive option: Unix socket connections, ``run``'s private server, refuse it.)
     """
     return {
         "socket_timeout": settings.socket_timeout_s,
         "socket_connect_timeout": settings.socket_connect_timeout_s,
-        "socket_keepalive": True,
         "health_check_interval": settings.health_check_s,
     }
 

@@ -182,12 +182,16 @@ def private_redis_args(socket: Path, folder: Path, broker: BrokerSettings) -> li
             "--dir", str(folder), "--logfile", str(folder / "redis.log")]  # fmt: skip
 
 
-async def submit(broker: Broker, drives: list[FoundDrive], settings: Settings | None = None) -> None:
+async def submit(broker: Broker, drives: list[FoundDrive], settings: Settings | None = None,
+                 split: str | None = None) -> None:  # fmt: skip
     """Queue the drives' ingest jobs: one per camera (``ingest.split``) or one per drive.
 
     Deduplicated as ``roadstream submit`` does: by drive id, and camera for a part.
+
+    Parameters:
+        split: overrides ``settings.ingest.split`` (``drive`` without settings).
     """
-    split = settings.ingest.split if settings is not None else "drive"
+    split = split or (settings.ingest.split if settings is not None else "drive")
     stream = names.stream_name(names.JOBS, ns=broker.namespace)
     await broker.ensure_group(stream, names.INGEST)
     # Longest drives first: their camera jobs start together (in step) and the short
@@ -366,7 +370,9 @@ async def _in_process(stages, settings, broker, blobs, found, watcher, progress,
     tasks: list[asyncio.Task] = []
     try:
         await _start(workers, tasks)
-        await submit(broker, found.drives, settings)
+        # One ingest worker gains nothing from per-camera jobs, and would run a drive's
+        # cameras one after another (a long drive's windows would wait for the last one).
+        await submit(broker, found.drives, settings, split="drive")
         await _wait(watcher, _tasks_alive(workers, tasks), workers, progress, timeout_s)
     finally:
         await _stop(workers, tasks)
@@ -378,7 +384,8 @@ async def _in_children(plan, settings, url, broker, found, watcher, progress, ti
         children = Children(plan, settings, url, Path(folder))
         try:
             children.start()
-            await submit(broker, found.drives, settings)
+            single_ingest = plan.workers.get(names.INGEST, 1) < 2 and not plan.nvdec_ingest
+            await submit(broker, found.drives, settings, split="drive" if single_ingest else None)
             try:
                 await _wait(watcher, children.check, [], progress, timeout_s)
             except ChildFailed as exc:
