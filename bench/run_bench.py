@@ -63,6 +63,7 @@ from workers.plan import Plan, parse_workers
 from workers.run import choose_plan, one_shot, private_redis, run_footage, shipped_models, stages_for, submit
 
 FOOTAGE = Path("/work/shared/footage/roadwork")
+CLEAR = Path("/work/shared/footage/clear")
 STAMP = "%Y-%m-%d_%H-%M-%S"
 POLL_S = 0.2
 
@@ -71,24 +72,39 @@ POLL_S = 0.2
 
 
 def build_footage(root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The drives under ``root/short-NN`` and ``root/long``; returns their shape."""
+    """The drives under ``root/short-NN`` and ``root/long``; returns their shape.
+
+    Odd short drives show clear roads (``/work/shared/footage/clear``) on every camera,
+    the others roadwork clips: the verdicts of two runs can then be scored against the
+    content (``labels.json``), not only against each other.
+    """
     width, height = (int(v) for v in args.size.split("x"))
     spec = tc.ClipSpec(duration_s=args.clip_seconds, fps=args.fps, size=(width, height), keyint=round(args.fps))
-    sources = sorted(FOOTAGE.glob("*.mp4")) if FOOTAGE.exists() else []
-    chosen = {c: sources[i % len(sources)] for i, c in enumerate(tc.CAMERAS)} if sources else None
-    template = tc.make_drive(root / "template", minutes=1, cameras=tc.CAMERAS, spec=spec, sources=chosen, layout="flat")
+    templates: dict[str, Any] = {}
+    for label, folder in (("roadwork", FOOTAGE), ("clear", CLEAR)):
+        sources = sorted(folder.glob("*.mp4")) if folder.exists() else []
+        chosen = {c: sources[i % len(sources)] for i, c in enumerate(tc.CAMERAS)} if sources else None
+        templates[label] = tc.make_drive(root / f"template-{label}", minutes=1, cameras=tc.CAMERAS, spec=spec,
+                                         sources=chosen, layout="flat")  # fmt: skip
+        if not sources:
+            templates["content"] = "synthetic"
     layout = [(f"short-{i:02d}", args.drive_minutes) for i in range(args.drives)] + [("long", args.long_minutes)]
+    labels = {}
     start = datetime(2024, 5, 1, 8, 0, 0)
     for d, (name, minutes) in enumerate(layout):
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
+        label = "clear" if name.startswith("short") and d % 2 else "roadwork"
+        labels[name] = label
         for m in range(minutes):
             stamp = (start + timedelta(hours=d, seconds=m * args.clip_seconds)).strftime(STAMP)
             for camera in tc.CAMERAS:
-                os.link(template.clip(0, camera), folder / f"{stamp}-{camera}.mp4")
-    shutil.rmtree(root / "template")
+                os.link(templates[label].clip(0, camera), folder / f"{stamp}-{camera}.mp4")
+    for label in ("roadwork", "clear"):
+        shutil.rmtree(root / f"template-{label}")
+    (root / "labels.json").write_text(json.dumps(labels))
     return {"drives": len(layout), "long_minutes": args.long_minutes, "clip_seconds": args.clip_seconds,
-            "size": args.size, "fps": args.fps, "content": "real roadwork clips" if sources else "synthetic"}  # fmt: skip
+            "size": args.size, "fps": args.fps, "content": templates.get("content", "real clips"), "labels": labels}  # fmt: skip
 
 
 def footage_seconds(root: Path) -> float:
@@ -220,9 +236,24 @@ def bench_run(folder: Path, settings: Settings, workers: str | None) -> tuple[di
         result = run_footage(folder, settings, out, workers=workers, on_plan=plans.append)
     frames = sum(sum(s.summary.frame_counts.values()) for s in result.drives.values() if s.summary)
     failed = {d: s.failure for d, s in result.drives.items() if s.failure}
+    folders = {d: Path(s.drive.minutes[0].files["front"]).parent.name for d, s in result.drives.items()
+               if "front" in s.drive.minutes[0].files}  # fmt: skip
+    windows = {(folders.get(v.drive_id, v.drive_id), v.window): v.roadwork for v in result.verdicts}
     summary = {"plan": plans[0].describe() if plans else "", "verdicts": len(result.verdicts),
-               "roadwork_windows": sum(v.roadwork for v in result.verdicts), "failed_drives": failed}  # fmt: skip
+               "roadwork_windows": sum(v.roadwork for v in result.verdicts), "failed_drives": failed,
+               "windows": windows}  # fmt: skip
     return summary, result.seconds, frames, busy
+
+
+def score(windows: dict, labels: dict[str, str], reference: dict | None = None) -> dict[str, Any]:
+    """Window verdicts against the drives' content (and against a reference run's verdicts)."""
+    right = sum(flag == (labels.get(folder) == "roadwork") for (folder, _), flag in windows.items())
+    out: dict[str, Any] = {"windows_matching_content": f"{right}/{len(windows)}"}
+    if reference is not None:
+        same = sum(reference.get(key) == flag for key, flag in windows.items())
+        differ = "" if set(windows) == set(reference) else " (not the same windows)"
+        out["windows_as_run"] = f"{same}/{len(reference)}{differ}"
+    return out
 
 
 # -- stages alone ------------------------------------------------------------------------------------
@@ -336,7 +367,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="A setting of the run.")
     parser.add_argument("--nvdec-sessions", type=int, default=8)
     parser.add_argument("--skip", action="append", default=[],
-                        choices=("run", "long", "ceilings", "stages"), help="Leave a section out.")  # fmt: skip
+                        choices=("run", "single", "keyframes", "long", "ceilings", "stages"),
+                        help="Leave a section out (repeatable).")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=3600.0, help="Seconds a stage alone may take.")
     parser.add_argument("--out", type=Path, default=Path("run-bench.json"))
     args = parser.parse_args(argv)
@@ -381,11 +413,27 @@ def sections(root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     long_s = footage_seconds(root / "long")
     plan = choose_plan(settings, args.workers)
     clips = sorted(str(p) for p in root.rglob("*.mp4"))
+    labels = json.loads((root / "labels.json").read_text()) if (root / "labels.json").exists() else {}
+    reference = None
     if "run" not in args.skip:
         summary, seconds, frames, busy = bench_run(root, settings, args.workers)
-        rows.append(section("run", seconds, total_s, frames, busy, **summary))
+        reference = summary.pop("windows")
+        rows.append(section("run", seconds, total_s, frames, busy, **summary, **score(reference, labels)))
+    if "single" not in args.skip:
+        # The single-process mode (the run of before): the "before" figure and the same-verdicts check.
+        summary, seconds, frames, busy = bench_run(root, settings, "1")
+        windows = summary.pop("windows")
+        rows.append(section("run_single_process", seconds, total_s, frames, busy, **summary,
+                            **score(windows, labels, reference)))  # fmt: skip
+    if "keyframes" not in args.skip and args.sample != "keyframes":
+        keyed = settings.model_copy(update={"ingest": settings.ingest.model_copy(update={"sample": "keyframes"})})
+        summary, seconds, frames, busy = bench_run(root, keyed, args.workers)
+        windows = summary.pop("windows")
+        rows.append(section("run_keyframes", seconds, total_s, frames, busy, **summary,
+                            **score(windows, labels, reference)))  # fmt: skip
     if "long" not in args.skip:
         summary, seconds, frames, busy = bench_run(root / "long", settings, args.workers)
+        summary.pop("windows")
         rows.append(section("run_long_drive_alone", seconds, long_s, frames, busy, **summary))
     if "ceilings" not in args.skip:
         cores = plan.cores
