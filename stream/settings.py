@@ -48,8 +48,6 @@ class BrokerSettings(BaseModel):
     #: default (none) hid dead servers, and short values cut healthy fetches.
     socket_timeout_s: float = 30.0
     socket_connect_timeout_s: float = 10.0
-    #: Seconds idle before a pooled connection is checked with a PING before use.
-    health_check_s: int = 30
     #: Frame blobs per MGET; larger fetches are split (one round trip still).
     blob_fetch_keys: int = Field(default=64, ge=1)
 
