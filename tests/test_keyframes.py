@@ -48,3 +48,39 @@ def tc_telemetry(meta):
     from stages.sei import to_telemetry
 
     return to_telemetry(meta)
+
+
+def test_the_ingest_worker_in_keyframe_mode_publishes_keyframes_only(tmp_path: Path) -> None:
+    import asyncio
+
+    from brokers.connect import connect, forget_memory
+    from stages.discover import discover
+    from stream import codec, names
+    from stream.schemas import FrameRef
+    from stream.settings import IngestSettings, Settings
+    from workers.ingest import build
+    from workers.runtime import Worker
+
+    # Given a two-camera drive of 3 s clips with a keyframe every second
+    tc.make_drive(tmp_path, minutes=1, cameras=("front", "back"),
+                  spec=tc.ClipSpec(duration_s=3.0, fps=30.0, keyint=30))  # fmt: skip
+    settings = Settings(namespace="rskey", ingest=IngestSettings(sample="keyframes"))
+
+    async def ingest() -> list[FrameRef]:
+        broker, blobs = connect("memory://keyframes", namespace="rskey", settings=settings.broker)
+        for job in [d.to_job() for d in discover(tmp_path).drives]:
+            await broker.publish(names.stream_name(names.JOBS, ns="rskey"), codec.encode(job))
+        await asyncio.wait_for(Worker(build(settings, blobs), broker, blobs, settings, burst=True).run(), 60)
+        frames = []
+        for stream in await broker.streams("rskey:frames:*"):
+            frames += [m for e in await broker.range(stream, count=1000) if isinstance(m := codec.decode(e.data), FrameRef)]
+        return frames
+
+    try:
+        frames = asyncio.run(ingest())
+    finally:
+        forget_memory("keyframes")
+    # When ingested in keyframe mode / Then each camera has its 3 keyframes, on ticks 0, 5, 10
+    for camera in ("front", "back"):
+        mine = [f for f in frames if f.camera == camera]
+        assert [(f.seq, f.tick, f.pts) for f in mine] == [(0, 0, 0.0), (1, 5, 1.0), (2, 10, 2.0)]
