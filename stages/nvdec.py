@@ -114,7 +114,9 @@ def timeline(path: Path) -> Timeline:
     return Timeline(info, candidates, reader)
 
 
-def wanted(line: Timeline, sample_fps: float, limit_s: float, tolerance_s: float | None = None) -> list[tuple[int, float, _Candidate]]:
+def wanted(
+    line: Timeline, sample_fps: float, limit_s: float, tolerance_s: float | None = None
+) -> list[tuple[int, float, _Candidate]]:
     """The (tick index, tick time, frame) picks of a clip, as the PyAV path makes them."""
     tolerance_s = tolerance_s if tolerance_s is not None else half_interval(line.info.fps)
     return list(pick_nearest(iter(line.candidates), 1.0 / sample_fps, tolerance_s, limit_s))

@@ -112,7 +112,8 @@ def parse_workers(text: str, plan: Plan) -> Plan:
     for spec in filter(None, (s.strip() for s in text.split(","))):
         stage, _, count = spec.partition("=")
         if stage not in workers or not count.isdigit() or int(count) < 1:
-            message = f"--workers: expected 1 or STAGE=N,… with STAGE one of {', '.join(workers)} and N ≥ 1, got {spec!r}"
+            message = (f"--workers: expected 1 or STAGE=N,… with STAGE one of {', '.join(workers)} "
+                       f"and N ≥ 1, got {spec!r}")  # fmt: skip
             raise ConfigError(message)
         workers[stage] = int(count)
     base = plan.detect_devices or ["cpu"]

@@ -6,10 +6,13 @@
 2. Pick the broker: the given URL; else a private ``redis-server`` on a Unix socket in a
    temporary folder when one is on the PATH (stopped at the end); else the in-process
    ``MemoryBroker``.
-3. Run one worker of each stage as asyncio tasks (vera and vlm only when a VLM backend
-   is configured), submit one ingest job per drive, and wait until every drive is done:
-   its ``DriveSummary`` arrived, or ingest's drive-ended marker says it has no frames at
-   all, or its job was dead-lettered.
+3. Plan the workers from the cores and GPUs (``workers.plan``; ``--workers`` overrides)
+   and start them: as ``roadstream worker STAGE`` processes (``workers.children``), or, for
+   a single plan or the embedded broker, one worker of each stage as asyncio tasks here
+   (vera and vlm only when a VLM backend is configured). Submit the drives' ingest jobs
+   (one per camera with several ingest processes, longest drives first) and wait until
+   every drive is done: its ``DriveSummary`` arrived, or ingest's drive-ended marker says
+   it has no frames at all, or a job of it was dead-lettered.
 4. Collect verdicts and summaries, fetch the key frames of roadwork windows, and write
    ``verdicts.jsonl``, ``drives.geojson`` and ``report.html``.
 """
@@ -365,7 +368,8 @@ async def run_drives(
         await broker.close()
 
 
-async def _in_process(stages, settings, broker, blobs, found, watcher, progress, timeout_s) -> dict[str, dict[str, int]]:
+async def _in_process(stages, settings, broker, blobs, found, watcher, progress,
+                      timeout_s) -> dict[str, dict[str, int]]:  # fmt: skip
     workers = build_workers(dict.fromkeys(_start_order(stages), 1), settings, broker, blobs)
     tasks: list[asyncio.Task] = []
     try:
@@ -379,7 +383,8 @@ async def _in_process(stages, settings, broker, blobs, found, watcher, progress,
     return {w.group: dict(w.counts) for w in workers}
 
 
-async def _in_children(plan, settings, url, broker, found, watcher, progress, timeout_s) -> dict[str, dict[str, int]]:
+async def _in_children(plan, settings, url, broker, found, watcher, progress,
+                       timeout_s) -> dict[str, dict[str, int]]:  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="roadstream-run-") as folder:
         children = Children(plan, settings, url, Path(folder))
         try:
