@@ -90,10 +90,12 @@ class IngestSettings(BaseModel):
     decoder_threads: int = 0  # 0: the decoder's own choice
     #: The GPU an NVDEC ingest worker decodes on (``roadstream run`` spreads them).
     nvdec_device: str = "cuda:0"
-    #: ``camera``: one ingest job per (drive, camera), so several ingest processes share a
-    #: drive (each partition still gets its frames in order; the drive ends when all its
-    #: jobs did). ``drive``: one job per drive.
-    split: Literal["camera", "drive"] = "camera"
+    #: ``roadstream submit``'s jobs: ``drive``, one per drive; ``camera``, one per (drive,
+    #: camera), so several ingest processes share a drive (each partition still gets its
+    #: frames in order; the drive ends when all its jobs did) — then raise
+    #: ``fuse.watermark_timeout_s`` to cover how far apart a drive's cameras may run.
+    #: ``roadstream run`` splits by camera whenever it has several ingest processes.
+    split: Literal["camera", "drive"] = "drive"
     roots: list[str] = Field(default_factory=list)  # footage paths must lie under these
 
 

@@ -96,3 +96,27 @@ def test_merged_problems_and_utc_follow_the_publishing_order() -> None:
     assert merged.problems == ["back broke in minute 0", "front broke in minute 2"]
     assert (merged.first_utc, merged.last_utc) == (40.0, 60.0)
     assert merged.frame_counts == {"front": 2, "back": 2}
+
+
+async def test_submit_with_split_camera_queues_one_job_per_camera_once(tmp_path: Path, redis_url: str) -> None:
+    from click.testing import CliRunner
+
+    from workers.cli import cli
+    from workers.cli_ingest import register
+
+    if "submit" not in cli.commands:
+        register(cli)
+    # Given a three-camera drive
+    tc.make_drive(tmp_path, minutes=1, cameras=tc.THREE, spec=SHORT)
+    # When submitted twice with ingest.split=camera
+    args = ["--set", "namespace=rssubmit", "--set", "ingest.split=camera", "submit", str(tmp_path), "--redis", redis_url]
+    for _ in range(2):
+        result = await asyncio.to_thread(CliRunner().invoke, cli, args)
+        assert result.exit_code == 0, result.output
+    assert "1 drive(s) as 3 job(s)" in result.output
+    # Then the jobs hop holds one job per camera, each with the whole clip list
+    broker = RedisBroker(url=redis_url, namespace="rssubmit")
+    jobs = [codec.decode(e.data) for e in await broker.range("rssubmit:jobs")]
+    await broker.close()
+    assert sorted(j.cameras[0] for j in jobs) == sorted(tc.THREE)
+    assert all(len(j.clips[0].files) == 3 for j in jobs)

@@ -67,7 +67,7 @@ def register(cli: click.Group) -> None:
     @click.option("--dry-run", is_flag=True, help="Only list the drives found.")
     @click.pass_context
     def submit(ctx: click.Context, footage: str, redis: str | None, dry_run: bool) -> None:
-        """Find the drives in FOOTAGE and queue their ingest jobs (one per camera: ``ingest.split``)."""
+        """Find the drives in FOOTAGE and queue their ingest jobs (per drive, or per camera: ``ingest.split``)."""
         from stages.discover import discover
         from stream.errors import FootageError
         from workers.cli import settings_from

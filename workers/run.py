@@ -389,8 +389,10 @@ async def _in_children(plan, settings, url, broker, found, watcher, progress,
         children = Children(plan, settings, url, Path(folder))
         try:
             children.start()
+            # Several ingest processes share a drive through per-camera jobs; one_shot has
+            # raised fuse's watermark timeout for the unevenness that brings.
             single_ingest = plan.workers.get(names.INGEST, 1) < 2 and not plan.nvdec_ingest
-            await submit(broker, found.drives, settings, split="drive" if single_ingest else None)
+            await submit(broker, found.drives, settings, split="drive" if single_ingest else "camera")
             try:
                 await _wait(watcher, children.check, [], progress, timeout_s)
             except ChildFailed as exc:
