@@ -76,9 +76,9 @@ class IngestSettings(BaseModel):
 
     #: ``pyav`` (CPU), ``decord``, ``nvdec`` (NVIDIA PyNvVideoCodec: decode, resize and
     #: JPEG-encode on the GPU; a clip NVDEC cannot take falls back to PyAV), or ``auto``
-    #: (``roadstream run`` gives some ingest processes NVDEC on a GPU box, the rest PyAV;
-    #: a lone worker takes NVDEC when it can).
-    decoder: str = "pyav"
+    #: (``roadstream run`` gives some ingest processes NVDEC on a GPU box with the library,
+    #: the rest PyAV; a lone worker takes NVDEC when it can, else PyAV without a warning).
+    decoder: str = "auto"
     #: ``ticks``: every frame is decoded and one taken per tick (``sample_fps``).
     #: ``keyframes``: only keyframes are decoded (about one a second on TeslaCam clips),
     #: each put on its nearest tick: a fast first pass.

@@ -82,10 +82,16 @@ def test_a_clip_nvdec_refuses_is_decoded_by_pyav_with_a_log_line(tmp_path: Path,
 def test_a_worker_asked_for_nvdec_without_it_decodes_with_pyav(caplog) -> None:
     if nvdec_unavailable() is None:
         pytest.skip("NVDEC is available here")
+    # Asked by name: a warning
     with caplog.at_level(logging.WARNING, logger="roadstream.ingest"):
-        handler = IngestHandler(Settings(ingest=IngestSettings(decoder="auto")), blobs=None)
+        handler = IngestHandler(Settings(ingest=IngestSettings(decoder="nvdec")), blobs=None)
     assert handler.decoder == "pyav"
-    assert "decoding with PyAV" in caplog.text
+    assert "ingest.decoder=nvdec" in caplog.text and "decoding with PyAV" in caplog.text
+    # auto (the default): PyAV, the reason only at INFO
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="roadstream.ingest"):
+        handler = IngestHandler(Settings(), blobs=None)
+    assert handler.decoder == "pyav" and caplog.text == ""
 
 
 @pytest.mark.skipif(nvdec_unavailable() is not None, reason="needs CUDA and PyNvVideoCodec")

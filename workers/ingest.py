@@ -132,8 +132,8 @@ class IngestHandler(Handler):
         self._sampler: NvdecSampler | None = None
         asked = settings.ingest.decoder
         self.decoder, note = choose_decoder(asked, nvdec_unavailable() if asked in ("auto", "nvdec") else None)
-        if note is not None:
-            log.warning(note)
+        if note is not None:  # asked for nvdec by name: worth a warning; auto: a note
+            log.log(logging.WARNING if asked == "nvdec" else logging.INFO, note)
 
     async def handle(self, batch: list[Delivery]) -> BatchResult:
         """Ingest each job of the batch; a job outside the footage roots fails alone."""

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from stages.devices import AUTO, cuda_device_count
+from stages.nvdec import nvdec_unavailable
 from stream import names
 from stream.errors import ConfigError
 from stream.settings import Settings
@@ -146,7 +147,7 @@ def machine_plan(settings: Settings, stages: Sequence[str], *, cores: int | None
     cores = usable_cores() if cores is None else cores
     found = cuda_device_count() if gpus is None else gpus
     device = settings.detect.device.strip().lower()
-    nvdec = settings.ingest.decoder in ("auto", "nvdec") and found > 0
+    nvdec = settings.ingest.decoder in ("auto", "nvdec") and found > 0 and nvdec_unavailable() is None
     if device == AUTO:
         return plan_workers(cores, found, stages, nvdec=nvdec)
     plan = plan_workers(cores, 1 if device.startswith("cuda") else 0, stages, nvdec=nvdec)
