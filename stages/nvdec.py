@@ -173,11 +173,15 @@ class NvdecSampler:
                 raise FootageError(path, f"NVDEC stopped after {index} frames ({exc})") from exc
             if not frames:
                 break
-            for frame in frames:
-                if index in by_index:
-                    pending.append((by_index[index], self._resized(frame, line.info)))
-                index += 1
-            yield from self._encoded(pending, line.reader)
+            try:
+                for frame in frames:
+                    if index in by_index:
+                        pending.append((by_index[index], self._resized(frame, line.info)))
+                    index += 1
+                samples = list(self._encoded(pending, line.reader))
+            except Exception as exc:  # DLPack, resize or nvJPEG: a clip problem, never a crash
+                raise FootageError(path, f"NVDEC frames could not be resized or encoded ({exc})") from exc
+            yield from samples
             pending = []
 
     def _resized(self, frame, info: ClipInfo):

@@ -298,9 +298,11 @@ class IngestHandler(Handler):
                     yielded = True
                     yield sample
                 return
-            except FootageError as exc:
+            except Exception as exc:  # the GPU path is never worth a failed job
                 if yielded:  # part of the clip is published: PyAV cannot take over mid-way
-                    raise
+                    if isinstance(exc, FootageError):
+                        raise
+                    raise FootageError(Path(path), f"NVDEC stopped ({exc})") from exc
                 reason = str(exc)
         log.warning("%s: %s; decoding it with PyAV", path, reason)
         self.fallbacks += 1
