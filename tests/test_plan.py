@@ -36,12 +36,18 @@ def test_each_gpu_gets_a_detect_worker_of_its_own() -> None:
 
 
 def test_without_gpus_detect_runs_on_the_cpu_beside_half_the_cores_of_ingest() -> None:
-    # Given 2 cores and no GPU / When planned
+    # Given 8 cores and no GPU / When planned
+    plan = plan_workers(8, 0, STAGES)
+    # Then ingest on half the cores, one detect on the CPU, no NVDEC
+    assert plan.workers == {"ingest": 4, "detect": 1, "fuse": 1}
+    assert (plan.detect_devices, plan.nvdec_ingest, plan.single) == (["cpu"], 0, False)
+
+
+def test_a_small_machine_without_gpus_runs_in_one_process() -> None:
     plan = plan_workers(2, 0, STAGES)
-    # Then one of each, detect on the CPU, no NVDEC
-    assert plan.workers == {"ingest": 1, "detect": 1, "fuse": 1}
-    assert (plan.detect_devices, plan.nvdec_ingest) == (["cpu"], 0)
-    assert plan_workers(8, 0, STAGES).workers["ingest"] == 4
+    assert plan.single and plan.workers == {"ingest": 1, "detect": 1, "fuse": 1}
+    assert plan.describe() == "plan (2 cores, 0 GPUs): one process, one worker per stage"
+    assert not plan_workers(2, 1, STAGES).single
 
 
 def test_workers_override_the_plan_stage_by_stage() -> None:

@@ -9,6 +9,7 @@ import sys
 import click
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 #: Exit code when there is nothing to run on (as ``roadstream submit``).
@@ -79,7 +80,7 @@ def register(cli: click.Group) -> None:
             with live or contextlib.nullcontext():
                 result = run_footage(footage, settings, out_dir, url=url, workers=workers, progress=progress,
                                      timeout_s=timeout_s, on_broker=lambda u: console.print(f"broker: {u}"),
-                                     on_plan=lambda plan: console.print(plan.describe()))  # fmt: skip
+                                     on_plan=lambda plan: console.print(escape(plan.describe())))  # fmt: skip
         except (FootageError, NoFootage) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(NO_FOOTAGE_EXIT)

@@ -11,6 +11,7 @@
   when detect runs on the CPU (it needs the rest). At least one.
 * with ``ingest.decoder = auto`` on a GPU box, one ingest process per GPU decodes with
   NVDEC (several sessions inside); the others decode on the CPU.
+* fewer than ``PROCESSES_FROM_CORES`` cores and no GPU: one process (``--workers 1``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from stream.settings import Settings
 
 #: From this many cores, two fuse processes.
 FUSE_SECOND_AT = 16
+#: Below this many cores and without a GPU, one process does best: worker processes would
+#: only share the same cores and each load its models (the sample drive on 2 cores: 63 s
+#: with processes, about 30 s in one).
+PROCESSES_FROM_CORES = 4
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,8 @@ def plan_workers(cores: int, gpus: int, stages: Sequence[str], *, nvdec: bool = 
         The plan; its ``workers`` follow the order of ``stages``.
     """
     cores = max(1, cores)
+    if cores < PROCESSES_FROM_CORES and not gpus:
+        return single_plan(cores, gpus, stages)
     detect = max(1, gpus)
     fuse = 2 if cores >= FUSE_SECOND_AT else 1
     extras = {s: 1 for s in stages if s in (names.VERA, names.VLM)}
