@@ -1,0 +1,122 @@
+"""A drive ingested as per-camera jobs by two workers, against the same drive as one job.
+
+Real Redis (the tests' private servers), the real ingest handler and runtime: each
+namespace gets its own streams, so the two ingests can be compared entry by entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from brokers.redis import RedisBlobStore, RedisBroker
+from fixtures import teslacam as tc
+from stages.discover import discover
+from stages.jobs import split_job
+from stream import codec, names
+from stream.schemas import FrameRef, Job
+from stream.settings import Settings
+from workers.ingest import build
+from workers.ingest_parts import CameraRecord, merge
+from workers.runtime import Worker
+
+pytestmark = pytest.mark.redis
+SHORT = tc.ClipSpec(duration_s=1.0)
+
+
+async def _ingest(redis_url: str, ns: str, jobs: list[Job], workers: int) -> dict:
+    """Run ``workers`` burst ingest workers over the jobs; everything published, by stream."""
+    broker = RedisBroker(url=redis_url, namespace=ns)
+    blobs = RedisBlobStore(redis_url, namespace=ns)
+    settings = Settings(namespace=ns)
+    try:
+        for job in jobs:
+            await broker.publish(names.stream_name(names.JOBS, ns=ns), codec.encode(job))
+        running = [Worker(build(settings, blobs), broker, blobs, settings, burst=True) for _ in range(workers)]
+        await asyncio.wait_for(asyncio.gather(*(w.run() for w in running)), 120)
+        out: dict = {}
+        for stream in [*await broker.streams(f"{ns}:frames:*"), f"{ns}:drives"]:
+            for entry in await broker.range(stream, count=100_000):
+                message = codec.decode(entry.data)
+                # The publishing time differs between runs; everything else must not.
+                if isinstance(message, FrameRef):
+                    message = message.copy_with(ingested_utc=None)
+                # Cameras may share a partition; the order promised is per (drive, camera).
+                out.setdefault((stream.removeprefix(ns), message.camera), []).append(message)
+        out["dead"] = await broker.range(broker.dead_letter_stream, count=10)
+        return out
+    finally:
+        await broker.close()
+        await blobs.close()
+
+
+async def test_a_drive_split_per_camera_yields_the_frames_order_and_markers_of_the_whole_drive(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # Given a three-minute six-camera drive with a missing camera minute and broken clips
+    drive = tc.make_drive(tmp_path, minutes=3, cameras=tc.CAMERAS, spec=SHORT, missing={(1, "back")})
+    tc.zero_byte(drive.clip(0, "front"))
+    tc.truncate(drive.clip(2, "left_pillar"), 0.5)
+    (whole,) = [d.to_job() for d in discover(tmp_path).drives]
+    parts = split_job(whole, "camera")
+    assert [p.cameras for p in parts] == [[c] for c in tc.CAMERAS]
+    # When ingested as one job by one worker, and as per-camera jobs by two workers
+    one = await _ingest(redis_url, "rswhole", [whole], workers=1)
+    split = await _ingest(redis_url, "rssplit", parts, workers=2)
+    # Then every partition holds the same entries in the same order, markers included,
+    # and the drives hop holds one "started" and one "ended", equal to the whole drive's
+    assert one["dead"] == split["dead"] == []
+    assert sorted(one, key=str) == sorted(split, key=str)
+    for stream in one:
+        assert split[stream] == one[stream], stream
+    ended = one[(":drives", None)][-1]
+    assert [m.event for m in split[(":drives", None)]] == ["started", "ended"]
+    assert ended.problems and ended.missing and sum(ended.frame_counts.values()) > 0
+
+
+def test_the_drive_ends_only_when_every_camera_has_a_record() -> None:
+    # Given records of two of a drive's three cameras
+    records = {"front": CameraRecord(frames=3, ticks=[0, 1, 2]), "back": CameraRecord(frames=1, ticks=[4])}
+    # When merged / Then the missing camera is a KeyError (the part waits for it)
+    with pytest.raises(KeyError):
+        merge(["front", "back", "left_repeater"], records)
+
+
+def test_merged_problems_and_utc_follow_the_publishing_order() -> None:
+    # Given records whose problems and UTCs come from different minutes and cameras
+    records = {
+        "front": CameraRecord(frames=2, problems=[(2, "front broke in minute 2")], first=(1, 50.0), last=(1, 51.0)),
+        "back": CameraRecord(frames=2, problems=[(0, "back broke in minute 0")], first=(0, 40.0), last=(2, 60.0)),
+    }
+    # When merged
+    merged = merge(["front", "back"], records)
+    # Then problems go by minute, the first UTC is minute 0's and the last is minute 2's
+    assert merged.problems == ["back broke in minute 0", "front broke in minute 2"]
+    assert (merged.first_utc, merged.last_utc) == (40.0, 60.0)
+    assert merged.frame_counts == {"front": 2, "back": 2}
+
+
+async def test_submit_with_split_camera_queues_one_job_per_camera_once(tmp_path: Path, redis_url: str) -> None:
+    from click.testing import CliRunner
+
+    from workers.cli import cli
+    from workers.cli_ingest import register
+
+    if "submit" not in cli.commands:
+        register(cli)
+    # Given a three-camera drive
+    tc.make_drive(tmp_path, minutes=1, cameras=tc.THREE, spec=SHORT)
+    # When submitted twice with ingest.split=camera
+    args = ["--set", "namespace=rssubmit", "--set", "ingest.split=camera", "submit", str(tmp_path), "--redis", redis_url]
+    for _ in range(2):
+        result = await asyncio.to_thread(CliRunner().invoke, cli, args)
+        assert result.exit_code == 0, result.output
+    assert "1 drive(s) as 3 job(s)" in result.output
+    # Then the jobs hop holds one job per camera, each with the whole clip list
+    broker = RedisBroker(url=redis_url, namespace="rssubmit")
+    jobs = [codec.decode(e.data) for e in await broker.range("rssubmit:jobs")]
+    await broker.close()
+    assert sorted(j.cameras[0] for j in jobs) == sorted(tc.THREE)
+    assert all(len(j.clips[0].files) == 3 for j in jobs)
