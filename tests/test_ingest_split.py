@@ -76,6 +76,46 @@ async def test_a_drive_split_per_camera_yields_the_frames_order_and_markers_of_t
     assert ended.problems and ended.missing and sum(ended.frame_counts.values()) > 0
 
 
+async def test_a_split_drive_reports_the_problems_absences_and_missed_ticks_of_the_whole_drive(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # Given a folder with a six-camera drive and, later, a two-minute drive of three cameras
+    # with: a 1 s hole in front's stream (missed ticks), left_repeater's telemetry without a
+    # GPS fix, a header-only right_repeater clip, and no left_repeater clip in minute 1
+    tc.make_drive(tmp_path, minutes=1, cameras=tc.CAMERAS, spec=SHORT)
+    hole = tc.ClipSpec(duration_s=2.5, fps=35.7, gaps_ms=(28,) * 40 + (1000,))
+    late = tc.make_drive(
+        tmp_path, start="2024-05-01_11-00-00", minutes=2, cameras=tc.THREE, spec=SHORT,
+        specs={(0, "front"): hole, (0, "left_repeater"): tc.ClipSpec(duration_s=1.0, gps_fix=False)},
+        missing={(1, "left_repeater")},
+    )  # fmt: skip
+    empty = tc.header_only(late.clip(1, "right_repeater"))
+    whole = [j for j in (d.to_job() for d in discover(tmp_path).drives) if len(j.clips[0].files) == 3]
+    assert len(whole) == 1 and sorted(whole[0].car_cameras) == sorted(tc.CAMERAS)
+    parts = split_job(whole[0], "camera")
+    assert len(parts) == 3
+    # When ingested as one job by one worker, and as per-camera jobs by two workers
+    one = await _ingest(redis_url, "rswhole2", whole, workers=1)
+    split = await _ingest(redis_url, "rssplit2", parts, workers=2)
+    # Then every partition and the drives hop hold the same entries, markers included
+    assert one["dead"] == split["dead"] == []
+    assert sorted(one, key=str) == sorted(split, key=str)
+    for stream in one:
+        assert split[stream] == one[stream], stream
+    (ended,) = [m for m in split[(":drives", None)] if m.event == "ended"]
+    assert ended == one[(":drives", None)][-1]
+    # and the merged marker says everything the whole drive's does
+    assert ended.missed_ticks == {"front": 5}
+    assert any(p.startswith(f"{late.clip(0, 'front')}: 5 tick(s) had no frame") for p in ended.problems)
+    assert any(p.startswith(f"{late.clip(0, 'left_repeater')}: telemetry of") and "no GPS fix" in p
+               for p in ended.problems)  # fmt: skip
+    assert any(p.startswith(f"{empty}: holds no frames") for p in ended.problems)
+    absent = sorted(p.split(":")[0] for p in ended.problems if "the camera did not record them" in p)
+    assert absent == ["back", "left_pillar", "left_repeater", "right_pillar"]
+    assert ended.missing["left_repeater"] == [late.minutes[1]] and ended.missing["right_repeater"] == [late.minutes[1]]
+    assert ended.missing["back"] == late.minutes
+
+
 def test_the_drive_ends_only_when_every_camera_has_a_record() -> None:
     # Given records of two of a drive's three cameras
     records = {"front": CameraRecord(frames=3, ticks=[0, 1, 2]), "back": CameraRecord(frames=1, ticks=[4])}

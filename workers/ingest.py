@@ -17,6 +17,10 @@ no frame for, telemetry without a GPS fix, a clip decord could not read. Only a 
 the allowed footage roots fails (``InputError``); a job dead-lettered for good still ends
 its drive (``dead_lettered``). Minutes are placed by their UTC starts (``minute_offsets``).
 
+A drive split into per-camera jobs (``Job.cameras``, ``stages.jobs``) decodes only its
+cameras; each part stores their records and the part that completes the drive publishes
+the merged "ended" markers (``workers.ingest_parts``), which say what one whole-drive job
+would: problems, missing and absent minutes, missed ticks, the car's absent cameras.
 """
 
 from __future__ import annotations
@@ -202,10 +206,7 @@ class IngestHandler(Handler):
             pool.shutdown(wait=False, cancel_futures=True)
         if job.cameras:
             return await self._finish_part(job, mine, progress)
-        for camera in [c for c in job.car_cameras if c not in cameras]:
-            # A camera of the car that recorded nothing in this drive: said, not expected.
-            progress.absent[camera] = [clip.start for clip in job.clips]
-            progress.missing[camera] = [clip.start for clip in job.clips]
+        _add_car_absent(job, progress)
         ended = self._marker(job, "ended", progress)
         await self._publish_markers(job, ended)
         return ended
@@ -235,20 +236,39 @@ class IngestHandler(Handler):
         for camera in mine:
             record = _camera_record(progress, camera)
             await self.publisher.put_value(record_key(ns, job.drive_id, camera), record.encode(), RECORD_TTL_MS)
-        records = {}
-        for camera in progress.cameras:
-            data = await self.publisher.get_value(record_key(ns, job.drive_id, camera))
-            if data is None:
-                return None  # another part is still running: it will end the drive
-            records[camera] = CameraRecord.decode(data)
-        merged = merge(progress.cameras, records)
-        whole = DriveProgress(
-            progress.cameras, frame_counts=merged.frame_counts, ticks=merged.ticks, missing=merged.missing,
-            problems=merged.problems, first_utc=merged.first_utc, last_utc=merged.last_utc, minutes=len(job.clips),
-        )
+        whole = await self._merged(job)
+        if whole is None:
+            return None  # another part is still running: it will end the drive
         ended = self._marker(job, "ended", whole)
         await self._publish_markers(job, ended)
         return ended
+
+    async def _merged(self, job: Job) -> DriveProgress | None:
+        """The whole drive's progress from its cameras' records; ``None`` while one lacks.
+
+        It reports what one whole-drive job would: the merged records, the cameras absent
+        from some minutes (from the clip list, in publishing order), and the car's cameras
+        absent from the whole drive (written once, here).
+        """
+        cameras = drive_cameras(job)
+        records = {}
+        for camera in cameras:
+            data = await self.publisher.get_value(record_key(self.settings.namespace, job.drive_id, camera))
+            if data is None:
+                return None
+            records[camera] = CameraRecord.decode(data)
+        merged = merge(cameras, records)
+        whole = DriveProgress(
+            cameras, frame_counts=merged.frame_counts, ticks=merged.ticks, missing=merged.missing,
+            missed_ticks=merged.missed_ticks, problems=merged.problems, first_utc=merged.first_utc,
+            last_utc=merged.last_utc, minutes=len(job.clips),
+        )
+        for clip in job.clips:
+            for camera in cameras:
+                if camera not in clip.files:
+                    whole.absent.setdefault(camera, []).append(clip.start)
+        _add_car_absent(job, whole)
+        return whole
 
     def check_roots(self, job: Job) -> None:
         """Refuse a job whose footage lies outside the configured roots.
@@ -462,7 +482,15 @@ def _camera_record(progress: DriveProgress, camera: str) -> CameraRecord:
         frames=progress.frame_counts.get(camera, 0), ticks=sorted(progress.ticks),
         missing=list(progress.missing.get(camera, [])), problems=problems,
         first=(first[0], progress.first_utc) if first else None, last=(last[0], progress.last_utc) if last else None,
+        missed_ticks=progress.missed_ticks.get(camera, 0),
     )
+
+
+def _add_car_absent(job: Job, progress: DriveProgress) -> None:
+    """A camera of the car that recorded nothing in this drive: said (absent, missing), not expected."""
+    for camera in [c for c in job.car_cameras if c not in progress.cameras]:
+        progress.absent[camera] = [clip.start for clip in job.clips]
+        progress.missing[camera] = [clip.start for clip in job.clips]
 
 
 def _creation_utc(path: str) -> float | None:

@@ -1,7 +1,7 @@
 """A drive ingested as several jobs: each camera's record, and the drive's merged progress.
 
 Every part job, once its cameras are published, stores one small record per camera (frame
-count, ticks, missing minutes, problems, first and last UTC) as a value in the broker,
+count, ticks, missing minutes, missed ticks, problems, first and last UTC) as a value in the broker,
 then reads the records of all the drive's cameras. The part that finds them all complete
 publishes the drive's "ended" markers, built from the merged records. Two parts finishing
 together may both find them complete: both build the same markers under the same dedupe
@@ -10,7 +10,9 @@ finish always sees every record.
 
 The merge reproduces what one whole-drive job would have reported: counts in camera
 order, problems and missing minutes in (minute, camera) order, and the first and last UTC
-of the frames in publishing order (minute by minute, camera by camera).
+of the frames in publishing order (minute by minute, camera by camera). The cameras
+absent from some minutes, and the car's cameras absent from the whole drive, come from
+the job's clip list (``IngestHandler._merged``), not from the records.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class CameraRecord:
         problems: (minute index, text) of each problem, in the order met.
         first: (minute index, UTC seconds) of the first frame that had a UTC; ``None``: none had.
         last: (minute index, UTC seconds) of the last frame that had a UTC.
+        missed_ticks: ticks inside the camera's clips that got no frame.
     """
 
     frames: int = 0
@@ -48,6 +51,7 @@ class CameraRecord:
     problems: list[tuple[int, str]] = field(default_factory=list)
     first: tuple[int, float] | None = None
     last: tuple[int, float] | None = None
+    missed_ticks: int = 0
 
     def encode(self) -> bytes:
         """JSON bytes."""
@@ -63,6 +67,7 @@ class CameraRecord:
             problems=[(int(i), str(p)) for i, p in raw["problems"]],
             first=(int(first[0]), float(first[1])) if first else None,
             last=(int(last[0]), float(last[1])) if last else None,
+            missed_ticks=int(raw.get("missed_ticks", 0)),
         )
 
 
@@ -73,6 +78,7 @@ class Merged:
     frame_counts: dict[str, int]
     ticks: set[int]
     missing: dict[str, list[str]]
+    missed_ticks: dict[str, int]
     problems: list[str]
     first_utc: float | None
     last_utc: float | None
@@ -97,6 +103,7 @@ def merge(cameras: list[str], records: dict[str, CameraRecord]) -> Merged:
         frame_counts={c: r.frames for c, r in ordered},
         ticks={t for _, r in ordered for t in r.ticks},
         missing={c: list(r.missing) for c, r in ordered if r.missing},
+        missed_ticks={c: r.missed_ticks for c, r in ordered if r.missed_ticks},
         problems=[text for _, _, text in problems],
         first_utc=min(firsts)[2] if firsts else None,
         last_utc=max(lasts)[2] if lasts else None,
