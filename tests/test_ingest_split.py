@@ -26,11 +26,14 @@ pytestmark = pytest.mark.redis
 SHORT = tc.ClipSpec(duration_s=1.0)
 
 
-async def _ingest(redis_url: str, ns: str, jobs: list[Job], workers: int) -> dict:
+async def _ingest(redis_url: str, ns: str, jobs: list[Job], workers: int, max_deliveries: int | None = None) -> dict:
     """Run ``workers`` burst ingest workers over the jobs; everything published, by stream."""
     broker = RedisBroker(url=redis_url, namespace=ns)
     blobs = RedisBlobStore(redis_url, namespace=ns)
     settings = Settings(namespace=ns)
+    if max_deliveries is not None:  # and one job a batch: a failed batch fails all its jobs
+        settings.broker.max_deliveries = max_deliveries
+        settings.worker.batch_size = 1
     try:
         for job in jobs:
             await broker.publish(names.stream_name(names.JOBS, ns=ns), codec.encode(job))
@@ -114,6 +117,35 @@ async def test_a_split_drive_reports_the_problems_absences_and_missed_ticks_of_t
     assert absent == ["back", "left_pillar", "left_repeater", "right_pillar"]
     assert ended.missing["left_repeater"] == [late.minutes[1]] and ended.missing["right_repeater"] == [late.minutes[1]]
     assert ended.missing["back"] == late.minutes
+
+
+@pytest.mark.parametrize("failing", ["left_repeater", "right_repeater"], ids=["before-the-last", "the-last"])
+async def test_a_dead_lettered_part_ends_its_own_cameras_and_the_drive_still_ends(
+    tmp_path: Path, redis_url: str, failing: str
+) -> None:
+    # Given a three-camera drive split per camera, where one camera's part (queued before
+    # the last part, or last) cannot be placed in time (its clip name is no time, and it
+    # has no UTC) and fails for good
+    tc.make_drive(tmp_path, minutes=1, cameras=tc.THREE, spec=SHORT)
+    (whole,) = [d.to_job() for d in discover(tmp_path).drives]
+    parts = split_job(whole, "camera")
+    broken = [p.copy_with(clips=[p.clips[0].model_copy(update={"start": "no-time", "utc": None})])
+              if p.cameras == [failing] else p for p in parts]  # fmt: skip
+    # When ingested in order by one worker that allows one delivery
+    out = await _ingest(redis_url, f"rsdead{failing}", broken, workers=1, max_deliveries=1)
+    # Then the part is a dead letter, every camera's partition ends, and the drives hop
+    # carries one merged "ended" marker with the failure named and the others' counts
+    (letter,) = out["dead"]
+    assert "no-time" in codec.decode(letter.data).error
+    for camera in tc.THREE:
+        (stream,) = [k for k in out if k != "dead" and k[0].startswith(":frames:") and k[1] == camera]
+        kinds = [getattr(m, "event", "frame") for m in out[stream]]
+        assert kinds[0] == "started" and kinds[-1] == "ended" and kinds.count("ended") == 1, camera
+    (ended,) = [m for m in out[(":drives", None)] if m.event == "ended"]
+    assert any(f"ingest of camera(s) {failing} of this drive failed and was dead-lettered" in p
+               for p in ended.problems)  # fmt: skip
+    assert sorted(ended.frame_counts) == sorted(c for c in tc.THREE if c != failing)
+    assert all(n > 0 for n in ended.frame_counts.values())
 
 
 def test_the_drive_ends_only_when_every_camera_has_a_record() -> None:

@@ -20,7 +20,9 @@ its drive (``dead_lettered``). Minutes are placed by their UTC starts (``minute_
 A drive split into per-camera jobs (``Job.cameras``, ``stages.jobs``) decodes only its
 cameras; each part stores their records and the part that completes the drive publishes
 the merged "ended" markers (``workers.ingest_parts``), which say what one whole-drive job
-would: problems, missing and absent minutes, missed ticks, the car's absent cameras.
+would: problems, missing and absent minutes, missed ticks, the car's absent cameras. A
+dead-lettered part ends only its own cameras and stores failed records, so the drive
+still ends once every part has finished or failed.
 """
 
 from __future__ import annotations
@@ -212,19 +214,40 @@ class IngestHandler(Handler):
         return ended
 
     async def dead_lettered(self, message: Job, error: str) -> list[Output]:
-        """A job that failed for good ends its drive on every camera partition (and the
-        drives hop) with the failure as its problem, so fuse closes the drive's windows on
-        what arrived instead of waiting out its stall guard. A job refused for its roots
-        published nothing and gets nothing."""
+        """A job that failed for good ends what it was to publish, with the failure as its
+        problem, so fuse closes the drive's windows on what arrived instead of waiting out
+        its stall guard. A whole drive's job ends every camera partition (and the drives
+        hop). A part of a split drive ends only its own cameras: it stores their records
+        (marked failed) like a finished part, so the drive still ends once every part has
+        finished or failed; the part (or this hook) that completes it publishes the merged
+        markers on every camera. A job refused for its roots published nothing and gets
+        nothing."""
         try:
             self.check_roots(message)
         except InputError:
             return []
         cameras = drive_cameras(message)
         progress = DriveProgress(cameras, minutes=len(message.clips))
-        progress.problems.append(f"{message.root}: ingest of this drive failed and was dead-lettered ({error}); "
-                                 "frames after the failure were not published")  # fmt: skip
-        return self._marker_outputs(message, self._marker(message, "ended", progress))
+        if not message.cameras:
+            progress.problems.append(f"{message.root}: ingest of this drive failed and was dead-lettered ({error}); "
+                                     "frames after the failure were not published")  # fmt: skip
+            return self._marker_outputs(message, self._marker(message, "ended", progress))
+        mine = job_cameras(message)
+        problem = (f"{message.root}: ingest of camera(s) {', '.join(mine)} of this drive failed and was "
+                   f"dead-lettered ({error}); frames after the failure were not published")  # fmt: skip
+        ns = self.settings.namespace
+        for camera in mine:
+            key = record_key(ns, message.drive_id, camera)
+            if await self.publisher.get_value(key) is None:  # a part that finished before failing keeps its record
+                mark = [(len(message.clips), problem)] if camera == mine[0] else []
+                await self.publisher.put_value(key, CameraRecord(problems=mark, failed=True).encode(), RECORD_TTL_MS)
+        whole = await self._merged(message)
+        if whole is not None:  # this failure completed the drive: every camera ends, merged
+            return self._marker_outputs(message, self._marker(message, "ended", whole))
+        # Other parts still run: only this part's cameras end now, and not on the drives
+        # hop, whose one "ended" copy (deduplicated) is the merged one still to come.
+        progress.problems.append(problem)
+        return self._marker_outputs(message, self._marker(message, "ended", progress), mine, hop=False)
 
     async def _finish_part(self, job: Job, mine: list[str], progress: DriveProgress) -> DriveMarker | None:
         """Store this part's camera records; the part that completes the drive ends it.
@@ -431,11 +454,13 @@ class IngestHandler(Handler):
     async def _publish_markers(self, job: Job, marker: DriveMarker, cameras: list[str] | None = None) -> None:
         await self.publisher.publish(self._marker_outputs(job, marker, cameras))
 
-    def _marker_outputs(self, job: Job, marker: DriveMarker, cameras: list[str] | None = None) -> list[Output]:
+    def _marker_outputs(
+        self, job: Job, marker: DriveMarker, cameras: list[str] | None = None, *, hop: bool = True
+    ) -> list[Output]:
         # In band on each camera's partition (after its last frame for "ended"), and once
         # on the drives hop for whoever tracks drives as a whole. A part of a split drive
         # starts only its own cameras' partitions (the drives hop copy is deduplicated).
-        outputs = [Output(DRIVES, marker, ids.output_key(INGEST, job.drive_id, marker.event))]
+        outputs = [Output(DRIVES, marker, ids.output_key(INGEST, job.drive_id, marker.event))] if hop else []
         for camera in marker.cameras if cameras is None else cameras:
             partition = frame_partition(job.drive_id, camera, self.settings.broker.frame_partitions)
             copy = marker.copy_with(camera=camera)

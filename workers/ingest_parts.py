@@ -12,7 +12,8 @@ The merge reproduces what one whole-drive job would have reported: counts in cam
 order, problems and missing minutes in (minute, camera) order, and the first and last UTC
 of the frames in publishing order (minute by minute, camera by camera). The cameras
 absent from some minutes, and the car's cameras absent from the whole drive, come from
-the job's clip list (``IngestHandler._merged``), not from the records.
+the job's clip list (``IngestHandler._merged``), not from the records. A part that was
+dead-lettered stores failed records for its cameras, so the drive still completes.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class CameraRecord:
         first: (minute index, UTC seconds) of the first frame that had a UTC; ``None``: none had.
         last: (minute index, UTC seconds) of the last frame that had a UTC.
         missed_ticks: ticks inside the camera's clips that got no frame.
+        failed: the camera's part was dead-lettered: its frame count is unknown (left out
+            of the merged counts, as a whole drive's dead-letter marker leaves them out).
     """
 
     frames: int = 0
@@ -52,6 +55,7 @@ class CameraRecord:
     first: tuple[int, float] | None = None
     last: tuple[int, float] | None = None
     missed_ticks: int = 0
+    failed: bool = False
 
     def encode(self) -> bytes:
         """JSON bytes."""
@@ -67,7 +71,7 @@ class CameraRecord:
             problems=[(int(i), str(p)) for i, p in raw["problems"]],
             first=(int(first[0]), float(first[1])) if first else None,
             last=(int(last[0]), float(last[1])) if last else None,
-            missed_ticks=int(raw.get("missed_ticks", 0)),
+            missed_ticks=int(raw.get("missed_ticks", 0)), failed=bool(raw.get("failed", False)),
         )
 
 
@@ -100,7 +104,7 @@ def merge(cameras: list[str], records: dict[str, CameraRecord]) -> Merged:
     firsts = [(r.first[0], position[c], r.first[1]) for c, r in ordered if r.first is not None]
     lasts = [(r.last[0], position[c], r.last[1]) for c, r in ordered if r.last is not None]
     return Merged(
-        frame_counts={c: r.frames for c, r in ordered},
+        frame_counts={c: r.frames for c, r in ordered if not r.failed},
         ticks={t for _, r in ordered for t in r.ticks},
         missing={c: list(r.missing) for c, r in ordered if r.missing},
         missed_ticks={c: r.missed_ticks for c, r in ordered if r.missed_ticks},
