@@ -455,7 +455,8 @@ def _decord_reason(exc: BaseException) -> str:
 
 
 def sample_keyframes(
-    path: str | Path, *, sample_fps: float = 5.0, limit_s: float = float("inf"), threads: int = 0
+    path: str | Path, *, sample_fps: float = 5.0, limit_s: float = float("inf"), threads: int = 0,
+    stats: ClipStats | None = None,
 ) -> Iterator[Sample]:
     """Decode only the clip's keyframes (FFmpeg skips the rest) and put each on its nearest tick.
 
@@ -469,12 +470,15 @@ def sample_keyframes(
         sample_fps: the tick grid's rate (ticks per second).
         limit_s: no keyframe at or after this time in the clip.
         threads: decoder threads; 0 lets the decoder choose.
+        stats: gets the keyframes decoded (ticks without a keyframe are the mode's, not
+            missed ones).
 
     Yields:
         Samples in time order; ``pts_s`` is the keyframe's own presentation time.
 
     Raises:
-        FootageError: the file cannot be used (possibly after some samples were yielded).
+        FootageError: the file cannot be used (possibly after some samples were yielded;
+            also: it holds no frame).
     """
     path = Path(path)
     with open_container(path) as container:
@@ -484,8 +488,10 @@ def sample_keyframes(
         stream.codec_context.skip_frame = "NONKEY"
         reader = _SeiReader(stream)
         state = {"decoded": 0, "exhausted": False}
+        stats = stats if stats is not None else ClipStats()
         last_k = -1
         for item in _pyav_frames(path, container, stream, reader, state):
+            stats.decoded = state["decoded"]
             if item.pts_s >= limit_s:
                 return
             k = round(item.pts_s * sample_fps)
@@ -493,3 +499,7 @@ def sample_keyframes(
                 continue
             last_k = k
             yield Sample(k, k / sample_fps, item.pts_s, item.frame, reader.telemetry(item.pts))
+        stats.decoded = state["decoded"]
+        # Only keyframes are decoded, so the index's frame count says nothing of a cut;
+        # a clip with no frame at all is still said to be one.
+        _check_complete(path, state["decoded"], 0, state["exhausted"])

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from stages.decode import (
     ClipInfo,
+    ClipStats,
     Sample,
     _Candidate,
     _SeiReader,
@@ -115,11 +116,15 @@ def timeline(path: Path) -> Timeline:
 
 
 def wanted(
-    line: Timeline, sample_fps: float, limit_s: float, tolerance_s: float | None = None
+    line: Timeline, sample_fps: float, limit_s: float, tolerance_s: float | None = None,
+    missed: list[float] | None = None,
 ) -> list[tuple[int, float, _Candidate]]:
-    """The (tick index, tick time, frame) picks of a clip, as the PyAV path makes them."""
-    tolerance_s = tolerance_s if tolerance_s is not None else half_interval(line.info.fps)
-    return list(pick_nearest(iter(line.candidates), 1.0 / sample_fps, tolerance_s, limit_s))
+    """The (tick index, tick time, frame) picks of a clip, as the PyAV path makes them (by
+    default a tolerance of half the local frame spacing); ``missed`` gets the tick times
+    that had no frame near."""
+    nominal = half_interval(line.info.fps)
+    return list(pick_nearest(iter(line.candidates), 1.0 / sample_fps, tolerance_s, limit_s, nominal_s=nominal,
+                             missed=missed))  # fmt: skip
 
 
 class NvdecSampler:
@@ -145,15 +150,20 @@ class NvdecSampler:
         self.quality = quality
 
     def sample(self, path: str | Path, *, sample_fps: float, limit_s: float = float("inf"),
-               line: Timeline | None = None) -> Iterator[Sample]:  # fmt: skip
+               line: Timeline | None = None, stats: ClipStats | None = None) -> Iterator[Sample]:  # fmt: skip
         """Yield one ``Sample`` per tick, its ``image`` an ``Encoded`` JPEG (see the module docstring).
+        ``stats`` gets the frames the index promises and the ticks without a frame near.
 
         Raises:
             FootageError: NVDEC cannot open or decode the clip.
         """
         path = Path(path)
         line = line or timeline(path)
-        picks = wanted(line, sample_fps, limit_s)
+        stats = stats if stats is not None else ClipStats()
+        missed: list[float] = []
+        picks = wanted(line, sample_fps, limit_s, missed=missed)
+        stats.expected = stats.decoded = len(line.candidates)
+        stats.missed = missed
         by_index = {item.frame: (k, tick, item) for k, tick, item in picks}
         if not picks:
             return

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from fixtures import teslacam as tc
-from stages.decode import ClipInfo, sample_clip
+from stages.decode import ClipInfo, ClipStats, sample_clip, sample_keyframes
 from stages.frames import decode_jpeg, target_size
 from stages.nvdec import choose_decoder, nvdec_refuses, nvdec_unavailable, timeline, wanted
+from stream.errors import FootageError
 from stream.settings import IngestSettings, Settings
 from workers.ingest import IngestHandler
 
@@ -77,6 +78,43 @@ def test_a_clip_nvdec_refuses_is_decoded_by_pyav_with_a_log_line(tmp_path: Path,
     assert [(s.k, s.pts_s) for s in samples] == [(s.k, s.pts_s) for s in sample_clip(clip, sample_fps=5.0)]
     assert handler.fallbacks == 1
     assert "outside NVDEC's h264 range" in caplog.text and clip in caplog.text
+
+
+HOLE = tc.ClipSpec(duration_s=2.5, fps=35.7, gaps_ms=(28,) * 40 + (1000,))
+
+
+def test_the_nvdec_timeline_misses_the_ticks_pyav_misses(tmp_path: Path) -> None:
+    # Given a clip with a 1 s hole in its stream
+    clip = tc.make_drive(tmp_path, minutes=1, cameras=("front",), spec=HOLE).clip(0, "front")
+    # When the timeline picks its ticks, and PyAV samples it
+    missed: list[float] = []
+    picks = wanted(timeline(clip), sample_fps=5.0, limit_s=float("inf"), missed=missed)
+    stats = ClipStats()
+    reference = list(sample_clip(clip, sample_fps=5.0, stats=stats))
+    # Then both take the same frames and miss the same five ticks
+    assert [(k, item.pts_s) for k, _, item in picks] == [(s.k, s.pts_s) for s in reference]
+    assert missed == stats.missed and len(missed) == 5
+
+
+def test_a_clip_nvdec_refuses_keeps_its_sampling_stats(tmp_path: Path) -> None:
+    # Given a clip too small for NVDEC, with a 1 s hole, and a handler told to use NVDEC
+    spec = tc.ClipSpec(duration_s=2.5, size=(40, 32), gaps_ms=HOLE.gaps_ms)
+    clip = str(tc.make_drive(tmp_path, minutes=1, cameras=("front",), spec=spec).clip(0, "front"))
+    handler = IngestHandler(Settings(ingest=IngestSettings(decoder="pyav")), blobs=None)
+    handler.decoder = "nvdec"
+    # When its samples are made through the PyAV fallback
+    stats = ClipStats()
+    samples = list(handler._samples(clip, float("inf"), stats))
+    # Then the stats say what PyAV found: the frames and the five ticks in the hole
+    assert samples and len(stats.missed) == 5 and stats.decoded == stats.expected > 0
+
+
+def test_keyframe_sampling_names_a_header_only_clip(tmp_path: Path) -> None:
+    # Given a clip that holds a header and no frame
+    clip = tc.header_only(tc.make_drive(tmp_path, minutes=1, cameras=("front",)).clip(0, "front"))
+    # When sampled in keyframe mode / Then it is a problem naming the file, as in tick mode
+    with pytest.raises(FootageError, match="holds no frames"):
+        list(sample_keyframes(clip, stats=ClipStats()))
 
 
 def test_a_worker_asked_for_nvdec_without_it_decodes_with_pyav(caplog) -> None:

@@ -370,26 +370,30 @@ class IngestHandler(Handler):
 
     def _samples(self, path: str, limit_s: float, stats: ClipStats | None = None) -> Iterator[Sample]:
         """One clip's samples with the configured sampling and decoder (decoding thread);
-        ``stats`` is filled in by ``sample_clip`` (PyAV and decord)."""
+        ``stats`` is filled in as ``sample_clip`` fills it (frames, missed ticks, fallback)."""
         ing = self.settings.ingest
+        stats = stats if stats is not None else ClipStats()
         if ing.sample == "keyframes":
-            return sample_keyframes(path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads)
+            return sample_keyframes(path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads,
+                                    stats=stats)  # fmt: skip
         if self.decoder == "nvdec" and ing.encoding == "jpeg":
-            return self._nvdec_or_pyav(path, limit_s)
+            return self._nvdec_or_pyav(path, limit_s, stats)
         decoder = "pyav" if self.decoder == "nvdec" else self.decoder
         size = _decord_size(path, ing.long_side) if decoder == "decord" else None
         return sample_clip(path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads,
                            decoder=decoder, size=size, stats=stats)  # fmt: skip
 
-    def _nvdec_or_pyav(self, path: str, limit_s: float) -> Iterator[Sample]:
-        """NVDEC's samples; PyAV's, with a log line, for a clip NVDEC refuses or fails on at once."""
+    def _nvdec_or_pyav(self, path: str, limit_s: float, stats: ClipStats) -> Iterator[Sample]:
+        """NVDEC's samples; PyAV's, with a log line, for a clip NVDEC refuses or fails on at once
+        (or whose index holds no frame: PyAV then says why, as for any clip)."""
         ing = self.settings.ingest
         line = timeline(Path(path))
-        reason = nvdec_refuses(line.info)
+        reason = nvdec_refuses(line.info) or (None if line.candidates else "no frame in the clip's index")
         if reason is None:
             yielded = False
             try:
-                for sample in self._nvdec().sample(path, sample_fps=ing.sample_fps, limit_s=limit_s, line=line):
+                samples = self._nvdec().sample(path, sample_fps=ing.sample_fps, limit_s=limit_s, line=line, stats=stats)
+                for sample in samples:
                     yielded = True
                     yield sample
                 return
@@ -401,7 +405,9 @@ class IngestHandler(Handler):
                 reason = str(exc)
         log.warning("%s: %s; decoding it with PyAV", path, reason)
         self.fallbacks += 1
-        yield from sample_clip(path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads)
+        stats.decoded, stats.expected, stats.missed = 0, 0, []  # what NVDEC noted before failing does not count
+        yield from sample_clip(path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads,
+                               stats=stats)  # fmt: skip
 
     def _nvdec(self) -> NvdecSampler:
         if self._sampler is None:
