@@ -117,12 +117,17 @@ def one_shot(settings: Settings) -> Settings:
     """The settings with fuse's watermark timeout raised to ``RUN_WATERMARK_TIMEOUT_S``,
     unless the settings name one.
 
-    In a run every camera partition ends with ingest's marker (a broken clip too) and a
-    dead worker's entries are taken over, so windows close on watermarks; the timeout only
-    guards against a stalled camera. With per-camera jobs and several processes, cameras
-    of a drive progress unevenly (a camera's job may wait for a free ingest process, and
-    detect drains its partitions in turn), and the 30 s default closed windows before a
-    late camera's frames came (seen on the sample drive, 2 cores, ingest=2).
+    In a run every camera partition ends with ingest's marker (a broken clip, a
+    dead-lettered job or part too) and a dead worker's entries are taken over, so windows
+    close on the drive's progress; the timeout is only fuse's stall guard, which gives up
+    a drive's cameras when no entry of the drive arrived for it (and for
+    ``fuse.stall_lag_factor`` times the observed lag). With per-camera jobs and several
+    processes, cameras of a drive progress unevenly (a camera's job may wait for a free
+    ingest process, and detect drains its partitions in turn): before windows closed on
+    progress, the 30 s default closed windows before a late camera's frames came (seen
+    on the sample drive, 2 cores, ingest=2). Since they do, the raise no longer decides
+    verdicts; it is kept so that a camera job queued behind other drives' jobs is not
+    taken for a stalled camera, at no cost while nothing truly stalls.
     """
     if "watermark_timeout_s" in settings.fuse.model_fields_set:
         return settings
