@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from brokers.base import Broker
 from brokers.blobs import BlobStore
 from brokers.memory import MemoryBlobStore, MemoryBroker, MemoryState
-from brokers.redis import RedisBlobStore, RedisBroker
+from brokers.redis import RedisBlobStore, RedisBroker, client_kwargs_for
 from stream.errors import ConfigError
 from stream.names import DEFAULT_NAMESPACE
 from stream.settings import BrokerSettings
@@ -52,8 +52,10 @@ def connect(
     scheme = urlsplit(url).scheme.lower()
     if scheme in REDIS_SCHEMES:
         # Separate connection pools: blocking reads never queue behind large blob fetches.
+        bounds = settings or BrokerSettings()
+        client_kwargs = {**client_kwargs_for(bounds), **client_kwargs}
         broker = RedisBroker(url=url, namespace=namespace, settings=settings, **client_kwargs)
-        return broker, RedisBlobStore(url, namespace=namespace, **client_kwargs)
+        return broker, RedisBlobStore(url, namespace=namespace, fetch_keys=bounds.blob_fetch_keys, **client_kwargs)
     if scheme == MEMORY_SCHEME:
         return memory_pair(memory_name(url), namespace=namespace, settings=settings)
     message = f"broker URL {url!r}: scheme must be one of redis, rediss, unix, memory"

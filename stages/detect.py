@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 
+from stages.devices import resolve_device
 from stream.errors import InputError, ModelError
 from stream.schemas import Detection
 from stream.settings import DetectSettings
@@ -180,7 +181,7 @@ class Detector:
     def __init__(self, settings: DetectSettings, *, profile: bool = False) -> None:
         self.settings = settings
         self.profile = profile
-        self.device = torch.device(settings.device)
+        self.device = torch.device(resolve_device(settings.device))
         self.cuda = self.device.type == "cuda"
         self.half = settings.half and self.cuda
         self.dtype = torch.float16 if self.half else torch.float32

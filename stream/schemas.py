@@ -80,6 +80,10 @@ class Job(Message):
     #: The car's cameras (every camera seen in the footage folder): a camera of these with
     #: no clip in a minute of this drive is reported as absent there.
     car_cameras: list[str] = Field(default_factory=list)
+    #: The cameras this job decodes; empty: all of the drive's. A drive split into
+    #: per-camera jobs (``stages.jobs.split_job``) keeps every clip in each job, so each
+    #: knows the whole drive; the last job to finish publishes the drive's "ended" markers.
+    cameras: list[str] = Field(default_factory=list)
 
 
 class FrameRef(Message):

@@ -43,6 +43,13 @@ class BrokerSettings(BaseModel):
     blob_ttl_s: int = 3600
     frame_partitions: int = 16
     fuse_partitions: int = 8
+    #: Seconds a Redis command may wait for its reply before the server counts as
+    #: unreachable. At full load a blob fetch queues behind many others: redis-py's
+    #: default (none) hid dead servers, and short values cut healthy fetches.
+    socket_timeout_s: float = 30.0
+    socket_connect_timeout_s: float = 10.0
+    #: Frame blobs per MGET; larger fetches are split (one round trip still).
+    blob_fetch_keys: int = Field(default=64, ge=1)
 
 
 class WorkerSettings(BaseModel):
@@ -67,12 +74,28 @@ class WorkerSettings(BaseModel):
 class IngestSettings(BaseModel):
     """Decoding, sampling and publishing of footage."""
 
-    decoder: str = "pyav"  # pyav | decord
+    #: ``pyav`` (CPU), ``decord``, ``nvdec`` (NVIDIA PyNvVideoCodec: decode, resize and
+    #: JPEG-encode on the GPU; a clip NVDEC cannot take falls back to PyAV), or ``auto``
+    #: (``roadstream run`` gives some ingest processes NVDEC on a GPU box with the library,
+    #: the rest PyAV; a lone worker takes NVDEC when it can, else PyAV without a warning).
+    decoder: str = "auto"
+    #: ``ticks``: every frame is decoded and one taken per tick (``sample_fps``).
+    #: ``keyframes``: only keyframes are decoded (about one a second on TeslaCam clips),
+    #: each put on its nearest tick: a fast first pass.
+    sample: Literal["ticks", "keyframes"] = "ticks"
     sample_fps: float = 5.0
     long_side: int = 640
     encoding: str = "jpeg"  # jpeg | raw
     jpeg_quality: int = 85
     decoder_threads: int = 0  # 0: the decoder's own choice
+    #: The GPU an NVDEC ingest worker decodes on (``roadstream run`` spreads them).
+    nvdec_device: str = "cuda:0"
+    #: ``roadstream submit``'s jobs: ``drive``, one per drive; ``camera``, one per (drive,
+    #: camera), so several ingest processes share a drive (each partition still gets its
+    #: frames in order; the drive ends when all its jobs did) — then raise
+    #: ``fuse.watermark_timeout_s`` to cover how far apart a drive's cameras may run.
+    #: ``roadstream run`` splits by camera whenever it has several ingest processes.
+    split: Literal["camera", "drive"] = "drive"
     roots: list[str] = Field(default_factory=list)  # footage paths must lie under these
 
 
@@ -83,7 +106,10 @@ class DetectSettings(BaseModel):
     #: ``roadstream run`` uses the shipped ``stages/models/cones_yolo11n.pt`` when this is
     #: not set; a bare worker keeps this default (random weights: tests, benchmarks).
     model: str = "yolo11n.yaml"
-    device: str = "cpu"
+    #: ``auto``: the first GPU when torch sees one, else the CPU (as ultralytics does);
+    #: or a torch device (``cpu``, ``cuda:1``). ``roadstream run`` gives each of several
+    #: detect processes a GPU of its own.
+    device: str = "auto"
     imgsz: int = 640
     #: Pad each batch to the smallest stride-multiple rectangle instead of imgsz × imgsz.
     rect: bool = True

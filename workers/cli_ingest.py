@@ -22,10 +22,14 @@ NO_FOOTAGE_EXIT = 2
 console = Console(stderr=True)
 
 
-async def submit_jobs(url: str, namespace: str, drives: list, broker_settings, progress=None) -> list[str]:
-    """Publish one job per drive; returns the entry id of each (the old one for a repeat)."""
+async def submit_jobs(url: str, namespace: str, drives: list, broker_settings, progress=None,
+                      split: str = "drive") -> list[str]:  # fmt: skip
+    """Publish each drive's jobs (``split``: one per drive, or per camera, ``stages.jobs``);
+    returns the entry id of each (the old one for a repeat)."""
     from brokers.connect import connect
-    from stream import codec, ids, names
+    from stages.jobs import split_job
+    from stream import codec, names
+    from workers.run import submit_key
 
     broker, blobs = connect(url, namespace=namespace, settings=broker_settings)
     stream = names.stream_name(names.JOBS, ns=namespace)
@@ -33,8 +37,8 @@ async def submit_jobs(url: str, namespace: str, drives: list, broker_settings, p
     try:
         await broker.ensure_group(stream, names.INGEST)
         for drive in drives:
-            job = drive.to_job(submitted_utc=time.time())
-            entry_ids.append(await broker.publish(stream, codec.encode(job), dedupe_key=ids.output_key("submit", drive.drive_id)))
+            for job in split_job(drive.to_job(submitted_utc=time.time()), split):
+                entry_ids.append(await broker.publish(stream, codec.encode(job), dedupe_key=submit_key(job)))
             if progress is not None:
                 progress()
     finally:
@@ -63,7 +67,7 @@ def register(cli: click.Group) -> None:
     @click.option("--dry-run", is_flag=True, help="Only list the drives found.")
     @click.pass_context
     def submit(ctx: click.Context, footage: str, redis: str | None, dry_run: bool) -> None:
-        """Find the drives in FOOTAGE and queue one ingest job per drive."""
+        """Find the drives in FOOTAGE and queue their ingest jobs (per drive, or per camera: ``ingest.split``)."""
         from stages.discover import discover
         from stream.errors import FootageError
         from workers.cli import settings_from
@@ -86,13 +90,13 @@ def register(cli: click.Group) -> None:
         if dry_run:
             return
         entry_ids = _submit_with_progress(settings, found.drives)
-        click.echo(f"queued {len(entry_ids)} drive(s) on {settings.namespace}:jobs "
+        click.echo(f"queued {len(found.drives)} drive(s) as {len(entry_ids)} job(s) on {settings.namespace}:jobs "
                    f"({found.duplicates} repeated minute(s) skipped)")
 
 
 def _submit_with_progress(settings, drives: list) -> list[str]:
     run = lambda step: asyncio.run(  # noqa: E731 - one place for both branches
-        submit_jobs(settings.redis_url, settings.namespace, drives, settings.broker, step)
+        submit_jobs(settings.redis_url, settings.namespace, drives, settings.broker, step, settings.ingest.split)
     )
     if not console.is_terminal:
         return run(None)

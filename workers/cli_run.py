@@ -9,6 +9,7 @@ import sys
 import click
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 #: Exit code when there is nothing to run on (as ``roadstream submit``).
@@ -49,12 +50,18 @@ def register(cli: click.Group) -> None:
     @click.option("--out", "out_dir", default="roadstream-out", show_default=True, type=click.Path(file_okay=False),
                   help="Output folder (verdicts.jsonl, drives.jsonl, drives.geojson, report.html).")  # fmt: skip
     @click.option("--timeout", "timeout_s", type=float, default=None, help="Give up after this many seconds.")
+    @click.option("--workers", "workers", default=None, metavar="1|STAGE=N,…",
+                  help="Worker processes: 1 runs every stage in this process; ingest=12,detect=2 "
+                       "overrides the plan made from the cores and GPUs.")  # fmt: skip
     @click.pass_context
-    def run(ctx: click.Context, footage: str, redis: str | None, out_dir: str, timeout_s: float | None) -> None:
+    def run(ctx: click.Context, footage: str, redis: str | None, out_dir: str, timeout_s: float | None,
+            workers: str | None) -> None:  # fmt: skip
         """Run every stage over FOOTAGE and write the verdicts and a report.
 
         Without --redis (or ROADSTREAM_REDIS_URL) a private redis-server is started on a
-        Unix socket when one is installed, else the embedded in-process broker is used.
+        Unix socket when one is installed, else the embedded in-process broker is used
+        (which runs every stage in this process). Worker processes per stage follow the
+        cores and GPUs found, shown in one line; --workers overrides them.
         """
         from stream.errors import FootageError, RoadstreamError
         from workers.run import NoFootage, run_footage, shipped_models
@@ -71,8 +78,9 @@ def register(cli: click.Group) -> None:
         progress = (lambda workers, drives: live.update(_progress_table(workers, drives))) if live else None
         try:
             with live or contextlib.nullcontext():
-                result = run_footage(footage, settings, out_dir, url=url, progress=progress, timeout_s=timeout_s,
-                                     on_broker=lambda u: console.print(f"broker: {u}"))  # fmt: skip
+                result = run_footage(footage, settings, out_dir, url=url, workers=workers, progress=progress,
+                                     timeout_s=timeout_s, on_broker=lambda u: console.print(f"broker: {u}"),
+                                     on_plan=lambda plan: console.print(escape(plan.describe())))  # fmt: skip
         except (FootageError, NoFootage) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(NO_FOOTAGE_EXIT)

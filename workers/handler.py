@@ -63,6 +63,12 @@ class Publisher(Protocol):
     async def publish(self, outputs: Sequence[Output]) -> None:
         """Publish now (idempotently, by each output's dedupe key)."""
 
+    async def put_value(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
+        """Store a small value in the broker (a split drive's per-camera records)."""
+
+    async def get_value(self, key: str) -> bytes | None:
+        """Read a small value; ``None`` when absent or expired."""
+
     async def wait_for_room(self, hop: str, partition: int | None = None) -> None:
         """Backpressure: wait while that hop's backlog or the blob bytes in flight are too high."""
 

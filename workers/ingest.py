@@ -16,12 +16,20 @@ cut or unreadable clips, a camera of the car with no clip in a minute, ticks a c
 no frame for, telemetry without a GPS fix, a clip decord could not read. Only a job outside
 the allowed footage roots fails (``InputError``); a job dead-lettered for good still ends
 its drive (``dead_lettered``). Minutes are placed by their UTC starts (``minute_offsets``).
+
+A drive split into per-camera jobs (``Job.cameras``, ``stages.jobs``) decodes only its
+cameras; each part stores their records and the part that completes the drive publishes
+the merged "ended" markers (``workers.ingest_parts``), which say what one whole-drive job
+would: problems, missing and absent minutes, missed ticks, the car's absent cameras. A
+dead-lettered part ends only its own cameras and stores failed records, so the drive
+still ends once every part has finished or failed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -31,16 +39,21 @@ from datetime import datetime
 from pathlib import Path
 
 from brokers.blobs import BlobStore
-from stages.decode import ClipStats, Sample, clip_info, display_rotation, open_container, sample_clip
-from stages.discover import CAMERAS, STAMP_FORMAT
+from stages.decode import ClipStats, Sample, clip_info, display_rotation, open_container, sample_clip, sample_keyframes
+from stages.discover import STAMP_FORMAT
 from stages.frames import Encoded, encode_frame, target_size
 from stages import sei
+from stages.jobs import drive_cameras, job_cameras
+from stages.nvdec import NvdecSampler, choose_decoder, nvdec_refuses, nvdec_unavailable, timeline
 from stream import ids
 from stream.errors import FootageError, InputError
 from stream.names import DRIVES, FRAMES, INGEST, JOBS, frame_partition
 from stream.schemas import DriveMarker, FrameRef, Job, Telemetry
 from stream.settings import Settings
 from workers.handler import BatchResult, Delivery, Handler, Output
+from workers.ingest_parts import RECORD_TTL_MS, CameraRecord, merge, record_key
+
+log = logging.getLogger("roadstream.ingest")
 
 #: Frames per blob write and publish round trip.
 CHUNK = 32
@@ -89,6 +102,11 @@ class DriveProgress:
     first_utc: float | None = None
     last_utc: float | None = None
     minutes: int = 0
+    # Where problems and the first/last UTC came from, (minute index, camera): what a
+    # drive split into per-camera jobs needs to merge its markers (``workers.ingest_parts``).
+    problem_at: list[tuple[int, str]] = field(default_factory=list)
+    first_at: tuple[int, str] | None = None
+    last_at: tuple[int, str] | None = None
 
     def lacks(self, camera: str, minute: str) -> None:
         """Note a camera minute that gave no frame."""
@@ -139,6 +157,12 @@ class IngestHandler(Handler):
         self.settings = settings
         self.blobs = blobs
         self.frames_published = 0
+        self.fallbacks = 0  # clips NVDEC refused or failed on, decoded with PyAV instead
+        self._sampler: NvdecSampler | None = None
+        asked = settings.ingest.decoder
+        self.decoder, note = choose_decoder(asked, nvdec_unavailable() if asked in ("auto", "nvdec") else None)
+        if note is not None:  # asked for nvdec by name: worth a warning; auto: a note
+            log.log(logging.WARNING if asked == "nvdec" else logging.INFO, note)
 
     async def handle(self, batch: list[Delivery]) -> BatchResult:
         """Ingest each job of the batch; a job outside the footage roots fails alone."""
@@ -162,13 +186,14 @@ class IngestHandler(Handler):
             InputError: a clip lies outside ``settings.ingest.roots``.
         """
         self.check_roots(job)
-        cameras = [c for c in CAMERAS if any(c in clip.files for clip in job.clips)]
+        cameras = drive_cameras(job)
+        mine = job_cameras(job)  # all of them unless the drive was split into parts
         progress = DriveProgress(cameras, {c: 0 for c in cameras}, minutes=len(job.clips))
-        await self._publish_markers(job, self._marker(job, "started", progress))
+        await self._publish_markers(job, self._marker(job, "started", progress), mine)
         pool = _Encoders()
         try:
             taken = 0  # frames of the current camera minute
-            pieces = _in_thread(lambda: self._decode_drive(job, cameras, pool), AHEAD)
+            pieces = _in_thread(lambda: self._decode_drive(job, mine, pool), AHEAD)
             async with contextlib.aclosing(pieces):  # a failure stops the decoding thread at once
                 async for piece in pieces:
                     taken += await self._take(job, piece, progress)
@@ -181,28 +206,92 @@ class IngestHandler(Handler):
                         taken = 0
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
-        for camera in [c for c in job.car_cameras if c not in cameras]:
-            # A camera of the car that recorded nothing in this drive: said, not expected.
-            progress.absent[camera] = [clip.start for clip in job.clips]
-            progress.missing[camera] = [clip.start for clip in job.clips]
+        if job.cameras:
+            return await self._finish_part(job, mine, progress)
+        _add_car_absent(job, progress)
         ended = self._marker(job, "ended", progress)
         await self._publish_markers(job, ended)
         return ended
 
     async def dead_lettered(self, message: Job, error: str) -> list[Output]:
-        """A job that failed for good ends its drive on every camera partition (and the
-        drives hop) with the failure as its problem, so fuse closes the drive's windows on
-        what arrived instead of waiting out its stall guard. A job refused for its roots
-        published nothing and gets nothing."""
+        """A job that failed for good ends what it was to publish, with the failure as its
+        problem, so fuse closes the drive's windows on what arrived instead of waiting out
+        its stall guard. A whole drive's job ends every camera partition (and the drives
+        hop). A part of a split drive ends only its own cameras: it stores their records
+        (marked failed) like a finished part, so the drive still ends once every part has
+        finished or failed; the part (or this hook) that completes it publishes the merged
+        markers on every camera. A job refused for its roots published nothing and gets
+        nothing."""
         try:
             self.check_roots(message)
         except InputError:
             return []
-        cameras = [c for c in CAMERAS if any(c in clip.files for clip in message.clips)]
+        cameras = drive_cameras(message)
         progress = DriveProgress(cameras, minutes=len(message.clips))
-        progress.problems.append(f"{message.root}: ingest of this drive failed and was dead-lettered ({error}); "
-                                 "frames after the failure were not published")  # fmt: skip
-        return self._marker_outputs(message, self._marker(message, "ended", progress))
+        if not message.cameras:
+            progress.problems.append(f"{message.root}: ingest of this drive failed and was dead-lettered ({error}); "
+                                     "frames after the failure were not published")  # fmt: skip
+            return self._marker_outputs(message, self._marker(message, "ended", progress))
+        mine = job_cameras(message)
+        problem = (f"{message.root}: ingest of camera(s) {', '.join(mine)} of this drive failed and was "
+                   f"dead-lettered ({error}); frames after the failure were not published")  # fmt: skip
+        ns = self.settings.namespace
+        for camera in mine:
+            key = record_key(ns, message.drive_id, camera)
+            if await self.publisher.get_value(key) is None:  # a part that finished before failing keeps its record
+                mark = [(len(message.clips), problem)] if camera == mine[0] else []
+                await self.publisher.put_value(key, CameraRecord(problems=mark, failed=True).encode(), RECORD_TTL_MS)
+        whole = await self._merged(message)
+        if whole is not None:  # this failure completed the drive: every camera ends, merged
+            return self._marker_outputs(message, self._marker(message, "ended", whole))
+        # Other parts still run: only this part's cameras end now, and not on the drives
+        # hop, whose one "ended" copy (deduplicated) is the merged one still to come.
+        progress.problems.append(problem)
+        return self._marker_outputs(message, self._marker(message, "ended", progress), mine, hop=False)
+
+    async def _finish_part(self, job: Job, mine: list[str], progress: DriveProgress) -> DriveMarker | None:
+        """Store this part's camera records; the part that completes the drive ends it.
+
+        Returns:
+            The "ended" marker when this part published it, else ``None``.
+        """
+        ns = self.settings.namespace
+        for camera in mine:
+            record = _camera_record(progress, camera)
+            await self.publisher.put_value(record_key(ns, job.drive_id, camera), record.encode(), RECORD_TTL_MS)
+        whole = await self._merged(job)
+        if whole is None:
+            return None  # another part is still running: it will end the drive
+        ended = self._marker(job, "ended", whole)
+        await self._publish_markers(job, ended)
+        return ended
+
+    async def _merged(self, job: Job) -> DriveProgress | None:
+        """The whole drive's progress from its cameras' records; ``None`` while one lacks.
+
+        It reports what one whole-drive job would: the merged records, the cameras absent
+        from some minutes (from the clip list, in publishing order), and the car's cameras
+        absent from the whole drive (written once, here).
+        """
+        cameras = drive_cameras(job)
+        records = {}
+        for camera in cameras:
+            data = await self.publisher.get_value(record_key(self.settings.namespace, job.drive_id, camera))
+            if data is None:
+                return None
+            records[camera] = CameraRecord.decode(data)
+        merged = merge(cameras, records)
+        whole = DriveProgress(
+            cameras, frame_counts=merged.frame_counts, ticks=merged.ticks, missing=merged.missing,
+            missed_ticks=merged.missed_ticks, problems=merged.problems, first_utc=merged.first_utc,
+            last_utc=merged.last_utc, minutes=len(job.clips),
+        )
+        for clip in job.clips:
+            for camera in cameras:
+                if camera not in clip.files:
+                    whole.absent.setdefault(camera, []).append(clip.start)
+        _add_car_absent(job, whole)
+        return whole
 
     def check_roots(self, job: Job) -> None:
         """Refuse a job whose footage lies outside the configured roots.
@@ -226,9 +315,15 @@ class IngestHandler(Handler):
         if shots:
             utc = await _result(piece.utc)
             await self._publish_chunk(job, piece.camera, job.clips[piece.index].start, shots, utc, progress)
-        progress.problems.extend(piece.problems)
+            if utc is not None:  # its frames have a UTC: the last one is the drive's last so far
+                progress.last_at = (piece.index, piece.camera)
+        for problem in piece.problems:
+            progress.problems.append(problem)
+            progress.problem_at.append((piece.index, piece.camera))
         if piece.missed:
             progress.missed_ticks[piece.camera] = progress.missed_ticks.get(piece.camera, 0) + piece.missed
+        if progress.first_utc is not None and progress.first_at is None:
+            progress.first_at = (piece.index, piece.camera)
         return len(shots)
 
     def _decode_drive(self, job: Job, cameras: list[str], pool: _Encoders) -> Iterator[_Piece]:
@@ -253,12 +348,7 @@ class IngestHandler(Handler):
         stats = ClipStats()
         problems: list[str] = []
         try:
-            size = _decord_size(path, ing.long_side) if ing.decoder == "decord" else None
-            samples = sample_clip(
-                path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads,
-                decoder=ing.decoder, size=size, stats=stats,
-            )
-            for sample in samples:
+            for sample in self._samples(path, limit_s, stats):
                 if sample.telemetry is not None and sample.telemetry.lat is None:
                     stats.no_fix += 1
                 shots.append(pool.submit_frame(self._encode, tick0 + sample.k, sample))
@@ -273,8 +363,57 @@ class IngestHandler(Handler):
 
     def _encode(self, tick: int, sample: Sample) -> _Shot:
         ing = self.settings.ingest
+        if isinstance(sample.image, Encoded):  # NVDEC: resized and encoded on the GPU already
+            return _Shot(tick, sample.pts_s, sample.telemetry, sample.image)
         pixels = encode_frame(sample.image, long_side=ing.long_side, encoding=ing.encoding, quality=ing.jpeg_quality)
         return _Shot(tick, sample.pts_s, sample.telemetry, pixels)
+
+    def _samples(self, path: str, limit_s: float, stats: ClipStats | None = None) -> Iterator[Sample]:
+        """One clip's samples with the configured sampling and decoder (decoding thread);
+        ``stats`` is filled in as ``sample_clip`` fills it (frames, missed ticks, fallback)."""
+        ing = self.settings.ingest
+        stats = stats if stats is not None else ClipStats()
+        if ing.sample == "keyframes":
+            return sample_keyframes(path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads,
+                                    stats=stats)  # fmt: skip
+        if self.decoder == "nvdec" and ing.encoding == "jpeg":
+            return self._nvdec_or_pyav(path, limit_s, stats)
+        decoder = "pyav" if self.decoder == "nvdec" else self.decoder
+        size = _decord_size(path, ing.long_side) if decoder == "decord" else None
+        return sample_clip(path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads,
+                           decoder=decoder, size=size, stats=stats)  # fmt: skip
+
+    def _nvdec_or_pyav(self, path: str, limit_s: float, stats: ClipStats) -> Iterator[Sample]:
+        """NVDEC's samples; PyAV's, with a log line, for a clip NVDEC refuses or fails on at once
+        (or whose index holds no frame: PyAV then says why, as for any clip)."""
+        ing = self.settings.ingest
+        line = timeline(Path(path))
+        reason = nvdec_refuses(line.info) or (None if line.candidates else "no frame in the clip's index")
+        if reason is None:
+            yielded = False
+            try:
+                samples = self._nvdec().sample(path, sample_fps=ing.sample_fps, limit_s=limit_s, line=line, stats=stats)
+                for sample in samples:
+                    yielded = True
+                    yield sample
+                return
+            except Exception as exc:  # the GPU path is never worth a failed job
+                if yielded:  # part of the clip is published: PyAV cannot take over mid-way
+                    if isinstance(exc, FootageError):
+                        raise
+                    raise FootageError(Path(path), f"NVDEC stopped ({exc})") from exc
+                reason = str(exc)
+        log.warning("%s: %s; decoding it with PyAV", path, reason)
+        self.fallbacks += 1
+        stats.decoded, stats.expected, stats.missed = 0, 0, []  # what NVDEC noted before failing does not count
+        yield from sample_clip(path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads,
+                               stats=stats)  # fmt: skip
+
+    def _nvdec(self) -> NvdecSampler:
+        if self._sampler is None:
+            ing = self.settings.ingest
+            self._sampler = NvdecSampler(ing.nvdec_device, long_side=ing.long_side, quality=ing.jpeg_quality)
+        return self._sampler
 
     async def _publish_chunk(
         self, job: Job, camera: str, minute: str, shots: list[_Shot], created: float | None,
@@ -318,14 +457,17 @@ class IngestHandler(Handler):
             est_lat=position.lat if position else None, est_lon=position.lon if position else None,
         )
 
-    async def _publish_markers(self, job: Job, marker: DriveMarker) -> None:
-        await self.publisher.publish(self._marker_outputs(job, marker))
+    async def _publish_markers(self, job: Job, marker: DriveMarker, cameras: list[str] | None = None) -> None:
+        await self.publisher.publish(self._marker_outputs(job, marker, cameras))
 
-    def _marker_outputs(self, job: Job, marker: DriveMarker) -> list[Output]:
+    def _marker_outputs(
+        self, job: Job, marker: DriveMarker, cameras: list[str] | None = None, *, hop: bool = True
+    ) -> list[Output]:
         # In band on each camera's partition (after its last frame for "ended"), and once
-        # on the drives hop for whoever tracks drives as a whole.
-        outputs = [Output(DRIVES, marker, ids.output_key(INGEST, job.drive_id, marker.event))]
-        for camera in marker.cameras:
+        # on the drives hop for whoever tracks drives as a whole. A part of a split drive
+        # starts only its own cameras' partitions (the drives hop copy is deduplicated).
+        outputs = [Output(DRIVES, marker, ids.output_key(INGEST, job.drive_id, marker.event))] if hop else []
+        for camera in marker.cameras if cameras is None else cameras:
             partition = frame_partition(job.drive_id, camera, self.settings.broker.frame_partitions)
             copy = marker.copy_with(camera=camera)
             outputs.append(Output(FRAMES, copy, ids.output_key(INGEST, job.drive_id, marker.event, camera), partition))
@@ -360,6 +502,26 @@ def clip_notes(path: str, stats: ClipStats) -> list[str]:
         notes.append(f"{path}: {len(stats.missed)} tick(s) had no frame within half the local frame spacing "
                      f"(at {at} s into the clip): a hole in the stream")  # fmt: skip
     return notes
+
+
+def _camera_record(progress: DriveProgress, camera: str) -> CameraRecord:
+    """One camera's share of a part's progress (a part may decode several cameras)."""
+    problems = [(i, p) for (i, c), p in zip(progress.problem_at, progress.problems, strict=True) if c == camera]
+    first = progress.first_at if progress.first_at and progress.first_at[1] == camera else None
+    last = progress.last_at if progress.last_at and progress.last_at[1] == camera else None
+    return CameraRecord(
+        frames=progress.frame_counts.get(camera, 0), ticks=sorted(progress.ticks),
+        missing=list(progress.missing.get(camera, [])), problems=problems,
+        first=(first[0], progress.first_utc) if first else None, last=(last[0], progress.last_utc) if last else None,
+        missed_ticks=progress.missed_ticks.get(camera, 0),
+    )
+
+
+def _add_car_absent(job: Job, progress: DriveProgress) -> None:
+    """A camera of the car that recorded nothing in this drive: said (absent, missing), not expected."""
+    for camera in [c for c in job.car_cameras if c not in progress.cameras]:
+        progress.absent[camera] = [clip.start for clip in job.clips]
+        progress.missing[camera] = [clip.start for clip in job.clips]
 
 
 def _creation_utc(path: str) -> float | None:

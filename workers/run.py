@@ -6,10 +6,13 @@
 2. Pick the broker: the given URL; else a private ``redis-server`` on a Unix socket in a
    temporary folder when one is on the PATH (stopped at the end); else the in-process
    ``MemoryBroker``.
-3. Run one worker of each stage as asyncio tasks (vera and vlm only when a VLM backend
-   is configured), submit one ingest job per drive, and wait until every drive is done:
-   its ``DriveSummary`` arrived, or ingest's drive-ended marker says it has no frames at
-   all, or its job was dead-lettered.
+3. Plan the workers from the cores and GPUs (``workers.plan``; ``--workers`` overrides)
+   and start them: as ``roadstream worker STAGE`` processes (``workers.children``), or, for
+   a single plan or the embedded broker, one worker of each stage as asyncio tasks here
+   (vera and vlm only when a VLM backend is configured). Submit the drives' ingest jobs
+   (one per camera with several ingest processes, longest drives first) and wait until
+   every drive is done: its ``DriveSummary`` arrived, or ingest's drive-ended marker says
+   it has no frames at all, or a job of it was dead-lettered.
 4. Collect verdicts and summaries, fetch the key frames of roadwork windows, and write
    ``verdicts.jsonl``, ``drives.jsonl`` (drive summaries), ``drives.geojson`` and ``report.html``.
 """
@@ -32,11 +35,14 @@ from brokers.base import Broker
 from brokers.blobs import BlobStore
 from brokers.connect import connect, forget_memory
 from stages.discover import Discovery, FoundDrive, discover
+from stages.jobs import part_name, split_job
 from stages.report import thumbnail_keys, write_report
 from stream import codec, ids, names
-from stream.errors import DecodeError, RoadstreamError
+from stream.errors import ConfigError, DecodeError, RoadstreamError
 from stream.schemas import DeadLetter, DriveMarker, DriveSummary, Job, Verdict
-from stream.settings import Settings
+from stream.settings import BrokerSettings, Settings
+from workers.children import ChildFailed, Children
+from workers.plan import Plan, machine_plan, parse_workers
 from workers.runtime import Worker
 from workers.supervisor import build_workers
 
@@ -47,6 +53,10 @@ SHIPPED_SCORER = MODELS_DIR / "scorer.pt"
 
 #: Seconds to wait for a private redis-server to accept connections.
 REDIS_START_S = 10.0
+#: Fuse's watermark timeout in a run (``one_shot``).
+RUN_WATERMARK_TIMEOUT_S = 900.0
+#: Memory of the private redis-server beyond the frame blobs: streams, dedupe keys.
+REDIS_BASE_BYTES = 512 * 1024 * 1024
 POLL_S = 0.1
 
 
@@ -84,6 +94,7 @@ class RunResult:
     paths: dict[str, Path] = field(default_factory=dict)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
+    plan: Plan | None = None
 
 
 def shipped_models(settings: Settings) -> Settings:
@@ -102,6 +113,29 @@ def shipped_models(settings: Settings) -> Settings:
     return settings.model_copy(update={"detect": settings.detect.model_copy(update=missing)})
 
 
+def one_shot(settings: Settings) -> Settings:
+    """The settings with fuse's watermark timeout raised to ``RUN_WATERMARK_TIMEOUT_S``,
+    unless the settings name one.
+
+    In a run every camera partition ends with ingest's marker (a broken clip, a
+    dead-lettered job or part too) and a dead worker's entries are taken over, so windows
+    close on the drive's progress; the timeout is only fuse's stall guard, which gives up
+    a drive's cameras when no entry of the drive arrived for it (and for
+    ``fuse.stall_lag_factor`` times the observed lag). With per-camera jobs and several
+    processes, cameras of a drive progress unevenly (a camera's job may wait for a free
+    ingest process, and detect drains its partitions in turn): before windows closed on
+    progress, the 30 s default closed windows before a late camera's frames came (seen
+    on the sample drive, 2 cores, ingest=2). Since they do, the raise no longer decides
+    verdicts; it is kept so that a camera job queued behind other drives' jobs is not
+    taken for a stalled camera, at no cost while nothing truly stalls.
+    """
+    if "watermark_timeout_s" in settings.fuse.model_fields_set:
+        return settings
+    timeout = max(settings.fuse.watermark_timeout_s, RUN_WATERMARK_TIMEOUT_S)
+    fuse = settings.fuse.model_copy(update={"watermark_timeout_s": timeout})
+    return settings.model_copy(update={"fuse": fuse})
+
+
 def stages_for(settings: Settings) -> list[str]:
     """The stages this run needs: vera and vlm only with a VLM backend configured."""
     stages = [names.INGEST, names.DETECT]
@@ -111,16 +145,19 @@ def stages_for(settings: Settings) -> list[str]:
 
 
 @contextlib.contextmanager
-def private_redis() -> Iterator[str | None]:
-    """A throwaway ``redis-server`` on a Unix socket; yields its URL, or ``None`` without one."""
+def private_redis(broker: BrokerSettings | None = None) -> Iterator[str | None]:
+    """A throwaway ``redis-server`` on a Unix socket; yields its URL, or ``None`` without one.
+
+    Parameters:
+        broker: transport bounds; the server's memory bound follows ``max_blob_bytes``.
+    """
     binary = shutil.which("redis-server")
     if binary is None:
         yield None
         return
     with tempfile.TemporaryDirectory(prefix="roadstream-") as folder:
         socket = Path(folder) / "redis.sock"
-        args = [binary, "--port", "0", "--unixsocket", str(socket), "--unixsocketperm", "700",
-                "--save", "", "--appendonly", "no", "--dir", folder, "--logfile", str(Path(folder) / "redis.log")]  # fmt: skip
+        args = [binary, *private_redis_args(socket, Path(folder), broker or BrokerSettings())]
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + REDIS_START_S
@@ -138,13 +175,44 @@ def private_redis() -> Iterator[str | None]:
                 process.kill()
 
 
-async def submit(broker: Broker, drives: list[FoundDrive]) -> None:
-    """One ingest job per drive (deduplicated by drive id, as ``roadstream submit`` does)."""
+def private_redis_args(socket: Path, folder: Path, broker: BrokerSettings) -> list[str]:
+    """Arguments of ``run``'s private ``redis-server``: a one-shot server.
+
+    No persistence (no RDB snapshot, no AOF: a run that dies is run again), a Unix socket
+    only, and a memory bound: twice the blob bytes producers may keep in flight (they
+    overshoot it by the chunks being written when they look) plus ``REDIS_BASE_BYTES`` for
+    streams and dedupe keys. ``noeviction``: past the bound writes fail loudly rather than
+    silently dropping frames or dedupe keys.
+    """
+    maxmemory = 2 * broker.max_blob_bytes + REDIS_BASE_BYTES
+    return ["--port", "0", "--unixsocket", str(socket), "--unixsocketperm", "700",
+            "--save", "", "--appendonly", "no", "--maxmemory", str(maxmemory), "--maxmemory-policy", "noeviction",
+            "--dir", str(folder), "--logfile", str(folder / "redis.log")]  # fmt: skip
+
+
+async def submit(broker: Broker, drives: list[FoundDrive], settings: Settings | None = None,
+                 split: str | None = None) -> None:  # fmt: skip
+    """Queue the drives' ingest jobs: one per camera (``ingest.split``) or one per drive.
+
+    Deduplicated as ``roadstream submit`` does: by drive id, and camera for a part.
+
+    Parameters:
+        split: overrides ``settings.ingest.split`` (``drive`` without settings).
+    """
+    split = split or (settings.ingest.split if settings is not None else "drive")
     stream = names.stream_name(names.JOBS, ns=broker.namespace)
     await broker.ensure_group(stream, names.INGEST)
-    for drive in drives:
-        job = drive.to_job(submitted_utc=time.time())
-        await broker.publish(stream, codec.encode(job), dedupe_key=ids.output_key("submit", drive.drive_id))
+    # Longest drives first: their camera jobs start together (in step) and the short
+    # drives fill the processes that free up (longest-job-first scheduling).
+    for drive in sorted(drives, key=lambda d: -len(d.minutes)):
+        for job in split_job(drive.to_job(submitted_utc=time.time()), split):
+            await broker.publish(stream, codec.encode(job), dedupe_key=submit_key(job))
+
+
+def submit_key(job: Job) -> str:
+    """Dedupe key of a submitted job: the drive, and the cameras of a part."""
+    part = part_name(job)
+    return ids.output_key("submit", job.drive_id, part) if part else ids.output_key("submit", job.drive_id)
 
 
 class _Watcher:
@@ -201,7 +269,7 @@ class _Watcher:
                 state.failure = state.failure or f"ingest failed: {letter.error}"
 
 
-async def _wait(watcher: _Watcher, tasks: list[asyncio.Task], workers: list[Worker],
+async def _wait(watcher: _Watcher, check: Callable[[], None], workers: list[Worker],
                 progress: Callable[[list[Worker], dict[str, DriveState]], None] | None, timeout_s: float | None) -> None:  # fmt: skip
     started = time.monotonic()
     while True:
@@ -210,16 +278,23 @@ async def _wait(watcher: _Watcher, tasks: list[asyncio.Task], workers: list[Work
             progress(workers, watcher.drives)
         if all(s.done for s in watcher.drives.values()):
             return
-        for worker, task in zip(workers, tasks, strict=True):
-            if task.done():
-                error = task.exception() if not task.cancelled() else None
-                message = f"the {worker.group} worker stopped: {error or 'cancelled'}"
-                raise RunError(message)
+        check()
         if timeout_s is not None and time.monotonic() - started > timeout_s:
             waiting = ", ".join(d for d, s in watcher.drives.items() if not s.done)
             message = f"gave up after {timeout_s:.0f} s waiting for drive(s) {waiting}"
             raise RunError(message)
         await asyncio.sleep(POLL_S)
+
+
+def _tasks_alive(workers: list[Worker], tasks: list[asyncio.Task]) -> Callable[[], None]:
+    def check() -> None:
+        for worker, task in zip(workers, tasks, strict=True):
+            if task.done():
+                error = task.exception() if not task.cancelled() else None
+                message = f"the {worker.group} worker stopped: {error or 'cancelled'}"
+                raise RunError(message)
+
+    return check
 
 
 def _start_order(stages: list[str]) -> list[str]:
@@ -253,6 +328,7 @@ async def run_drives(
     url: str,
     out_dir: str | Path,
     *,
+    plan: Plan | None = None,
     progress: Callable[[list[Worker], dict[str, DriveState]], None] | None = None,
     timeout_s: float | None = None,
 ) -> RunResult:
@@ -263,7 +339,11 @@ async def run_drives(
         settings: all settings.
         url: the broker URL.
         out_dir: where the output files go.
-        progress: called every poll with the workers and the drives' states.
+        plan: worker processes per stage (``workers.plan``); ``None`` or a single plan
+            runs one worker of each stage as tasks in this process. A memory broker
+            cannot be shared with other processes: its runs are always single.
+        progress: called every poll with the in-process workers (none with processes)
+            and the drives' states.
         timeout_s: give up after this long (``None``: wait as long as it takes).
 
     Returns:
@@ -277,23 +357,54 @@ async def run_drives(
     broker, blobs = connect(url, namespace=settings.namespace, settings=settings.broker)
     drives = {d.drive_id: DriveState(d) for d in found.drives}
     try:
-        workers = build_workers(dict.fromkeys(_start_order(stages), 1), settings, broker, blobs)
-        tasks: list[asyncio.Task] = []
-        try:
-            await _start(workers, tasks)
-            await submit(broker, found.drives)
-            watcher = _Watcher(broker, drives)
-            await _wait(watcher, tasks, workers, progress, timeout_s)
-        finally:
-            await _stop(workers, tasks)
+        watcher = _Watcher(broker, drives)
+        if plan is None or plan.single or url.startswith("memory"):
+            counts = await _in_process(stages, settings, broker, blobs, found, watcher, progress, timeout_s)
+        else:
+            counts = await _in_children(plan, settings, url, broker, found, watcher, progress, timeout_s)
         result = RunResult(found, url, stages, drives, sorted(watcher.verdicts.values(), key=_order))
-        result.counts = {w.group: dict(w.counts) for w in workers}
+        result.counts = counts
+        result.plan = plan
         result.paths = await _write(out_dir, result, blobs, settings)
         result.seconds = time.monotonic() - started
         return result
     finally:
         await blobs.close()
         await broker.close()
+
+
+async def _in_process(stages, settings, broker, blobs, found, watcher, progress,
+                      timeout_s) -> dict[str, dict[str, int]]:  # fmt: skip
+    workers = build_workers(dict.fromkeys(_start_order(stages), 1), settings, broker, blobs)
+    tasks: list[asyncio.Task] = []
+    try:
+        await _start(workers, tasks)
+        # One ingest worker gains nothing from per-camera jobs, and would run a drive's
+        # cameras one after another (a long drive's windows would wait for the last one).
+        await submit(broker, found.drives, settings, split="drive")
+        await _wait(watcher, _tasks_alive(workers, tasks), workers, progress, timeout_s)
+    finally:
+        await _stop(workers, tasks)
+    return {w.group: dict(w.counts) for w in workers}
+
+
+async def _in_children(plan, settings, url, broker, found, watcher, progress,
+                       timeout_s) -> dict[str, dict[str, int]]:  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="roadstream-run-") as folder:
+        children = Children(plan, settings, url, Path(folder))
+        try:
+            children.start()
+            # Several ingest processes share a drive through per-camera jobs; one_shot has
+            # raised fuse's watermark timeout for the unevenness that brings.
+            single_ingest = plan.workers.get(names.INGEST, 1) < 2 and not plan.nvdec_ingest
+            await submit(broker, found.drives, settings, split="drive" if single_ingest else "camera")
+            try:
+                await _wait(watcher, children.check, [], progress, timeout_s)
+            except ChildFailed as exc:
+                raise RunError(str(exc)) from exc
+        finally:
+            await asyncio.to_thread(children.stop)
+    return {}
 
 
 def _order(v: Verdict) -> tuple[str, int]:
@@ -314,35 +425,69 @@ def run_footage(
     out_dir: str | Path,
     *,
     url: str | None = None,
+    workers: str | None = None,
     progress: Callable[[list[Worker], dict[str, DriveState]], None] | None = None,
     timeout_s: float | None = None,
     on_broker: Callable[[str], None] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
 ) -> RunResult:
-    """Discover, pick a broker and run (see the module docstring).
+    """Discover, pick a broker, plan the worker processes and run (see the module docstring).
+
+    Parameters:
+        workers: ``--workers``: ``1`` (one process) or ``STAGE=N,…`` over the machine's
+            plan (``workers.plan``); ``None``: the machine's plan.
+        on_plan: called with the plan before anything starts.
 
     Raises:
         FootageError: the footage path does not exist.
         NoFootage: no drive was found.
-        RunError: the run failed.
+        RunError: the run failed, or ``workers`` does not parse.
     """
     found = discover(footage)
     if not found.drives:
         message = f"{found.root}: no TeslaCam footage found (expected YYYY-MM-DD_HH-MM-SS-<camera>.mp4 clips)"
         raise NoFootage(message)
-    settings = shipped_models(settings)
+    settings = one_shot(shipped_models(settings))
+    plan = choose_plan(settings, workers)
     if url is not None:
-        return _run(found, settings, url, out_dir, progress, timeout_s, on_broker)
-    with private_redis() as private:
+        return _run(found, settings, url, out_dir, progress, timeout_s, on_broker, _shown(plan, url, on_plan))
+    with private_redis(settings.broker) as private:
         if private is not None:
-            return _run(found, settings, private, out_dir, progress, timeout_s, on_broker)
+            return _run(found, settings, private, out_dir, progress, timeout_s, on_broker,
+                        _shown(plan, private, on_plan))  # fmt: skip
     name = f"run-{uuid.uuid4().hex[:8]}"
     try:
-        return _run(found, settings, f"memory://{name}", out_dir, progress, timeout_s, on_broker)
+        return _run(found, settings, f"memory://{name}", out_dir, progress, timeout_s, on_broker,
+                    _shown(plan, "memory://", on_plan))  # fmt: skip
     finally:
         forget_memory(name)
 
 
-def _run(found, settings, url, out_dir, progress, timeout_s, on_broker) -> RunResult:
+def choose_plan(settings: Settings, workers: str | None = None) -> Plan:
+    """The machine's plan for this run's stages, with ``--workers`` applied.
+
+    Raises:
+        RunError: ``workers`` does not parse.
+    """
+    plan = machine_plan(settings, stages_for(settings))
+    if workers is None:
+        return plan
+    try:
+        return parse_workers(workers, plan)
+    except ConfigError as exc:
+        raise RunError(str(exc)) from exc
+
+
+def _shown(plan: Plan, url: str, on_plan: Callable[[Plan], None] | None) -> Plan:
+    # The embedded broker lives in this process: no other process can share it.
+    if url.startswith("memory") and not plan.single:
+        plan = parse_workers("1", plan)
+    if on_plan is not None:
+        on_plan(plan)
+    return plan
+
+
+def _run(found, settings, url, out_dir, progress, timeout_s, on_broker, plan) -> RunResult:
     if on_broker is not None:
         on_broker(url)
-    return asyncio.run(run_drives(found, settings, url, out_dir, progress=progress, timeout_s=timeout_s))
+    return asyncio.run(run_drives(found, settings, url, out_dir, plan=plan, progress=progress, timeout_s=timeout_s))

@@ -66,6 +66,12 @@ class _Publisher:
     async def publish(self, outputs: Sequence[Output]) -> None:
         await self._worker.publish(outputs)
 
+    async def put_value(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
+        await self._worker.broker.put_value(key, value, ttl_ms)
+
+    async def get_value(self, key: str) -> bytes | None:
+        return await self._worker.broker.get_value(key)
+
     async def wait_for_room(self, hop: str, partition: int | None = None) -> None:
         worker = self._worker
         group = HOP_CONSUMER.get(hop)

@@ -1,0 +1,457 @@
+"""Footage to verdicts at the machine's limit: ``roadstream run`` against its ceilings, one run.
+
+Builds TeslaCam-format footage (six cameras, ``--size`` at ``--fps``; ``--drives`` drives
+of ``--drive-minutes`` clip sets plus one long drive of ``--long-minutes``; each clip
+``--clip-seconds`` long), then reports side by side:
+
+* ``run``: ``roadstream run`` (``workers.run.run_footage``, the CLI's code) with its own
+  plan (or ``--workers``), over all the footage, and over the long drive alone;
+  wall seconds include starting the processes and loading the models;
+* ``ceiling_pyav``: bare PyAV decode of every frame of every clip, one process per core
+  (one decoder thread each); ``ceiling_keyframes``: the same decoding keyframes only;
+* ``ceiling_nvdec``: NVDEC (PyNvVideoCodec) decode of every frame, ``--nvdec-sessions``
+  threads in one process, frames left on the GPU (only where the library and CUDA are);
+* ``stage_ingest`` / ``stage_detect`` / ``stage_fuse``: each stage alone with the plan's
+  process count, on a private redis-server: ingest over all drives (nothing consumes),
+  then detect over the frames ingest left, then fuse over the detections. Rate = outputs
+  / (last output − first output), from the Redis entry ids' times (model loading and
+  process start are outside that span; the first batch's own time is too).
+
+Each section reports footage seconds per wall second (``x_real_time``, six-camera drive
+seconds), frames per second (decoded frames for the ceilings, sampled frames otherwise),
+and the CPU and GPU busy share while it ran (``/proc/stat``; NVML where present).
+Writes one JSON file (``--out``) and prints it.
+
+    nice python3 bench/run_bench.py --quick                 # a tiny setting, any machine
+    python3 bench/run_bench.py --out bench-h200.json         # the full setting (GPU box)
+    python3 bench/run_bench.py --footage /data/bench-footage # reuse built footage
+
+Clips are built once per (camera, clip length) with real roadwork clips as content where
+``/work/shared/footage/roadwork`` exists (synthetic pictures otherwise) and hard-linked
+under every drive's names: the decoding cost is the same, the build takes minutes less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import av
+
+from fixtures import teslacam as tc
+from stages.discover import discover
+from stages.nvdec import nvdec_unavailable
+from stream import codec, names
+from stream.schemas import DriveMarker
+from stream.settings import Settings, load_settings
+from workers.children import Children
+from workers.plan import Plan, parse_workers
+from workers.run import choose_plan, one_shot, private_redis, run_footage, shipped_models, stages_for, submit
+
+FOOTAGE = Path("/work/shared/footage/roadwork")
+CLEAR = Path("/work/shared/footage/clear")
+STAMP = "%Y-%m-%d_%H-%M-%S"
+POLL_S = 0.2
+
+
+# -- footage ---------------------------------------------------------------------------------
+
+
+def build_footage(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The drives under ``root/short-NN`` and ``root/long``; returns their shape.
+
+    Odd short drives show clear roads (``/work/shared/footage/clear``) on every camera,
+    the others roadwork clips: the verdicts of two runs can then be scored against the
+    content (``labels.json``), not only against each other.
+    """
+    width, height = (int(v) for v in args.size.split("x"))
+    spec = tc.ClipSpec(duration_s=args.clip_seconds, fps=args.fps, size=(width, height), keyint=round(args.fps))
+    templates: dict[str, Any] = {}
+    for label, folder in (("roadwork", FOOTAGE), ("clear", CLEAR)):
+        sources = sorted(folder.glob("*.mp4")) if folder.exists() else []
+        chosen = {c: sources[i % len(sources)] for i, c in enumerate(tc.CAMERAS)} if sources else None
+        templates[label] = tc.make_drive(root / f"template-{label}", minutes=1, cameras=tc.CAMERAS, spec=spec,
+                                         sources=chosen, layout="flat")  # fmt: skip
+        if not sources:
+            templates["content"] = "synthetic"
+    layout = [(f"short-{i:02d}", args.drive_minutes) for i in range(args.drives)] + [("long", args.long_minutes)]
+    labels = {}
+    start = datetime(2024, 5, 1, 8, 0, 0)
+    for d, (name, minutes) in enumerate(layout):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        label = "clear" if name.startswith("short") and d % 2 else "roadwork"
+        labels[name] = label
+        for m in range(minutes):
+            stamp = (start + timedelta(hours=d, seconds=m * args.clip_seconds)).strftime(STAMP)
+            for camera in tc.CAMERAS:
+                os.link(templates[label].clip(0, camera), folder / f"{stamp}-{camera}.mp4")
+    for label in ("roadwork", "clear"):
+        shutil.rmtree(root / f"template-{label}")
+    (root / "labels.json").write_text(json.dumps(labels))
+    return {"drives": len(layout), "long_minutes": args.long_minutes, "clip_seconds": args.clip_seconds,
+            "size": args.size, "fps": args.fps, "content": templates.get("content", "real clips"), "labels": labels}  # fmt: skip
+
+
+def footage_seconds(root: Path) -> float:
+    """Six-camera drive seconds: clip sets × their length (from the first camera's clips)."""
+    total = 0.0
+    for path in root.rglob("*-front.mp4"):
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            total += float(stream.duration * stream.time_base) if stream.duration else 0.0
+    return total
+
+
+# -- busy share ---------------------------------------------------------------------------------
+
+
+class Busy:
+    """CPU (``/proc/stat``) and GPU (NVML) busy share while a section runs."""
+
+    def __init__(self) -> None:
+        self._gpu: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cpu0 = self._cpu_times()
+
+    @staticmethod
+    def _cpu_times() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields), idle
+
+    def __enter__(self) -> Busy:
+        self._cpu0 = self._cpu_times()
+        self._thread = threading.Thread(target=self._sample_gpu, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample_gpu(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # no NVML here (no driver): no GPU figure
+            return
+        while not self._stop.wait(0.5):
+            rates = [pynvml.nvmlDeviceGetUtilizationRates(h) for h in handles]
+            self._gpu.append(sum(r.gpu for r in rates) / len(rates) / 100 if rates else 0.0)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        total1, idle1 = self._cpu_times()
+        total0, idle0 = self._cpu0
+        self.cpu = 1 - (idle1 - idle0) / max(1, total1 - total0)
+        if self._thread is not None:
+            self._thread.join()
+        self.gpu = sum(self._gpu) / len(self._gpu) if self._gpu else None
+
+    def figures(self) -> dict[str, float | None]:
+        """``cpu_busy`` and ``gpu_busy`` (0-1; GPU ``None`` without NVML)."""
+        return {"cpu_busy": round(self.cpu, 3), "gpu_busy": None if self.gpu is None else round(self.gpu, 3)}
+
+
+def section(name: str, seconds: float, footage_s: float, frames: int, busy: Busy, **extra: Any) -> dict[str, Any]:
+    """One line of the report."""
+    row = {"section": name, "wall_s": round(seconds, 2), "x_real_time": round(footage_s / seconds, 2),
+           "frames": frames, "frames_per_s": round(frames / seconds, 1), **busy.figures(), **extra}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
+# -- ceilings -------------------------------------------------------------------------------------
+
+
+def _decode_all(path: str, keyframes: bool) -> int:
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        if keyframes:
+            stream.codec_context.skip_frame = "NONKEY"
+        return sum(1 for _ in container.decode(stream))
+
+
+def ceiling_pyav(clips: list[str], cores: int, keyframes: bool) -> tuple[int, float, Busy]:
+    """Every clip decoded by a pool of one process per core; (frames, seconds, busy)."""
+    with ProcessPoolExecutor(cores) as pool, Busy() as busy:
+        list(pool.map(_decode_all, clips[:cores], [keyframes] * cores))  # warm the pool
+        started = time.monotonic()
+        frames = sum(pool.map(_decode_all, clips, [keyframes] * len(clips), chunksize=1))
+        seconds = time.monotonic() - started
+    return frames, seconds, busy
+
+
+def ceiling_nvdec(clips: list[str], sessions: int) -> tuple[int, float, Busy]:
+    """Every clip decoded by NVDEC, ``sessions`` decoders at once in one process, frames on the GPU."""
+    import PyNvVideoCodec as nvc
+
+    def decode(path: str) -> int:
+        decoder = nvc.SimpleDecoder(path, gpu_id=0, use_device_memory=True,
+                                    output_color_type=nvc.OutputColorType.NATIVE)  # fmt: skip
+        count = 0
+        while frames := decoder.get_batch_frames(32):
+            count += len(frames)
+        return count
+
+    with ThreadPoolExecutor(sessions) as pool, Busy() as busy:
+        started = time.monotonic()
+        frames = sum(pool.map(decode, clips))
+        seconds = time.monotonic() - started
+    return frames, seconds, busy
+
+
+# -- run ---------------------------------------------------------------------------------------------
+
+
+def bench_settings(args: argparse.Namespace) -> Settings:
+    """The run's settings: the shipped models, ``--set`` overrides, ``--sample``."""
+    overrides: dict[str, Any] = {"ingest": {"sample": args.sample}}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        section_name, _, field = key.partition(".")
+        overrides.setdefault(section_name, {})[field] = value
+    return one_shot(shipped_models(load_settings(environ={}, **overrides)))
+
+
+def bench_run(folder: Path, settings: Settings, workers: str | None) -> tuple[dict[str, Any], float, int, Busy]:
+    """``roadstream run`` over ``folder``; (result summary, seconds, frames, busy)."""
+    plans: list[Plan] = []
+    with tempfile.TemporaryDirectory(prefix="run-bench-out-") as out, Busy() as busy:
+        result = run_footage(folder, settings, out, workers=workers, on_plan=plans.append)
+    frames = sum(sum(s.summary.frame_counts.values()) for s in result.drives.values() if s.summary)
+    failed = {d: s.failure for d, s in result.drives.items() if s.failure}
+    folders = {d: Path(s.drive.minutes[0].files["front"]).parent.name for d, s in result.drives.items()
+               if "front" in s.drive.minutes[0].files}  # fmt: skip
+    windows = {(folders.get(v.drive_id, v.drive_id), v.window): v.roadwork for v in result.verdicts}
+    summary = {"plan": plans[0].describe() if plans else "", "verdicts": len(result.verdicts),
+               "roadwork_windows": sum(v.roadwork for v in result.verdicts), "failed_drives": failed,
+               "windows": windows}  # fmt: skip
+    return summary, result.seconds, frames, busy
+
+
+def score(windows: dict, labels: dict[str, str], reference: dict | None = None) -> dict[str, Any]:
+    """Window verdicts against the drives' content (and against a reference run's verdicts)."""
+    right = sum(flag == (labels.get(folder) == "roadwork") for (folder, _), flag in windows.items())
+    out: dict[str, Any] = {"windows_matching_content": f"{right}/{len(windows)}"}
+    if reference is not None:
+        same = sum(reference.get(key) == flag for key, flag in windows.items())
+        differ = "" if set(windows) == set(reference) else " (not the same windows)"
+        out["windows_as_run"] = f"{same}/{len(reference)}{differ}"
+    return out
+
+
+# -- stages alone ------------------------------------------------------------------------------------
+
+
+def _entry_ms(entry_id: str) -> int:
+    return int(entry_id.split("-")[0])
+
+
+async def _span(broker, pattern: str, kind: str) -> tuple[int, float]:
+    """(entries of ``kind``, seconds from the first to the last) over streams matching ``pattern``."""
+    times = []
+    for stream in await broker.streams(pattern):
+        for entry in await broker.range(stream, count=10_000_000):
+            if codec.decode(entry.data).KIND == kind:
+                times.append(_entry_ms(entry.id))
+    return len(times), (max(times) - min(times)) / 1000 if len(times) > 1 else 0.0
+
+
+async def _wait(check, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            message = "a stage alone did not finish in time"
+            raise TimeoutError(message)
+        await asyncio.sleep(POLL_S)
+
+
+async def stages_alone(folder: Path, settings: Settings, plan: Plan, timeout_s: float) -> dict[str, dict[str, Any]]:
+    """Ingest, then detect, then fuse, each alone on one private redis-server."""
+    from brokers.connect import connect
+
+    # Nothing consumes while a stage runs alone: no backpressure bound may stop it.
+    bounds = settings.broker.model_copy(update={"max_lag": 10**12, "max_blob_bytes": 2**40, "blob_ttl_s": 24 * 3600})
+    settings = settings.model_copy(update={"broker": bounds})
+    found = discover(folder)
+    drives = {d.drive_id for d in found.drives}
+    ns = settings.namespace
+    out: dict[str, dict[str, Any]] = {}
+    with private_redis(settings.broker.model_copy(update={"max_blob_bytes": 8 * 2**30})) as url, \
+            tempfile.TemporaryDirectory(prefix="run-bench-") as work:  # fmt: skip
+        broker, blobs = connect(url, namespace=ns, settings=settings.broker)
+        try:
+            for stage, done in (("ingest", _ingest_done), ("detect", _detect_done), ("fuse", _fuse_done)):
+                alone = Plan({stage: plan.workers[stage]}, plan.detect_devices, plan.nvdec_ingest, plan.cores, plan.gpus)
+                children = Children(alone, settings, url, Path(work) / stage)
+                (Path(work) / stage).mkdir()
+                with Busy() as busy:
+                    children.start()
+                    try:
+                        if stage == "ingest":
+                            await submit(broker, found.drives, settings)
+                        await _wait(lambda s=stage, d=done: d(broker, ns, drives, children), timeout_s)
+                    finally:
+                        await asyncio.to_thread(children.stop)
+                hop, kind = {"ingest": ("frames", "frame"), "detect": ("detections", "detections"),
+                             "fuse": ("verdicts", "verdict")}[stage]  # fmt: skip
+                count, seconds = await _span(broker, f"{ns}:{hop}*", kind)
+                out[stage] = {"processes": alone.workers[stage], "outputs": count, "span_s": seconds, "busy": busy}
+        finally:
+            await broker.close()
+            await blobs.close()
+    return out
+
+
+async def _ingest_done(broker, ns: str, drives: set[str], children: Children) -> bool:
+    children.check()
+    ended = set()
+    for entry in await broker.range(names.stream_name(names.DRIVES, ns=ns), count=100_000):
+        marker = codec.decode(entry.data)
+        if isinstance(marker, DriveMarker) and marker.event == "ended":
+            ended.add(marker.drive_id)
+    return ended >= drives
+
+
+async def _detect_done(broker, ns: str, drives: set[str], children: Children) -> bool:
+    children.check()
+    for stream in await broker.streams(f"{ns}:{names.FRAMES}:*"):
+        group = (await broker.stats(stream)).group(names.DETECT)
+        if group is None or group.lag or group.pending:
+            return False
+    return True
+
+
+async def _fuse_done(broker, ns: str, drives: set[str], children: Children) -> bool:
+    children.check()
+    summaries = set()
+    for entry in await broker.range(names.stream_name(names.VERDICTS, ns=ns), count=1_000_000):
+        message = codec.decode(entry.data)
+        if message.KIND == "drive_summary":
+            summaries.add(message.drive_id)
+    return summaries >= drives
+
+
+# -- main ------------------------------------------------------------------------------------------------
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``--quick`` sets a tiny footage and skips nothing)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="Tiny footage: 2 drives + a 3-clip long drive, 320x240.")
+    parser.add_argument("--drives", type=int, default=8, help="Short drives (besides the long one).")
+    parser.add_argument("--drive-minutes", type=int, default=1, help="Clip sets per short drive.")
+    parser.add_argument("--long-minutes", type=int, default=10, help="Clip sets of the long drive.")
+    parser.add_argument("--clip-seconds", type=float, default=60.0, help="Length of each clip.")
+    parser.add_argument("--size", default="1280x960")
+    parser.add_argument("--fps", type=float, default=36.0)
+    parser.add_argument("--footage", type=Path, help="Use (or build once into) this folder.")
+    parser.add_argument("--workers", help="Passed to run as --workers (default: its own plan).")
+    parser.add_argument("--sample", choices=("ticks", "keyframes"), default="ticks")
+    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="A setting of the run.")
+    parser.add_argument("--nvdec-sessions", type=int, default=8)
+    parser.add_argument("--skip", action="append", default=[],
+                        choices=("run", "single", "keyframes", "long", "ceilings", "stages"),
+                        help="Leave a section out (repeatable).")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=3600.0, help="Seconds a stage alone may take.")
+    parser.add_argument("--out", type=Path, default=Path("run-bench.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.drives, args.drive_minutes, args.long_minutes = 2, 1, 3
+        args.clip_seconds, args.size = 2.0, "320x240"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Build the footage, run every section, write and return the report."""
+    args = parse(argv)
+    with tempfile.TemporaryDirectory(prefix="run-bench-footage-") as scratch:
+        root = args.footage or Path(scratch)
+        shape = build_footage(root, args) if not any(root.glob("*/*.mp4")) else {"reused": str(root)}
+        report: dict[str, Any] = {"machine": machine(), "footage": shape, "args": {k: str(v) for k, v in vars(args).items()}}
+        report["sections"] = sections(root, args)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures come from."""
+    from stages.devices import cuda_device_count
+
+    gpus = cuda_device_count()
+    name = None
+    if gpus:
+        import torch
+
+        name = torch.cuda.get_device_name(0)
+    return {"host": platform.node(), "cores": len(os.sched_getaffinity(0)), "gpus": gpus, "gpu": name,
+            "cpu": platform.processor() or platform.machine(), "nvdec": nvdec_unavailable() or "available"}  # fmt: skip
+
+
+def sections(root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every section's row, in the order of the module docstring."""
+    rows = []
+    settings = bench_settings(args)
+    total_s = footage_seconds(root)
+    long_s = footage_seconds(root / "long")
+    plan = choose_plan(settings, args.workers)
+    clips = sorted(str(p) for p in root.rglob("*.mp4"))
+    labels = json.loads((root / "labels.json").read_text()) if (root / "labels.json").exists() else {}
+    reference = None
+    if "run" not in args.skip:
+        summary, seconds, frames, busy = bench_run(root, settings, args.workers)
+        reference = summary.pop("windows")
+        rows.append(section("run", seconds, total_s, frames, busy, **summary, **score(reference, labels)))
+    if "single" not in args.skip:
+        # The single-process mode (the run of before): the "before" figure and the same-verdicts check.
+        summary, seconds, frames, busy = bench_run(root, settings, "1")
+        windows = summary.pop("windows")
+        rows.append(section("run_single_process", seconds, total_s, frames, busy, **summary,
+                            **score(windows, labels, reference)))  # fmt: skip
+    if "keyframes" not in args.skip and args.sample != "keyframes":
+        keyed = settings.model_copy(update={"ingest": settings.ingest.model_copy(update={"sample": "keyframes"})})
+        summary, seconds, frames, busy = bench_run(root, keyed, args.workers)
+        windows = summary.pop("windows")
+        rows.append(section("run_keyframes", seconds, total_s, frames, busy, **summary,
+                            **score(windows, labels, reference)))  # fmt: skip
+    if "long" not in args.skip:
+        summary, seconds, frames, busy = bench_run(root / "long", settings, args.workers)
+        summary.pop("windows")
+        rows.append(section("run_long_drive_alone", seconds, long_s, frames, busy, **summary))
+    if "ceilings" not in args.skip:
+        cores = plan.cores
+        for keyframes in (False, True):
+            frames, seconds, busy = ceiling_pyav(clips, cores, keyframes)
+            name = "ceiling_keyframes" if keyframes else "ceiling_pyav"
+            rows.append(section(name, seconds, total_s, frames, busy, processes=cores))
+        if nvdec_unavailable() is None:
+            frames, seconds, busy = ceiling_nvdec(clips, args.nvdec_sessions)
+            rows.append(section("ceiling_nvdec", seconds, total_s, frames, busy, sessions=args.nvdec_sessions))
+    if "stages" not in args.skip:
+        alone = asyncio.run(stages_alone(root, settings, plan, args.timeout))
+        frames = alone["ingest"]["outputs"]
+        for stage, figures in alone.items():
+            rows.append(section(f"stage_{stage}", max(figures["span_s"], 1e-6), total_s, frames, figures["busy"],
+                                processes=figures["processes"], outputs=figures["outputs"]))  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    main()
