@@ -97,14 +97,29 @@ def build_footage(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         label = "clear" if name.startswith("short") and d % 2 else "roadwork"
         labels[name] = label
         for m in range(minutes):
-            stamp = (start + timedelta(hours=d, seconds=m * args.clip_seconds)).strftime(STAMP)
+            when = start + timedelta(hours=d, seconds=m * args.clip_seconds)
             for camera in tc.CAMERAS:
-                os.link(templates[label].clip(0, camera), folder / f"{stamp}-{camera}.mp4")
+                _copy_with_time(templates[label].clip(0, camera), folder / f"{when.strftime(STAMP)}-{camera}.mp4", when)
     for label in ("roadwork", "clear"):
         shutil.rmtree(root / f"template-{label}")
     (root / "labels.json").write_text(json.dumps(labels))
     return {"drives": len(layout), "long_minutes": args.long_minutes, "clip_seconds": args.clip_seconds,
             "size": args.size, "fps": args.fps, "content": templates.get("content", "real clips"), "labels": labels}  # fmt: skip
+
+
+def _copy_with_time(source: Path, target: Path, when: datetime) -> None:
+    # Discovery orders and chains clips by their MP4 creation_time: hard links of one
+    # template would all start at the same instant and be taken for repeats of one clip
+    # (the first H200 runs processed 900 frames of 17 drives that way). A remux (no
+    # re-encode: the SEI travels in the packets) gives each copy its own time.
+    with av.open(str(source)) as inp, av.open(str(target), "w", format="mp4") as out:
+        out.metadata["creation_time"] = when.strftime("%Y-%m-%dT%H:%M:%S.000000Z")
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is None:
+                continue
+            packet.stream = stream
+            out.mux(packet)
 
 
 def footage_seconds(root: Path) -> float:
