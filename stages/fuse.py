@@ -544,8 +544,19 @@ class Fuser:
         return sorted(
             camera
             for camera in drive.expected_cameras()
-            if camera not in drive.ended and drive.watermark.get(camera, -math.inf) < window.t_end
+            if drive.watermark.get(camera, -math.inf) < window.t_end
+            and (camera not in drive.ended or self._frames_due(drive, camera))
         )
+
+    @staticmethod
+    def _frames_due(drive: Drive, camera: str) -> bool:
+        # A camera's "ended" marker can overtake its last frames when a partition moves
+        # between detect workers (a paused owner's in-flight read is replayed later): the
+        # camera has ended only once fuse holds the frames the marker counts. Frames that
+        # never come (dead-lettered) leave it to the stall guard.
+        sent = max((m.frame_counts.get(camera, 0) for m in drive.markers if m.event == "ended"), default=0)
+        held = drive.frame_counts.get(camera, 0) + sum(len(w.frames.get(camera, ())) for w in drive.windows.values())
+        return held < sent
 
     def _give_up(self, drive: Drive, window: Window, now: float) -> None:
         drive.stalled_s = max(drive.stalled_s, now - (drive.progress_at or now))
