@@ -539,13 +539,13 @@ class Fuser:
         return drive.progress_at is not None and now - drive.progress_at >= self.stall_limit(drive)
 
     def _waiting_for(self, drive: Drive, window: Window) -> list[str]:
-        if drive.ended_all:
-            return []
+        # Behind the window, and either not ended yet or still owing frames it was counted
+        # to have sent.
         return sorted(
             camera
             for camera in drive.expected_cameras()
             if drive.watermark.get(camera, -math.inf) < window.t_end
-            and (camera not in drive.ended or self._frames_due(drive, camera))
+            and (not (drive.ended_all or camera in drive.ended) or self._frames_due(drive, camera))
         )
 
     @staticmethod

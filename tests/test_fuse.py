@@ -305,3 +305,22 @@ def test_a_window_closed_without_vera_scores_after_a_stall_says_so():
     assert [v.window for v in verdicts(step.outputs)] == [0]
     (summary,) = [o for o in step.outputs if isinstance(o, DriveSummary)]
     assert any(p.startswith("anomaly scores (vera) never arrived for 1 window(s)") for p in summary.problems)
+
+
+def test_an_end_marker_that_overtakes_its_cameras_last_frames_waits_for_them():
+    # Given front and back of 8 frames each (two windows); back's end marker arrives after
+    # its first 4 frames, ahead of the last 4 (a partition moved between detect workers and
+    # a paused owner's read was replayed late)
+    fuser = Fuser(FuseSettings(watermark_timeout_s=30.0))
+    counts = {"front": 8, "back": 8}
+    msgs = started() + [frame("front", t) for t in range(8)] + [ended("front", frame_counts=counts)]
+    msgs += [frame("back", t) for t in range(4)] + [ended("back", frame_counts=counts)]
+    out, _ = feed(fuser, msgs, now=0.0)
+    # When the marker is in, back still owes 4 counted frames: no window closes on it
+    assert verdicts(out) == []
+    # When back's last frames come in
+    rest, _ = feed(fuser, [frame("back", t) for t in range(4, 8)], now=1.0)
+    # Then both windows close with both cameras, and no frame of back was late
+    assert [(v.window, v.missing_cameras) for v in verdicts(rest)] == [(0, []), (1, [])]
+    (summary,) = [o for o in rest if isinstance(o, DriveSummary)]
+    assert not any("never reached fuse" in p for p in summary.problems), summary.problems
