@@ -26,9 +26,10 @@ Writes one JSON file (``--out``) and prints it.
     python3 bench/run_bench.py --out bench-h200.json         # the full setting (GPU box)
     python3 bench/run_bench.py --footage /data/bench-footage # reuse built footage
 
-Clips are built once per (camera, clip length) with real roadwork clips as content where
-``/work/shared/footage/roadwork`` exists (synthetic pictures otherwise) and hard-linked
-under every drive's names: the decoding cost is the same, the build takes minutes less.
+Clips are built once per (camera, clip length) with real clips as content where
+``--sources`` has them (``/work/shared/footage``; synthetic pictures otherwise) and remuxed
+under every drive's names with their own times: the decoding cost is the same, the build
+takes minutes less.
 """
 
 from __future__ import annotations
@@ -62,8 +63,7 @@ from workers.children import Children
 from workers.plan import Plan, parse_workers
 from workers.run import choose_plan, one_shot, private_redis, run_footage, shipped_models, stages_for, submit
 
-FOOTAGE = Path("/work/shared/footage/roadwork")
-CLEAR = Path("/work/shared/footage/clear")
+SOURCES = Path("/work/shared/footage")  # roadwork/ and clear/ clips: the built drives' content
 STAMP = "%Y-%m-%d_%H-%M-%S"
 POLL_S = 0.2
 
@@ -74,14 +74,15 @@ POLL_S = 0.2
 def build_footage(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The drives under ``root/short-NN`` and ``root/long``; returns their shape.
 
-    Odd short drives show clear roads (``/work/shared/footage/clear``) on every camera,
+    Odd short drives show clear roads (``--sources``/clear) on every camera,
     the others roadwork clips: the verdicts of two runs can then be scored against the
     content (``labels.json``), not only against each other.
     """
     width, height = (int(v) for v in args.size.split("x"))
     spec = tc.ClipSpec(duration_s=args.clip_seconds, fps=args.fps, size=(width, height), keyint=round(args.fps))
     templates: dict[str, Any] = {}
-    for label, folder in (("roadwork", FOOTAGE), ("clear", CLEAR)):
+    for label in ("roadwork", "clear"):
+        folder = args.sources / label
         sources = sorted(folder.glob("*.mp4")) if folder.exists() else []
         chosen = {c: sources[i % len(sources)] for i, c in enumerate(tc.CAMERAS)} if sources else None
         templates[label] = tc.make_drive(root / f"template-{label}", minutes=1, cameras=tc.CAMERAS, spec=spec,
@@ -140,6 +141,8 @@ class Busy:
 
     def __init__(self) -> None:
         self._gpu: list[float] = []
+        self._procs: dict[int, tuple[str, int, int]] = {}  # pid -> (label, first ticks, last ticks)
+        self._t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._cpu0 = self._cpu_times()
@@ -152,9 +155,63 @@ class Busy:
 
     def __enter__(self) -> Busy:
         self._cpu0 = self._cpu_times()
+        self._t0 = time.monotonic()
         self._thread = threading.Thread(target=self._sample_gpu, daemon=True)
         self._thread.start()
+        self._proc_thread = threading.Thread(target=self._sample_processes, daemon=True)
+        self._proc_thread.start()
         return self
+
+    @staticmethod
+    def _ours(pid: int) -> bool:
+        """``pid`` is this process or one of its descendants (other work on the box is not counted)."""
+        me = os.getpid()
+        while pid > 1:
+            if pid == me:
+                return True
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                return False
+            pid = int(status.split("PPid:", 1)[1].split()[0])
+        return False
+
+    @classmethod
+    def _label(cls, pid: str) -> str | None:
+        """The stage of a worker process (``workers.cli worker STAGE``), ``redis`` or ``run``; None if not ours."""
+        if not cls._ours(int(pid)):
+            return None
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        words = [a.decode(errors="replace") for a in argv]
+        if "workers.cli" in words and "worker" in words:
+            at = words.index("worker")
+            return words[at + 1] if at + 1 < len(words) else None
+        if words and words[0].endswith("redis-server"):
+            return "redis"
+        return "run" if int(pid) == os.getpid() else None
+
+    def _sample_processes(self) -> None:
+        # Which process is the bottleneck: each worker's CPU seconds (utime + stime) over
+        # the section, from /proc/PID/stat, sampled until it exits.
+        while True:
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit():
+                    continue
+                known = self._procs.get(int(entry.name))
+                label = known[0] if known else self._label(entry.name)
+                if label is None:
+                    continue
+                try:
+                    fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                ticks = int(fields[11]) + int(fields[12])
+                self._procs[int(entry.name)] = (label, known[1] if known else ticks, ticks)
+            if self._stop.wait(1.0):
+                return
 
     def _sample_gpu(self) -> None:
         try:
@@ -173,13 +230,29 @@ class Busy:
         total1, idle1 = self._cpu_times()
         total0, idle0 = self._cpu0
         self.cpu = 1 - (idle1 - idle0) / max(1, total1 - total0)
+        self.seconds = time.monotonic() - self._t0
         if self._thread is not None:
             self._thread.join()
+            self._proc_thread.join()
         self.gpu = sum(self._gpu) / len(self._gpu) if self._gpu else None
 
     def figures(self) -> dict[str, float | None]:
         """``cpu_busy`` and ``gpu_busy`` (0-1; GPU ``None`` without NVML)."""
-        return {"cpu_busy": round(self.cpu, 3), "gpu_busy": None if self.gpu is None else round(self.gpu, 3)}
+        return {"cpu_busy": round(self.cpu, 3), "gpu_busy": None if self.gpu is None else round(self.gpu, 3),
+                "cores_by_process": self.by_process()}  # fmt: skip
+
+    def by_process(self) -> dict[str, dict[str, float]]:
+        """Per stage (and ``redis``, ``run``): processes, cores used in all, the busiest one's share.
+
+        A process near 1.0 is bound by one core (its event loop or the GIL): the stage it
+        serves is the place to look when the section's rate falls short.
+        """
+        hz = os.sysconf("SC_CLK_TCK")
+        stages: dict[str, list[float]] = {}
+        for label, first, last in self._procs.values():
+            stages.setdefault(label, []).append((last - first) / hz / max(self.seconds, 1e-6))
+        return {label: {"processes": len(shares), "cores": round(sum(shares), 2), "busiest": round(max(shares), 2)}
+                for label, shares in sorted(stages.items())}  # fmt: skip
 
 
 def section(name: str, seconds: float, footage_s: float, frames: int, busy: Busy, **extra: Any) -> dict[str, Any]:
@@ -288,13 +361,14 @@ async def _span(broker, pattern: str, kind: str) -> tuple[int, float]:
     return len(times), (max(times) - min(times)) / 1000 if len(times) > 1 else 0.0
 
 
-async def _wait(check, timeout_s: float) -> None:
+async def _wait(check, timeout_s: float) -> bool:
+    """Poll ``check`` until it holds (True) or ``timeout_s`` passed (False: the figures are partial)."""
     deadline = time.monotonic() + timeout_s
     while not await check():
         if time.monotonic() > deadline:
-            message = "a stage alone did not finish in time"
-            raise TimeoutError(message)
+            return False
         await asyncio.sleep(POLL_S)
+    return True
 
 
 async def stages_alone(folder: Path, settings: Settings, plan: Plan, timeout_s: float) -> dict[str, dict[str, Any]]:
@@ -321,13 +395,14 @@ async def stages_alone(folder: Path, settings: Settings, plan: Plan, timeout_s: 
                     try:
                         if stage == "ingest":
                             await submit(broker, found.drives, settings)
-                        await _wait(lambda s=stage, d=done: d(broker, ns, drives, children), timeout_s)
+                        finished = await _wait(lambda s=stage, d=done: d(broker, ns, drives, children), timeout_s)
                     finally:
                         await asyncio.to_thread(children.stop)
                 hop, kind = {"ingest": ("frames", "frame"), "detect": ("detections", "detections"),
                              "fuse": ("verdicts", "verdict")}[stage]  # fmt: skip
                 count, seconds = await _span(broker, f"{ns}:{hop}*", kind)
-                out[stage] = {"processes": alone.workers[stage], "outputs": count, "span_s": seconds, "busy": busy}
+                out[stage] = {"processes": alone.workers[stage], "outputs": count, "span_s": seconds, "busy": busy,
+                              "finished": finished}  # fmt: skip
         finally:
             await broker.close()
             await blobs.close()
@@ -377,6 +452,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", default="1280x960")
     parser.add_argument("--fps", type=float, default=36.0)
     parser.add_argument("--footage", type=Path, help="Use (or build once into) this folder.")
+    parser.add_argument("--sources", type=Path, default=SOURCES,
+                        help="Content clips under roadwork/ and clear/ (synthetic pictures where absent).")
+    parser.add_argument("--build-only", action="store_true", help="Build --footage and stop.")
     parser.add_argument("--workers", help="Passed to run as --workers (default: its own plan).")
     parser.add_argument("--sample", choices=("ticks", "keyframes"), default="ticks")
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="A setting of the run.")
@@ -399,6 +477,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="run-bench-footage-") as scratch:
         root = args.footage or Path(scratch)
         shape = build_footage(root, args) if not any(root.glob("*/*.mp4")) else {"reused": str(root)}
+        if args.build_only:
+            print(json.dumps(shape))
+            return {"footage": shape}
         report: dict[str, Any] = {"machine": machine(), "footage": shape, "args": {k: str(v) for k, v in vars(args).items()}}
         report["sections"] = sections(root, args)
     args.out.write_text(json.dumps(report, indent=2))
@@ -464,7 +545,8 @@ def sections(root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
         frames = alone["ingest"]["outputs"]
         for stage, figures in alone.items():
             rows.append(section(f"stage_{stage}", max(figures["span_s"], 1e-6), total_s, frames, figures["busy"],
-                                processes=figures["processes"], outputs=figures["outputs"]))  # fmt: skip
+                                processes=figures["processes"], outputs=figures["outputs"],
+                                finished=figures["finished"]))  # fmt: skip
     return rows
 
 

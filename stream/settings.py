@@ -61,8 +61,10 @@ class WorkerSettings(BaseModel):
     #: Batches read ahead of the one being handled. Their preparation (the detect stage's
     #: blob fetch, JPEG decode and GPU launch) runs concurrently, so one batch's fetch
     #: overlaps another's decode and the device always has work queued (on an H200, 4
-    #: gave YOLO11n 3.8k frames/s where 1 and 2 gave 2.7-2.8k: README).
-    prefetch: int = Field(default=4, ge=1)
+    #: gave YOLO11n 3.8k frames/s where 1 and 2 gave 2.7-2.8k: README). 0: read a batch
+    #: only when a processor is free, leaving the rest in the stream for other workers
+    #: (what ``run`` gives its ingest processes: a job held ahead is a job no idle process gets).
+    prefetch: int = Field(default=4, ge=0)
     #: Seconds to finish in-flight work after SIGTERM before cancelling it.
     grace_s: float = 10.0
     reclaim_interval_s: float = 5.0

@@ -106,6 +106,14 @@ def test_children_get_their_device_and_decoder() -> None:
     devices = [env["ROADSTREAM_DETECT__DEVICE"] for stage, env in envs if stage == "detect"]
     assert decoders == ["nvdec", "nvdec", "pyav"]
     assert devices == ["cuda:0", "cuda:1"]
+    # and every ingest child takes one job at a time and reads none ahead (jobs wait in
+    # the stream for the first free process), while detect keeps its read-ahead
+    ingest = [env for stage, env in envs if stage == "ingest"]
+    assert all(env["ROADSTREAM_WORKER__BATCH_SIZE"] == "1" and env["ROADSTREAM_WORKER__PREFETCH"] == "0"
+               for env in ingest)  # fmt: skip
+    assert all("ROADSTREAM_WORKER__PREFETCH" not in env for stage, env in envs if stage == "detect")
+    # and the decoder threads of the three ingest processes share the 16 cores
+    assert {env["ROADSTREAM_INGEST__DECODER_THREADS"] for env in ingest} == {"6"}
 
 
 def test_the_private_redis_keeps_nothing_on_disk_and_bounds_its_memory(tmp_path: Path) -> None:

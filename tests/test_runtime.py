@@ -347,3 +347,51 @@ async def test_stop_finishes_the_batch_in_hand(broker: Broker) -> None:
 
 async def _started(handler: RelayHandler) -> bool:
     return bool(handler.batches)
+
+
+class _Held(RelayHandler):
+    """A relay whose batches wait for ``release``: what a worker holds while busy shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.started = 0
+
+    async def handle(self, batch):
+        self.started += 1
+        await self.release.wait()
+        return await super().handle(batch)
+
+
+@pytest.mark.parametrize(("prefetch", "second_gets"), [(0, 2), (4, 0)])
+async def test_without_read_ahead_a_busy_worker_leaves_waiting_entries_to_others(
+    broker: Broker, prefetch: int, second_gets: int
+) -> None:
+    # Given three jobs and a first worker, one job at a time, busy with one of them
+    await publish_frames(broker, "bench-in", [frame("d1", i) for i in range(3)])
+    settings = fast_settings(broker, batch_size=1, prefetch=prefetch)
+    first, second = _Held(), _Held()
+    w1, t1 = start(first, broker, settings, "w1")
+    await wait_until(lambda: _true(first.started == 1))
+    await asyncio.sleep(0.3)  # time enough for any read-ahead
+
+    # When a second worker comes up while the first is still busy
+    w2, t2 = start(second, broker, settings, "w2")
+    await asyncio.sleep(0.5)
+
+    # Then without read-ahead the other two jobs went to it (with read-ahead the first
+    # worker had queued them, and the second idles)
+    second.release.set()
+    await wait_until(lambda: _true(second.started == second_gets) if second_gets else _true(True))
+    await asyncio.sleep(0.2)
+    assert second.started == second_gets
+    first.release.set()
+    await wait_until(lambda: _count(broker, 3))
+    for worker, task in ((w1, t1), (w2, t2)):
+        worker.stop()
+        await task
+    assert sorted(m.seq for m in await outputs(broker)) == [0, 1, 2]
+
+
+async def _true(value: bool) -> bool:
+    return value

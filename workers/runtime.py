@@ -127,8 +127,12 @@ class Worker:
         self._generation: dict[int | None, int] = {}
         # Batches read ahead, each with the task preparing it.
         self._queue: asyncio.Queue[tuple[list[Delivery], asyncio.Task]] = asyncio.Queue(
-            maxsize=settings.worker.prefetch
+            maxsize=max(1, settings.worker.prefetch)
         )
+        # prefetch 0: a batch is read only once a processor is free to take it, so entries
+        # this worker cannot start yet stay in the stream for other workers (ingest jobs:
+        # one process reading ahead held 32 drives' jobs while eleven others idled).
+        self._slots = asyncio.Semaphore(self._processors()) if settings.worker.prefetch == 0 else None
         self._busy = 0
         self._stop_event = asyncio.Event()
         self._beating = True
@@ -189,7 +193,7 @@ class Worker:
         tasks = [asyncio.create_task(self._read_loop(), name=f"{self.consumer}-read")]
         tasks += [
             asyncio.create_task(self._process_loop(), name=f"{self.consumer}-process-{i}")
-            for i in range(1 if self.handler.partitioned else max(1, self.settings.worker.concurrency))
+            for i in range(self._processors())
         ]
         beat = asyncio.create_task(self._heartbeat_loop(), name=f"{self.consumer}-beat")
         try:
@@ -226,14 +230,18 @@ class Worker:
     async def _read_loop(self) -> None:
         idle_rounds = 0
         while not self.stopping:
+            if self._slots is not None:
+                await self._slots.acquire()
             try:
                 batch = await self._next_batch()
             except BrokerConnectionError as exc:
+                self._release_slot()
                 log.warning("worker %s: broker unreachable (%s); retrying", self.consumer, exc)
                 await self._drop_partitions()
                 await asyncio.sleep(RECONNECT_DELAY_S)
                 continue
             if not batch:
+                self._release_slot()
                 idle_rounds += 1
                 try:
                     await self._on_idle(idle_rounds)
@@ -380,6 +388,15 @@ class Worker:
                 await self._recover(batch)
             finally:
                 self._busy -= 1
+                self._release_slot()
+
+    def _processors(self) -> int:
+        """Processor tasks: one for a partitioned stage (order), ``worker.concurrency`` otherwise."""
+        return 1 if self.handler.partitioned else max(1, self.settings.worker.concurrency)
+
+    def _release_slot(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
 
     async def _recover(self, batch: list[Delivery]) -> None:
         """Try again what a dropped connection cut short (nothing unacked is lost).
