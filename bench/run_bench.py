@@ -189,7 +189,7 @@ class Busy:
         if "workers.cli" in words and "worker" in words:
             at = words.index("worker")
             return words[at + 1] if at + 1 < len(words) else None
-        if words and words[0].endswith("redis-server"):
+        if words and "redis-server" in words[0]:  # it rewrites its argv[0] ("redis-server *:0")
             return "redis"
         return "run" if int(pid) == os.getpid() else None
 
