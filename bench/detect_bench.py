@@ -62,6 +62,7 @@ import redis  # noqa: E402
 import simplejpeg  # noqa: E402
 import torch  # noqa: E402
 
+from bench.private_redis import redis_server  # noqa: E402
 from brokers.base import Publish  # noqa: E402
 from brokers.redis import RedisBlobStore, RedisBroker  # noqa: E402
 from stages.detect import Detector  # noqa: E402
@@ -111,40 +112,6 @@ def encode(rgb: np.ndarray, long_side: int, quality: int) -> bytes:
 
 
 # -- Redis -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def redis_server(binary: str | None, url: str | None) -> Iterator[str]:
-    """A Redis URL: the one given, or a private ``redis-server`` on a free port."""
-    if url:
-        yield url
-        return
-    binary = binary or shutil.which("redis-server")
-    if not binary:
-        message = "no Redis: pass --redis URL or --redis-server PATH"
-        raise SystemExit(message)
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="detect-bench-redis-")
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        for _ in range(100):
-            with contextlib.suppress(redis.exceptions.ConnectionError):
-                if redis.Redis.from_url(url).ping():
-                    break
-            time.sleep(0.05)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def stage_frames(url: str, ns: str, jpegs: list[bytes], n: int, drives: int, cameras: int, conf: Settings) -> int:

@@ -9,7 +9,7 @@ worker's wall time and CPU time per frame are its host work alone.
 
 It is a profile harness, not the detector: the figures say what the host path costs
 per frame, and nothing about the device. Run: ``python bench/detect_host_bench.py
---redis redis://127.0.0.1:6379/11 --footage /work/shared/footage/roadwork`` (``--profile``
+--footage /work/shared/footage/roadwork`` (a private redis-server unless ``--redis URL``) (``--profile``
 prints the functions that take the time).
 """
 
@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from bench import detect_bench
+from bench.private_redis import HELP, redis_server
 from brokers.redis import RedisBlobStore, RedisBroker
 from stages.detect import Detector, Letterbox, PendingBatch
 from workers.detect import DetectHandler
@@ -96,7 +97,7 @@ async def one_run(args: argparse.Namespace, jpegs: list[bytes], detector: Detect
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="stages/models/cones_yolo11n.pt")
-    ap.add_argument("--redis", default="redis://127.0.0.1:6379/11", help="a Redis URL (keys hostbench-* written, then deleted)")
+    ap.add_argument("--redis", default=None, help=HELP)
     ap.add_argument("--footage", default="/work/shared/footage/roadwork")
     ap.add_argument("--n", type=int, default=4096, help="frames per run")
     ap.add_argument("--runs", type=int, default=5)
@@ -113,9 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
     jpegs = detect_bench.load_jpegs(args.footage, args.distinct)
     detector = Detector(detect_bench.settings_for(args.model, args).detect)
     ReplayedDevice(detector, jpegs)
-    runs = [asyncio.run(one_run(args, jpegs, detector, profile=False)) for _ in range(args.runs)]
-    if args.profile:
-        asyncio.run(one_run(args, jpegs, detector, profile=True))
+    with redis_server(None, args.redis) as args.redis:
+        runs = [asyncio.run(one_run(args, jpegs, detector, profile=False)) for _ in range(args.runs)]
+        if args.profile:
+            asyncio.run(one_run(args, jpegs, detector, profile=True))
     summary = {
         "model": args.model,
         "frames_per_run": runs[0]["frames"],

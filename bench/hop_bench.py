@@ -18,11 +18,16 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from redis._parsers import _AsyncHiredisParser, _AsyncRESP2Parser
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.private_redis import HELP, redis_server
 from brokers.base import Publish
 from brokers.redis import RedisBlobStore, RedisBroker
 from fixtures.relay import RelayHandler, frame
@@ -100,7 +105,7 @@ async def ours(url: str, entries: list[bytes], batch: int, dedupe: bool, wait_ms
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/8")
+    parser.add_argument("--redis", default=None, help=HELP + " (FLUSHDB between rounds)")
     parser.add_argument("--entries", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
@@ -110,10 +115,11 @@ async def main() -> None:
     CLIENT["parser_class"] = _AsyncHiredisParser if args.parser == "hiredis" else _AsyncRESP2Parser
     entries = [codec.encode(frame("drive-1", i)) for i in range(args.entries)]
     rates: dict[str, list[float]] = {"bare": [], "roadstream": [], "roadstream-nodedupe": []}
-    for _ in range(args.rounds):  # interleaved, so drift hits all three alike
-        rates["bare"].append(await bare(args.redis, entries, args.batch))
-        rates["roadstream"].append(await ours(args.redis, entries, args.batch, True, args.max_wait_ms))
-        rates["roadstream-nodedupe"].append(await ours(args.redis, entries, args.batch, False, args.max_wait_ms))
+    with redis_server(None, args.redis) as url:
+        for _ in range(args.rounds):  # interleaved, so drift hits all three alike
+            rates["bare"].append(await bare(url, entries, args.batch))
+            rates["roadstream"].append(await ours(url, entries, args.batch, True, args.max_wait_ms))
+            rates["roadstream-nodedupe"].append(await ours(url, entries, args.batch, False, args.max_wait_ms))
     median = {k: statistics.median(v) for k, v in rates.items()}
     for name, rate in median.items():
         print(f"{name:22s} {rate:10.0f} entries/s  ({rate / median['bare']:.0%} of bare)")

@@ -7,8 +7,8 @@ Both are reported as frames decoded per second; the goal is b ≥ 0.85·a. With
 ``--processes N`` it then runs N ingest processes over N drives at once and reports the
 aggregate rate against one process (goal ≥ 0.8·N).
 
-    python bench/ingest_bench.py --redis redis://127.0.0.1:6379/15
-    python bench/ingest_bench.py --processes 8 --seconds 20 --redis redis://127.0.0.1:6379/15
+    python bench/ingest_bench.py
+    python bench/ingest_bench.py --processes 8 --seconds 20
 
 Drives are generated once under ``--workdir`` (six cameras of real footage where
 ``/work/shared/footage`` exists). Keys go to namespace ``rsbench`` and are deleted after.
@@ -29,6 +29,7 @@ import av
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.private_redis import HELP, redis_server  # noqa: E402
 from fixtures import teslacam as tc  # noqa: E402
 from stages.discover import discover  # noqa: E402
 
@@ -218,7 +219,7 @@ def bare_frame_count(root: Path) -> int:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/15", help="Redis URL (keys rsbench* deleted after)")
+    parser.add_argument("--redis", default=None, help=HELP)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/roadstream-ingest-bench"))
     parser.add_argument("--size", default="1280x960", help="camera resolution WxH (HW3: 1280x960)")
     parser.add_argument("--fps", type=int, default=36)
@@ -235,12 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     """Generate the drives, run the side-by-side figure, then the scaling one if asked."""
     args = parse(argv)
     roots = make_drives(args.workdir, max(1, args.processes), args)
-    try:
-        single = side_by_side(roots[0], args)
-        if args.processes > 1:
-            scaling(roots, single, args)
-    finally:
-        cleanup(args.redis)
+    with redis_server(None, args.redis) as args.redis:
+        try:
+            single = side_by_side(roots[0], args)
+            if args.processes > 1:
+                scaling(roots, single, args)
+        finally:
+            cleanup(args.redis)
 
 
 if __name__ == "__main__":

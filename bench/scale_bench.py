@@ -14,8 +14,8 @@
     reported beside it). Owners are read from the lease keys through the broker, as
     ``roadstream status`` does.
 
-    python bench/scale_bench.py --redis redis://127.0.0.1:6379/11
-    python bench/scale_bench.py --redis redis://127.0.0.1:6379/11 --workers 1,2,4,8 --drives 8 --size 1280x960
+    python bench/scale_bench.py
+    python bench/scale_bench.py --workers 1,2,4,8 --drives 8 --size 1280x960
 
 Prints one JSON object (also written to ``--json``). Drives are generated once under
 ``--workdir`` (real footage as picture content where ``/work/shared/footage`` exists).
@@ -39,6 +39,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.private_redis import HELP, redis_server
 from brokers.partitions import balanced_owners
 from brokers.redis import RedisBroker
 from fixtures import teslacam as tc
@@ -350,9 +351,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--redis", default="redis://127.0.0.1:6379/11", help="Redis URL (keys rsscale-* deleted after)"
-    )
+    parser.add_argument("--redis", default=None, help=HELP)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/roadstream-scale-bench"))
     parser.add_argument(
         "--workers",
@@ -380,6 +379,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Run both parts and print the JSON summary."""
     args = parse(argv)
+    with redis_server(None, args.redis) as args.redis:
+        _main(args)
+
+
+def _main(args: argparse.Namespace) -> None:
     footage = make_drives(args.workdir, args)
     summary = {
         "machine": {"cpus": os.cpu_count(), "load_avg_1m_at_start": round(os.getloadavg()[0], 2)},
