@@ -22,12 +22,18 @@ from stream.settings import BrokerSettings
 
 @dataclass(frozen=True)
 class Entry:
-    """One delivered stream entry. ``deliveries`` counts this delivery too."""
+    """One delivered stream entry. ``deliveries`` counts this delivery too.
+
+    ``problem`` says why the entry cannot be read at all (it has no payload field, written
+    by something that is not roadstream); ``data`` is then empty and the runtime
+    dead-letters the entry with that reason.
+    """
 
     stream: str
     id: str
     data: bytes
     deliveries: int = 1
+    problem: str | None = None
 
 
 @dataclass(frozen=True)

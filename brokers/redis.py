@@ -330,7 +330,7 @@ class RedisBroker(Broker):
             await self._ensure_groups(group, streams)
             reply = await self._xreadgroup(group, consumer, streams, count, block_ms)
         return [
-            Entry(text(stream), text(entry_id), fields[FIELD], 1)
+            _entry(text(stream), text(entry_id), fields, 1)
             for stream, entries in reply or []
             for entry_id, fields in entries
             if fields is not None
@@ -389,15 +389,15 @@ class RedisBroker(Broker):
         if not claimed:
             return []
         counts = await self._delivery_counts(stream, group, [entry_id for entry_id, _ in claimed])
-        return [Entry(stream, i, data, counts.get(i, 1)) for i, data in claimed]
+        return [_entry(stream, i, fields, counts.get(i, 1)) for i, fields in claimed]
 
     async def _autoclaim(
         self, group: str, consumer: str, stream: str, min_idle_ms: int, count: int, count_delivery: bool = True
-    ) -> list[tuple[str, bytes]]:
+    ) -> list[tuple[str, dict[bytes, bytes]]]:
         if not count_delivery:
             return await self._claim_uncounted(group, consumer, stream, min_idle_ms, count)
         # XAUTOCLAIM scans a bounded slice of the PEL per call: follow its cursor a while.
-        claimed: list[tuple[str, bytes]] = []
+        claimed: list[tuple[str, dict[bytes, bytes]]] = []
         cursor = "0-0"
         for _ in range(MAX_CLAIM_SCANS):
             reply = await self.client.xautoclaim(
@@ -411,14 +411,14 @@ class RedisBroker(Broker):
             cursor = text(reply[0])
             # reply[2] (7.0+) lists ids deleted while pending; Redis has already dropped
             # them from the PEL, so there is nothing to do but not deliver them.
-            claimed += [(text(i), f[FIELD]) for i, f in reply[1] if i is not None and f is not None]
+            claimed += [(text(i), f) for i, f in reply[1] if i is not None and f is not None]
             if cursor == "0-0" or len(claimed) >= count:
                 break
         return claimed
 
     async def _claim_uncounted(
         self, group: str, consumer: str, stream: str, min_idle_ms: int, count: int
-    ) -> list[tuple[str, bytes]]:
+    ) -> list[tuple[str, dict[bytes, bytes]]]:
         # XCLAIM … JUSTID keeps the counter; redis-py's XAUTOCLAIM JUSTID parser drops the
         # cursor, so the pending ids come from XPENDING instead.
         rows = await self.client.xpending_range(stream, group, min="-", max="+", count=count, idle=min_idle_ms or None)
@@ -432,12 +432,12 @@ class RedisBroker(Broker):
             await self.client.xack(stream, group, *gone)
         return claimed
 
-    async def _entries_by_id(self, stream: str, ids: Sequence[str]) -> list[tuple[str, bytes]]:
+    async def _entries_by_id(self, stream: str, ids: Sequence[str]) -> list[tuple[str, dict[bytes, bytes]]]:
         async with self.client.pipeline(transaction=False) as pipe:
             for entry_id in ids:
                 pipe.xrange(stream, min=entry_id, max=entry_id, count=1)
             replies = await pipe.execute()
-        return [(text(i), f[FIELD]) for rows in replies for i, f in rows if f is not None]
+        return [(text(i), f) for rows in replies for i, f in rows if f is not None]
 
     async def _delivery_counts(self, stream: str, group: str, ids: Sequence[str]) -> dict[str, int]:
         # One XPENDING per id in one round trip: exact, whatever else the PEL holds.
@@ -555,7 +555,7 @@ class RedisBroker(Broker):
         Their ``deliveries`` is 0: reading a range delivers nothing to anyone.
         """
         rows = await self.client.xrange(stream, min=start, max=end, count=count)
-        return [Entry(stream, text(i), f[FIELD], 0) for i, f in rows]
+        return [_entry(stream, text(i), f, 0) for i, f in rows]
 
     @translate_errors
     async def delete_entries(self, stream: str, ids: Sequence[str]) -> int:
@@ -694,6 +694,17 @@ class RedisBlobStore(BlobStore):
         """Release connections (only those this store opened itself)."""
         if self._owns_client:
             await self.client.aclose()
+
+
+def _entry(stream: str, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int) -> Entry:
+    """An ``Entry`` from a reply's fields; one without the payload field (added by hand or
+    by another program) carries the reason instead of ending the caller's loop."""
+    data = fields.get(FIELD)
+    if data is None:
+        shown = ", ".join(sorted(text(k) for k in fields)[:5]) or "none"
+        problem = f"entry has no payload field {text(FIELD)!r} (its fields: {shown})"
+        return Entry(stream, entry_id, b"", deliveries, problem)
+    return Entry(stream, entry_id, data, deliveries)
 
 
 def _ids_by_stream(entries: Sequence[Entry]) -> dict[str, list[str]]:

@@ -37,6 +37,14 @@ class BrokerConnectionError(BrokerError):
     """The transport's server could not be reached or dropped the connection."""
 
 
+class WorkerFailed(RoadstreamError):
+    """One of a worker's own tasks (reading, processing, heartbeat) ended unexpectedly.
+
+    The worker stops and reports not-live; its process exits non-zero so that a
+    supervisor restarts it. Its unacknowledged entries are reclaimed by others.
+    """
+
+
 class LeaseLost(BrokerError):
     """A worker acted on a partition whose lease another worker now holds."""
 

@@ -534,7 +534,8 @@ def test_workers_paused_past_the_claim_timeout_then_resumed_double_nothing(
 
 
 def poison_entries(client: redis.Redis, setup: Setup, outside: Path) -> dict[str, list[str]]:
-    """Put bad entries on the jobs stream and on a frames partition a good drive uses.
+    """Put bad entries on the jobs stream and on the frames and detections partitions of a
+    good drive.
 
     Returns:
         Per group, a fragment that each of its dead letters' reasons must contain.
@@ -550,8 +551,13 @@ def poison_entries(client: redis.Redis, setup: Setup, outside: Path) -> dict[str
         "drive_id": "descape",
         "clips": [{"start": "2024-05-01_10-00-00", "files": {"front": str(outside)}}],
     }
+    detections = names.stream_name(
+        names.DETECTIONS, names.drive_partition(drive.drive_id, FUSE_PARTITIONS), NAMESPACE
+    )
     for stream in (jobs, frames):
         client.xadd(stream, {"d": b"\xc1 not msgpack at all"})
+    for stream in (jobs, frames, detections):  # no payload field: written by another program
+        client.xadd(stream, {"x": "y"})
     client.xadd(jobs, {"d": msgpack.packb({"k": Job.KIND, "v": 99, "p": good_job})})
     client.xadd(jobs, {"d": codec.encode(Job.model_validate(escaping))})
     ref = FrameRef(drive_id="dpoison", camera="front", clip="2024-05-01_10-00-00", seq=0, tick=0, t=0.0, pts=0.0,
@@ -561,8 +567,15 @@ def poison_entries(client: redis.Redis, setup: Setup, outside: Path) -> dict[str
     client.set(names.blob_name("poison-garbage", NAMESPACE), b"not a jpeg")
     client.xadd(frames, {"d": codec.encode(ref.copy_with(seq=1, tick=1, t=0.2, blob_key="poison-garbage"))})
     return {
-        names.INGEST: ["not a msgpack entry", "schema version 99", "outside the allowed footage roots"],
+        names.INGEST: [
+            "not a msgpack entry",
+            "schema version 99",
+            "outside the allowed footage roots",
+            "has no payload field",
+        ],
+        names.FUSE: ["has no payload field"],
         names.DETECT: [
+            "has no payload field",
             "not a msgpack entry",
             "schema version 99",
             "blob is missing",

@@ -149,7 +149,10 @@ def supervise(ctx: click.Context, specs: tuple[str, ...], redis: str | None, pro
         sys.exit(run_processes(stages, args, prefix=prefix))
     from workers.supervisor import run_workers
 
-    asyncio.run(run_workers(stages, settings, url=settings.redis_url))
+    try:
+        asyncio.run(run_workers(stages, settings, url=settings.redis_url))
+    except RoadstreamError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 # -- status -----------------------------------------------------------------------------

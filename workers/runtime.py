@@ -37,7 +37,7 @@ from brokers.base import Broker, Entry, Publish
 from brokers.blobs import BlobStore
 from brokers.partitions import PartitionManager
 from stream import codec, names
-from stream.errors import BrokerConnectionError, DecodeError, InputError
+from stream.errors import BrokerConnectionError, DecodeError, InputError, WorkerFailed
 from stream.settings import Settings
 from workers import metrics
 from workers.handler import BatchResult, Delivery, Handler, Output
@@ -114,6 +114,8 @@ class Worker:
         self.burst = burst
         self.stopping = False
         self.started = False
+        #: Why one of the worker's own tasks ended unexpectedly (then it is not live).
+        self.failure: BaseException | None = None
         self.last_beat = time.monotonic()
         self.counts = {"in": 0, "out": 0, "failed": 0, "dead": 0}
         self._held: dict[tuple[str, str], Delivery] = {}  # (stream, id) -> delivery
@@ -192,13 +194,31 @@ class Worker:
             for i in range(1 if self.handler.partitioned else max(1, self.settings.worker.concurrency))
         ]
         beat = asyncio.create_task(self._heartbeat_loop(), name=f"{self.consumer}-beat")
+        stopped = asyncio.create_task(self._stop_event.wait(), name=f"{self.consumer}-stop")
         try:
-            await self._stop_event.wait()
+            # Supervise our own tasks: none may end while the worker runs. One that does
+            # (an unexpected error) stops the worker, which then reports not-live and
+            # raises, so that its process exits non-zero and is restarted.
+            done, _ = await asyncio.wait([stopped, beat, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            ended = [task for task in done if task is not stopped]
+            if ended and not self.stopping:
+                self._task_ended(ended[0])
             await self._drain(tasks)
         finally:
+            stopped.cancel()
             self._beating = False
             await _cancel_all([beat], self.consumer)
             await self._shutdown()
+        if self.failure is not None:
+            message = f"worker {self.consumer} stopped: {self.failure!r}"
+            raise WorkerFailed(message) from self.failure
+
+    def _task_ended(self, task: asyncio.Task) -> None:
+        """Record why one of our tasks ended while the worker ran, and stop."""
+        exc = None if task.cancelled() else task.exception()
+        self.failure = exc or RuntimeError(f"task {task.get_name()} ended")
+        log.error("worker %s: task %s ended unexpectedly; stopping", self.consumer, task.get_name(), exc_info=exc)
+        self.stop()
 
     async def _drain(self, tasks: list[asyncio.Task]) -> None:
         # Readers stop at once; processors get the grace period to finish their batch.
@@ -344,10 +364,13 @@ class Worker:
             partition = self._partition_of(entry.stream)
             if self._partitions is not None and not taking_over and partition not in self._ready:
                 continue  # revoked while this read was in flight; reclaimed by its owner
+            if entry.problem is not None:
+                await self._dead_letter_unread(entry, f"unreadable entry: {entry.problem}")
+                continue
             try:
                 message = codec.decode(entry.data, self.handler.accepts or None)
             except DecodeError as exc:
-                await self._dead_letter(entry, f"undecodable entry: {exc.reason}")
+                await self._dead_letter_unread(entry, f"undecodable entry: {exc.reason}")
                 continue
             delivery = Delivery(entry, message, partition)
             self._held[(entry.stream, entry.id)] = delivery
@@ -355,6 +378,15 @@ class Worker:
         metrics.ENTRIES_IN.labels(self.group).inc(len(deliveries))
         self.counts["in"] += len(deliveries)
         return deliveries
+
+    async def _dead_letter_unread(self, entry: Entry, error: str) -> None:
+        """Dead-letter an entry no handler will see. When the broker drops meanwhile, the
+        entry stays pending and unheld (so it goes idle and is reclaimed), and the entries
+        accepted before it in the same read are still handed over."""
+        try:
+            await self._dead_letter(entry, error)
+        except BrokerConnectionError as exc:
+            log.warning("worker %s: could not dead-letter %s %s (%s); left pending", self.consumer, entry.stream, entry.id, exc)
 
     def _partition_of(self, stream: str) -> int | None:
         if stream not in self._stream_partition:
@@ -531,8 +563,8 @@ class Worker:
                 self.last_beat = time.monotonic()
             except BrokerConnectionError as exc:
                 log.warning("worker %s: heartbeat failed (%s)", self.consumer, exc)
-            except Exception:
-                log.exception("worker %s: heartbeat failed", self.consumer)
+            # Anything else ends the heartbeat, and so the worker (see ``run``): a beat
+            # that fails each time would leave held entries touched and never reclaimed.
 
     async def _refresh_partitions(self) -> None:
         # Leases are renewed outside the lock, so a long batch cannot let them lapse. Surplus
@@ -689,8 +721,8 @@ class Worker:
         await self.broker.put_value(key, json.dumps(record).encode(), ttl_ms=ttl_ms)
 
     def live(self) -> bool:
-        """Whether the heartbeat ran recently (the liveness probe)."""
-        return time.monotonic() - self.last_beat < 3 * max(self.settings.worker.heartbeat_s, 1)
+        """Whether the heartbeat ran recently and no task of the worker failed (the liveness probe)."""
+        return self.failure is None and time.monotonic() - self.last_beat < 3 * max(self.settings.worker.heartbeat_s, 1)
 
     def ready(self) -> bool:
         """Whether the worker started and is taking work (the readiness probe)."""

@@ -80,13 +80,27 @@ async def run_workers(
                 live=lambda: all(w.live() for w in workers),
                 ready=lambda: all(w.ready() for w in workers),
             )
-        await asyncio.gather(*(w.run() for w in workers))
+        results = await asyncio.gather(*(_run_one(w, workers) for w in workers), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         return workers
     finally:
         if server is not None:
             server.close()
         await blobs.close()
         await broker.close()
+
+
+async def _run_one(worker: Worker, workers: Sequence[Worker]) -> None:
+    # A worker that failed stops the others of the process: the process then exits
+    # non-zero and is restarted whole, instead of running on with a stage missing.
+    try:
+        await worker.run()
+    except BaseException:
+        for other in workers:
+            other.stop()
+        raise
 
 
 def run_processes(
