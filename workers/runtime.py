@@ -447,7 +447,7 @@ class Worker:
             raise  # not the entries' fault: the whole batch is tried again (_recover)
         except Exception as exc:
             log.exception("worker %s: stage failed on a batch of %d", self.consumer, len(batch))
-            result = BatchResult(ack=[], failed=[(d, exc) for d in batch])
+            result = await self._one_by_one(batch, exc)
         metrics.STAGE_SECONDS.labels(self.group).observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.labels(self.group).observe(len(batch))
         if not self._leases_fresh():
@@ -459,6 +459,31 @@ class Worker:
                 await self._drop_state(partition)
             return
         await self._finish(batch, result)
+
+    async def _one_by_one(self, batch: list[Delivery], error: Exception) -> BatchResult:
+        """After an unexpected error on a batch, find the entries that caused it.
+
+        A stateless stage handles each entry again, alone (its outputs are idempotent, by
+        dedupe key), so one bad entry fails alone with its own error. A stateful one cannot
+        (its state took part of the batch): all its entries fail, and ``_rebuild`` replays
+        them, each counted one more delivery.
+        """
+        if self.handler.partitioned or len(batch) == 1:
+            return BatchResult(ack=[], failed=[(d, error) for d in batch])
+        result = BatchResult(ack=[])
+        for delivery in batch:
+            try:
+                alone = await self.handler.handle([delivery])
+            except BrokerConnectionError:
+                raise
+            except Exception as exc:
+                log.warning("worker %s: %s %s fails alone: %r", self.consumer, delivery.entry.stream, delivery.entry.id, exc)
+                result.failed.append((delivery, exc))
+                continue
+            result.outputs += alone.outputs
+            result.ack += [delivery] if alone.ack is None else alone.ack
+            result.failed += alone.failed
+        return result
 
     async def _finish(self, batch: list[Delivery], result: BatchResult) -> None:
         """Publish, then dead-letter or leave failures, then ack what is safe."""
