@@ -104,7 +104,12 @@ async def _run_one(worker: Worker, workers: Sequence[Worker]) -> None:
 
 
 def run_processes(
-    stages: Mapping[str, int], worker_args: Sequence[str] = (), *, prefix: Sequence[str] = (), poll_s: float = 0.5
+    stages: Mapping[str, int],
+    worker_args: Sequence[str] = (),
+    *,
+    prefix: Sequence[str] = (),
+    poll_s: float = 0.5,
+    env: Mapping[str, str] | None = None,
 ) -> int:
     """Run ``n`` processes of ``roadstream worker STAGE`` per stage until signalled.
 
@@ -113,6 +118,7 @@ def run_processes(
         worker_args: extra arguments for each child (``--redis URL`` …).
         prefix: global options that go before ``worker`` (``--config``, ``--set``).
         poll_s: how often to look for dead children.
+        env: the children's environment (the broker URL goes here, never in argv).
 
     Returns:
         0 after a clean stop.
@@ -121,7 +127,7 @@ def run_processes(
 
     def start(stage: str) -> subprocess.Popen:
         command = [sys.executable, "-m", "workers.cli", *prefix, "worker", stage, *worker_args]
-        return subprocess.Popen(command)
+        return subprocess.Popen(command, env=None if env is None else dict(env))
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
