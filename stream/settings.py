@@ -69,6 +69,9 @@ class WorkerSettings(BaseModel):
     heartbeat_s: float = 5.0
     #: Port for /metrics, /live and /ready; 0 picks none.
     metrics_port: int = 0
+    #: Interface they listen on: loopback unless a deployment opens it to its probes
+    #: and scrapers (``deploy/`` sets 0.0.0.0 in containers).
+    metrics_host: str = "127.0.0.1"
 
 
 class IngestSettings(BaseModel):

@@ -110,6 +110,7 @@ def cli(config: str | None, set_: tuple[str, ...], verbose: int, log_format: str
 @click.option("--batch-size", type=int, default=None, help="Entries per batch at most.")
 @click.option("--max-wait-ms", type=int, default=None, help="Longest wait to fill a batch.")
 @click.option("--metrics-port", type=int, default=None, help="Serve /metrics, /live, /ready here.")
+@click.option("--metrics-host", default=None, help="Interface for them (default 127.0.0.1; 0.0.0.0: all).")
 @click.option("--burst", is_flag=True, help="Exit once the input is drained.")
 @click.pass_context
 def worker(ctx: click.Context, stage: str, redis: str | None, burst: bool, **options: Any) -> None:

@@ -77,6 +77,7 @@ async def run_workers(
         if settings.worker.metrics_port:
             server = await metrics.serve_http(
                 settings.worker.metrics_port,
+                host=settings.worker.metrics_host,
                 live=lambda: all(w.live() for w in workers),
                 ready=lambda: all(w.ready() for w in workers),
             )
