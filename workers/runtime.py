@@ -308,6 +308,16 @@ class Worker:
         if not self._leases_fresh():
             return []
         batch = self._take_replay(size)
+        try:
+            return self._cut(await self._fill(batch, size, wait_s))
+        except BaseException:
+            # Replayed (or accepted) deliveries taken into this batch are held: a failed read
+            # must not drop them, or they stay touched and unhandled for good. Back in front.
+            self._replay = batch + self._replay
+            raise
+
+    async def _fill(self, batch: list[Delivery], size: int, wait_s: float) -> list[Delivery]:
+        """Add new entries to ``batch`` (in place) until full or the muxer's timeout."""
         deadline = time.monotonic() + wait_s if batch else None
         while len(batch) < size and not self.stopping:
             streams = self.input_streams()
@@ -332,6 +342,10 @@ class Worker:
             if deadline is None:
                 deadline = time.monotonic() + wait_s
             batch += self._take_replay(size - len(batch))
+        return batch
+
+    def _cut(self, batch: list[Delivery]) -> list[Delivery]:
+        size = self.settings.worker.batch_size
         # A read over many streams may bring up to ``size`` from each: keep batches at the
         # bound (fixed shapes for the GPU) and hand the rest over first next time. Older
         # entries of a partition are never behind them: those were taken first.
