@@ -36,7 +36,13 @@ from redis import exceptions as rex
 
 from brokers.base import Broker, Entry, GroupStats, Publish, StreamStats
 from brokers.blobs import DEFAULT_BLOB_TTL_S, BlobStore
-from stream.errors import BrokerConnectionError, BrokerError
+from stream.errors import (
+    BrokerAuthError,
+    BrokerConnectionError,
+    BrokerError,
+    BrokerOutOfMemory,
+    BrokerPermissionError,
+)
 from stream.names import DEFAULT_NAMESPACE, blob_name
 from stream.settings import BrokerSettings
 
@@ -120,14 +126,39 @@ def translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await fn(*args, **kwargs)
+        except (rex.AuthenticationError, rex.AuthorizationError) as exc:
+            message = f"redis refused the credentials (authentication failed) in {fn.__name__}: {exc}"
+            raise BrokerAuthError(message) from exc
+        except rex.NoPermissionError as exc:
+            message = f"redis denied permission (ACL) in {fn.__name__}: {exc}"
+            raise BrokerPermissionError(message) from exc
+        except rex.OutOfMemoryError as exc:
+            message = f"redis is out of memory (maxmemory) in {fn.__name__}: {exc}; retried later"
+            raise BrokerOutOfMemory(message) from exc
         except (rex.ConnectionError, rex.TimeoutError, ConnectionError, TimeoutError) as exc:
             message = f"redis unreachable in {fn.__name__}: {exc}"
             raise BrokerConnectionError(message) from exc
+        except rex.ResponseError as exc:
+            # Replies a pipeline or script returned as values (raise_on_error=False) come
+            # here as plain ResponseErrors: name them by their prefix.
+            raise _named(exc, fn.__name__) from exc
         except rex.RedisError as exc:
             message = f"redis error in {fn.__name__}: {exc}"
             raise BrokerError(message) from exc
 
     return wrapper
+
+
+def _named(exc: rex.ResponseError, where: str) -> BrokerError:
+    """A reply error as roadstream's error of its kind (by the reply's prefix)."""
+    reply = str(exc)
+    if reply.startswith(("NOAUTH", "WRONGPASS")):
+        return BrokerAuthError(f"redis refused the credentials (authentication failed) in {where}: {reply}")
+    if reply.startswith("NOPERM"):
+        return BrokerPermissionError(f"redis denied permission (ACL) in {where}: {reply}")
+    if reply.startswith("OOM"):
+        return BrokerOutOfMemory(f"redis is out of memory (maxmemory) in {where}: {reply}; retried later")
+    return BrokerError(f"redis error in {where}: {reply}")
 
 
 def text(value: bytes | str) -> str:

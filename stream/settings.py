@@ -72,6 +72,9 @@ class WorkerSettings(BaseModel):
     #: Interface they listen on: loopback unless a deployment opens it to its probes
     #: and scrapers (``deploy/`` sets 0.0.0.0 in containers).
     metrics_host: str = "127.0.0.1"
+    #: Seconds a starting worker waits for an unreachable broker (retrying with a
+    #: growing, logged delay) before it gives up: workers may start before Redis does.
+    start_wait_s: float = 30.0
 
 
 class IngestSettings(BaseModel):

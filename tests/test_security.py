@@ -22,7 +22,14 @@ from redis_servers import REDIS_SERVER, RedisServer, RedisServers, redis_support
 from brokers.memory import MemoryBlobStore
 from brokers.redis import RedisBroker
 from stream import codec
-from stream.errors import BrokerConnectionError, BrokerError, DecodeError, InputError
+from stream.errors import (
+    BrokerAuthError,
+    BrokerConnectionError,
+    BrokerError,
+    BrokerPermissionError,
+    DecodeError,
+    InputError,
+)
 from stream.names import JOBS, stream_name
 from stream.schemas import ClipRef, Job
 from stream.settings import IngestSettings, Settings
@@ -115,14 +122,22 @@ async def test_broker_with_acl_user_publishes_reads_and_acks(acl_server: RedisSe
         assert client.exists(stream_name(JOBS, ns=NAMESPACE)) == 1
 
 
-async def test_broker_with_wrong_password_raises_connection_error(acl_server: RedisServer) -> None:
-    """A wrong password surfaces as ``BrokerConnectionError`` naming the auth failure."""
+async def test_broker_with_wrong_password_raises_an_authentication_error(acl_server: RedisServer) -> None:
+    """A wrong password surfaces as ``BrokerAuthError`` (not "unreachable"), naming it."""
     # Given the right user with a wrong password
     url = acl_server.url(password="wrong")
     # When the broker makes its first call; Then it fails clearly
     error = await first_call_error(url)
-    assert isinstance(error, BrokerConnectionError)
-    assert "WRONGPASS" in str(error) or "password" in str(error).lower()
+    assert isinstance(error, BrokerAuthError) and not isinstance(error, BrokerConnectionError)
+    assert "authentication failed" in str(error) and "invalid username-password pair" in str(error)
+    assert "unreachable" not in str(error)
+
+
+async def test_broker_without_credentials_raises_an_authentication_error(acl_server: RedisServer) -> None:
+    """No password where one is needed (NOAUTH) is an authentication error too."""
+    error = await first_call_error(acl_server.url(username="", password=""))
+    assert isinstance(error, BrokerAuthError), error
+    assert "authentication failed" in str(error)
 
 
 async def test_broker_outside_its_acl_key_pattern_is_refused(acl_server: RedisServer) -> None:
@@ -130,9 +145,11 @@ async def test_broker_outside_its_acl_key_pattern_is_refused(acl_server: RedisSe
     # Given the user limited to "sec:*"
     broker = RedisBroker(url=acl_server.url(), namespace="other")
     try:
-        # When it publishes to another namespace; Then Redis refuses (NOPERM)
-        with pytest.raises(BrokerError, match="(?i)noperm|permission"):
+        # When it publishes to another namespace; Then Redis refuses (NOPERM), named as such
+        with pytest.raises(BrokerPermissionError, match="denied permission \\(ACL\\)"):
             await broker.publish(stream_name(JOBS, ns="other"), b"x")
+        with pytest.raises(BrokerPermissionError, match="denied permission \\(ACL\\)"):
+            await broker.ensure_group(stream_name(JOBS, ns="other"), GROUP)
     finally:
         await broker.close()
 

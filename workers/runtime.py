@@ -30,7 +30,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
 from brokers.base import Broker, Entry, Publish
@@ -48,6 +48,9 @@ log = logging.getLogger("roadstream.worker")
 HOP_CONSUMER = {hop: stage for stage, hops in names.STAGE_INPUTS.items() for hop in hops}
 #: Seconds to wait before reading again after the broker's connection dropped.
 RECONNECT_DELAY_S = 1.0
+#: First and longest delay between tries to reach the broker at start.
+START_RETRY_S = 0.5
+START_RETRY_MAX_S = 5.0
 #: Entries taken over per XAUTOCLAIM call.
 CLAIM_BATCH = 2048
 
@@ -175,18 +178,7 @@ class Worker:
         """Start the handler and run until ``stop()`` (or, in burst mode, until drained)."""
         self.handler.publisher = _Publisher(self)
         await self.handler.start()
-        for hop in self.handler.inputs:
-            if not self.handler.partitioned:
-                await self.broker.ensure_group(self.stream(hop), self.group)
-        if self.handler.partitioned:
-            self._partitions = PartitionManager(
-                self.broker,
-                self.group,
-                self.consumer,
-                self._partition_count,
-                self.settings.broker.lease_ttl_ms,
-            )
-            await self._refresh_partitions()
+        await self._wait_for_broker(self._join_broker)
         self.started = True
         tasks = [asyncio.create_task(self._read_loop(), name=f"{self.consumer}-read")]
         tasks += [
@@ -212,6 +204,38 @@ class Worker:
         if self.failure is not None:
             message = f"worker {self.consumer} stopped: {self.failure!r}"
             raise WorkerFailed(message) from self.failure
+
+    async def _join_broker(self) -> None:
+        """Create the input groups, or take partitions (their leases and replays)."""
+        for hop in self.handler.inputs:
+            if not self.handler.partitioned:
+                await self.broker.ensure_group(self.stream(hop), self.group)
+        if self.handler.partitioned:
+            if self._partitions is None:
+                self._partitions = PartitionManager(
+                    self.broker,
+                    self.group,
+                    self.consumer,
+                    self._partition_count,
+                    self.settings.broker.lease_ttl_ms,
+                )
+            await self._refresh_partitions()
+
+    async def _wait_for_broker(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run ``step``; while the broker is unreachable, try again after a growing delay,
+        logged each time, for up to ``worker.start_wait_s`` (then its error is raised)."""
+        delay, waited = START_RETRY_S, 0.0
+        while True:
+            try:
+                await step()
+                return
+            except BrokerConnectionError as exc:
+                if self.stopping or waited >= self.settings.worker.start_wait_s:
+                    raise
+                log.warning("worker %s: broker not reachable at start (%s); trying again in %.1f s", self.consumer, exc, delay)
+                await asyncio.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, START_RETRY_MAX_S)
 
     def _task_ended(self, task: asyncio.Task) -> None:
         """Record why one of our tasks ended while the worker ran, and stop."""
