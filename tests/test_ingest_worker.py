@@ -59,12 +59,13 @@ async def _collect(broker: RedisBroker) -> Published:
 
 
 @pytest.fixture
-async def ingest(redis_url: str):
+async def ingest(redis_url: str, tmp_path: Path):
     """Run the ingest worker (burst) over jobs, through the real runtime; return what it published."""
     broker = RedisBroker(url=redis_url, namespace=NS)
     blobs = RedisBlobStore(redis_url, namespace=NS)
 
     async def run(jobs: list[Job], max_deliveries_for_test: int | None = None, **ingest_settings) -> Published:
+        ingest_settings.setdefault("roots", [str(tmp_path)])  # the footage is not under the cwd
         settings = Settings(namespace=NS, ingest=IngestSettings(**ingest_settings))
         if max_deliveries_for_test is not None:
             settings.broker.max_deliveries = max_deliveries_for_test
@@ -396,3 +397,15 @@ async def test_a_bad_job_among_good_ones_fails_alone_with_its_own_reason(tmp_pat
     ended = sorted(m.drive_id for m in out.drives if m.event == "ended")
     assert ended == sorted([first.drive_id, second.drive_id, "broken"])  # the broken one ends, naming its failure
     assert out.frames["front"]
+
+
+async def test_a_worker_without_roots_dead_letters_footage_outside_the_current_folder(tmp_path: Path, ingest) -> None:
+    # Given a drive outside the current folder, and no ingest.roots
+    tc.make_drive(tmp_path, minutes=1, cameras=("front",), spec=SHORT)
+    assert not tmp_path.resolve().is_relative_to(Path.cwd().resolve())
+    # When its job is ingested
+    out = await ingest(_jobs(tmp_path), roots=[])
+    # Then it is a dead letter whose reason names the rule, and nothing was published
+    (letter,) = out.dead
+    assert "outside the allowed footage roots (none configured: only the current folder" in letter.error
+    assert not out.frames and not out.drives

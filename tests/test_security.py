@@ -273,3 +273,30 @@ def test_job_footage_under_the_roots_is_accepted(tmp_path: Path) -> None:
     handler = build_ingest(settings, MemoryBlobStore())
     _escapes(tmp_path)
     handler.check_roots(_job(tmp_path / "footage" / "drive" / "front.mp4"))
+
+
+def test_a_worker_without_roots_takes_footage_under_the_current_folder_only(tmp_path: Path, monkeypatch) -> None:
+    """No ``ingest.roots``: not "anywhere" but the current folder, and the refusal says so."""
+    # Given an ingest handler with no roots, run from <tmp>/footage
+    _escapes(tmp_path)
+    monkeypatch.chdir(tmp_path / "footage")
+    handler = build_ingest(Settings(), MemoryBlobStore())
+    # When jobs name footage below it, and /etc/passwd; Then only the first passes
+    handler.check_roots(_job(tmp_path / "footage" / "drive" / "front.mp4"))
+    with pytest.raises(InputError, match=r"/etc/passwd: outside the allowed footage roots \(none configured: only the current folder"):
+        handler.check_roots(_job(Path("/etc/passwd")))
+    with pytest.raises(InputError, match="set ingest.roots"):
+        handler.check_roots(_job(_escapes_again(tmp_path)))
+
+
+def _escapes_again(tmp_path: Path) -> Path:
+    return tmp_path / "footage" / ".." / "secret" / "front.mp4"
+
+
+def test_run_confines_ingest_to_the_footage_folder_it_was_given(tmp_path: Path) -> None:
+    """``roadstream run FOOTAGE`` sets ``ingest.roots`` to FOOTAGE unless roots were configured."""
+    from workers.run import footage_roots
+
+    assert footage_roots(Settings(), tmp_path).ingest.roots == [str(tmp_path.resolve())]
+    configured = Settings(ingest=IngestSettings(roots=["/data"]))
+    assert footage_roots(configured, tmp_path).ingest.roots == ["/data"]

@@ -113,6 +113,15 @@ def shipped_models(settings: Settings) -> Settings:
     return settings.model_copy(update={"detect": settings.detect.model_copy(update=missing)})
 
 
+def footage_roots(settings: Settings, footage: str | Path) -> Settings:
+    """The settings with ``ingest.roots`` set to the run's footage folder, unless set: a
+    worker without roots takes only footage under the current folder."""
+    if settings.ingest.roots:
+        return settings
+    ingest = settings.ingest.model_copy(update={"roots": [str(Path(footage).resolve())]})
+    return settings.model_copy(update={"ingest": ingest})
+
+
 def one_shot(settings: Settings) -> Settings:
     """The settings with fuse's watermark timeout raised to ``RUN_WATERMARK_TIMEOUT_S``,
     unless the settings name one.
@@ -447,7 +456,7 @@ def run_footage(
     if not found.drives:
         message = f"{found.root}: no TeslaCam footage found (expected YYYY-MM-DD_HH-MM-SS-<camera>.mp4 clips)"
         raise NoFootage(message)
-    settings = one_shot(shipped_models(settings))
+    settings = footage_roots(one_shot(shipped_models(settings)), found.root)
     plan = choose_plan(settings, workers)
     if url is not None:
         return _run(found, settings, url, out_dir, progress, timeout_s, on_broker, _shown(plan, url, on_plan))
