@@ -155,6 +155,16 @@ class Broker(ABC):
         """
 
     @abstractmethod
+    async def cap(self, stream: str, max_len: int) -> int:
+        """Keep about the newest ``max_len`` entries of a stream that no group reads.
+
+        A stream with a group is left alone (``trim`` is what is safe there).
+
+        Returns:
+            How many entries were removed.
+        """
+
+    @abstractmethod
     async def streams(self, pattern: str = "*") -> list[str]:
         """Names of existing streams that match a glob pattern."""
 

@@ -326,6 +326,13 @@ class MemoryBroker(Broker):
         min_id = min(needed) if needed else (2**64, 0)
         return state.trim_below(min_id)
 
+    async def cap(self, stream: str, max_len: int) -> int:
+        """Keep the newest ``max_len`` entries of a stream that no group reads."""
+        state = self.state.streams.get(stream)
+        if state is None or state.groups or len(state.ids) <= max_len:
+            return 0
+        return state.trim_below(state.ids[len(state.ids) - max_len])
+
     @staticmethod
     def _floor(stream: Stream, group: Group) -> Id | None:
         candidates = [next(iter(group.pel))] if group.pel else []  # the PEL is in id order

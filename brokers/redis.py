@@ -560,6 +560,15 @@ class RedisBroker(Broker):
             min_id = next_id(text(newest[0][0]))
         return int(await self.client.xtrim(stream, minid=min_id, approximate=False))
 
+    @translate_errors
+    async def cap(self, stream: str, max_len: int) -> int:
+        """Keep the newest ``max_len`` entries of a stream that no group reads (exact
+        ``XTRIM MAXLEN``: it runs once per trim interval). One with a group is left alone."""
+        _, infos = await self._length_and_groups(stream)
+        if infos:
+            return 0
+        return int(await self.client.xtrim(stream, maxlen=max_len, approximate=False))
+
     async def _group_floor(self, stream: str, group: str, last_delivered: str) -> str | None:
         """The smallest id ``group`` still needs, or ``None`` when it needs none."""
         async with self.client.pipeline(transaction=False) as pipe:

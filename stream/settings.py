@@ -50,6 +50,9 @@ class BrokerSettings(BaseModel):
     socket_connect_timeout_s: float = 10.0
     #: Frame blobs per MGET; larger fetches are split (one round trip still).
     blob_fetch_keys: int = Field(default=64, ge=1)
+    #: Entries kept on a stream that no group reads (segments while vera is off): its
+    #: producer caps it at about this many, newest kept.
+    ungrouped_cap: int = Field(default=10_000, ge=1)
 
 
 class WorkerSettings(BaseModel):
@@ -75,6 +78,9 @@ class WorkerSettings(BaseModel):
     #: Seconds a starting worker waits for an unreachable broker (retrying with a
     #: growing, logged delay) before it gives up: workers may start before Redis does.
     start_wait_s: float = 30.0
+    #: Seconds between trims of the input streams (below what every group has
+    #: acknowledged) and caps of ungrouped output streams; 0: never.
+    trim_interval_s: float = 10.0
 
 
 class IngestSettings(BaseModel):

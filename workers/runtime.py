@@ -120,7 +120,8 @@ class Worker:
         #: Why one of the worker's own tasks ended unexpectedly (then it is not live).
         self.failure: BaseException | None = None
         self.last_beat = time.monotonic()
-        self.counts = {"in": 0, "out": 0, "failed": 0, "dead": 0}
+        self.counts = {"in": 0, "out": 0, "failed": 0, "dead": 0, "trimmed": 0}
+        self._outputs: set[str] = set()  # streams this worker published to (capped if ungrouped)
         self._held: dict[tuple[str, str], Delivery] = {}  # (stream, id) -> delivery
         self._replay: list[Delivery] = []  # claimed entries to hand over before new reads
         self._partitions: PartitionManager | None = None
@@ -596,6 +597,7 @@ class Worker:
             return
         items = [Publish(self.stream(o.hop, o.partition), codec.encode(o.message), o.dedupe_key) for o in outputs]
         await self.broker.publish_many(items)
+        self._outputs.update(item.stream for item in items)
         metrics.ENTRIES_OUT.labels(self.group).inc(len(items))
         self.counts["out"] += len(items)
 
@@ -607,7 +609,8 @@ class Worker:
             interval = min(interval, self.settings.broker.lease_ttl_ms / 3000)
         touch_every = self.settings.broker.claim_idle_ms / 3000
         reclaim_every = self.settings.worker.reclaim_interval_s
-        last_touch = last_reclaim = time.monotonic()
+        trim_every = self.settings.worker.trim_interval_s
+        last_touch = last_reclaim = last_trim = time.monotonic()
         # A flag, not only cancellation: redis-py can turn a cancel that lands mid-command
         # into a connection error, which this loop survives on purpose.
         while self._beating:
@@ -622,6 +625,9 @@ class Worker:
                 if now - last_reclaim >= reclaim_every:
                     await self._reclaim()
                     last_reclaim = now
+                if trim_every > 0 and now - last_trim >= trim_every:
+                    await self._trim()
+                    last_trim = now
                 await self._record_health()
                 self.last_beat = time.monotonic()
             except BrokerConnectionError as exc:
@@ -760,6 +766,16 @@ class Worker:
                 else:
                     self._replay += accepted
         await self._export_lag(streams)
+
+    async def _trim(self) -> None:
+        """Trim what this worker reads below what every group acknowledged (``Broker.trim``
+        keeps anything pending or unread), and cap the streams it writes that no group
+        reads (segments while vera is off), which would otherwise grow without bound."""
+        for stream in self.input_streams():
+            self.counts["trimmed"] += await self.broker.trim(stream)
+        cap = self.settings.broker.ungrouped_cap
+        for stream in sorted(self._outputs):
+            self.counts["trimmed"] += await self.broker.cap(stream, cap)
 
     async def _export_lag(self, streams: list[str]) -> None:
         for stream in streams:
