@@ -216,6 +216,10 @@ class Broker(ABC):
     async def close(self) -> None:
         """Release connections."""
 
+    async def used_memory(self) -> int | None:
+        """Bytes the server uses (Redis ``used_memory``); ``None`` when it cannot say."""
+        return None
+
     # -- behaviour built on the primitives -----------------------------------------
 
     async def publish(self, stream: str, data: bytes, *, dedupe_key: str | None = None) -> str:

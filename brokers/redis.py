@@ -583,6 +583,12 @@ class RedisBroker(Broker):
         return min(candidates, key=parse_id) if candidates else None
 
     @translate_errors
+    async def used_memory(self) -> int | None:
+        """The server's ``used_memory`` (INFO memory)."""
+        info = await self.client.info("memory")
+        return int(info["used_memory"])
+
+    @translate_errors
     async def streams(self, pattern: str = "*") -> list[str]:
         """Names of existing streams that match a glob pattern."""
         names = {text(k) async for k in self.client.scan_iter(match=pattern, count=1000, _type="stream")}

@@ -39,6 +39,9 @@ class BrokerSettings(BaseModel):
     max_lag: int = 5_000
     #: A producer waits while the frame blobs in flight pass this many bytes.
     max_blob_bytes: int = 512 * 1024 * 1024
+    #: A producer waits while the server's ``used_memory`` passes this many bytes (0: no
+    #: bound); keep it under Redis ``maxmemory`` so that writes are slowed, not refused.
+    max_used_memory: int = Field(default=0, ge=0)
     #: Frame blobs expire after this.
     blob_ttl_s: int = 3600
     frame_partitions: int = 16

@@ -124,3 +124,53 @@ async def test_writes_refused_for_memory_are_retried_until_memory_is_freed(tmp_p
         assert client.xlen(out) == 20
         assert not client.exists(f"{NS}:deadletters")
         assert refused >= 1 and worker.failure is None
+
+
+async def test_a_producer_waits_while_redis_memory_is_over_the_bound(tmp_path: Path, caplog) -> None:
+    # Given an ingest worker whose memory bound is below what Redis uses, and a drive's job
+    from fixtures import teslacam as tc
+    from stages.discover import discover
+    from brokers.redis import RedisBlobStore
+    from workers.ingest import build
+
+    footage = tmp_path / "footage"
+    tc.make_drive(footage, minutes=1, cameras=("front",), spec=tc.ClipSpec(duration_s=1.0))
+    with RedisServers(tmp_path / "redis") as servers:
+        server = servers.start()
+        client = server.client()
+        settings = load_settings(environ={}, namespace=NS, broker={"max_used_memory": 1},
+                                 ingest={"roots": [str(footage)]}, worker={"heartbeat_s": 0.1})  # fmt: skip
+        broker = RedisBroker(url=server.url(), namespace=NS, settings=settings.broker)
+        blobs = RedisBlobStore(server.url(), namespace=NS)
+        (drive,) = discover(footage).drives
+        await broker.publish(names.stream_name(names.JOBS, ns=NS), codec.encode(drive.to_job()))
+        worker = Worker(build(settings, blobs), broker, blobs, settings, consumer="w1")
+        caplog.set_level(logging.WARNING, logger="roadstream.worker")
+        task = asyncio.create_task(worker.run())
+        deadline = time.monotonic() + 60  # a bound that fails the test instead of hanging it
+        frames = f"{NS}:frames:*"
+        try:
+            # When it has reached its first frames and found Redis over the bound
+            while "over broker.max_used_memory" not in caplog.text:
+                assert not task.done() and time.monotonic() < deadline, worker.failure
+                await asyncio.sleep(0.05)
+            # Then it publishes no frame while it waits (its "started" markers only)
+            assert published_frames(client, frames) == 0
+            # and once the bound is lifted, the drive goes through and ends
+            settings.broker.max_used_memory = 0
+            while not client.xlen(f"{NS}:drives") or not caplog.text.count("back under the bound"):
+                assert not task.done() and time.monotonic() < deadline, worker.failure
+                await asyncio.sleep(0.05)
+        finally:
+            worker.stop()
+            await task
+            await blobs.close()
+            await broker.close()
+        assert published_frames(client, frames) == 5  # 1 s at 5 frames/s
+
+
+def published_frames(client, pattern: str) -> int:
+    from stream.schemas import FrameRef
+
+    entries = [f[b"d"] for k in client.scan_iter(pattern, _type="stream") for _, f in client.xrange(k)]
+    return sum(isinstance(codec.decode(data), FrameRef) for data in entries)

@@ -84,6 +84,25 @@ class _Publisher:
         bound = worker.settings.broker.max_blob_bytes
         while await worker.blobs.bytes_in_flight() > bound and not worker.stopping:
             await asyncio.sleep(0.05)
+        await self._wait_for_memory()
+
+    async def _wait_for_memory(self) -> None:
+        """Wait while the server's memory is over ``broker.max_used_memory``: writes slow
+        down before Redis refuses them (OOM). Said once per wait, and when it ends."""
+        worker = self._worker
+        waited_since = None
+        while (bound := worker.settings.broker.max_used_memory) and not worker.stopping:
+            used = await worker.broker.used_memory()
+            if used is None or used <= bound:
+                break
+            if waited_since is None:
+                waited_since = time.monotonic()
+                log.warning("worker %s: redis uses %d bytes, over broker.max_used_memory %d; waiting",
+                            worker.consumer, used, bound)  # fmt: skip
+            await asyncio.sleep(0.1)
+        if waited_since is not None and not worker.stopping:
+            log.warning("worker %s: redis memory back under the bound after %.1f s", worker.consumer,
+                        time.monotonic() - waited_since)  # fmt: skip
 
 
 class Worker:
