@@ -463,6 +463,17 @@ class MemoryBlobStore(BlobStore):
             self._blobs.pop(key, None)
         return sum(blob is not None for blob in live)
 
+    async def expire_many(self, keys: Sequence[str], ttl_s: int) -> int:
+        """Make blobs expire within ``ttl_s`` (never later than they would)."""
+        now = time.monotonic()
+        found = 0
+        for key in keys:
+            held = self._blobs.get(key)
+            if held is not None and held[1] > now:
+                self._blobs[key] = (held[0], min(held[1], now + ttl_s))
+                found += 1
+        return found
+
     async def bytes_in_flight(self) -> int:
         """Bytes put and not yet released."""
         return self._in_flight

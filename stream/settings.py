@@ -44,6 +44,10 @@ class BrokerSettings(BaseModel):
     max_used_memory: int = Field(default=0, ge=0)
     #: Frame blobs expire after this.
     blob_ttl_s: int = 3600
+    #: Once fuse has closed a frame's window (vera off) and the frame is no key frame, its
+    #: blob expires after this instead: long enough for a detect worker that took a dead
+    #: one's frames over to replay them (claim timeout plus lease), short of the full TTL.
+    spent_blob_ttl_s: int = Field(default=120, ge=1)
     frame_partitions: int = 16
     fuse_partitions: int = 8
     #: Seconds a Redis command may wait for its reply before the server counts as
