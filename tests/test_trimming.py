@@ -45,27 +45,30 @@ async def until(check, worker: Worker, task: asyncio.Task) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_a_worker_trims_what_its_group_acked_and_caps_an_output_no_group_reads(broker) -> None:
-    # Given 20 frames on a stateless stage's input; nobody reads its output
+@pytest.mark.parametrize(("hop", "kept"), [(names.SEGMENTS, 5), (names.VERDICTS, 20)])
+async def test_a_worker_trims_what_its_group_acked_and_caps_a_stage_hop_no_group_reads(broker, hop, kept) -> None:
+    # Given 20 frames on a stateless stage's input; no group reads its output: the
+    # segments hop (vera off), or the verdicts that users read by range (never capped)
     source = names.stream_name("bench-in", ns=broker.namespace)
-    out = names.stream_name("bench-out", ns=broker.namespace)
+    out = names.stream_name(hop, ns=broker.namespace)
     for seq in range(20):
         await broker.publish(source, codec.encode(frame("d1", seq)))
-    worker = Worker(RelayHandler(), broker, MemoryBlobStore(), settings_for(broker), consumer="w1")
+    worker = Worker(RelayHandler(out_hop=hop), broker, MemoryBlobStore(), settings_for(broker), consumer="w1")
     task = asyncio.create_task(worker.run())
     try:
         # When it has relayed them all and its heartbeat trimmed
         async def trimmed() -> bool:
             return worker.counts["out"] == 20 and (await broker.stats(source)).length == 0 and (
-                await broker.stats(out)).length == 5  # fmt: skip
+                await broker.stats(out)).length == kept and worker.counts["trimmed"] >= 20 + (20 - kept)  # fmt: skip
 
         await until(trimmed, worker, task)
     finally:
         worker.stop()
         await task
 
-    # Then the input holds nothing (all acknowledged), the output its newest 5 entries
-    assert [codec.decode(e.data).seq for e in await broker.range(out)] == [15, 16, 17, 18, 19]
+    # Then the input holds nothing (all acknowledged), the segments their newest 5 entries,
+    # the verdicts all 20
+    assert [codec.decode(e.data).seq for e in await broker.range(out)] == list(range(20 - kept, 20))
 
 
 async def test_entries_held_in_an_open_window_are_never_trimmed(broker) -> None:

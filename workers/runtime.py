@@ -140,7 +140,7 @@ class Worker:
         self.failure: BaseException | None = None
         self.last_beat = time.monotonic()
         self.counts = {"in": 0, "out": 0, "failed": 0, "dead": 0, "trimmed": 0}
-        self._outputs: set[str] = set()  # streams this worker published to (capped if ungrouped)
+        self._outputs: set[str] = set()  # streams of stage hops this worker wrote (capped if ungrouped)
         self._held: dict[tuple[str, str], Delivery] = {}  # (stream, id) -> delivery
         self._replay: list[Delivery] = []  # claimed entries to hand over before new reads
         self._partitions: PartitionManager | None = None
@@ -616,7 +616,9 @@ class Worker:
             return
         items = [Publish(self.stream(o.hop, o.partition), codec.encode(o.message), o.dedupe_key) for o in outputs]
         await self.broker.publish_many(items)
-        self._outputs.update(item.stream for item in items)
+        # Only hops a stage is meant to read: verdicts and drive markers are the output
+        # users read by range, never capped.
+        self._outputs.update(item.stream for o, item in zip(outputs, items, strict=True) if o.hop in HOP_CONSUMER)
         metrics.ENTRIES_OUT.labels(self.group).inc(len(items))
         self.counts["out"] += len(items)
 
@@ -788,7 +790,7 @@ class Worker:
 
     async def _trim(self) -> None:
         """Trim what this worker reads below what every group acknowledged (``Broker.trim``
-        keeps anything pending or unread), and cap the streams it writes that no group
+        keeps anything pending or unread), and cap the stage hops it writes that no group
         reads (segments while vera is off), which would otherwise grow without bound."""
         for stream in self.input_streams():
             self.counts["trimmed"] += await self.broker.trim(stream)
