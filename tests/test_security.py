@@ -300,3 +300,14 @@ def test_run_confines_ingest_to_the_footage_folder_it_was_given(tmp_path: Path) 
     assert footage_roots(Settings(), tmp_path).ingest.roots == [str(tmp_path.resolve())]
     configured = Settings(ingest=IngestSettings(roots=["/data"]))
     assert footage_roots(configured, tmp_path).ingest.roots == ["/data"]
+
+
+def test_run_holds_producers_back_below_its_private_servers_maxmemory() -> None:
+    """``run``'s private redis-server has a ``maxmemory``; producers wait before reaching it."""
+    from workers.run import REDIS_BASE_BYTES, memory_bound, private_maxmemory
+
+    settings = memory_bound(Settings())
+    assert 0 < settings.broker.max_used_memory < private_maxmemory(settings.broker)
+    assert private_maxmemory(settings.broker) - settings.broker.max_used_memory == REDIS_BASE_BYTES // 2
+    configured = Settings.model_validate({"broker": {"max_used_memory": 123}})
+    assert memory_bound(configured).broker.max_used_memory == 123

@@ -184,6 +184,22 @@ def private_redis(broker: BrokerSettings | None = None) -> Iterator[str | None]:
                 process.kill()
 
 
+def private_maxmemory(broker: BrokerSettings) -> int:
+    """The private server's ``maxmemory`` (see ``private_redis_args``)."""
+    return 2 * broker.max_blob_bytes + REDIS_BASE_BYTES
+
+
+def memory_bound(settings: Settings) -> Settings:
+    """The settings with producers held back at the private server's ``maxmemory`` less
+    half the room kept for streams, unless ``broker.max_used_memory`` is set: writes then
+    slow down before the server refuses them."""
+    if settings.broker.max_used_memory:
+        return settings
+    bound = private_maxmemory(settings.broker) - REDIS_BASE_BYTES // 2
+    broker = settings.broker.model_copy(update={"max_used_memory": bound})
+    return settings.model_copy(update={"broker": broker})
+
+
 def private_redis_args(socket: Path, folder: Path, broker: BrokerSettings) -> list[str]:
     """Arguments of ``run``'s private ``redis-server``: a one-shot server.
 
@@ -193,7 +209,7 @@ def private_redis_args(socket: Path, folder: Path, broker: BrokerSettings) -> li
     streams and dedupe keys. ``noeviction``: past the bound writes fail loudly rather than
     silently dropping frames or dedupe keys.
     """
-    maxmemory = 2 * broker.max_blob_bytes + REDIS_BASE_BYTES
+    maxmemory = private_maxmemory(broker)
     return ["--port", "0", "--unixsocket", str(socket), "--unixsocketperm", "700",
             "--save", "", "--appendonly", "no", "--maxmemory", str(maxmemory), "--maxmemory-policy", "noeviction",
             "--dir", str(folder), "--logfile", str(folder / "redis.log")]  # fmt: skip
@@ -462,6 +478,7 @@ def run_footage(
         return _run(found, settings, url, out_dir, progress, timeout_s, on_broker, _shown(plan, url, on_plan))
     with private_redis(settings.broker) as private:
         if private is not None:
+            settings = memory_bound(settings)
             return _run(found, settings, private, out_dir, progress, timeout_s, on_broker,
                         _shown(plan, private, on_plan))  # fmt: skip
     name = f"run-{uuid.uuid4().hex[:8]}"
