@@ -83,7 +83,8 @@ async def _full_path(root: Path, url: str, threads: int, namespace: str) -> floa
 
     # Nobody consumes the frames here: lift the backpressure bounds so they do not stall.
     bounds = BrokerSettings(max_lag=10**9, max_blob_bytes=2**62, blob_ttl_s=600)
-    settings = Settings(namespace=namespace, broker=bounds, ingest=IngestSettings(decoder_threads=threads))
+    ingest = IngestSettings(decoder_threads=threads, roots=[str(root)])  # footage under roots only
+    settings = Settings(namespace=namespace, broker=bounds, ingest=ingest)
     broker = RedisBroker(url=url, namespace=namespace, settings=bounds)
     blobs = RedisBlobStore(url, namespace=namespace)
     for drive in discover(root).drives:

@@ -315,11 +315,14 @@ def machine(settings: Settings) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    from workers.run import footage_roots
+
     ctx = mp.get_context("spawn")  # torch and threads: never fork a loaded process
     settings = bench_settings(args, url)
     summary: dict[str, Any] = {"machine": machine(settings)}
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as folder:
         footage = make_footage(Path(folder), args)
+        settings = footage_roots(settings, footage)  # ingest takes footage under its roots only
         ns_alone, ns_pipe = f"{args.namespace}-alone", f"{args.namespace}-pipe"
         frame_parts, fuse_parts = settings.broker.frame_partitions, settings.broker.fuse_partitions
         t_ingest, frames = alone_ingest(ctx, url, ns_alone, settings, footage, args.timeout)

@@ -61,7 +61,16 @@ from stream.schemas import DriveMarker
 from stream.settings import Settings, load_settings
 from workers.children import Children
 from workers.plan import Plan, parse_workers
-from workers.run import choose_plan, one_shot, private_redis, run_footage, shipped_models, stages_for, submit
+from workers.run import (
+    choose_plan,
+    footage_roots,
+    one_shot,
+    private_redis,
+    run_footage,
+    shipped_models,
+    stages_for,
+    submit,
+)
 
 SOURCES = Path("/work/shared/footage")  # roadwork/ and clear/ clips: the built drives' content
 STAMP = "%Y-%m-%d_%H-%M-%S"
@@ -541,7 +550,7 @@ def sections(root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
             frames, seconds, busy = ceiling_nvdec(clips, args.nvdec_sessions)
             rows.append(section("ceiling_nvdec", seconds, total_s, frames, busy, sessions=args.nvdec_sessions))
     if "stages" not in args.skip:
-        alone = asyncio.run(stages_alone(root, settings, plan, args.timeout))
+        alone = asyncio.run(stages_alone(root, footage_roots(settings, root), plan, args.timeout))
         frames = alone["ingest"]["outputs"]
         for stage, figures in alone.items():
             rows.append(section(f"stage_{stage}", max(figures["span_s"], 1e-6), total_s, frames, figures["busy"],

@@ -186,7 +186,8 @@ def ingest_run(footage: Path, n: int, args: argparse.Namespace) -> dict:
     delete_namespace(client, namespace)
     # Nobody consumes the frames here: lift the backpressure bounds so they do not stall.
     bounds = ["broker.max_lag=1000000000", "broker.max_blob_bytes=100000000000", "broker.blob_ttl_s=600"]
-    workers = Workers(args.redis, namespace, [*bounds, "ingest.decoder_threads=1"], {"OMP_NUM_THREADS": "1"})
+    env = {"OMP_NUM_THREADS": "1", "ROADSTREAM_INGEST__ROOTS": json.dumps([str(footage)])}  # footage under roots only
+    workers = Workers(args.redis, namespace, [*bounds, "ingest.decoder_threads=1"], env)
     drives = discover(footage).drives
     try:
         for _ in range(n):

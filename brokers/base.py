@@ -22,12 +22,18 @@ from stream.settings import BrokerSettings
 
 @dataclass(frozen=True)
 class Entry:
-    """One delivered stream entry. ``deliveries`` counts this delivery too."""
+    """One delivered stream entry. ``deliveries`` counts this delivery too.
+
+    ``problem`` says why the entry cannot be read at all (it has no payload field, written
+    by something that is not roadstream); ``data`` is then empty and the runtime
+    dead-letters the entry with that reason.
+    """
 
     stream: str
     id: str
     data: bytes
     deliveries: int = 1
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +155,16 @@ class Broker(ABC):
         """
 
     @abstractmethod
+    async def cap(self, stream: str, max_len: int) -> int:
+        """Keep about the newest ``max_len`` entries of a stream that no group reads.
+
+        A stream with a group is left alone (``trim`` is what is safe there).
+
+        Returns:
+            How many entries were removed.
+        """
+
+    @abstractmethod
     async def streams(self, pattern: str = "*") -> list[str]:
         """Names of existing streams that match a glob pattern."""
 
@@ -199,6 +215,10 @@ class Broker(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Release connections."""
+
+    async def used_memory(self) -> int | None:
+        """Bytes the server uses (Redis ``used_memory``); ``None`` when it cannot say."""
+        return None
 
     # -- behaviour built on the primitives -----------------------------------------
 

@@ -31,6 +31,11 @@ class BlobStore(ABC):
         """Delete blobs; returns how many existed."""
 
     @abstractmethod
+    async def expire_many(self, keys: Sequence[str], ttl_s: int) -> int:
+        """Make blobs expire within ``ttl_s`` (never later than they already would);
+        returns how many exist."""
+
+    @abstractmethod
     async def bytes_in_flight(self) -> int:
         """Bytes put and not yet released."""
 

@@ -19,6 +19,7 @@ from brokers.redis import RedisBlobStore, RedisBroker, client_kwargs_for
 from stream.errors import ConfigError
 from stream.names import DEFAULT_NAMESPACE
 from stream.settings import BrokerSettings
+from stream.urls import masked
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 MEMORY_SCHEME = "memory"
@@ -58,7 +59,7 @@ def connect(
         return broker, RedisBlobStore(url, namespace=namespace, fetch_keys=bounds.blob_fetch_keys, **client_kwargs)
     if scheme == MEMORY_SCHEME:
         return memory_pair(memory_name(url), namespace=namespace, settings=settings)
-    message = f"broker URL {url!r}: scheme must be one of redis, rediss, unix, memory"
+    message = f"broker URL {masked(url)!r}: scheme must be one of redis, rediss, unix, memory"
     raise ConfigError(message)
 
 

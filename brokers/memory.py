@@ -326,6 +326,13 @@ class MemoryBroker(Broker):
         min_id = min(needed) if needed else (2**64, 0)
         return state.trim_below(min_id)
 
+    async def cap(self, stream: str, max_len: int) -> int:
+        """Keep the newest ``max_len`` entries of a stream that no group reads."""
+        state = self.state.streams.get(stream)
+        if state is None or state.groups or len(state.ids) <= max_len:
+            return 0
+        return state.trim_below(state.ids[len(state.ids) - max_len])
+
     @staticmethod
     def _floor(stream: Stream, group: Group) -> Id | None:
         candidates = [next(iter(group.pel))] if group.pel else []  # the PEL is in id order
@@ -455,6 +462,17 @@ class MemoryBlobStore(BlobStore):
         for key in keys:
             self._blobs.pop(key, None)
         return sum(blob is not None for blob in live)
+
+    async def expire_many(self, keys: Sequence[str], ttl_s: int) -> int:
+        """Make blobs expire within ``ttl_s`` (never later than they would)."""
+        now = time.monotonic()
+        found = 0
+        for key in keys:
+            held = self._blobs.get(key)
+            if held is not None and held[1] > now:
+                self._blobs[key] = (held[0], min(held[1], now + ttl_s))
+                found += 1
+        return found
 
     async def bytes_in_flight(self) -> int:
         """Bytes put and not yet released."""

@@ -36,7 +36,13 @@ from redis import exceptions as rex
 
 from brokers.base import Broker, Entry, GroupStats, Publish, StreamStats
 from brokers.blobs import DEFAULT_BLOB_TTL_S, BlobStore
-from stream.errors import BrokerConnectionError, BrokerError
+from stream.errors import (
+    BrokerAuthError,
+    BrokerConnectionError,
+    BrokerError,
+    BrokerOutOfMemory,
+    BrokerPermissionError,
+)
 from stream.names import DEFAULT_NAMESPACE, blob_name
 from stream.settings import BrokerSettings
 
@@ -120,14 +126,39 @@ def translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await fn(*args, **kwargs)
+        except (rex.AuthenticationError, rex.AuthorizationError) as exc:
+            message = f"redis refused the credentials (authentication failed) in {fn.__name__}: {exc}"
+            raise BrokerAuthError(message) from exc
+        except rex.NoPermissionError as exc:
+            message = f"redis denied permission (ACL) in {fn.__name__}: {exc}"
+            raise BrokerPermissionError(message) from exc
+        except rex.OutOfMemoryError as exc:
+            message = f"redis is out of memory (maxmemory) in {fn.__name__}: {exc}; retried later"
+            raise BrokerOutOfMemory(message) from exc
         except (rex.ConnectionError, rex.TimeoutError, ConnectionError, TimeoutError) as exc:
             message = f"redis unreachable in {fn.__name__}: {exc}"
             raise BrokerConnectionError(message) from exc
+        except rex.ResponseError as exc:
+            # Replies a pipeline or script returned as values (raise_on_error=False) come
+            # here as plain ResponseErrors: name them by their prefix.
+            raise _named(exc, fn.__name__) from exc
         except rex.RedisError as exc:
             message = f"redis error in {fn.__name__}: {exc}"
             raise BrokerError(message) from exc
 
     return wrapper
+
+
+def _named(exc: rex.ResponseError, where: str) -> BrokerError:
+    """A reply error as roadstream's error of its kind (by the reply's prefix)."""
+    reply = str(exc)
+    if reply.startswith(("NOAUTH", "WRONGPASS")):
+        return BrokerAuthError(f"redis refused the credentials (authentication failed) in {where}: {reply}")
+    if reply.startswith("NOPERM"):
+        return BrokerPermissionError(f"redis denied permission (ACL) in {where}: {reply}")
+    if reply.startswith("OOM"):
+        return BrokerOutOfMemory(f"redis is out of memory (maxmemory) in {where}: {reply}; retried later")
+    return BrokerError(f"redis error in {where}: {reply}")
 
 
 def text(value: bytes | str) -> str:
@@ -330,7 +361,7 @@ class RedisBroker(Broker):
             await self._ensure_groups(group, streams)
             reply = await self._xreadgroup(group, consumer, streams, count, block_ms)
         return [
-            Entry(text(stream), text(entry_id), fields[FIELD], 1)
+            _entry(text(stream), text(entry_id), fields, 1)
             for stream, entries in reply or []
             for entry_id, fields in entries
             if fields is not None
@@ -389,15 +420,15 @@ class RedisBroker(Broker):
         if not claimed:
             return []
         counts = await self._delivery_counts(stream, group, [entry_id for entry_id, _ in claimed])
-        return [Entry(stream, i, data, counts.get(i, 1)) for i, data in claimed]
+        return [_entry(stream, i, fields, counts.get(i, 1)) for i, fields in claimed]
 
     async def _autoclaim(
         self, group: str, consumer: str, stream: str, min_idle_ms: int, count: int, count_delivery: bool = True
-    ) -> list[tuple[str, bytes]]:
+    ) -> list[tuple[str, dict[bytes, bytes]]]:
         if not count_delivery:
             return await self._claim_uncounted(group, consumer, stream, min_idle_ms, count)
         # XAUTOCLAIM scans a bounded slice of the PEL per call: follow its cursor a while.
-        claimed: list[tuple[str, bytes]] = []
+        claimed: list[tuple[str, dict[bytes, bytes]]] = []
         cursor = "0-0"
         for _ in range(MAX_CLAIM_SCANS):
             reply = await self.client.xautoclaim(
@@ -411,14 +442,14 @@ class RedisBroker(Broker):
             cursor = text(reply[0])
             # reply[2] (7.0+) lists ids deleted while pending; Redis has already dropped
             # them from the PEL, so there is nothing to do but not deliver them.
-            claimed += [(text(i), f[FIELD]) for i, f in reply[1] if i is not None and f is not None]
+            claimed += [(text(i), f) for i, f in reply[1] if i is not None and f is not None]
             if cursor == "0-0" or len(claimed) >= count:
                 break
         return claimed
 
     async def _claim_uncounted(
         self, group: str, consumer: str, stream: str, min_idle_ms: int, count: int
-    ) -> list[tuple[str, bytes]]:
+    ) -> list[tuple[str, dict[bytes, bytes]]]:
         # XCLAIM … JUSTID keeps the counter; redis-py's XAUTOCLAIM JUSTID parser drops the
         # cursor, so the pending ids come from XPENDING instead.
         rows = await self.client.xpending_range(stream, group, min="-", max="+", count=count, idle=min_idle_ms or None)
@@ -432,12 +463,12 @@ class RedisBroker(Broker):
             await self.client.xack(stream, group, *gone)
         return claimed
 
-    async def _entries_by_id(self, stream: str, ids: Sequence[str]) -> list[tuple[str, bytes]]:
+    async def _entries_by_id(self, stream: str, ids: Sequence[str]) -> list[tuple[str, dict[bytes, bytes]]]:
         async with self.client.pipeline(transaction=False) as pipe:
             for entry_id in ids:
                 pipe.xrange(stream, min=entry_id, max=entry_id, count=1)
             replies = await pipe.execute()
-        return [(text(i), f[FIELD]) for rows in replies for i, f in rows if f is not None]
+        return [(text(i), f) for rows in replies for i, f in rows if f is not None]
 
     async def _delivery_counts(self, stream: str, group: str, ids: Sequence[str]) -> dict[str, int]:
         # One XPENDING per id in one round trip: exact, whatever else the PEL holds.
@@ -529,6 +560,15 @@ class RedisBroker(Broker):
             min_id = next_id(text(newest[0][0]))
         return int(await self.client.xtrim(stream, minid=min_id, approximate=False))
 
+    @translate_errors
+    async def cap(self, stream: str, max_len: int) -> int:
+        """Keep the newest ``max_len`` entries of a stream that no group reads (exact
+        ``XTRIM MAXLEN``: it runs once per trim interval). One with a group is left alone."""
+        _, infos = await self._length_and_groups(stream)
+        if infos:
+            return 0
+        return int(await self.client.xtrim(stream, maxlen=max_len, approximate=False))
+
     async def _group_floor(self, stream: str, group: str, last_delivered: str) -> str | None:
         """The smallest id ``group`` still needs, or ``None`` when it needs none."""
         async with self.client.pipeline(transaction=False) as pipe:
@@ -543,6 +583,12 @@ class RedisBroker(Broker):
         return min(candidates, key=parse_id) if candidates else None
 
     @translate_errors
+    async def used_memory(self) -> int | None:
+        """The server's ``used_memory`` (INFO memory)."""
+        info = await self.client.info("memory")
+        return int(info["used_memory"])
+
+    @translate_errors
     async def streams(self, pattern: str = "*") -> list[str]:
         """Names of existing streams that match a glob pattern."""
         names = {text(k) async for k in self.client.scan_iter(match=pattern, count=1000, _type="stream")}
@@ -555,7 +601,7 @@ class RedisBroker(Broker):
         Their ``deliveries`` is 0: reading a range delivers nothing to anyone.
         """
         rows = await self.client.xrange(stream, min=start, max=end, count=count)
-        return [Entry(stream, text(i), f[FIELD], 0) for i, f in rows]
+        return [_entry(stream, text(i), f, 0) for i, f in rows]
 
     @translate_errors
     async def delete_entries(self, stream: str, ids: Sequence[str]) -> int:
@@ -679,6 +725,18 @@ class RedisBlobStore(BlobStore):
         return int(await self.client.delete(*(blob_name(k, self.namespace) for k in keys)))
 
     @translate_errors
+    async def expire_many(self, keys: Sequence[str], ttl_s: int) -> int:
+        """Make blobs expire within ``ttl_s`` (``EXPIRE … LT``: never later than they
+        would); one round trip."""
+        if not keys:
+            return 0
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.expire(blob_name(key, self.namespace), ttl_s, lt=True)
+            done = await pipe.execute()
+        return sum(bool(d) for d in done)
+
+    @translate_errors
     async def bytes_in_flight(self) -> int:
         """Bytes put and not yet released."""
         return int(await self.client.get(self.counter) or 0)
@@ -694,6 +752,17 @@ class RedisBlobStore(BlobStore):
         """Release connections (only those this store opened itself)."""
         if self._owns_client:
             await self.client.aclose()
+
+
+def _entry(stream: str, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int) -> Entry:
+    """An ``Entry`` from a reply's fields; one without the payload field (added by hand or
+    by another program) carries the reason instead of ending the caller's loop."""
+    data = fields.get(FIELD)
+    if data is None:
+        shown = ", ".join(sorted(text(k) for k in fields)[:5]) or "none"
+        problem = f"entry has no payload field {text(FIELD)!r} (its fields: {shown})"
+        return Entry(stream, entry_id, b"", deliveries, problem)
+    return Entry(stream, entry_id, data, deliveries)
 
 
 def _ids_by_stream(entries: Sequence[Entry]) -> dict[str, list[str]]:

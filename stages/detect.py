@@ -46,6 +46,9 @@ from stream.settings import DetectSettings
 
 # ultralytics must never reach the network at run time (asset downloads, hub checks).
 os.environ.setdefault("YOLO_OFFLINE", "1")
+# ...nor unpickle arbitrary objects from a .pt: its opt-in safe loading (weights_only with
+# an allow-list of model classes, ultralytics 8.4) is read once, when it is imported.
+os.environ.setdefault("ULTRALYTICS_SAFE_LOAD", "1")
 
 import torch  # noqa: E402 - after the ultralytics environment above
 import torch.nn.functional as F  # noqa: E402, N812
@@ -684,6 +687,16 @@ def metadata_labels(name: str, labels: dict[int, str]) -> dict[int, str]:
     return {i: str(c) for i, c in zip(sorted(labels), classes, strict=True)}
 
 
+def _safe_check(path: str) -> None:
+    """Unpickle a ``.pt`` the safe way first when ultralytics was imported before its safe
+    loading was switched on (by something that imported it ahead of this module): a file
+    that holds anything but the allow-listed model classes raises here, never runs."""
+    from ultralytics.nn import tasks
+
+    if path.endswith(".pt") and not tasks.SAFE_LOAD:
+        tasks.torch_safe_load(path, safe_only=True)
+
+
 def load_yolo(name: str):  # noqa: ANN201 - ultralytics.YOLO, imported lazily
     """Load a YOLO detector by ultralytics' own loader.
 
@@ -694,6 +707,7 @@ def load_yolo(name: str):  # noqa: ANN201 - ultralytics.YOLO, imported lazily
 
     path = resolve_weights(name)
     try:
+        _safe_check(path)
         yolo = YOLO(path, verbose=False)
     except Exception as exc:  # ultralytics raises many unrelated types for a bad file
         message = f"model file {name}: does not load as an ultralytics model ({type(exc).__name__}: {exc})"

@@ -243,11 +243,15 @@ class Step:
 
     outputs: list[Message] = field(default_factory=list)
     release: list[Token] = field(default_factory=list)
+    #: Blob keys of frames of closed windows that no stage will read again: not the
+    #: verdict's (and escalation's) key frames, which the report and vlm show.
+    spent_blobs: list[str] = field(default_factory=list)
 
     def extend(self, other: Step) -> None:
-        """Append another step's outputs and releases."""
+        """Append another step's outputs, releases and spent blobs."""
         self.outputs.extend(other.outputs)
         self.release.extend(other.release)
+        self.spent_blobs.extend(other.spent_blobs)
 
 
 @dataclass(frozen=True)
@@ -693,7 +697,15 @@ class Fuser:
             drive.frame_counts[camera] = drive.frame_counts.get(camera, 0) + len(camera_frames)
         drive.answers.pop(window.index, None)
         release = window.tokens + drive.answer_tokens.pop(window.index, []) + self._free_anomaly(drive, window)
-        return Step(outputs=[verdict], release=release)
+        return Step(outputs=[verdict], release=release, spent_blobs=self._spent(frames, verdict))
+
+    def _spent(self, frames: list[FrameDetections], verdict: Verdict) -> list[str]:
+        # With vera on, its segments' key frames may still be read after this window
+        # closed: nothing is spent then. Each frame lies in one window only.
+        if self.expect_anomaly:
+            return []
+        kept = {f.blob_key for f in verdict.frames}
+        return sorted({f.blob_key for f in frames} - kept)
 
     def _free_anomaly(self, drive: Drive, window: Window) -> list[Token]:
         freed, kept = [], []

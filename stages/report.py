@@ -152,7 +152,7 @@ def _drive_html(drive: str, verdicts: Sequence[Verdict], summary: DriveSummary |
     roadwork = sum(v.roadwork for v in verdicts)
     facts = f"{len(verdicts)} windows, {roadwork} roadwork"
     if summary is not None:
-        facts += f", cameras: {', '.join(summary.cameras) or 'none'}"
+        facts += f", cameras: {html.escape(', '.join(summary.cameras)) or 'none'}"  # names come from Redis
         spans = "".join(
             f"<li>{s.t_start:.1f}–{s.t_end:.1f} s, confidence {s.confidence:.2f}"
             f"{' (position estimated)' if s.estimated else ''}</li>"

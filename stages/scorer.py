@@ -161,6 +161,11 @@ class RoadworkScorer:
         except Exception as exc:
             message = f"{path}: not a readable state dict: {exc}"
             raise ModelError(message) from exc
+        # weights_only admits the model classes ultralytics' safe loading allow-listed in
+        # this process: a detector checkpoint then loads too, as a dict of modules.
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            message = f"{path}: not a state dict of tensors (another model's checkpoint?)"
+            raise ModelError(message)
         meta_path = path.with_suffix(".json")
         metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         arch = metadata.get("model", {}).get("arch", ARCH)

@@ -37,6 +37,30 @@ class BrokerConnectionError(BrokerError):
     """The transport's server could not be reached or dropped the connection."""
 
 
+class WorkerFailed(RoadstreamError):
+    """One of a worker's own tasks (reading, processing, heartbeat) ended unexpectedly.
+
+    The worker stops and reports not-live; its process exits non-zero so that a
+    supervisor restarts it. Its unacknowledged entries are reclaimed by others.
+    """
+
+
+class BrokerAuthError(BrokerError):
+    """The server refused the credentials (WRONGPASS, NOAUTH): retrying will not help."""
+
+
+class BrokerPermissionError(BrokerError):
+    """The server's ACL denies a command or key to this user (NOPERM)."""
+
+
+class BrokerOutOfMemory(BrokerConnectionError):
+    """The server refused a write for want of memory (``maxmemory`` with ``noeviction``).
+
+    A connection error for the runtime: the write is retried after a delay, as after an
+    outage, until consumers have freed memory; never counted as the entries' failure.
+    """
+
+
 class LeaseLost(BrokerError):
     """A worker acted on a partition whose lease another worker now holds."""
 

@@ -39,8 +39,15 @@ class BrokerSettings(BaseModel):
     max_lag: int = 5_000
     #: A producer waits while the frame blobs in flight pass this many bytes.
     max_blob_bytes: int = 512 * 1024 * 1024
+    #: A producer waits while the server's ``used_memory`` passes this many bytes (0: no
+    #: bound); keep it under Redis ``maxmemory`` so that writes are slowed, not refused.
+    max_used_memory: int = Field(default=0, ge=0)
     #: Frame blobs expire after this.
     blob_ttl_s: int = 3600
+    #: Once fuse has closed a frame's window (vera off) and the frame is no key frame, its
+    #: blob expires after this instead: long enough for a detect worker that took a dead
+    #: one's frames over to replay them (claim timeout plus lease), short of the full TTL.
+    spent_blob_ttl_s: int = Field(default=120, ge=1)
     frame_partitions: int = 16
     fuse_partitions: int = 8
     #: Seconds a Redis command may wait for its reply before the server counts as
@@ -50,6 +57,9 @@ class BrokerSettings(BaseModel):
     socket_connect_timeout_s: float = 10.0
     #: Frame blobs per MGET; larger fetches are split (one round trip still).
     blob_fetch_keys: int = Field(default=64, ge=1)
+    #: Entries kept on a stream that no group reads (segments while vera is off): its
+    #: producer caps it at about this many, newest kept.
+    ungrouped_cap: int = Field(default=10_000, ge=1)
 
 
 class WorkerSettings(BaseModel):
@@ -71,6 +81,15 @@ class WorkerSettings(BaseModel):
     heartbeat_s: float = 5.0
     #: Port for /metrics, /live and /ready; 0 picks none.
     metrics_port: int = 0
+    #: Interface they listen on: loopback unless a deployment opens it to its probes
+    #: and scrapers (``deploy/`` sets 0.0.0.0 in containers).
+    metrics_host: str = "127.0.0.1"
+    #: Seconds a starting worker waits for an unreachable broker (retrying with a
+    #: growing, logged delay) before it gives up: workers may start before Redis does.
+    start_wait_s: float = 30.0
+    #: Seconds between trims of the input streams (below what every group has
+    #: acknowledged) and caps of ungrouped output streams; 0: never.
+    trim_interval_s: float = 10.0
 
 
 class IngestSettings(BaseModel):

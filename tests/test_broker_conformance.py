@@ -266,6 +266,21 @@ async def test_trim_removes_everything_when_all_groups_acked(broker: Broker) -> 
     assert [e.id for e in await read_all(broker)] == [new_id]
 
 
+async def test_a_stream_no_group_reads_is_capped_to_its_newest_entries(broker: Broker) -> None:
+    # Given ten entries nobody consumes; When capped at four; Then the newest four stay
+    ids = await publish_n(broker, 10)
+    assert await broker.cap(STREAM, 4) == 6
+    assert [e.id for e in await broker.range(STREAM)] == ids[6:]
+
+
+async def test_a_stream_a_group_reads_is_never_capped(broker: Broker) -> None:
+    # Given ten entries and a group that has read none; When capped; Then all stay
+    await broker.ensure_group(STREAM, GROUP)
+    await publish_n(broker, 10)
+    assert await broker.cap(STREAM, 4) == 0
+    assert (await broker.stats(STREAM)).length == 10
+
+
 async def test_stream_without_group_is_not_trimmed(broker: Broker) -> None:
     # Given entries nobody consumes; When trimmed; Then none is removed
     await publish_n(broker, 3)

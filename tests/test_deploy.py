@@ -528,3 +528,19 @@ def test_dockerfiles_copy_existing_paths_and_install_real_extras(name: str, extr
     assert set(filter(None, spec.strip("[]").split(","))) == extras
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert extras <= set(project.get("optional-dependencies", {}))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workers_in_pods_open_the_metrics_port_beyond_loopback(overlay: str) -> None:
+    """Probes and Prometheus reach the pod's IP: the workers' default (127.0.0.1) is lifted."""
+    objects = render(overlay)
+    for stage in names.STAGES:
+        env = plain_env(objects, stage)
+        assert load_settings(environ=env).worker.metrics_host == "0.0.0.0", stage
+
+
+def test_compose_workers_open_the_metrics_port_beyond_loopback() -> None:
+    services = compose()["services"]
+    for stage in names.STAGES:
+        env = services[stage]["environment"]
+        assert env["ROADSTREAM_WORKER__METRICS_HOST"] == "0.0.0.0", stage

@@ -89,7 +89,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     (drive,) = discover(root / "footage").drives
     weights = build_weights(root / "yolo11n-seeded.pt")
     config = root / "roadstream.yaml"
-    config.write_text('detect:\n  classes: {"0": cone}\n')  # a mapping: the env can't carry it
+    # Mappings and lists: the env can't carry them. Roots: the footage is not under the cwd.
+    config.write_text(f'detect:\n  classes: {{"0": cone}}\ningest:\n  roots: ["{root / "footage"}"]\n')
     env = {
         "ROADSTREAM_CONFIG": str(config),
         "ROADSTREAM_DETECT__MODEL": str(weights),

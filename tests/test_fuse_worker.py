@@ -244,3 +244,29 @@ async def test_a_stalled_camera_partition_gives_the_same_verdicts_as_a_quiet_mac
     assert loaded == quiet
     assert [(row[0], row[1], row[3]) for row in loaded] == [(0, False, []), (1, True, []), (2, True, [])]
     assert loaded_summary.problems == quiet_summary.problems == []
+
+
+async def test_blobs_of_closed_windows_expire_soon_except_the_verdicts_key_frames(pair):
+    # Given a drive's detections whose frame blobs are stored with the full TTL (vera off)
+    broker, blobs = pair
+    messages = detections("a", 12, cone_from=8)
+    keys = [m.blob_key for m in messages if isinstance(m, FrameDetections)]
+    await blobs.put_many({k: b"jpeg" for k in keys}, ttl_s=3600)
+    settings = settings_for(broker)
+    settings.broker.spent_blob_ttl_s = 1
+    await send(broker, messages)
+    worker, task = run_worker(broker, blobs, settings, "f1")
+    # When every window has been judged, and the spent TTL has passed
+    await until(lambda: summaries(broker, 1))
+    await until(lambda: drained(broker))
+    worker.stop()
+    await task
+    kept = {f.blob_key for m in await published(broker) if isinstance(m, Verdict) for f in m.frames}
+    await until(lambda: _gone(blobs, sorted(set(keys) - kept)))
+    # Then the verdicts' key frames are still there (the report shows them), one per camera
+    assert len(kept) == 3 * len(CAMS)
+    assert all(b is not None for b in await blobs.get_many(sorted(kept)))
+
+
+async def _gone(blobs: BlobStore, keys: list[str]) -> bool:
+    return all(b is None for b in await blobs.get_many(keys))

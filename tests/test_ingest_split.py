@@ -17,7 +17,7 @@ from stages.discover import discover
 from stages.jobs import split_job
 from stream import codec, names
 from stream.schemas import FrameRef, Job
-from stream.settings import Settings
+from stream.settings import IngestSettings, Settings
 from workers.ingest import build
 from workers.ingest_parts import CameraRecord, merge
 from workers.runtime import Worker
@@ -30,7 +30,9 @@ async def _ingest(redis_url: str, ns: str, jobs: list[Job], workers: int, max_de
     """Run ``workers`` burst ingest workers over the jobs; everything published, by stream."""
     broker = RedisBroker(url=redis_url, namespace=ns)
     blobs = RedisBlobStore(redis_url, namespace=ns)
-    settings = Settings(namespace=ns)
+    # The footage is not under the cwd: its folders are the roots.
+    roots = sorted({str(Path(p).resolve().parent) for job in jobs for clip in job.clips for p in clip.files.values()})
+    settings = Settings(namespace=ns, ingest=IngestSettings(roots=roots))
     if max_deliveries is not None:  # and one job a batch: a failed batch fails all its jobs
         settings.broker.max_deliveries = max_deliveries
         settings.worker.batch_size = 1

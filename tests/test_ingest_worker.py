@@ -59,12 +59,13 @@ async def _collect(broker: RedisBroker) -> Published:
 
 
 @pytest.fixture
-async def ingest(redis_url: str):
+async def ingest(redis_url: str, tmp_path: Path):
     """Run the ingest worker (burst) over jobs, through the real runtime; return what it published."""
     broker = RedisBroker(url=redis_url, namespace=NS)
     blobs = RedisBlobStore(redis_url, namespace=NS)
 
     async def run(jobs: list[Job], max_deliveries_for_test: int | None = None, **ingest_settings) -> Published:
+        ingest_settings.setdefault("roots", [str(tmp_path)])  # the footage is not under the cwd
         settings = Settings(namespace=NS, ingest=IngestSettings(**ingest_settings))
         if max_deliveries_for_test is not None:
             settings.broker.max_deliveries = max_deliveries_for_test
@@ -367,3 +368,44 @@ async def test_a_drive_without_some_of_the_cars_cameras_says_which(tmp_path: Pat
     assert absent == ["left_pillar", "left_repeater", "right_pillar", "right_repeater"]
     assert all(late.minutes[0] in p for p in ended.problems)
     assert sorted(ended.missing) == absent
+
+
+async def test_a_bad_job_among_good_ones_fails_alone_with_its_own_reason(tmp_path: Path, ingest) -> None:
+    # Given, in one batch, two good drives' jobs around a job whose clip name cannot be
+    # read as a time (an unexpected error in the stage), a job naming /etc/passwd and one
+    # whose path climbs out of the footage folder with ../..
+    footage = tmp_path / "footage"
+    tc.make_drive(footage, minutes=1, cameras=("front",), spec=SHORT)
+    tc.make_drive(footage, start="2024-05-01_11-00-00", minutes=1, cameras=("front",), spec=SHORT)
+    first, second = _jobs(footage)
+    clip = first.clips[0]
+    broken = first.model_copy(update={"drive_id": "broken", "clips": [clip.model_copy(update={"start": "no-time", "utc": None})]})
+    passwd = first.model_copy(update={"drive_id": "passwd", "clips": [clip.model_copy(update={"files": {"front": "/etc/passwd"}})]})
+    climbing = f"{footage}/../../{clip.files['front']}"
+    escape = first.model_copy(update={"drive_id": "escape", "clips": [clip.model_copy(update={"files": {"front": climbing}})]})
+
+    # When ingested (one delivery allowed, so a failure is final)
+    out = await ingest([first, broken, passwd, escape, second], max_deliveries_for_test=1, roots=[str(footage)])
+
+    # Then only the three bad jobs are dead letters, each with its own reason
+    errors = {codec.decode(letter.raw, Job).drive_id: letter.error for letter in out.dead}
+    assert sorted(errors) == ["broken", "escape", "passwd"], errors
+    assert "no-time" in errors["broken"]
+    assert "/etc/passwd: outside the allowed footage roots" in errors["passwd"]
+    assert "outside the allowed footage roots" in errors["escape"]
+    # and both good drives were ingested and ended, once each
+    ended = sorted(m.drive_id for m in out.drives if m.event == "ended")
+    assert ended == sorted([first.drive_id, second.drive_id, "broken"])  # the broken one ends, naming its failure
+    assert out.frames["front"]
+
+
+async def test_a_worker_without_roots_dead_letters_footage_outside_the_current_folder(tmp_path: Path, ingest) -> None:
+    # Given a drive outside the current folder, and no ingest.roots
+    tc.make_drive(tmp_path, minutes=1, cameras=("front",), spec=SHORT)
+    assert not tmp_path.resolve().is_relative_to(Path.cwd().resolve())
+    # When its job is ingested
+    out = await ingest(_jobs(tmp_path), roots=[])
+    # Then it is a dead letter whose reason names the rule, and nothing was published
+    (letter,) = out.dead
+    assert "outside the allowed footage roots (none configured: only the current folder" in letter.error
+    assert not out.frames and not out.drives

@@ -64,7 +64,7 @@ def test_the_ingest_worker_in_keyframe_mode_publishes_keyframes_only(tmp_path: P
     # Given a two-camera drive of 3 s clips with a keyframe every second
     tc.make_drive(tmp_path, minutes=1, cameras=("front", "back"),
                   spec=tc.ClipSpec(duration_s=3.0, fps=30.0, keyint=30))  # fmt: skip
-    settings = Settings(namespace="rskey", ingest=IngestSettings(sample="keyframes"))
+    settings = Settings(namespace="rskey", ingest=IngestSettings(sample="keyframes", roots=[str(tmp_path)]))
 
     async def ingest() -> list[FrameRef]:
         broker, blobs = connect("memory://keyframes", namespace="rskey", settings=settings.broker)

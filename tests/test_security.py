@@ -22,7 +22,14 @@ from redis_servers import REDIS_SERVER, RedisServer, RedisServers, redis_support
 from brokers.memory import MemoryBlobStore
 from brokers.redis import RedisBroker
 from stream import codec
-from stream.errors import BrokerConnectionError, BrokerError, DecodeError, InputError
+from stream.errors import (
+    BrokerAuthError,
+    BrokerConnectionError,
+    BrokerError,
+    BrokerPermissionError,
+    DecodeError,
+    InputError,
+)
 from stream.names import JOBS, stream_name
 from stream.schemas import ClipRef, Job
 from stream.settings import IngestSettings, Settings
@@ -115,14 +122,22 @@ async def test_broker_with_acl_user_publishes_reads_and_acks(acl_server: RedisSe
         assert client.exists(stream_name(JOBS, ns=NAMESPACE)) == 1
 
 
-async def test_broker_with_wrong_password_raises_connection_error(acl_server: RedisServer) -> None:
-    """A wrong password surfaces as ``BrokerConnectionError`` naming the auth failure."""
+async def test_broker_with_wrong_password_raises_an_authentication_error(acl_server: RedisServer) -> None:
+    """A wrong password surfaces as ``BrokerAuthError`` (not "unreachable"), naming it."""
     # Given the right user with a wrong password
     url = acl_server.url(password="wrong")
     # When the broker makes its first call; Then it fails clearly
     error = await first_call_error(url)
-    assert isinstance(error, BrokerConnectionError)
-    assert "WRONGPASS" in str(error) or "password" in str(error).lower()
+    assert isinstance(error, BrokerAuthError) and not isinstance(error, BrokerConnectionError)
+    assert "authentication failed" in str(error) and "invalid username-password pair" in str(error)
+    assert "unreachable" not in str(error)
+
+
+async def test_broker_without_credentials_raises_an_authentication_error(acl_server: RedisServer) -> None:
+    """No password where one is needed (NOAUTH) is an authentication error too."""
+    error = await first_call_error(acl_server.url(username="", password=""))
+    assert isinstance(error, BrokerAuthError), error
+    assert "authentication failed" in str(error)
 
 
 async def test_broker_outside_its_acl_key_pattern_is_refused(acl_server: RedisServer) -> None:
@@ -130,9 +145,11 @@ async def test_broker_outside_its_acl_key_pattern_is_refused(acl_server: RedisSe
     # Given the user limited to "sec:*"
     broker = RedisBroker(url=acl_server.url(), namespace="other")
     try:
-        # When it publishes to another namespace; Then Redis refuses (NOPERM)
-        with pytest.raises(BrokerError, match="(?i)noperm|permission"):
+        # When it publishes to another namespace; Then Redis refuses (NOPERM), named as such
+        with pytest.raises(BrokerPermissionError, match="denied permission \\(ACL\\)"):
             await broker.publish(stream_name(JOBS, ns="other"), b"x")
+        with pytest.raises(BrokerPermissionError, match="denied permission \\(ACL\\)"):
+            await broker.ensure_group(stream_name(JOBS, ns="other"), GROUP)
     finally:
         await broker.close()
 
@@ -256,3 +273,41 @@ def test_job_footage_under_the_roots_is_accepted(tmp_path: Path) -> None:
     handler = build_ingest(settings, MemoryBlobStore())
     _escapes(tmp_path)
     handler.check_roots(_job(tmp_path / "footage" / "drive" / "front.mp4"))
+
+
+def test_a_worker_without_roots_takes_footage_under_the_current_folder_only(tmp_path: Path, monkeypatch) -> None:
+    """No ``ingest.roots``: not "anywhere" but the current folder, and the refusal says so."""
+    # Given an ingest handler with no roots, run from <tmp>/footage
+    _escapes(tmp_path)
+    monkeypatch.chdir(tmp_path / "footage")
+    handler = build_ingest(Settings(), MemoryBlobStore())
+    # When jobs name footage below it, and /etc/passwd; Then only the first passes
+    handler.check_roots(_job(tmp_path / "footage" / "drive" / "front.mp4"))
+    with pytest.raises(InputError, match=r"/etc/passwd: outside the allowed footage roots \(none configured: only the current folder"):
+        handler.check_roots(_job(Path("/etc/passwd")))
+    with pytest.raises(InputError, match="set ingest.roots"):
+        handler.check_roots(_job(_escapes_again(tmp_path)))
+
+
+def _escapes_again(tmp_path: Path) -> Path:
+    return tmp_path / "footage" / ".." / "secret" / "front.mp4"
+
+
+def test_run_confines_ingest_to_the_footage_folder_it_was_given(tmp_path: Path) -> None:
+    """``roadstream run FOOTAGE`` sets ``ingest.roots`` to FOOTAGE unless roots were configured."""
+    from workers.run import footage_roots
+
+    assert footage_roots(Settings(), tmp_path).ingest.roots == [str(tmp_path.resolve())]
+    configured = Settings(ingest=IngestSettings(roots=["/data"]))
+    assert footage_roots(configured, tmp_path).ingest.roots == ["/data"]
+
+
+def test_run_holds_producers_back_below_its_private_servers_maxmemory() -> None:
+    """``run``'s private redis-server has a ``maxmemory``; producers wait before reaching it."""
+    from workers.run import REDIS_BASE_BYTES, memory_bound, private_maxmemory
+
+    settings = memory_bound(Settings())
+    assert 0 < settings.broker.max_used_memory < private_maxmemory(settings.broker)
+    assert private_maxmemory(settings.broker) - settings.broker.max_used_memory == REDIS_BASE_BYTES // 2
+    configured = Settings.model_validate({"broker": {"max_used_memory": 123}})
+    assert memory_bound(configured).broker.max_used_memory == 123

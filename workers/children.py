@@ -1,6 +1,7 @@
 """The worker processes of a planned ``roadstream run``: start, watch, stop.
 
-Each child is ``python -m workers.cli worker STAGE --redis URL``, reading the run's
+Each child is ``python -m workers.cli worker STAGE``, given the broker URL in its
+environment (``ROADSTREAM_REDIS_URL``: argv is visible to every user) and reading the run's
 settings from one file (``ROADSTREAM_CONFIG``) so that ``--set`` and config values reach
 it exactly as the parent resolved them. The parent's ``ROADSTREAM_*`` variables are not
 passed on: they would win over that file. What differs per child (the detect device, the
@@ -21,6 +22,7 @@ from pathlib import Path
 from stream import names
 from stream.errors import RoadstreamError
 from stream.settings import CONFIG_ENV, ENV_PREFIX, Settings
+from stream.urls import REDIS_URL_ENV
 from workers.plan import Plan
 
 #: Seconds a child may take to drain after SIGTERM beyond its grace period.
@@ -102,13 +104,16 @@ class Children:
     def start(self) -> None:
         """Start every child (returns at once; they load models in parallel)."""
         config = self.folder / "settings.json"
-        config.write_text(json.dumps(self.settings.model_dump(mode="json")))
+        # The URL may hold a password: it goes to the children in their environment, never
+        # in argv (seen by every user in ps) nor in the settings file.
+        config.write_text(json.dumps(self.settings.model_dump(mode="json", exclude={"redis_url"})))
         base = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) or k in KEEP_ENV}
         base[CONFIG_ENV] = str(config)
+        base[REDIS_URL_ENV] = self.url
         for stage, env in child_envs(self.plan, self.settings):
             index = sum(c.stage == stage for c in self.children)
             log = self.folder / f"{stage}-{index}.log"
-            command = [sys.executable, "-m", "workers.cli", "worker", stage, "--redis", self.url]
+            command = [sys.executable, "-m", "workers.cli", "worker", stage]
             with log.open("wb") as sink:
                 process = subprocess.Popen(command, env={**base, **env}, stdout=subprocess.DEVNULL, stderr=sink)
             self.children.append(Child(stage, index, process, log))

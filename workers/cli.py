@@ -12,6 +12,7 @@ import asyncio
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -24,6 +25,7 @@ from rich.table import Table
 from stream import names
 from stream.errors import ConfigError, RoadstreamError
 from stream.settings import Settings, load_settings
+from stream.urls import REDIS_URL_ENV
 from workers.logs import configure as configure_logs
 
 #: Modules whose ``register(cli)`` adds their commands.
@@ -108,6 +110,7 @@ def cli(config: str | None, set_: tuple[str, ...], verbose: int, log_format: str
 @click.option("--batch-size", type=int, default=None, help="Entries per batch at most.")
 @click.option("--max-wait-ms", type=int, default=None, help="Longest wait to fill a batch.")
 @click.option("--metrics-port", type=int, default=None, help="Serve /metrics, /live, /ready here.")
+@click.option("--metrics-host", default=None, help="Interface for them (default 127.0.0.1; 0.0.0.0: all).")
 @click.option("--burst", is_flag=True, help="Exit once the input is drained.")
 @click.pass_context
 def worker(ctx: click.Context, stage: str, redis: str | None, burst: bool, **options: Any) -> None:
@@ -141,15 +144,19 @@ def supervise(ctx: click.Context, specs: tuple[str, ...], redis: str | None, pro
     if processes:
         from workers.supervisor import run_processes
 
-        args = ["--redis", settings.redis_url]
         root = ctx.find_root().params
         prefix = [arg for s in root.get("set_") or () for arg in ("--set", s)]
         if root.get("config"):
             prefix += ["--config", root["config"]]
-        sys.exit(run_processes(stages, args, prefix=prefix))
+        # The URL may hold a password: children get it in their environment, not argv.
+        env = {**os.environ, REDIS_URL_ENV: settings.redis_url}
+        sys.exit(run_processes(stages, prefix=prefix, env=env))
     from workers.supervisor import run_workers
 
-    asyncio.run(run_workers(stages, settings, url=settings.redis_url))
+    try:
+        asyncio.run(run_workers(stages, settings, url=settings.redis_url))
+    except RoadstreamError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 # -- status -----------------------------------------------------------------------------

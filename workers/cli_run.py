@@ -12,6 +12,8 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from stream.urls import masked
+
 #: Exit code when there is nothing to run on (as ``roadstream submit``).
 NO_FOOTAGE_EXIT = 2
 
@@ -36,7 +38,7 @@ def _print_result(console: Console, result) -> None:
             console.print(f"[yellow]drive {drive_id}[/yellow] ({state.drive.minutes[0].start}): {state.failure}")
         for problem in state.summary.problems if state.summary else []:
             console.print(f"[yellow]drive {drive_id}[/yellow]: {problem}")
-    console.print(f"done in {result.seconds:.1f} s on {result.broker}; wrote "
+    console.print(f"done in {result.seconds:.1f} s on {masked(result.broker)}; wrote "
                   + ", ".join(str(p) for p in result.paths.values()))  # fmt: skip
 
 
@@ -79,7 +81,7 @@ def register(cli: click.Group) -> None:
         try:
             with live or contextlib.nullcontext():
                 result = run_footage(footage, settings, out_dir, url=url, workers=workers, progress=progress,
-                                     timeout_s=timeout_s, on_broker=lambda u: console.print(f"broker: {u}"),
+                                     timeout_s=timeout_s, on_broker=lambda u: console.print(f"broker: {masked(u)}"),
                                      on_plan=lambda plan: console.print(escape(plan.describe())))  # fmt: skip
         except (FootageError, NoFootage) as exc:
             click.echo(f"error: {exc}", err=True)

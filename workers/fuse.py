@@ -120,6 +120,8 @@ class FuseHandler(Handler):
             await self.publisher.publish(outputs)  # before the checkpoint that says they are out
             outputs = []
         await self._checkpoint(self.fuser.take_dirty())
+        if step.spent_blobs and not outputs:  # their verdicts are out: let the pixels go soon
+            await self.blobs.expire_many(step.spent_blobs, self.settings.broker.spent_blob_ttl_s)
         ack = [self._held.pop(t) for t in step.release if t in self._held]
         return BatchResult(outputs=outputs, ack=ack)
 

@@ -296,17 +296,24 @@ class IngestHandler(Handler):
     def check_roots(self, job: Job) -> None:
         """Refuse a job whose footage lies outside the configured roots.
 
+        Without configured roots only footage under the current folder is taken: a bare
+        worker must not open whatever path a job names (``/etc/passwd``).
+
         Raises:
-            InputError: a clip path is not under any of ``settings.ingest.roots``.
+            InputError: a clip path is not under any of ``settings.ingest.roots`` (or,
+                with none configured, not under the current folder).
         """
         roots = [Path(r).resolve() for r in self.settings.ingest.roots]
+        where = f"the allowed footage roots ({', '.join(map(str, roots))})"
         if not roots:
-            return
+            roots = [Path.cwd().resolve()]
+            where = (f"the allowed footage roots (none configured: only the current folder {roots[0]}; "
+                     "set ingest.roots to the footage folders)")  # fmt: skip
         for clip in job.clips:
             for path in clip.files.values():
                 resolved = Path(path).resolve()
                 if not any(resolved.is_relative_to(root) for root in roots):
-                    message = f"{path}: outside the allowed footage roots ({', '.join(map(str, roots))})"
+                    message = f"{path}: outside {where}"
                     raise InputError(message)
 
     async def _take(self, job: Job, piece: _Piece, progress: DriveProgress) -> int:

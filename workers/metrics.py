@@ -33,7 +33,7 @@ PARTITIONS_OWNED = Gauge("roadstream_partitions_owned", "Partitions this worker 
 
 
 async def serve_http(
-    port: int, live: Callable[[], bool], ready: Callable[[], bool], host: str = "0.0.0.0"
+    port: int, live: Callable[[], bool], ready: Callable[[], bool], host: str = "127.0.0.1"
 ) -> asyncio.Server:
     """Serve ``/metrics``, ``/live`` and ``/ready`` on ``port`` (plain asyncio, no framework).
 
@@ -41,7 +41,7 @@ async def serve_http(
         port: TCP port; 0 picks a free one (read it from the returned server).
         live: says whether the worker's loop is alive (heartbeats are recent).
         ready: says whether the worker has started and reaches its broker.
-        host: interface to bind.
+        host: interface to bind (``worker.metrics_host``; loopback by default).
 
     Returns:
         The running server; close it to stop serving.

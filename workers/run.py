@@ -113,6 +113,15 @@ def shipped_models(settings: Settings) -> Settings:
     return settings.model_copy(update={"detect": settings.detect.model_copy(update=missing)})
 
 
+def footage_roots(settings: Settings, footage: str | Path) -> Settings:
+    """The settings with ``ingest.roots`` set to the run's footage folder, unless set: a
+    worker without roots takes only footage under the current folder."""
+    if settings.ingest.roots:
+        return settings
+    ingest = settings.ingest.model_copy(update={"roots": [str(Path(footage).resolve())]})
+    return settings.model_copy(update={"ingest": ingest})
+
+
 def one_shot(settings: Settings) -> Settings:
     """The settings with fuse's watermark timeout raised to ``RUN_WATERMARK_TIMEOUT_S``,
     unless the settings name one.
@@ -175,6 +184,22 @@ def private_redis(broker: BrokerSettings | None = None) -> Iterator[str | None]:
                 process.kill()
 
 
+def private_maxmemory(broker: BrokerSettings) -> int:
+    """The private server's ``maxmemory`` (see ``private_redis_args``)."""
+    return 2 * broker.max_blob_bytes + REDIS_BASE_BYTES
+
+
+def memory_bound(settings: Settings) -> Settings:
+    """The settings with producers held back at the private server's ``maxmemory`` less
+    half the room kept for streams, unless ``broker.max_used_memory`` is set: writes then
+    slow down before the server refuses them."""
+    if settings.broker.max_used_memory:
+        return settings
+    bound = private_maxmemory(settings.broker) - REDIS_BASE_BYTES // 2
+    broker = settings.broker.model_copy(update={"max_used_memory": bound})
+    return settings.model_copy(update={"broker": broker})
+
+
 def private_redis_args(socket: Path, folder: Path, broker: BrokerSettings) -> list[str]:
     """Arguments of ``run``'s private ``redis-server``: a one-shot server.
 
@@ -184,7 +209,7 @@ def private_redis_args(socket: Path, folder: Path, broker: BrokerSettings) -> li
     streams and dedupe keys. ``noeviction``: past the bound writes fail loudly rather than
     silently dropping frames or dedupe keys.
     """
-    maxmemory = 2 * broker.max_blob_bytes + REDIS_BASE_BYTES
+    maxmemory = private_maxmemory(broker)
     return ["--port", "0", "--unixsocket", str(socket), "--unixsocketperm", "700",
             "--save", "", "--appendonly", "no", "--maxmemory", str(maxmemory), "--maxmemory-policy", "noeviction",
             "--dir", str(folder), "--logfile", str(folder / "redis.log")]  # fmt: skip
@@ -447,12 +472,13 @@ def run_footage(
     if not found.drives:
         message = f"{found.root}: no TeslaCam footage found (expected YYYY-MM-DD_HH-MM-SS-<camera>.mp4 clips)"
         raise NoFootage(message)
-    settings = one_shot(shipped_models(settings))
+    settings = footage_roots(one_shot(shipped_models(settings)), found.root)
     plan = choose_plan(settings, workers)
     if url is not None:
         return _run(found, settings, url, out_dir, progress, timeout_s, on_broker, _shown(plan, url, on_plan))
     with private_redis(settings.broker) as private:
         if private is not None:
+            settings = memory_bound(settings)
             return _run(found, settings, private, out_dir, progress, timeout_s, on_broker,
                         _shown(plan, private, on_plan))  # fmt: skip
     name = f"run-{uuid.uuid4().hex[:8]}"

@@ -30,14 +30,14 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
 from brokers.base import Broker, Entry, Publish
 from brokers.blobs import BlobStore
 from brokers.partitions import PartitionManager
 from stream import codec, names
-from stream.errors import BrokerConnectionError, DecodeError, InputError
+from stream.errors import BrokerConnectionError, DecodeError, InputError, WorkerFailed
 from stream.settings import Settings
 from workers import metrics
 from workers.handler import BatchResult, Delivery, Handler, Output
@@ -48,6 +48,9 @@ log = logging.getLogger("roadstream.worker")
 HOP_CONSUMER = {hop: stage for stage, hops in names.STAGE_INPUTS.items() for hop in hops}
 #: Seconds to wait before reading again after the broker's connection dropped.
 RECONNECT_DELAY_S = 1.0
+#: First and longest delay between tries to reach the broker at start.
+START_RETRY_S = 0.5
+START_RETRY_MAX_S = 5.0
 #: Entries taken over per XAUTOCLAIM call.
 CLAIM_BATCH = 2048
 
@@ -81,6 +84,25 @@ class _Publisher:
         bound = worker.settings.broker.max_blob_bytes
         while await worker.blobs.bytes_in_flight() > bound and not worker.stopping:
             await asyncio.sleep(0.05)
+        await self._wait_for_memory()
+
+    async def _wait_for_memory(self) -> None:
+        """Wait while the server's memory is over ``broker.max_used_memory``: writes slow
+        down before Redis refuses them (OOM). Said once per wait, and when it ends."""
+        worker = self._worker
+        waited_since = None
+        while (bound := worker.settings.broker.max_used_memory) and not worker.stopping:
+            used = await worker.broker.used_memory()
+            if used is None or used <= bound:
+                break
+            if waited_since is None:
+                waited_since = time.monotonic()
+                log.warning("worker %s: redis uses %d bytes, over broker.max_used_memory %d; waiting",
+                            worker.consumer, used, bound)  # fmt: skip
+            await asyncio.sleep(0.1)
+        if waited_since is not None and not worker.stopping:
+            log.warning("worker %s: redis memory back under the bound after %.1f s", worker.consumer,
+                        time.monotonic() - waited_since)  # fmt: skip
 
 
 class Worker:
@@ -114,8 +136,11 @@ class Worker:
         self.burst = burst
         self.stopping = False
         self.started = False
+        #: Why one of the worker's own tasks ended unexpectedly (then it is not live).
+        self.failure: BaseException | None = None
         self.last_beat = time.monotonic()
-        self.counts = {"in": 0, "out": 0, "failed": 0, "dead": 0}
+        self.counts = {"in": 0, "out": 0, "failed": 0, "dead": 0, "trimmed": 0}
+        self._outputs: set[str] = set()  # streams of stage hops this worker wrote (capped if ungrouped)
         self._held: dict[tuple[str, str], Delivery] = {}  # (stream, id) -> delivery
         self._replay: list[Delivery] = []  # claimed entries to hand over before new reads
         self._partitions: PartitionManager | None = None
@@ -177,18 +202,7 @@ class Worker:
         """Start the handler and run until ``stop()`` (or, in burst mode, until drained)."""
         self.handler.publisher = _Publisher(self)
         await self.handler.start()
-        for hop in self.handler.inputs:
-            if not self.handler.partitioned:
-                await self.broker.ensure_group(self.stream(hop), self.group)
-        if self.handler.partitioned:
-            self._partitions = PartitionManager(
-                self.broker,
-                self.group,
-                self.consumer,
-                self._partition_count,
-                self.settings.broker.lease_ttl_ms,
-            )
-            await self._refresh_partitions()
+        await self._wait_for_broker(self._join_broker)
         self.started = True
         tasks = [asyncio.create_task(self._read_loop(), name=f"{self.consumer}-read")]
         tasks += [
@@ -196,13 +210,63 @@ class Worker:
             for i in range(self._processors())
         ]
         beat = asyncio.create_task(self._heartbeat_loop(), name=f"{self.consumer}-beat")
+        stopped = asyncio.create_task(self._stop_event.wait(), name=f"{self.consumer}-stop")
         try:
-            await self._stop_event.wait()
+            # Supervise our own tasks: none may end while the worker runs. One that does
+            # (an unexpected error) stops the worker, which then reports not-live and
+            # raises, so that its process exits non-zero and is restarted.
+            done, _ = await asyncio.wait([stopped, beat, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            ended = [task for task in done if task is not stopped]
+            if ended and not self.stopping:
+                self._task_ended(ended[0])
             await self._drain(tasks)
         finally:
+            stopped.cancel()
             self._beating = False
             await _cancel_all([beat], self.consumer)
             await self._shutdown()
+        if self.failure is not None:
+            message = f"worker {self.consumer} stopped: {self.failure!r}"
+            raise WorkerFailed(message) from self.failure
+
+    async def _join_broker(self) -> None:
+        """Create the input groups, or take partitions (their leases and replays)."""
+        for hop in self.handler.inputs:
+            if not self.handler.partitioned:
+                await self.broker.ensure_group(self.stream(hop), self.group)
+        if self.handler.partitioned:
+            if self._partitions is None:
+                self._partitions = PartitionManager(
+                    self.broker,
+                    self.group,
+                    self.consumer,
+                    self._partition_count,
+                    self.settings.broker.lease_ttl_ms,
+                )
+            await self._refresh_partitions()
+
+    async def _wait_for_broker(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run ``step``; while the broker is unreachable, try again after a growing delay,
+        logged each time, for up to ``worker.start_wait_s`` (then its error is raised)."""
+        delay, waited = START_RETRY_S, 0.0
+        while True:
+            try:
+                await step()
+                return
+            except BrokerConnectionError as exc:
+                if self.stopping or waited >= self.settings.worker.start_wait_s:
+                    raise
+                log.warning("worker %s: broker not reachable at start (%s); trying again in %.1f s", self.consumer, exc, delay)
+                await asyncio.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, START_RETRY_MAX_S)
+
+    def _task_ended(self, task: asyncio.Task) -> None:
+        """Record why one of our tasks ended while the worker ran, and stop."""
+        exc = None if task.cancelled() else task.exception()
+        self.failure = exc or RuntimeError(f"task {task.get_name()} ended")
+        log.error("worker %s: task %s ended unexpectedly; stopping", self.consumer, task.get_name(), exc_info=exc)
+        self.stop()
 
     async def _drain(self, tasks: list[asyncio.Task]) -> None:
         # Readers stop at once; processors get the grace period to finish their batch.
@@ -296,6 +360,16 @@ class Worker:
         if not self._leases_fresh():
             return []
         batch = self._take_replay(size)
+        try:
+            return self._cut(await self._fill(batch, size, wait_s))
+        except BaseException:
+            # Replayed (or accepted) deliveries taken into this batch are held: a failed read
+            # must not drop them, or they stay touched and unhandled for good. Back in front.
+            self._replay = batch + self._replay
+            raise
+
+    async def _fill(self, batch: list[Delivery], size: int, wait_s: float) -> list[Delivery]:
+        """Add new entries to ``batch`` (in place) until full or the muxer's timeout."""
         deadline = time.monotonic() + wait_s if batch else None
         while len(batch) < size and not self.stopping:
             streams = self.input_streams()
@@ -320,6 +394,10 @@ class Worker:
             if deadline is None:
                 deadline = time.monotonic() + wait_s
             batch += self._take_replay(size - len(batch))
+        return batch
+
+    def _cut(self, batch: list[Delivery]) -> list[Delivery]:
+        size = self.settings.worker.batch_size
         # A read over many streams may bring up to ``size`` from each: keep batches at the
         # bound (fixed shapes for the GPU) and hand the rest over first next time. Older
         # entries of a partition are never behind them: those were taken first.
@@ -352,10 +430,13 @@ class Worker:
             partition = self._partition_of(entry.stream)
             if self._partitions is not None and not taking_over and partition not in self._ready:
                 continue  # revoked while this read was in flight; reclaimed by its owner
+            if entry.problem is not None:
+                await self._dead_letter_unread(entry, f"unreadable entry: {entry.problem}")
+                continue
             try:
                 message = codec.decode(entry.data, self.handler.accepts or None)
             except DecodeError as exc:
-                await self._dead_letter(entry, f"undecodable entry: {exc.reason}")
+                await self._dead_letter_unread(entry, f"undecodable entry: {exc.reason}")
                 continue
             delivery = Delivery(entry, message, partition)
             self._held[(entry.stream, entry.id)] = delivery
@@ -363,6 +444,15 @@ class Worker:
         metrics.ENTRIES_IN.labels(self.group).inc(len(deliveries))
         self.counts["in"] += len(deliveries)
         return deliveries
+
+    async def _dead_letter_unread(self, entry: Entry, error: str) -> None:
+        """Dead-letter an entry no handler will see. When the broker drops meanwhile, the
+        entry stays pending and unheld (so it goes idle and is reclaimed), and the entries
+        accepted before it in the same read are still handed over."""
+        try:
+            await self._dead_letter(entry, error)
+        except BrokerConnectionError as exc:
+            log.warning("worker %s: could not dead-letter %s %s (%s); left pending", self.consumer, entry.stream, entry.id, exc)
 
     def _partition_of(self, stream: str) -> int | None:
         if stream not in self._stream_partition:
@@ -432,7 +522,7 @@ class Worker:
             raise  # not the entries' fault: the whole batch is tried again (_recover)
         except Exception as exc:
             log.exception("worker %s: stage failed on a batch of %d", self.consumer, len(batch))
-            result = BatchResult(ack=[], failed=[(d, exc) for d in batch])
+            result = await self._one_by_one(batch, exc)
         metrics.STAGE_SECONDS.labels(self.group).observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.labels(self.group).observe(len(batch))
         if not self._leases_fresh():
@@ -444,6 +534,31 @@ class Worker:
                 await self._drop_state(partition)
             return
         await self._finish(batch, result)
+
+    async def _one_by_one(self, batch: list[Delivery], error: Exception) -> BatchResult:
+        """After an unexpected error on a batch, find the entries that caused it.
+
+        A stateless stage handles each entry again, alone (its outputs are idempotent, by
+        dedupe key), so one bad entry fails alone with its own error. A stateful one cannot
+        (its state took part of the batch): all its entries fail, and ``_rebuild`` replays
+        them, each counted one more delivery.
+        """
+        if self.handler.partitioned or len(batch) == 1:
+            return BatchResult(ack=[], failed=[(d, error) for d in batch])
+        result = BatchResult(ack=[])
+        for delivery in batch:
+            try:
+                alone = await self.handler.handle([delivery])
+            except BrokerConnectionError:
+                raise
+            except Exception as exc:
+                log.warning("worker %s: %s %s fails alone: %r", self.consumer, delivery.entry.stream, delivery.entry.id, exc)
+                result.failed.append((delivery, exc))
+                continue
+            result.outputs += alone.outputs
+            result.ack += [delivery] if alone.ack is None else alone.ack
+            result.failed += alone.failed
+        return result
 
     async def _finish(self, batch: list[Delivery], result: BatchResult) -> None:
         """Publish, then dead-letter or leave failures, then ack what is safe."""
@@ -518,6 +633,9 @@ class Worker:
             return
         items = [Publish(self.stream(o.hop, o.partition), codec.encode(o.message), o.dedupe_key) for o in outputs]
         await self.broker.publish_many(items)
+        # Only hops a stage is meant to read: verdicts and drive markers are the output
+        # users read by range, never capped.
+        self._outputs.update(item.stream for o, item in zip(outputs, items, strict=True) if o.hop in HOP_CONSUMER)
         metrics.ENTRIES_OUT.labels(self.group).inc(len(items))
         self.counts["out"] += len(items)
 
@@ -529,7 +647,8 @@ class Worker:
             interval = min(interval, self.settings.broker.lease_ttl_ms / 3000)
         touch_every = self.settings.broker.claim_idle_ms / 3000
         reclaim_every = self.settings.worker.reclaim_interval_s
-        last_touch = last_reclaim = time.monotonic()
+        trim_every = self.settings.worker.trim_interval_s
+        last_touch = last_reclaim = last_trim = time.monotonic()
         # A flag, not only cancellation: redis-py can turn a cancel that lands mid-command
         # into a connection error, which this loop survives on purpose.
         while self._beating:
@@ -544,12 +663,15 @@ class Worker:
                 if now - last_reclaim >= reclaim_every:
                     await self._reclaim()
                     last_reclaim = now
+                if trim_every > 0 and now - last_trim >= trim_every:
+                    await self._trim()
+                    last_trim = now
                 await self._record_health()
                 self.last_beat = time.monotonic()
             except BrokerConnectionError as exc:
                 log.warning("worker %s: heartbeat failed (%s)", self.consumer, exc)
-            except Exception:
-                log.exception("worker %s: heartbeat failed", self.consumer)
+            # Anything else ends the heartbeat, and so the worker (see ``run``): a beat
+            # that fails each time would leave held entries touched and never reclaimed.
 
     async def _refresh_partitions(self) -> None:
         # Leases are renewed outside the lock, so a long batch cannot let them lapse. Surplus
@@ -683,6 +805,16 @@ class Worker:
                     self._replay += accepted
         await self._export_lag(streams)
 
+    async def _trim(self) -> None:
+        """Trim what this worker reads below what every group acknowledged (``Broker.trim``
+        keeps anything pending or unread), and cap the stage hops it writes that no group
+        reads (segments while vera is off), which would otherwise grow without bound."""
+        for stream in self.input_streams():
+            self.counts["trimmed"] += await self.broker.trim(stream)
+        cap = self.settings.broker.ungrouped_cap
+        for stream in sorted(self._outputs):
+            self.counts["trimmed"] += await self.broker.cap(stream, cap)
+
     async def _export_lag(self, streams: list[str]) -> None:
         for stream in streams:
             stats = await self.broker.stats(stream)
@@ -706,8 +838,8 @@ class Worker:
         await self.broker.put_value(key, json.dumps(record).encode(), ttl_ms=ttl_ms)
 
     def live(self) -> bool:
-        """Whether the heartbeat ran recently (the liveness probe)."""
-        return time.monotonic() - self.last_beat < 3 * max(self.settings.worker.heartbeat_s, 1)
+        """Whether the heartbeat ran recently and no task of the worker failed (the liveness probe)."""
+        return self.failure is None and time.monotonic() - self.last_beat < 3 * max(self.settings.worker.heartbeat_s, 1)
 
     def ready(self) -> bool:
         """Whether the worker started and is taking work (the readiness probe)."""

@@ -77,10 +77,14 @@ async def run_workers(
         if settings.worker.metrics_port:
             server = await metrics.serve_http(
                 settings.worker.metrics_port,
+                host=settings.worker.metrics_host,
                 live=lambda: all(w.live() for w in workers),
                 ready=lambda: all(w.ready() for w in workers),
             )
-        await asyncio.gather(*(w.run() for w in workers))
+        results = await asyncio.gather(*(_run_one(w, workers) for w in workers), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         return workers
     finally:
         if server is not None:
@@ -89,8 +93,24 @@ async def run_workers(
         await broker.close()
 
 
+async def _run_one(worker: Worker, workers: Sequence[Worker]) -> None:
+    # A worker that failed stops the others of the process: the process then exits
+    # non-zero and is restarted whole, instead of running on with a stage missing.
+    try:
+        await worker.run()
+    except BaseException:
+        for other in workers:
+            other.stop()
+        raise
+
+
 def run_processes(
-    stages: Mapping[str, int], worker_args: Sequence[str] = (), *, prefix: Sequence[str] = (), poll_s: float = 0.5
+    stages: Mapping[str, int],
+    worker_args: Sequence[str] = (),
+    *,
+    prefix: Sequence[str] = (),
+    poll_s: float = 0.5,
+    env: Mapping[str, str] | None = None,
 ) -> int:
     """Run ``n`` processes of ``roadstream worker STAGE`` per stage until signalled.
 
@@ -99,6 +119,7 @@ def run_processes(
         worker_args: extra arguments for each child (``--redis URL`` …).
         prefix: global options that go before ``worker`` (``--config``, ``--set``).
         poll_s: how often to look for dead children.
+        env: the children's environment (the broker URL goes here, never in argv).
 
     Returns:
         0 after a clean stop.
@@ -107,7 +128,7 @@ def run_processes(
 
     def start(stage: str) -> subprocess.Popen:
         command = [sys.executable, "-m", "workers.cli", *prefix, "worker", stage, *worker_args]
-        return subprocess.Popen(command)
+        return subprocess.Popen(command, env=None if env is None else dict(env))
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
