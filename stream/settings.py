@@ -21,6 +21,8 @@ from stream.errors import ConfigError
 from stream.names import DEFAULT_NAMESPACE
 
 ENV_PREFIX = "ROADSTREAM_"
+#: A model setting that names the model shipped in the package (``stages.shipped``).
+SHIPPED = "shipped"
 CONFIG_ENV = "ROADSTREAM_CONFIG"
 
 
@@ -102,10 +104,14 @@ class IngestSettings(BaseModel):
 class DetectSettings(BaseModel):
     """Detector, batching and temporal windows."""
 
-    #: A ``.pt`` file, an ultralytics model name in its weights folder, or a model yaml.
-    #: ``roadstream run`` uses the shipped ``stages/models/cones_yolo11n.pt`` when this is
-    #: not set; a bare worker keeps this default (random weights: tests, benchmarks).
-    model: str = "yolo11n.yaml"
+    #: A ``.pt`` file, an ultralytics model name in its weights folder, a model yaml, or
+    #: ``shipped``: the package's ``stages/models/cones_yolo11n.pt``, which every way of
+    #: running the detect stage (``run``, ``worker detect``, ``supervise``, deploy/) uses
+    #: unless the settings name another.
+    model: str = SHIPPED
+    #: A detector built from a model yaml has random weights and detects nothing useful:
+    #: the detect stage refuses one unless this is true (tests and benchmarks set it).
+    allow_random_weights: bool = False
     #: ``auto``: the first GPU when torch sees one, else the CPU (as ultralytics does);
     #: or a torch device (``cpu``, ``cuda:1``). ``roadstream run`` gives each of several
     #: detect processes a GPU of its own.
@@ -161,9 +167,9 @@ class DetectSettings(BaseModel):
     #: Layer whose pooled output is the frame descriptor; -1: the last backbone layer.
     descriptor_layer: int = -1
     #: Roadwork frame scorer weights (``stages.scorer``) run on the detector's decoded
-    #: frames; "" runs none. ``roadstream run`` uses the shipped ``stages/models/scorer.pt``
-    #: when this is not set.
-    scorer: str = ""
+    #: frames; ``shipped`` (the default) is the package's ``stages/models/scorer.pt``;
+    #: "" runs none.
+    scorer: str = SHIPPED
     #: The temporal windows' frame descriptor: the detector's pooled backbone features,
     #: or the scorer's (needs ``scorer``).
     descriptor: Literal["detector", "scorer"] = "detector"

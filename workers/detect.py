@@ -23,6 +23,7 @@ dedupe key, so a replay after a takeover republishes nothing new).
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,9 @@ from stream.ids import output_key
 from stream.schemas import DriveMarker, FrameDetections, FrameRef, Message
 from stream.settings import Settings
 from workers.handler import BatchResult, Delivery, Handler, Output
+from workers.logs import STARTUP_LOGGER
+
+startup = logging.getLogger(STARTUP_LOGGER)
 
 #: GIL switch interval of a detect worker on CUDA (Python's default is 5 ms).
 GPU_SWITCH_INTERVAL_S = 1e-4
@@ -123,12 +127,18 @@ class DetectHandler(Handler):
 
     async def start(self) -> None:
         """Load the detector and the scorer (a bad model raises ``ModelError`` naming the file)."""
+        from stages import shipped
         from stages.detect import Detector  # torch and ultralytics load only here
 
+        detect = shipped.resolve(self.settings.detect)
+        self.settings = self.settings.model_copy(update={"detect": detect})
         if self.detector is None:
-            self.detector = await asyncio.to_thread(Detector, self.settings.detect)
-        if self.scorer is None and self.settings.detect.scorer:
+            self.detector = await asyncio.to_thread(Detector, detect)
+        if self.scorer is None and detect.scorer:
             self.scorer = await asyncio.to_thread(self._load_scorer)
+        startup.info("detect: model %s (classes %s) on %s; frame scorer %s", self.detector.settings.model,
+                    ", ".join(sorted(set(self.detector.class_types.values()))) or "none of the class map",
+                    self.detector.device, detect.scorer or "off")  # fmt: skip
         if self.settings.detect.descriptor == "scorer" and self.scorer is None:
             message = "detect.descriptor is 'scorer' but no scorer is configured (detect.scorer)"
             raise ModelError(message)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.resources
 import shutil
 import subprocess
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 from brokers.base import Broker
 from brokers.blobs import BlobStore
 from brokers.connect import connect, forget_memory
+from stages import shipped
 from stages.discover import Discovery, FoundDrive, discover
 from stages.jobs import part_name, split_job
 from stages.report import thumbnail_keys, write_report
@@ -47,9 +47,9 @@ from workers.runtime import Worker
 from workers.supervisor import build_workers
 
 #: The shipped weights, found in the installed package (never the current folder).
-MODELS_DIR = Path(str(importlib.resources.files("stages") / "models"))
-SHIPPED_DETECTOR = MODELS_DIR / "cones_yolo11n.pt"
-SHIPPED_SCORER = MODELS_DIR / "scorer.pt"
+MODELS_DIR = shipped.MODELS_DIR
+SHIPPED_DETECTOR = shipped.DETECTOR
+SHIPPED_SCORER = shipped.SCORER
 
 #: Seconds to wait for a private redis-server to accept connections.
 REDIS_START_S = 10.0
@@ -98,19 +98,16 @@ class RunResult:
 
 
 def shipped_models(settings: Settings) -> Settings:
-    """The settings with the shipped detector and scorer where none is named.
+    """The settings with ``shipped`` models replaced by the shipped files' paths.
 
-    A model named anywhere (config file, environment, ``--set``; ``detect.scorer=""``
-    turns the scorer off) wins: only settings left at their defaults are replaced. The
-    bare worker's defaults stay as they are (a yaml detector, no scorer), so tests and
-    benchmarks that rely on them are unchanged.
+    ``detect.model`` and ``detect.scorer`` default to the shipped models for every way of
+    running the detect stage; a model named anywhere (config file, environment, ``--set``;
+    ``detect.scorer=""`` turns the scorer off) wins.
     """
-    named = settings.detect.model_fields_set
-    shipped = {"model": str(SHIPPED_DETECTOR), "scorer": str(SHIPPED_SCORER)}
-    missing = {k: v for k, v in shipped.items() if k not in named}
-    if not missing:
+    detect = shipped.resolve(settings.detect)
+    if detect is settings.detect:
         return settings
-    return settings.model_copy(update={"detect": settings.detect.model_copy(update=missing)})
+    return settings.model_copy(update={"detect": detect})
 
 
 def one_shot(settings: Settings) -> Settings:
