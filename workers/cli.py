@@ -22,7 +22,7 @@ from rich.live import Live
 from rich.table import Table
 
 from stream import names
-from stream.errors import ConfigError, RoadstreamError
+from stream.errors import BrokerConnectionError, ConfigError, RoadstreamError
 from stream.settings import Settings, load_settings
 from workers.logs import configure as configure_logs
 
@@ -37,6 +37,37 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 console = Console(stderr=True)
+
+#: Where ``settings_from`` leaves the broker URL a command uses, for error messages.
+URL_META = "roadstream.redis_url"
+
+
+def shown_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for messages)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def unreachable(url: str | None, exc: BrokerConnectionError) -> str:
+    """One line: which broker could not be reached, and why (the client's own words)."""
+    reason = str(exc.__cause__ or exc).strip() or type(exc.__cause__ or exc).__name__
+    return f"cannot reach Redis at {shown_url(url) if url else 'the configured URL'}: {reason}"
+
+
+class RoadstreamGroup(click.Group):
+    """The root group: an unreachable broker ends any command with one line and exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; turn ``BrokerConnectionError`` into a one-line error."""
+        try:
+            return super().invoke(ctx)
+        except BrokerConnectionError as exc:
+            raise click.ClickException(unreachable(ctx.meta.get(URL_META), exc)) from exc
 
 
 def parse_overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -67,9 +98,11 @@ def settings_from(ctx: click.Context, redis: str | None = None, **overrides: Any
         if isinstance(values, dict):
             merged.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
     try:
-        return load_settings(config_file=root.get("config"), redis_url=redis, **merged)
+        settings = load_settings(config_file=root.get("config"), redis_url=redis, **merged)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    ctx.meta[URL_META] = settings.redis_url  # meta is shared by the whole context chain
+    return settings
 
 
 def redis_option(func: Any) -> Any:
@@ -84,7 +117,7 @@ def redis_option(func: Any) -> Any:
     )(func)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=RoadstreamGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", type=click.Path(dir_okay=False), help="TOML or YAML settings [env: ROADSTREAM_CONFIG]")
 @click.option("--set", "set_", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
@@ -117,6 +150,8 @@ def worker(ctx: click.Context, stage: str, redis: str | None, burst: bool, **opt
     settings = settings_from(ctx, redis, worker=options)
     try:
         workers = asyncio.run(run_workers({stage: 1}, settings, url=settings.redis_url, burst=burst))
+    except BrokerConnectionError:
+        raise  # the root group names the URL
     except RoadstreamError as exc:
         raise click.ClickException(str(exc)) from exc
     for done in workers:
@@ -138,6 +173,9 @@ def supervise(ctx: click.Context, specs: tuple[str, ...], redis: str | None, pro
             raise click.BadParameter(message)
         stages[stage] = int(count)
     settings = settings_from(ctx, redis)
+    # Children would each fail and be restarted forever: a broker that is not there stops
+    # the supervisor at once (one line from the root group).
+    asyncio.run(check_reachable(settings))
     if processes:
         from workers.supervisor import run_processes
 
@@ -150,6 +188,18 @@ def supervise(ctx: click.Context, specs: tuple[str, ...], redis: str | None, pro
     from workers.supervisor import run_workers
 
     asyncio.run(run_workers(stages, settings, url=settings.redis_url))
+
+
+async def check_reachable(settings: Settings) -> None:
+    """Raise ``BrokerConnectionError`` when the settings' broker does not answer."""
+    from brokers.connect import connect
+
+    broker, blobs = connect(settings.redis_url, namespace=settings.namespace, settings=settings.broker)
+    try:
+        await broker.get_value(f"{settings.namespace}:reachable")
+    finally:
+        await blobs.close()
+        await broker.close()
 
 
 # -- status -----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sys
@@ -42,7 +43,7 @@ def _print_result(console: Console, result) -> None:
 
 def register(cli: click.Group) -> None:
     """Add ``run`` to the root command."""
-    from workers.cli import redis_option, settings_from
+    from workers.cli import check_reachable, redis_option, settings_from
 
     @cli.command()
     @click.argument("footage", type=click.Path())
@@ -70,6 +71,8 @@ def register(cli: click.Group) -> None:
         url = redis or os.environ.get("ROADSTREAM_REDIS_URL")
         # The shipped detector and scorer unless the config names others.
         settings = shipped_models(settings_from(ctx, url))
+        if url:  # a named broker that does not answer: one line, before any work
+            asyncio.run(check_reachable(settings))
         console.print(f"detector: {settings.detect.model}; frame scorer: {settings.detect.scorer or 'off'}")
         if not settings.vlm.backend:
             console.print("no vision-language model configured (vlm.backend): vera and vlm are off; "

@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from stream.errors import InputError, RoadstreamError
+from stream.errors import BrokerConnectionError, InputError, RoadstreamError
 from stream.schemas import DriveSummary, Verdict
 
 
@@ -133,6 +133,8 @@ def register(cli: click.Group) -> None:
             asyncio.run(_print_verdicts(settings.redis_url, settings.namespace, follow, as_json, from_id))
         except KeyboardInterrupt:
             sys.exit(130)
+        except BrokerConnectionError:
+            raise  # the root group names the URL
         except RoadstreamError as exc:
             raise click.ClickException(str(exc)) from exc
 
@@ -154,6 +156,8 @@ def register(cli: click.Group) -> None:
         try:
             labels = load_labels(labels_file)
             verdicts_ = _load_verdicts(verdicts_file, settings.redis_url, settings.namespace)
+        except BrokerConnectionError:
+            raise  # the root group names the URL
         except (InputError, RoadstreamError) as exc:
             raise click.ClickException(str(exc)) from exc
         levels = ["window", "drive"] if level == "both" else [level]
