@@ -19,6 +19,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from stream import names
@@ -90,8 +91,13 @@ def parse_overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
     return tree
 
 
-def settings_from(ctx: click.Context, redis: str | None = None, **overrides: Any) -> Settings:
-    """Settings from the file and environment, the root options and a command's own."""
+def settings_from(ctx: click.Context, redis: str | None = None, *, uses_redis: bool = True,
+                  **overrides: Any) -> Settings:  # fmt: skip
+    """Settings from the file and environment, the root options and a command's own.
+
+    A command that uses Redis (``uses_redis``) says on stderr which server it uses when
+    nothing named one (the default URL).
+    """
     root = ctx.find_root().params
     merged = parse_overrides(root.get("set_") or ())
     for section, values in overrides.items():
@@ -102,6 +108,9 @@ def settings_from(ctx: click.Context, redis: str | None = None, **overrides: Any
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     ctx.meta[URL_META] = settings.redis_url  # meta is shared by the whole context chain
+    if uses_redis and "redis_url" not in settings.model_fields_set:
+        console.print(f"using Redis at {escape(shown_url(settings.redis_url))} (the default; --redis or "
+                      "ROADSTREAM_REDIS_URL names another)", highlight=False)  # fmt: skip
     return settings
 
 
@@ -240,12 +249,21 @@ async def collect_status(url: str, settings: Settings) -> dict[str, Any]:
         await broker.close()
 
 
-def status_tables(status: dict[str, Any], previous: dict[str, Any] | None) -> Table:
-    """Render a status snapshot; with a previous one, per-stage throughput too."""
-    table = Table(title=f"roadstream — dead letters: {status['dead_letters']}", expand=False)
+def _empty(stream: dict[str, Any]) -> bool:
+    """No entries, and no group with anything to do."""
+    return stream["length"] == 0 and not any(g["lag"] or g["pending"] for g in stream["groups"])
+
+
+def status_tables(status: dict[str, Any], previous: dict[str, Any] | None, show_all: bool = False) -> Table:
+    """Render a status snapshot (empty streams only with ``show_all``); with a previous
+    one, per-stage throughput too."""
+    shown = [s for s in status["streams"] if show_all or not _empty(s)]
+    hidden = len(status["streams"]) - len(shown)
+    caption = f"{hidden} empty stream(s) hidden (--all shows them)" if hidden else None
+    table = Table(title=f"roadstream — dead letters: {status['dead_letters']}", caption=caption, expand=False)
     for column in ("stream", "length", "group", "lag", "pending", "consumers"):
         table.add_column(column, justify="left" if column in ("stream", "group") else "right")
-    for stream in status["streams"]:
+    for stream in shown:
         groups = stream["groups"] or [{"group": "-", "lag": "-", "pending": "-", "consumers": "-"}]
         for g in groups:
             table.add_row(stream["stream"], str(stream["length"]), g["group"], str(g["lag"]), str(g["pending"]), str(g["consumers"]))
@@ -278,8 +296,10 @@ def status_tables(status: dict[str, Any], previous: dict[str, Any] | None) -> Ta
 @click.option("--json", "as_json", is_flag=True, help="One JSON object for machines.")
 @click.option("--watch", is_flag=True, help="Refresh until interrupted.")
 @click.option("--interval", type=float, default=2.0, show_default=True)
+@click.option("--all", "show_all", is_flag=True, help="Show empty streams too (--json always has them).")
 @click.pass_context
-def status(ctx: click.Context, redis: str | None, as_json: bool, watch: bool, interval: float) -> None:
+def status(ctx: click.Context, redis: str | None, as_json: bool, watch: bool, interval: float,
+           show_all: bool) -> None:  # fmt: skip
     """Streams, groups, lag, pending, dead letters, partition owners and workers."""
     settings = settings_from(ctx, redis)
     out = Console()
@@ -288,14 +308,14 @@ def status(ctx: click.Context, redis: str | None, as_json: bool, watch: bool, in
         click.echo(json.dumps(snapshot))
         return
     if not watch:
-        out.print(status_tables(snapshot, None))
+        out.print(status_tables(snapshot, None, show_all))
         return
-    with Live(status_tables(snapshot, None), console=out, refresh_per_second=4) as live:
+    with Live(status_tables(snapshot, None, show_all), console=out, refresh_per_second=4) as live:
         try:
             while True:
                 time.sleep(interval)
                 current = asyncio.run(collect_status(settings.redis_url, settings))
-                live.update(status_tables(current, snapshot))
+                live.update(status_tables(current, snapshot, show_all))
                 snapshot = current
         except KeyboardInterrupt:
             pass
@@ -357,13 +377,18 @@ def deadletters_show(ctx: click.Context, ids: tuple[str, ...], redis: str | None
     from stream.errors import DecodeError
 
     settings = settings_from(ctx, redis)
-    for letter_id, letter in asyncio.run(_dead_letters(settings.redis_url, settings, ids)):
+    letters = asyncio.run(_dead_letters(settings.redis_url, settings, ids))
+    for letter_id, letter in letters:
         record = {"id": letter_id, **letter.model_dump(mode="json", exclude={"raw"})}
         try:
             record["entry"] = codec.decode(letter.raw).model_dump(mode="json")
         except DecodeError as exc:
             record["entry"] = {"undecodable": exc.reason, "bytes": letter.raw[:200].hex()}
         click.echo(json.dumps(record, indent=2))
+    missing = [i for i in ids if i not in {letter_id for letter_id, _ in letters}]
+    if missing:
+        message = f"no dead letter {', '.join(missing)} (`roadstream deadletters list` shows their ids)"
+        raise click.ClickException(message)
 
 
 async def _requeue(url: str, settings: Settings, ids: tuple[str, ...]) -> int:

@@ -72,7 +72,7 @@ def register(cli: click.Group) -> None:
         from stream.errors import FootageError
         from workers.cli import check_reachable, settings_from
 
-        settings = settings_from(ctx, redis)
+        settings = settings_from(ctx, redis, uses_redis=not dry_run)
         if not dry_run:
             asyncio.run(check_reachable(settings))  # before the drive table: one line if not
         try:

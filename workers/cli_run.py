@@ -70,20 +70,24 @@ def register(cli: click.Group) -> None:
         console = Console(stderr=True)
         url = redis or os.environ.get("ROADSTREAM_REDIS_URL")
         # The shipped detector and scorer unless the config names others.
-        settings = shipped_models(settings_from(ctx, url))
+        settings = shipped_models(settings_from(ctx, url, uses_redis=False))
         if url:  # a named broker that does not answer: one line, before any work
             asyncio.run(check_reachable(settings))
-        console.print(f"detector: {settings.detect.model}; frame scorer: {settings.detect.scorer or 'off'}")
-        if not settings.vlm.backend:
-            console.print("no vision-language model configured (vlm.backend): vera and vlm are off; "
-                          "verdicts come from the detector and the frame scorer")  # fmt: skip
+
+        def on_plan(plan) -> None:  # after discovery found drives, before anything starts
+            console.print(escape(f"detector: {settings.detect.model}; frame scorer: {settings.detect.scorer or 'off'}"))
+            if not settings.vlm.backend:
+                console.print("no vision-language model configured (vlm.backend): vera and vlm are off; "
+                              "verdicts come from the detector and the frame scorer")  # fmt: skip
+            console.print(escape(plan.describe()))
+
         live = Live(console=console, transient=True) if console.is_terminal else None
         progress = (lambda workers, drives: live.update(_progress_table(workers, drives))) if live else None
         try:
             with live or contextlib.nullcontext():
                 result = run_footage(footage, settings, out_dir, url=url, workers=workers, progress=progress,
                                      timeout_s=timeout_s, on_broker=lambda u: console.print(f"broker: {u}"),
-                                     on_plan=lambda plan: console.print(escape(plan.describe())))  # fmt: skip
+                                     on_plan=on_plan)  # fmt: skip
         except (FootageError, NoFootage) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(NO_FOOTAGE_EXIT)

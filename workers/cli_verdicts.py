@@ -152,7 +152,7 @@ def register(cli: click.Group) -> None:
         """Compare verdicts with labels: MCC, accuracy, precision, recall, confusion matrix."""
         from stages.evaluate import evaluate, load_labels
 
-        settings = settings_from(ctx, redis)
+        settings = settings_from(ctx, redis, uses_redis=verdicts_file is None)
         try:
             labels = load_labels(labels_file)
             verdicts_ = _load_verdicts(verdicts_file, settings.redis_url, settings.namespace)
