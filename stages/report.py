@@ -35,9 +35,20 @@ THUMB_WIDTH = 256
 SVG_WIDTH, SVG_HEIGHT, SVG_PAD = 720, 160, 28
 
 
-def write_verdicts(path: Path, verdicts: Sequence[Verdict]) -> Path:
-    """Write ``verdicts.jsonl`` (one JSON object a line, by drive and window)."""
-    ordered = sorted(verdicts, key=lambda v: (v.drive_id, v.window))
+def drive_order(verdicts: Sequence[Verdict], summaries: Sequence[DriveSummary] = ()) -> list[str]:
+    """Drive ids by the time they were driven (UTC, else footage name), then id."""
+    first: dict[str, tuple[float, str]] = {}
+    for item in [*summaries, *verdicts]:
+        utc = item.start_utc if item.start_utc is not None else float("inf")
+        old = first.get(item.drive_id, (float("inf"), ""))
+        first[item.drive_id] = (min(old[0], utc), old[1] or item.drive_name)
+    return sorted(first, key=lambda d: (*first[d], d))
+
+
+def write_verdicts(path: Path, verdicts: Sequence[Verdict], summaries: Sequence[DriveSummary] = ()) -> Path:
+    """Write ``verdicts.jsonl`` (one JSON object a line, drives by time, then by window)."""
+    rank = {d: i for i, d in enumerate(drive_order(verdicts, summaries))}
+    ordered = sorted(verdicts, key=lambda v: (rank[v.drive_id], v.window))
     path.write_text("".join(v.model_dump_json() + "\n" for v in ordered))
     return path
 
@@ -147,6 +158,13 @@ def _thumbs_html(verdicts: Sequence[Verdict], images: Mapping[str, bytes]) -> st
     return "".join(cells) or "<p>No roadwork key frames to show.</p>"
 
 
+def _drive_title(drive: str, verdicts: Sequence[Verdict], summary: DriveSummary | None) -> str:
+    name = summary.label() if summary is not None else next((v.drive_name for v in verdicts if v.drive_name), "")
+    if not name or name == drive:
+        return f"Drive {html.escape(drive)}"
+    return f"{html.escape(name)} <small class=id>drive {html.escape(drive)}</small>"
+
+
 def _drive_html(drive: str, verdicts: Sequence[Verdict], summary: DriveSummary | None,
                 images: Mapping[str, bytes], threshold: float) -> str:  # fmt: skip
     roadwork = sum(v.roadwork for v in verdicts)
@@ -161,7 +179,7 @@ def _drive_html(drive: str, verdicts: Sequence[Verdict], summary: DriveSummary |
         problems = "".join(f"<li>{html.escape(p)}</li>" for p in summary.problems)
         facts += f"<ul>{spans}</ul>" + (f"<p>Problems:</p><ul>{problems}</ul>" if problems else "")
     facts += _missing_html(verdicts)
-    return (f"<section><h2>Drive {html.escape(drive)}</h2><p>{facts}</p>{timeline_svg(verdicts, threshold)}"
+    return (f"<section><h2>{_drive_title(drive, verdicts, summary)}</h2><p>{facts}</p>{timeline_svg(verdicts, threshold)}"
             f"<div class=thumbs>{_thumbs_html(verdicts, images)}</div></section>")  # fmt: skip
 
 
@@ -197,7 +215,7 @@ def report_html(
 ) -> str:
     """The self-contained report page; ``footage``: what discovery skipped or noted, in words."""
     by_summary = {s.drive_id: s for s in summaries}
-    drives = sorted({v.drive_id for v in verdicts} | set(by_summary))
+    drives = drive_order(verdicts, summaries)
     body = "".join(
         _drive_html(d, [v for v in verdicts if v.drive_id == d], by_summary.get(d), images, threshold) for d in drives
     )
@@ -242,8 +260,9 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     paths = {"verdicts": out / "verdicts.jsonl", "drives": out / "drives.jsonl", "geojson": out / "drives.geojson",
              "html": out / "report.html"}  # fmt: skip
-    write_verdicts(paths["verdicts"], verdicts)
-    ordered = sorted(summaries, key=lambda s: s.drive_id)
+    write_verdicts(paths["verdicts"], verdicts, summaries)
+    rank = {d: i for i, d in enumerate(drive_order(verdicts, summaries))}
+    ordered = sorted(summaries, key=lambda s: rank[s.drive_id])
     paths["drives"].write_text("".join(s.model_dump_json() + "\n" for s in ordered))
     paths["geojson"].write_text(json.dumps(geojson(summaries), indent=1) + "\n")
     paths["html"].write_text(report_html(verdicts, summaries, images or {}, threshold, footage))

@@ -28,15 +28,19 @@ def _progress_table(workers, drives) -> Table:
 
 
 def _print_result(console: Console, result) -> None:
+    from stages.report import drive_order
     from workers.cli_verdicts import verdict_table
 
     summaries = [s.summary for s in result.drives.values() if s.summary is not None]
-    console.print(verdict_table([*result.verdicts, *summaries], title=f"{len(result.verdicts)} verdicts"))
-    for drive_id, state in sorted(result.drives.items()):
+    order = drive_order(result.verdicts, summaries)
+    rows = [item for d in order for item in [*(v for v in result.verdicts if v.drive_id == d),
+                                             *(s for s in summaries if s.drive_id == d)]]  # fmt: skip
+    console.print(verdict_table(rows, title=f"{len(result.verdicts)} verdicts", width=console.width))
+    for drive_id, state in sorted(result.drives.items(), key=lambda kv: (kv[1].drive.name, kv[0])):
         if state.failure and state.summary is None:
-            console.print(f"[yellow]drive {drive_id}[/yellow] ({state.drive.minutes[0].start}): {state.failure}")
+            console.print(f"[yellow]drive {state.drive.name}[/yellow] ({drive_id}): {escape(state.failure)}")
         for problem in state.summary.problems if state.summary else []:
-            console.print(f"[yellow]drive {drive_id}[/yellow]: {problem}")
+            console.print(f"[yellow]drive {state.drive.name}[/yellow] ({drive_id}): {escape(problem)}")
     console.print(f"done in {result.seconds:.1f} s on {result.broker}; wrote "
                   + ", ".join(str(p) for p in result.paths.values()))  # fmt: skip
 
