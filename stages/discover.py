@@ -191,6 +191,24 @@ def _clip_file(path: Path, found: Discovery) -> ClipFile | None:
     return ClipFile(path, parsed[0], parsed[1], source, event_dir, creation_utc(path))
 
 
+def footage_seconds(drive: FoundDrive) -> float:
+    """How much footage a drive holds: the longest clip of each minute, summed (headers only).
+
+    A clip that cannot be opened counts 0 (the decoder reports it).
+    """
+    total = 0.0
+    for minute in drive.minutes:
+        longest = 0.0
+        for path in minute.files.values():
+            try:
+                with av.open(path) as container:
+                    longest = max(longest, (container.duration or 0) / av.time_base)
+            except (av.FFmpegError, OSError):
+                continue
+        total += longest
+    return total
+
+
 def creation_utc(path: Path) -> float | None:
     """A clip's MP4 ``creation_time`` as POSIX seconds (UTC); ``None`` if absent or unreadable.
 

@@ -3,28 +3,42 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
+import signal
 import sys
 
 import click
 from rich.console import Console
-from rich.live import Live
 from rich.markup import escape
-from rich.table import Table
 
 #: Exit code when there is nothing to run on (as ``roadstream submit``).
 NO_FOOTAGE_EXIT = 2
+#: Exit code of an interrupted run (128 + SIGINT, as shells report it).
+INTERRUPTED_EXIT = 130
 
 
-def _progress_table(workers, drives) -> Table:
-    table = Table(title=f"drives done: {sum(s.done for s in drives.values())}/{len(drives)}")
-    for column in ("stage", "in", "out", "failed", "dead-lettered"):
-        table.add_column(column, justify="left" if column == "stage" else "right")
-    for worker in workers:
-        c = worker.counts
-        table.add_row(worker.group, str(c["in"]), str(c["out"]), str(c["failed"]), str(c["dead"]))
-    return table
+def _sigterm_as_sigint(signum: int, frame: object) -> None:
+    # SIGTERM takes the Ctrl-C path: asyncio.run cancels the run, which stops its workers
+    # and its private Redis and removes its temporary folders on the way out.
+    signal.raise_signal(signal.SIGINT)
+
+
+def _exit_interrupted() -> None:
+    """Exit 130 at once. The workers, the private Redis and the temporary folders are gone
+    by now; a CPU forward pass still running in a thread would hold a normal exit for
+    seconds, and half-built objects would print warnings as they are collected."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(INTERRUPTED_EXIT)
+
+
+def _print_interrupted(console: Console, exc) -> None:
+    """What an interrupted run had finished."""
+    console.print(f"[yellow]{escape(str(exc))}[/yellow]; nothing written")
+    for drive_id, state in sorted(exc.drives.items(), key=lambda kv: (kv[1].drive.name, kv[0])):
+        if state.summary is not None:
+            console.print(f"  finished: {escape(state.summary.label())} ({drive_id}), "
+                          f"{state.summary.roadwork_windows}/{state.summary.windows} roadwork windows")  # fmt: skip
 
 
 def _print_result(console: Console, result) -> None:
@@ -69,7 +83,10 @@ def register(cli: click.Group) -> None:
         cores and GPUs found, shown in one line; --workers overrides them.
         """
         from stream.errors import FootageError, RoadstreamError
-        from workers.run import NoFootage, run_footage, shipped_models
+        from workers.progress import RunProgress
+        from workers.run import NoFootage, RunInterrupted, run_footage, shipped_models
+
+        signal.signal(signal.SIGTERM, _sigterm_as_sigint)
 
         console = Console(stderr=True)
         url = redis or os.environ.get("ROADSTREAM_REDIS_URL")
@@ -85,13 +102,17 @@ def register(cli: click.Group) -> None:
                               "verdicts come from the detector and the frame scorer")  # fmt: skip
             console.print(escape(plan.describe()))
 
-        live = Live(console=console, transient=True) if console.is_terminal else None
-        progress = (lambda workers, drives: live.update(_progress_table(workers, drives))) if live else None
         try:
-            with live or contextlib.nullcontext():
-                result = run_footage(footage, settings, out_dir, url=url, workers=workers, progress=progress,
+            with RunProgress(console, settings.ingest.sample_fps) as progress:
+                result = run_footage(footage, settings, out_dir, url=url, workers=workers, progress=progress.update,
                                      timeout_s=timeout_s, on_broker=lambda u: console.print(f"broker: {u}"),
                                      on_plan=on_plan)  # fmt: skip
+        except RunInterrupted as exc:
+            _print_interrupted(console, exc)
+            _exit_interrupted()
+        except KeyboardInterrupt:  # outside the run's event loop (discovery, starting Redis)
+            console.print("[yellow]interrupted before any drive finished[/yellow]; nothing written")
+            _exit_interrupted()
         except (FootageError, NoFootage) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(NO_FOOTAGE_EXIT)

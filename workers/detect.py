@@ -26,6 +26,7 @@ import asyncio
 import logging
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -119,9 +120,13 @@ class DetectHandler(Handler):
         self._prepared: dict[Key, tuple[int | None, tuple[PendingBatch, int] | InputError]] = {}
         self._generation: dict[int | None, int] = {}  # bumped when a partition is revoked
         self._config: WindowConfig | None = None
-        # CPU inference runs in a thread so the loop keeps reading; on CUDA launching only
-        # queues work and runs inline (see ``start``).
-        self._launcher: Callable[..., Awaitable[Any]] = asyncio.to_thread
+        # CPU inference runs in a thread of its own pool so the loop keeps reading (launches
+        # are serialised by the detector anyway), and so that ``stop`` can drop the queued
+        # ones without the loop's shutdown waiting for them; on CUDA launching only queues
+        # work and runs inline (see ``start``).
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="detect-launch")
+        self._launcher: Callable[..., Awaitable[Any]] = self._in_pool
+        self._stopped = False
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -175,8 +180,21 @@ class DetectHandler(Handler):
 
         return RoadworkScorer.load(self.settings.detect.scorer, device=self.detector.device)
 
+    async def stop(self) -> None:
+        """Drop launches still queued for the inference thread: on the CPU a forward pass
+        takes seconds, and the prefetched batches waiting behind the running one would hold
+        an interrupted process that long (their entries stay pending and are redelivered)."""
+        self._stopped = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _in_pool(self, func: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
+
     def _launch_now(self, images: list) -> PendingBatch:
         """Queue the detector, then the scorer, over the same decoded frames (one call)."""
+        if self._stopped:
+            message = "the detect worker is stopping"
+            raise asyncio.CancelledError(message)
         return self.detector.launch(images, self._score if self.scorer is not None else None)
 
     def _score(self, images: list) -> dict[str, Any]:

@@ -55,6 +55,8 @@ SHIPPED_SCORER = shipped.SCORER
 REDIS_START_S = 10.0
 #: Fuse's watermark timeout in a run (``one_shot``).
 RUN_WATERMARK_TIMEOUT_S = 900.0
+#: Seconds an interrupted run gives its workers to stop before cancelling or killing them.
+INTERRUPT_GRACE_S = 2.0
 #: Memory of the private redis-server beyond the frame blobs: streams, dedupe keys.
 REDIS_BASE_BYTES = 512 * 1024 * 1024
 POLL_S = 0.1
@@ -62,6 +64,21 @@ POLL_S = 0.1
 
 class RunError(RoadstreamError):
     """The run could not start or could not finish (the message says why)."""
+
+
+class RunInterrupted(RunError):  # noqa: N818 - reads as the condition it reports
+    """The run was interrupted (Ctrl-C, SIGTERM); it carries what had finished.
+
+    Attributes:
+        drives: every drive's state when the run stopped.
+        verdicts: the verdicts received by then.
+    """
+
+    def __init__(self, drives: dict[str, DriveState], verdicts: list[Verdict]) -> None:
+        done = sum(s.done for s in drives.values())
+        super().__init__(f"interrupted: {done} of {len(drives)} drive(s) finished, {len(verdicts)} verdict(s)")
+        self.drives = drives
+        self.verdicts = verdicts
 
 
 class NoFootage(RunError):  # noqa: N818 - reads as the condition it reports
@@ -75,6 +92,8 @@ class DriveState:
     drive: FoundDrive
     summary: DriveSummary | None = None
     failure: str | None = None
+    #: Drive-clock seconds covered by the windows decided so far (the latest window's end).
+    closed_s: float = 0.0
 
     @property
     def done(self) -> bool:
@@ -155,7 +174,9 @@ def private_redis(broker: BrokerSettings | None = None) -> Iterator[str | None]:
     with tempfile.TemporaryDirectory(prefix="roadstream-") as folder:
         socket = Path(folder) / "redis.sock"
         args = [binary, *private_redis_args(socket, Path(folder), broker or BrokerSettings())]
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Its own session: a Ctrl-C at the terminal must not kill it under a run that is
+        # still talking to it (the run stops it below).
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             deadline = time.monotonic() + REDIS_START_S
             while not socket.exists():
@@ -243,6 +264,9 @@ class _Watcher:
             message = codec.decode(data, (Verdict, DriveSummary))
             if isinstance(message, Verdict):
                 self.verdicts.setdefault((message.drive_id, message.window), message)
+                state = self.drives.get(message.drive_id)
+                if state is not None:
+                    state.closed_s = max(state.closed_s, message.t_end)
             elif message.drive_id in self.drives:
                 self.drives[message.drive_id].summary = message
 
@@ -313,9 +337,13 @@ async def _start(workers: list[Worker], tasks: list[asyncio.Task]) -> None:
             raise RunError(message)
 
 
-async def _stop(workers: list[Worker], tasks: list[asyncio.Task]) -> None:
+async def _stop(workers: list[Worker], tasks: list[asyncio.Task], grace_s: float | None = None) -> None:
     for worker in workers:
         worker.stop()
+    if grace_s is not None and tasks:
+        _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        for task in pending:
+            task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
@@ -353,8 +381,8 @@ async def run_drives(
     stages = stages_for(settings)
     broker, blobs = connect(url, namespace=settings.namespace, settings=settings.broker)
     drives = {d.drive_id: DriveState(d) for d in found.drives}
+    watcher = _Watcher(broker, drives)
     try:
-        watcher = _Watcher(broker, drives)
         if plan is None or plan.single or url.startswith("memory"):
             counts = await _in_process(stages, settings, broker, blobs, found, watcher, progress, timeout_s)
         else:
@@ -365,6 +393,9 @@ async def run_drives(
         result.paths = await _write(out_dir, result, blobs, settings)
         result.seconds = time.monotonic() - started
         return result
+    except asyncio.CancelledError as exc:  # asyncio.run's answer to SIGINT
+        verdicts = sorted(watcher.verdicts.values(), key=_order)
+        raise RunInterrupted(drives, verdicts) from exc
     finally:
         await blobs.close()
         await broker.close()
@@ -380,6 +411,9 @@ async def _in_process(stages, settings, broker, blobs, found, watcher, progress,
         # cameras one after another (a long drive's windows would wait for the last one).
         await submit(broker, found.drives, settings, split="drive")
         await _wait(watcher, _tasks_alive(workers, tasks), workers, progress, timeout_s)
+    except asyncio.CancelledError:
+        await _stop(workers, tasks, INTERRUPT_GRACE_S)
+        raise
     finally:
         await _stop(workers, tasks)
     return {w.group: dict(w.counts) for w in workers}
@@ -399,6 +433,9 @@ async def _in_children(plan, settings, url, broker, found, watcher, progress,
                 await _wait(watcher, children.check, [], progress, timeout_s)
             except ChildFailed as exc:
                 raise RunError(str(exc)) from exc
+        except asyncio.CancelledError:
+            await asyncio.to_thread(children.stop, INTERRUPT_GRACE_S)
+            raise
         finally:
             await asyncio.to_thread(children.stop)
     return {}
