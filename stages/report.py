@@ -3,7 +3,8 @@
 Pure apart from writing files: the caller fetches the key-frame blobs it wants drawn
 (``thumbnail_keys`` says which) and passes their bytes in.
 
-* ``verdicts.jsonl`` — one verdict a line, ordered by drive and window.
+* ``verdicts.jsonl`` — one verdict a line, drives by time, then by window; ``verdicts.csv``
+  the same verdicts as a spreadsheet's rows (``CSV_COLUMNS``).
 * ``drives.jsonl`` — one drive summary a line: windows, spans, cameras, frame counts, the
   minutes each camera had no frame, missed ticks and the problems, each naming its file.
 * ``drives.geojson`` — a FeatureCollection with one feature per roadwork span: a
@@ -19,8 +20,11 @@ Pure apart from writing files: the caller fetches the key-frame blobs it wants d
 from __future__ import annotations
 
 import base64
+import csv
 import html
+import io
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -51,6 +55,55 @@ def write_verdicts(path: Path, verdicts: Sequence[Verdict], summaries: Sequence[
     ordered = sorted(verdicts, key=lambda v: (rank[v.drive_id], v.window))
     path.write_text("".join(v.model_dump_json() + "\n" for v in ordered))
     return path
+
+
+#: ``verdicts.csv``'s columns; lists are ``;``-separated, objects ``type=count``.
+CSV_COLUMNS = ("drive_id", "drive_name", "window", "t_start", "t_end", "start_utc", "end_utc", "roadwork",
+               "confidence", "cameras", "missing_cameras", "objects", "anomaly_score", "roadwork_prob", "vlm",
+               "lat", "lon", "gps_estimated")  # fmt: skip
+
+
+def verdicts_csv(verdicts: Sequence[Verdict], summaries: Sequence[DriveSummary] = ()) -> str:
+    """The verdicts as CSV text (header ``CSV_COLUMNS``), in ``write_verdicts``' order."""
+    rank = {d: i for i, d in enumerate(drive_order(verdicts, summaries))}
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for v in sorted(verdicts, key=lambda v: (rank[v.drive_id], v.window)):
+        vlm = "" if v.vlm is None else ("yes" if v.vlm.roadwork else "no")
+        writer.writerow([
+            v.drive_id, v.drive_name, v.window, v.t_start, v.t_end, _utc(v.start_utc), _utc(v.end_utc),
+            int(v.roadwork), round(v.confidence, 4), ";".join(v.cameras), ";".join(v.missing_cameras),
+            ";".join(f"{k}={n}" for k, n in v.objects.items()),
+            "" if v.anomaly_score is None else round(v.anomaly_score, 4),
+            "" if v.roadwork_prob is None else round(v.roadwork_prob, 4), vlm,
+            v.gps.lat if v.gps else "", v.gps.lon if v.gps else "", int(v.gps.estimated) if v.gps else "",
+        ])  # fmt: skip
+    return out.getvalue()
+
+
+def _utc(seconds: float | None) -> str:
+    from datetime import datetime, timezone
+
+    return "" if seconds is None else datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
+
+
+def save_key_frames(folder: Path, verdicts: Sequence[Verdict], images: Mapping[str, bytes]) -> list[Path]:
+    """Write each drawn key frame (``thumbnail_keys``) full size with its boxes, as
+    ``<drive name or id>_w<window>_<camera>.jpg``; returns the files written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for v in _thumb_windows(verdicts, MAX_THUMB_WINDOWS):
+        for frame in v.frames:
+            blob = images.get(frame.blob_key)
+            jpeg = draw_boxes(blob, frame, width=None) if blob else None
+            if jpeg is None:
+                continue
+            stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", v.drive_name or v.drive_id)
+            path = folder / f"{stem}_w{v.window:04d}_{frame.camera}.jpg"
+            path.write_bytes(jpeg)
+            written.append(path)
+    return written
 
 
 def read_verdicts(path: str | Path) -> list[Verdict]:
@@ -98,14 +151,15 @@ def _thumb_windows(verdicts: Sequence[Verdict], per_drive: int) -> list[Verdict]
     return chosen
 
 
-def draw_boxes(image_bytes: bytes, frame: CameraFrame, width: int = THUMB_WIDTH) -> bytes | None:
-    """A JPEG thumbnail of one key frame with its detections drawn; ``None`` if undecodable."""
+def draw_boxes(image_bytes: bytes, frame: CameraFrame, width: int | None = THUMB_WIDTH) -> bytes | None:
+    """A JPEG of one key frame (``width`` wide, or its own size) with its detections drawn;
+    ``None`` if undecodable."""
     image = cv2.imdecode(np.frombuffer(image_bytes, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         return None
     h, w = image.shape[:2]
-    scale = width / w
-    image = cv2.resize(image, (width, max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    if width is not None:
+        image = cv2.resize(image, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
     h, w = image.shape[:2]
     for det in frame.detections:
         x0, y0, x1, y1 = (round(det.box[0] * w), round(det.box[1] * h), round(det.box[2] * w), round(det.box[3] * h))
@@ -242,8 +296,9 @@ def write_report(
     *,
     threshold: float = 0.5,
     footage: Sequence[str] = (),
+    save_frames: bool = False,
 ) -> dict[str, Path]:
-    """Write the three output files into ``out_dir`` (created if missing).
+    """Write the output files into ``out_dir`` (created if missing).
 
     Parameters:
         out_dir: the output folder.
@@ -252,15 +307,21 @@ def write_report(
         images: blob key -> encoded frame (JPEG), for ``thumbnail_keys(verdicts)``.
         threshold: the roadwork threshold drawn on the timelines.
         footage: discovery's problems and notes (skipped files, clock changes), shown first.
+        save_frames: also write the key frames, full size with their boxes, into ``frames/``.
 
     Returns:
-        ``{"verdicts": path, "drives": path, "geojson": path, "html": path}``.
+        ``{"verdicts": path, "csv": path, "drives": path, "geojson": path, "html": path}``
+        (and ``"frames"`` with ``save_frames``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"verdicts": out / "verdicts.jsonl", "drives": out / "drives.jsonl", "geojson": out / "drives.geojson",
-             "html": out / "report.html"}  # fmt: skip
+    paths = {"verdicts": out / "verdicts.jsonl", "csv": out / "verdicts.csv", "drives": out / "drives.jsonl",
+             "geojson": out / "drives.geojson", "html": out / "report.html"}  # fmt: skip
     write_verdicts(paths["verdicts"], verdicts, summaries)
+    paths["csv"].write_text(verdicts_csv(verdicts, summaries))
+    if save_frames:
+        paths["frames"] = out / "frames"
+        save_key_frames(paths["frames"], verdicts, images or {})
     rank = {d: i for i, d in enumerate(drive_order(verdicts, summaries))}
     ordered = sorted(summaries, key=lambda s: rank[s.drive_id])
     paths["drives"].write_text("".join(s.model_dump_json() + "\n" for s in ordered))

@@ -114,6 +114,7 @@ class RunResult:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
     plan: Plan | None = None
+    save_frames: bool = False
 
 
 def shipped_models(settings: Settings) -> Settings:
@@ -356,6 +357,7 @@ async def run_drives(
     plan: Plan | None = None,
     progress: Callable[[list[Worker], dict[str, DriveState]], None] | None = None,
     timeout_s: float | None = None,
+    save_frames: bool = False,
 ) -> RunResult:
     """Run every stage over the discovered drives on the broker at ``url``; write the output.
 
@@ -370,6 +372,7 @@ async def run_drives(
         progress: called every poll with the in-process workers (none with processes)
             and the drives' states.
         timeout_s: give up after this long (``None``: wait as long as it takes).
+        save_frames: also write the key frames with their boxes (``frames/``).
 
     Returns:
         The result, with the written paths.
@@ -390,6 +393,7 @@ async def run_drives(
         result = RunResult(found, url, stages, drives, sorted(watcher.verdicts.values(), key=_order))
         result.counts = counts
         result.plan = plan
+        result.save_frames = save_frames
         result.paths = await _write(out_dir, result, blobs, settings)
         result.seconds = time.monotonic() - started
         return result
@@ -450,7 +454,8 @@ async def _write(out_dir: str | Path, result: RunResult, blobs: BlobStore, setti
     images = {k: b for k, b in zip(keys, await blobs.get_many(keys), strict=True) if b}
     summaries = [s.summary for s in result.drives.values() if s.summary is not None]
     footage = [*result.found.problems, *result.found.notes]
-    return write_report(out_dir, result.verdicts, summaries, images, threshold=settings.fuse.threshold, footage=footage)
+    return write_report(out_dir, result.verdicts, summaries, images, threshold=settings.fuse.threshold, footage=footage,
+                        save_frames=result.save_frames)  # fmt: skip
 
 
 def run_footage(
@@ -464,6 +469,7 @@ def run_footage(
     timeout_s: float | None = None,
     on_broker: Callable[[str], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    save_frames: bool = False,
 ) -> RunResult:
     """Discover, pick a broker, plan the worker processes and run (see the module docstring).
 
@@ -471,6 +477,7 @@ def run_footage(
         workers: ``--workers``: ``1`` (one process) or ``STAGE=N,…`` over the machine's
             plan (``workers.plan``); ``None``: the machine's plan.
         on_plan: called with the plan before anything starts.
+        save_frames: also write the key frames with their boxes (``frames/``).
 
     Raises:
         FootageError: the footage path does not exist.
@@ -483,16 +490,15 @@ def run_footage(
         raise NoFootage(message)
     settings = one_shot(shipped_models(settings))
     plan = choose_plan(settings, workers)
+    options = {"progress": progress, "timeout_s": timeout_s, "save_frames": save_frames}
     if url is not None:
-        return _run(found, settings, url, out_dir, progress, timeout_s, on_broker, _shown(plan, url, on_plan))
+        return _run(found, settings, url, out_dir, on_broker, _shown(plan, url, on_plan), options)
     with private_redis(settings.broker) as private:
         if private is not None:
-            return _run(found, settings, private, out_dir, progress, timeout_s, on_broker,
-                        _shown(plan, private, on_plan))  # fmt: skip
+            return _run(found, settings, private, out_dir, on_broker, _shown(plan, private, on_plan), options)
     name = f"run-{uuid.uuid4().hex[:8]}"
     try:
-        return _run(found, settings, f"memory://{name}", out_dir, progress, timeout_s, on_broker,
-                    _shown(plan, "memory://", on_plan))  # fmt: skip
+        return _run(found, settings, f"memory://{name}", out_dir, on_broker, _shown(plan, "memory://", on_plan), options)
     finally:
         forget_memory(name)
 
@@ -521,7 +527,7 @@ def _shown(plan: Plan, url: str, on_plan: Callable[[Plan], None] | None) -> Plan
     return plan
 
 
-def _run(found, settings, url, out_dir, progress, timeout_s, on_broker, plan) -> RunResult:
+def _run(found, settings, url, out_dir, on_broker, plan, options) -> RunResult:
     if on_broker is not None:
         on_broker(url)
-    return asyncio.run(run_drives(found, settings, url, out_dir, plan=plan, progress=progress, timeout_s=timeout_s))
+    return asyncio.run(run_drives(found, settings, url, out_dir, plan=plan, **options))
