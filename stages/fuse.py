@@ -278,7 +278,8 @@ def key_frames(window: Window) -> list[CameraFrame]:
     chosen = []
     for camera in sorted(window.frames):
         best = max(window.frames[camera], key=lambda f: (_frame_weight(f), -f.seq))
-        chosen.append(CameraFrame(camera=camera, blob_key=best.blob_key, t=best.t, detections=best.detections))
+        chosen.append(CameraFrame(camera=camera, blob_key=best.blob_key, t=best.t, detections=best.detections,
+                                  roadwork_prob=best.roadwork_prob))  # fmt: skip
     return chosen
 
 

@@ -211,6 +211,8 @@ class CameraFrame(Model):
     t: float
     #: The frame's detections, so that a report can draw the boxes.
     detections: list[Detection] = Field(default_factory=list)
+    #: The frame scorer's probability for this frame, when a scorer ran.
+    roadwork_prob: float | None = None
 
 
 class Escalation(Message):

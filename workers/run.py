@@ -454,8 +454,9 @@ async def _write(out_dir: str | Path, result: RunResult, blobs: BlobStore, setti
     images = {k: b for k, b in zip(keys, await blobs.get_many(keys), strict=True) if b}
     summaries = [s.summary for s in result.drives.values() if s.summary is not None]
     footage = [*result.found.problems, *result.found.notes]
+    local_starts = {d: state.drive.minutes[0].start for d, state in result.drives.items()}
     return write_report(out_dir, result.verdicts, summaries, images, threshold=settings.fuse.threshold, footage=footage,
-                        save_frames=result.save_frames)  # fmt: skip
+                        save_frames=result.save_frames, local_starts=local_starts)  # fmt: skip
 
 
 def run_footage(
