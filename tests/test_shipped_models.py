@@ -7,6 +7,7 @@ and the worker says at start which model, classes, device and scorer it loaded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -70,3 +71,19 @@ def test_worker_detect_with_a_yaml_model_stops_with_one_line_unless_allowed():
     # When the permission is given / Then it starts and drains the (empty) input
     allowed = CliRunner().invoke(cli, [*args, "--allow-random-weights"])
     assert allowed.exit_code == 0, allowed.output
+
+
+async def test_a_stopped_detect_handler_drops_queued_launches_and_starts_again():
+    # Given a started handler on the CPU with a small yaml detector (allowed)
+    settings = load_settings(environ={}, detect={"model": "yolo11n.yaml", "allow_random_weights": True, "scorer": "",
+                                                 "device": "cpu", "imgsz": 64})  # fmt: skip
+    detector = Detector(settings.detect)
+    handler = DetectHandler(settings, MemoryBlobStore(), detector=detector)
+    await handler.start()
+    # When it stops / Then a launch still queued is refused instead of run
+    await handler.stop()
+    with pytest.raises(asyncio.CancelledError):
+        handler._launch_now([])
+    # When it starts again / Then launches run on a fresh pool
+    await handler.start()
+    assert await handler._launcher(lambda: "ran") == "ran"

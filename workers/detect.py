@@ -26,8 +26,8 @@ import asyncio
 import logging
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -135,6 +135,9 @@ class DetectHandler(Handler):
         from stages import shipped
         from stages.detect import Detector  # torch and ultralytics load only here
 
+        if self._stopped:  # started again after a stop: a fresh launch pool
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="detect-launch")
+            self._stopped = False
         detect = shipped.resolve(self.settings.detect)
         self.settings = self.settings.model_copy(update={"detect": detect})
         if self.detector is None:
