@@ -72,9 +72,9 @@ def verdicts_csv(verdicts: Sequence[Verdict], summaries: Sequence[DriveSummary] 
 
 
 def _utc(seconds: float | None) -> str:
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
-    return "" if seconds is None else datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
+    return "" if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
 
 
 def save_key_frames(folder: Path, verdicts: Sequence[Verdict], images: Mapping[str, bytes]) -> list[Path]:

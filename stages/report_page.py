@@ -152,8 +152,8 @@ def timeline_svg(verdicts: Sequence[Verdict], threshold: float = 0.5, local_star
     plot_w, plot_h = SVG_WIDTH - SVG_LEFT - SVG_RIGHT, SVG_HEIGHT - SVG_TOP - SVG_BOTTOM
     x = lambda t: SVG_LEFT + plot_w * t / t_max  # noqa: E731
     y = lambda c: SVG_TOP + plot_h * (1 - c)  # noqa: E731
-    parts = [f'<svg class="timeline" xmlns="http://www.w3.org/2000/svg" width="{SVG_WIDTH}" height="{SVG_HEIGHT}" '
-             'role="img" aria-label="roadwork confidence per window over time">']  # fmt: skip
+    parts = [(f'<svg class="timeline" xmlns="http://www.w3.org/2000/svg" width="{SVG_WIDTH}" height="{SVG_HEIGHT}" '
+              'role="img" aria-label="roadwork confidence per window over time">')]  # fmt: skip
     for v in ordered:
         if v.roadwork:
             parts.append(f'<rect x="{x(v.t_start):.1f}" y="{SVG_TOP}" width="{x(v.t_end) - x(v.t_start):.1f}" '
@@ -161,8 +161,8 @@ def timeline_svg(verdicts: Sequence[Verdict], threshold: float = 0.5, local_star
                          f'{v.confidence:.2f}</title></rect>')  # fmt: skip
     points = " ".join(f"{x((v.t_start + v.t_end) / 2):.1f},{y(v.confidence):.1f}" for v in ordered)
     parts += [
-        f'<line x1="{SVG_LEFT}" x2="{SVG_LEFT + plot_w}" y1="{y(threshold):.1f}" y2="{y(threshold):.1f}" '
-        'stroke="#999" stroke-dasharray="4 3"/>',
+        (f'<line x1="{SVG_LEFT}" x2="{SVG_LEFT + plot_w}" y1="{y(threshold):.1f}" y2="{y(threshold):.1f}" '
+         'stroke="#999" stroke-dasharray="4 3"/>'),
         f'<polyline fill="none" stroke="#d9480f" stroke-width="2" points="{points}"/>',
         f'<rect x="{SVG_LEFT}" y="{SVG_TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>',
     ]
@@ -170,7 +170,7 @@ def timeline_svg(verdicts: Sequence[Verdict], threshold: float = 0.5, local_star
         parts.append(f'<text x="{SVG_LEFT - 6}" y="{y(value) + 4:.1f}" font-size="11" text-anchor="end">{text}</text>')
     start = _local(local_start)
     step = tick_step(t_max)
-    for tick in range(0, int(math.floor(t_max)) + 1, step):
+    for tick in range(0, math.floor(t_max) + 1, step):
         tx = x(tick)
         parts.append(f'<line class="tick" x1="{tx:.1f}" x2="{tx:.1f}" y1="{SVG_TOP + plot_h}" y2="{SVG_TOP + plot_h + 5}" stroke="#333"/>')
         clock = (start + timedelta(seconds=tick)).strftime("%H:%M:%S") if start else ""

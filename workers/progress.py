@@ -23,7 +23,7 @@ LOG_EVERY_S = 30.0
 
 def clock(seconds: float) -> str:
     """``h:mm:ss`` (or ``m:ss``) of a number of seconds."""
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
