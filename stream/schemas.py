@@ -330,10 +330,12 @@ class DriveSummary(Message):
     end_utc: float | None = None
 
     def label(self) -> str:
-        """The drive for people: ``2024-05-01_10-00-00 · 6 cameras · 1.0 min`` (the id when unnamed)."""
+        """The drive for people: ``2024-05-01_10-00-00 · 6 cameras · 1.5 min`` (``· 6 s`` under a
+        minute; the id when unnamed)."""
         parts = [self.drive_name or self.drive_id, f"{len(self.cameras)} camera{'s' * (len(self.cameras) != 1)}"]
         if self.start_utc is not None and self.end_utc is not None:
-            parts.append(f"{(self.end_utc - self.start_utc) / 60:.1f} min")
+            seconds = self.end_utc - self.start_utc
+            parts.append(f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s")
         return " · ".join(parts)
 
 

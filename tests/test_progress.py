@@ -40,4 +40,4 @@ def test_piped_progress_logs_each_finished_drive_and_every_30_seconds():
         progress.update([], drives)
         progress.update([], drives)
     lines = out.getvalue().splitlines()
-    assert lines[1:] == ["drive 1/2 finished: 2024-05-02_09-00-00 · 1 camera · 0.5 min (b), 2/15 roadwork windows"]
+    assert lines[1:] == ["drive 1/2 finished: 2024-05-02_09-00-00 · 1 camera · 30 s (b), 2/15 roadwork windows"]

@@ -99,7 +99,7 @@ def test_the_report_loads_without_errors_with_its_map_and_every_key_frame(tmp_pa
     assert any("1 box (cone 0.81); scorer 0.93" in c for c in found["captions"])
     assert any("no box; scorer 0.93" in c for c in found["captions"])
     # And drives come by time under their names, problems folded, a clock on the time axis
-    assert found["titles"][0].startswith("2024-05-01_10-00-00 · 2 cameras · 0.2 min")
+    assert found["titles"][0].startswith("2024-05-01_10-00-00 · 2 cameras · 12 s")
     assert found["titles"][1].startswith("2024-05-02_08-30-00")
     assert found["folded"] == [False]
     assert "10:00:10" in found["ticks"] and "10 s" in found["ticks"]
