@@ -80,3 +80,29 @@ def test_classify_names_a_path_that_is_not_there(tmp_path):
     _register_commands()
     result = CliRunner().invoke(cli, ["classify", str(tmp_path / "nope")])
     assert result.exit_code == 1 and "nope: no such file or folder" in result.output
+
+
+def test_save_video_cuts_each_roadwork_span_from_the_footage_with_its_verdicts(tmp_path):
+    # Given a 6 s drive (10 fps, UTC start 15:00:00) with a roadwork span over 2-6 s
+    from fixtures.teslacam import make_drive
+    from stages.discover import discover
+    from stages.span_video import write_span_videos
+    from stream.schemas import DriveSummary, RoadworkSpan
+
+    make_drive(tmp_path / "footage", cameras=("front", "back"), minutes=1, spec=ClipSpec(duration_s=6.0, fps=10.0))
+    (drive,) = discover(tmp_path / "footage").drives
+    start = drive.minutes[0].utc
+    verdicts = [verdict(w, w >= 1).copy_with(drive_id=drive.drive_id, start_utc=start + 2 * w, end_utc=start + 2 * w + 2)
+                for w in range(3)]  # fmt: skip
+    spans = [RoadworkSpan(t_start=2.0, t_end=6.0, start_utc=start + 2, end_utc=start + 6, confidence=0.9),
+             RoadworkSpan(t_start=8.0, t_end=9.0, confidence=0.9)]  # the second has no UTC time  # fmt: skip
+    summary = DriveSummary(drive_id=drive.drive_id, drive_name=drive.name, windows=3, roadwork_windows=2, spans=spans)
+    # When the span videos are written at 5 frames a second
+    done = write_span_videos(tmp_path / "videos", {drive.drive_id: drive}, verdicts, [summary], fps=5.0)
+    # Then one video of the supporting camera, 4 s = 20 frames, and a note for the span without UTC
+    assert [p.name for p in done.paths] == [f"{drive.name}_span0_front.mp4"]
+    import av
+
+    with av.open(str(done.paths[0])) as video:
+        assert sum(1 for _ in video.decode(video=0)) == 20
+    assert done.notes == [f"{drive.name}_span1: no UTC time for the span; no video"]

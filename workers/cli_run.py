@@ -69,13 +69,14 @@ def register(cli: click.Group) -> None:
     @click.option("--out", "out_dir", default="roadstream-out", show_default=True, type=click.Path(file_okay=False),
                   help="Output folder (verdicts.jsonl, verdicts.csv, drives.jsonl, drives.geojson, report.html).")  # fmt: skip
     @click.option("--save-frames", is_flag=True, help="Also write the key frames with their boxes into OUT/frames/.")
+    @click.option("--save-video", is_flag=True, help="Also write an annotated video of each roadwork span into OUT/videos/.")
     @click.option("--timeout", "timeout_s", type=float, default=None, help="Give up after this many seconds.")
     @click.option("--workers", "workers", default=None, metavar="1|STAGE=N,…",
                   help="Worker processes: 1 runs every stage in this process; ingest=12,detect=2 "
                        "overrides the plan made from the cores and GPUs.")  # fmt: skip
     @click.pass_context
     def run(ctx: click.Context, footage: str, redis: str | None, out_dir: str, save_frames: bool,
-            timeout_s: float | None, workers: str | None) -> None:  # fmt: skip
+            save_video: bool, timeout_s: float | None, workers: str | None) -> None:  # fmt: skip
         """Run every stage over FOOTAGE and write the verdicts and a report.
 
         Without --redis (or ROADSTREAM_REDIS_URL) a private redis-server is started on a
@@ -107,7 +108,7 @@ def register(cli: click.Group) -> None:
             with RunProgress(console, settings.ingest.sample_fps) as progress:
                 result = run_footage(footage, settings, out_dir, url=url, workers=workers, progress=progress.update,
                                      timeout_s=timeout_s, on_broker=lambda u: console.print(f"broker: {u}"),
-                                     on_plan=on_plan, save_frames=save_frames)  # fmt: skip
+                                     on_plan=on_plan, save_frames=save_frames, save_video=save_video)  # fmt: skip
         except RunInterrupted as exc:
             _print_interrupted(console, exc)
             _exit_interrupted()
@@ -122,7 +123,7 @@ def register(cli: click.Group) -> None:
             sys.exit(1)
         for problem in result.found.problems:
             console.print(f"skipped: {problem}")
-        for note in result.found.notes:
-            console.print(f"note: {note}")
+        for note in [*result.found.notes, *result.video_notes]:
+            console.print(f"note: {escape(note)}")
         _print_result(Console(), result)
 

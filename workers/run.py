@@ -115,6 +115,9 @@ class RunResult:
     seconds: float = 0.0
     plan: Plan | None = None
     save_frames: bool = False
+    save_video: bool = False
+    #: Roadwork spans ``save_video`` could not cut, and why.
+    video_notes: list[str] = field(default_factory=list)
 
 
 def shipped_models(settings: Settings) -> Settings:
@@ -358,6 +361,7 @@ async def run_drives(
     progress: Callable[[list[Worker], dict[str, DriveState]], None] | None = None,
     timeout_s: float | None = None,
     save_frames: bool = False,
+    save_video: bool = False,
 ) -> RunResult:
     """Run every stage over the discovered drives on the broker at ``url``; write the output.
 
@@ -373,6 +377,8 @@ async def run_drives(
             and the drives' states.
         timeout_s: give up after this long (``None``: wait as long as it takes).
         save_frames: also write the key frames with their boxes (``frames/``).
+        save_video: also write an annotated video of each roadwork span (``videos/``).
+        save_video: also write an annotated video of each roadwork span (``videos/``).
 
     Returns:
         The result, with the written paths.
@@ -393,8 +399,10 @@ async def run_drives(
         result = RunResult(found, url, stages, drives, sorted(watcher.verdicts.values(), key=_order))
         result.counts = counts
         result.plan = plan
-        result.save_frames = save_frames
+        result.save_frames, result.save_video = save_frames, save_video
         result.paths = await _write(out_dir, result, blobs, settings)
+        if save_video:
+            await asyncio.to_thread(_write_videos, Path(out_dir), result)
         result.seconds = time.monotonic() - started
         return result
     except asyncio.CancelledError as exc:  # asyncio.run's answer to SIGINT
@@ -445,6 +453,17 @@ async def _in_children(plan, settings, url, broker, found, watcher, progress,
     return {}
 
 
+def _write_videos(out_dir: Path, result: RunResult) -> None:
+    from stages.span_video import write_span_videos
+
+    summaries = [s.summary for s in result.drives.values() if s.summary is not None]
+    drives = {d: state.drive for d, state in result.drives.items()}
+    videos = write_span_videos(out_dir / "videos", drives, result.verdicts, summaries)
+    if videos.paths:
+        result.paths["videos"] = out_dir / "videos"
+    result.video_notes = videos.notes
+
+
 def _order(v: Verdict) -> tuple[str, int]:
     return v.drive_id, v.window
 
@@ -471,6 +490,7 @@ def run_footage(
     on_broker: Callable[[str], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     save_frames: bool = False,
+    save_video: bool = False,
 ) -> RunResult:
     """Discover, pick a broker, plan the worker processes and run (see the module docstring).
 
@@ -491,7 +511,7 @@ def run_footage(
         raise NoFootage(message)
     settings = one_shot(shipped_models(settings))
     plan = choose_plan(settings, workers)
-    options = {"progress": progress, "timeout_s": timeout_s, "save_frames": save_frames}
+    options = {"progress": progress, "timeout_s": timeout_s, "save_frames": save_frames, "save_video": save_video}
     if url is not None:
         return _run(found, settings, url, out_dir, on_broker, _shown(plan, url, on_plan), options)
     with private_redis(settings.broker) as private:
