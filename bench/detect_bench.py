@@ -416,6 +416,9 @@ def settings_for(model: str, args) -> Settings:
         environ={},
         detect={
             "model": model,
+            # Its yaml models (random weights) cost what trained ones do: allowed here.
+            "allow_random_weights": True,
+            "scorer": "",
             "device": args.device,
             "imgsz": args.imgsz,
             "half": True,

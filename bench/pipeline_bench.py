@@ -82,7 +82,7 @@ def bench_settings(args: argparse.Namespace, url: str) -> Settings:
     """All stages' settings: the small detector, no VLM, no ``ROADSTREAM_*`` from the shell."""
     overrides = {
         "redis_url": url,
-        "detect": {"model": "yolo11n.yaml", "device": args.device, "imgsz": args.imgsz},
+        "detect": {"model": "yolo11n.yaml", "allow_random_weights": True, "scorer": "", "device": args.device, "imgsz": args.imgsz},
         "ingest": {"sample_fps": args.sample_fps},
         "vlm": {"backend": ""},
         "broker": {"max_lag": args.max_lag},

@@ -141,3 +141,84 @@ class FrameClassifier:
                 combined = apply_rule(rule_features(prob, det_max, len(objects)), self.rule)
             verdicts.append(ImageVerdict(combined, prob, objects, det_max))
         return verdicts
+
+
+#: File kinds ``roadstream classify`` takes, by suffix.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm"})
+
+
+@dataclass
+class Picture:
+    """One picture to classify: an image file, or a frame sampled from a video.
+
+    Attributes:
+        path: the file.
+        t: the frame's time in the video (seconds); ``None`` for an image file.
+        pixels: HWC RGB uint8 array of a video frame; ``None`` for an image (read by path).
+    """
+
+    path: Path
+    t: float | None = None
+    pixels: object = None
+
+    @property
+    def name(self) -> str:
+        """``path`` for an image, ``path@12.0s`` for a video frame."""
+        return str(self.path) if self.t is None else f"{self.path}@{self.t:.1f}s"
+
+
+def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
+    """Files to classify: files as given, folders searched (sorted) for images and videos.
+
+    Raises:
+        InputError: a path does not exist, is of a kind not taken, or a folder holds none.
+    """
+    from stream.errors import InputError
+
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+            if not found:
+                message = f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or videos ({', '.join(sorted(VIDEO_SUFFIXES))})"
+                raise InputError(message)
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            message = f"{path}: no such file or folder"
+            raise InputError(message)
+    return files
+
+
+def pictures(files: Sequence[Path], every_s: float = 1.0):  # noqa: ANN201 - an iterator of Picture
+    """Each image file, and a frame every ``every_s`` seconds of each video, in order.
+
+    Raises:
+        InputError: a video does not decode (naming it).
+    """
+    for path in files:
+        if path.suffix.lower() not in VIDEO_SUFFIXES:
+            yield Picture(path)
+            continue
+        yield from _video_frames(path, every_s)
+
+
+def _video_frames(path: Path, every_s: float):  # noqa: ANN202
+    import av
+
+    from stream.errors import InputError
+
+    next_t = 0.0
+    try:
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                t = float(frame.time or 0.0)
+                if t + 1e-6 >= next_t:
+                    yield Picture(path, round(t, 3), frame.to_ndarray(format="rgb24"))
+                    next_t = t + every_s
+    except (av.FFmpegError, OSError) as exc:
+        message = f"{path}: not a readable video ({exc})"
+        raise InputError(message) from exc

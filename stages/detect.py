@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 
+from stages import shipped
 from stages.devices import resolve_device
 from stream.errors import InputError, ModelError
 from stream.schemas import Detection
@@ -189,6 +190,12 @@ class Detector:
         self.half = settings.half and self.cuda
         self.dtype = torch.float16 if self.half else torch.float32
         self.timings = Timings()
+        settings = self.settings = shipped.resolve(settings)
+        if shipped.random_weights(settings.model) and not settings.allow_random_weights:
+            message = (f"detector {settings.model}: built from a yaml, it has random weights and finds nothing; "
+                       "name trained weights (detect.model; the default is the shipped cone detector) or, "
+                       "for a test or benchmark, pass --allow-random-weights (detect.allow_random_weights=true)")  # fmt: skip
+            raise ModelError(message)
         self.name = Path(settings.model).name
         yolo = load_yolo(settings.model)
         self.net = yolo.model.to(self.device).eval()

@@ -37,6 +37,8 @@ CAMERAS = ("front", "back", "left_repeater", "right_repeater", "left_pillar", "r
 ALIASES = {"rear_view": "back"}
 NAME = re.compile(r"^(?P<stamp>\d{4}-\d{2}-\d{2}_\d{2}-\d{2}(?:-\d{2})?)-(?P<camera>.+)\.mp4$", re.IGNORECASE)
 STAMP_FORMAT = "%Y-%m-%d_%H-%M-%S"
+#: An event folder (SavedClips/SentryClips) is named by its time.
+EVENT_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}(?:-\d{2})?$")
 #: Consecutive minutes of one drive start about 60.3–60.5 s apart; names have 1 s steps.
 MAX_STEP_S = 75.0
 #: Which copy of a repeated minute wins: the rolling buffer first, then saved, sentry.
@@ -87,6 +89,11 @@ class FoundDrive:
     car_cameras: list[str] = field(default_factory=list)  # every camera seen in the footage folder
 
     @property
+    def name(self) -> str:
+        """The drive for people (``footage_name``)."""
+        return footage_name(self.minutes)
+
+    @property
     def cameras(self) -> list[str]:
         """Every camera seen in any minute, in the canonical order."""
         seen = {camera for clip in self.minutes for camera in clip.files}
@@ -108,6 +115,16 @@ class Discovery:
     encrypted: list[Path] = field(default_factory=list)
     duplicates: int = 0  # minutes an event folder repeated
     notes: list[str] = field(default_factory=list)  # worth saying, nothing skipped
+
+
+def footage_name(clips: list[ClipRef]) -> str:
+    """A drive's name for people: its event folder's name (``SavedClips/2024-05-01_10-00-00``)
+    when its first clip lies in one, else the first clip's local time (its name's stamp)."""
+    if not clips:
+        return ""
+    first = clips[0]
+    folder = Path(next(iter(first.files.values()))).parent.name if first.files else ""
+    return folder if EVENT_FOLDER.match(folder) else first.start
 
 
 def parse_name(path: Path) -> tuple[str, str] | None:
@@ -172,6 +189,24 @@ def _clip_file(path: Path, found: Discovery) -> ClipFile | None:
         return None
     source, event_dir = _source_of(path)
     return ClipFile(path, parsed[0], parsed[1], source, event_dir, creation_utc(path))
+
+
+def footage_seconds(drive: FoundDrive) -> float:
+    """How much footage a drive holds: the longest clip of each minute, summed (headers only).
+
+    A clip that cannot be opened counts 0 (the decoder reports it).
+    """
+    total = 0.0
+    for minute in drive.minutes:
+        longest = 0.0
+        for path in minute.files.values():
+            try:
+                with av.open(path) as container:
+                    longest = max(longest, (container.duration or 0) / av.time_base)
+            except (av.FFmpegError, OSError):
+                continue
+        total += longest
+    return total
 
 
 def creation_utc(path: Path) -> float | None:

@@ -7,6 +7,11 @@ Labels file, CSV (header required) or JSON (a list of objects with the same keys
     d0a9e1b2c3d4,12.0,30.5,1     # roadwork from 12 s to 30.5 s of the drive clock
     d0a9e1b2c3d4,30.5,60,0
 
+Instead of ``drive_id``, a column ``event`` may name the drive by its footage: its event
+folder (``2024-05-01_10-00-00``) or its first clip (``2024-05-01_10-00-00-front.mp4``),
+as ``make``-style drive lists have (``event,label``); ``match_labels`` maps those to drive
+ids through the verdicts' ``drive_name`` and says which matched no drive.
+
 ``label`` is 1/0, true/false, yes/no or roadwork/none. Times are seconds of the drive
 clock (the verdicts' ``t_start``/``t_end``); empty times label the whole drive.
 
@@ -22,8 +27,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from stream.errors import InputError
@@ -86,10 +92,14 @@ def _parse_time(value: object, where: str) -> float | None:
         raise InputError(message) from None
 
 
+#: Columns that may name the drive: its id, or its footage (event folder or first clip).
+KEY_COLUMNS = ("drive_id", "event")
+
+
 def _label_from(row: dict, where: str) -> Label:
-    drive = str(row.get("drive_id") or "").strip()
+    drive = next((str(row[k]).strip() for k in KEY_COLUMNS if str(row.get(k) or "").strip()), "")
     if not drive:
-        message = f"{where}: no drive_id"
+        message = f"{where}: no drive_id or event"
         raise InputError(message)
     t0, t1 = _parse_time(row.get("t_start"), where), _parse_time(row.get("t_end"), where)
     if (t0 is None) != (t1 is None) or (t0 is not None and t1 is not None and t1 <= t0):
@@ -121,10 +131,43 @@ def load_labels(path: str | Path) -> list[Label]:
             raise InputError(message)
         return [_label_from(row, f"{path} item {i}") for i, row in enumerate(rows)]
     reader = csv.DictReader(line for line in text.splitlines() if not line.lstrip().startswith("#"))
-    if not reader.fieldnames or not {"drive_id", "label"} <= set(reader.fieldnames):
-        message = f"labels file {path}: the CSV header must name drive_id and label"
+    fields = set(reader.fieldnames or ())
+    if "label" not in fields or not fields & set(KEY_COLUMNS):
+        message = f"labels file {path}: the CSV header must name label and drive_id or event"
         raise InputError(message)
     return [_label_from(row, f"{path} row {i}") for i, row in enumerate(reader, start=2)]
+
+
+def footage_key(text: str) -> str:
+    """A label's drive key as a footage name: a clip's path or name becomes its stamp."""
+    name = Path(text.strip()).name
+    stem = name[:-4] if name.lower().endswith(".mp4") else name
+    match = re.match(r"^(\d{4}-\d{2}-\d{2}_\d{2}-\d{2}(?:-\d{2})?)(?:-[A-Za-z_]+)?$", stem)
+    return match.group(1) if match else stem
+
+
+def match_labels(labels: Sequence[Label], verdicts: Iterable[Verdict]) -> tuple[list[Label], list[str]]:
+    """Labels keyed by drive id, event folder or first clip, re-keyed to drive ids.
+
+    Returns:
+        The labels that name a drive of the verdicts (by its id), and the keys of those
+        that matched none, in file order.
+    """
+    by_name: dict[str, str] = {}
+    ids: set[str] = set()
+    for verdict in verdicts:
+        ids.add(verdict.drive_id)
+        if verdict.drive_name:
+            by_name.setdefault(verdict.drive_name, verdict.drive_id)
+    matched, unmatched = [], []
+    for label in labels:
+        drive = label.drive_id if label.drive_id in ids else by_name.get(footage_key(label.drive_id))
+        if drive is None:
+            if label.drive_id not in unmatched:
+                unmatched.append(label.drive_id)
+            continue
+        matched.append(replace(label, drive_id=drive))
+    return matched, unmatched
 
 
 def metrics(pairs: Iterable[tuple[bool, bool]]) -> Metrics:

@@ -282,7 +282,8 @@ def key_frames(window: Window) -> list[CameraFrame]:
     chosen = []
     for camera in sorted(window.frames):
         best = max(window.frames[camera], key=lambda f: (_frame_weight(f), -f.seq))
-        chosen.append(CameraFrame(camera=camera, blob_key=best.blob_key, t=best.t, detections=best.detections))
+        chosen.append(CameraFrame(camera=camera, blob_key=best.blob_key, t=best.t, detections=best.detections,
+                                  roadwork_prob=best.roadwork_prob))  # fmt: skip
     return chosen
 
 
@@ -333,6 +334,11 @@ def _utc_offset(frames: Sequence[FrameDetections], drive: Drive) -> float | None
         return statistics.median(offsets)
     starts = [m.start_utc for m in drive.markers if m.start_utc is not None]
     return min(starts) if starts else None
+
+
+def _name(drive: Drive) -> str:
+    """The drive's footage name, from its markers (ingest's ``footage_name``)."""
+    return next((m.name for m in drive.markers if m.name), "")
 
 
 def build_spans(closed: Sequence[ClosedWindow]) -> list[RoadworkSpan]:
@@ -668,6 +674,7 @@ class Fuser:
         offset = _utc_offset(frames, drive)
         verdict = Verdict(
             drive_id=drive.drive_id,
+            drive_name=_name(drive),
             window=window.index,
             t_start=window.t_start,
             t_end=window.t_end,
@@ -744,6 +751,9 @@ class Fuser:
                           for c in sorted({c for m in drive.markers for c in m.missed_ticks})},
             problems=self._problems(drive),
             source=next((m.source for m in drive.markers if m.source), ""),
+            drive_name=_name(drive),
+            start_utc=min((m.start_utc for m in drive.markers if m.start_utc is not None), default=None),
+            end_utc=max((m.end_utc for m in drive.markers if m.end_utc is not None), default=None),
         )
         release = list(drive.marker_tokens) + [t for t, _ in drive.anomaly_tokens]
         release += [t for tokens in drive.answer_tokens.values() for t in tokens]

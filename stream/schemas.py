@@ -122,6 +122,8 @@ class DriveMarker(Message):
     missed_ticks: dict[str, int] = Field(default_factory=dict)  # camera -> ticks inside clips with no frame
     problems: list[str] = Field(default_factory=list)  # each names its file and says what was lost
     source: str = ""
+    #: The drive as people know it: its event folder's name, else its first clip's local time.
+    name: str = ""
     start_utc: float | None = None
     end_utc: float | None = None
     est_lat: float | None = None
@@ -209,6 +211,8 @@ class CameraFrame(Model):
     t: float
     #: The frame's detections, so that a report can draw the boxes.
     detections: list[Detection] = Field(default_factory=list)
+    #: The frame scorer's probability for this frame, when a scorer ran.
+    roadwork_prob: float | None = None
 
 
 class Escalation(Message):
@@ -265,6 +269,8 @@ class Verdict(Message):
 
     KIND: ClassVar[str] = "verdict"
     drive_id: str
+    #: The drive's footage name (event folder, else first clip's local time; ``DriveMarker.name``).
+    drive_name: str = ""
     window: int
     t_start: float
     t_end: float
@@ -317,6 +323,20 @@ class DriveSummary(Message):
     missed_ticks: dict[str, int] = Field(default_factory=dict)
     problems: list[str] = Field(default_factory=list)
     source: str = ""
+    #: The drive's footage name (event folder, else first clip's local time).
+    drive_name: str = ""
+    #: UTC of the drive's first and last frames, where the clips say.
+    start_utc: float | None = None
+    end_utc: float | None = None
+
+    def label(self) -> str:
+        """The drive for people: ``2024-05-01_10-00-00 · 6 cameras · 1.5 min`` (``· 6 s`` under a
+        minute; the id when unnamed)."""
+        parts = [self.drive_name or self.drive_id, f"{len(self.cameras)} camera{'s' * (len(self.cameras) != 1)}"]
+        if self.start_utc is not None and self.end_utc is not None:
+            seconds = self.end_utc - self.start_utc
+            parts.append(f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s")
+        return " · ".join(parts)
 
 
 class DeadLetter(Message):

@@ -15,17 +15,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stream.errors import ConfigError
 from stream.names import DEFAULT_NAMESPACE
 
 ENV_PREFIX = "ROADSTREAM_"
+#: ``ROADSTREAM_…`` variables that are not settings (read by the CLI and the tests).
+NOT_SETTINGS = frozenset({"ROADSTREAM_CONFIG", "ROADSTREAM_LOG_FORMAT", "ROADSTREAM_TEST_REDIS_URL"})
+#: A model setting that names the model shipped in the package (``stages.shipped``).
+SHIPPED = "shipped"
 CONFIG_ENV = "ROADSTREAM_CONFIG"
 
 
 class BrokerSettings(BaseModel):
     """Transport bounds shared by every stage."""
+
+    model_config = ConfigDict(extra="forbid")
 
     #: An entry pending longer than this is taken over by another consumer.
     claim_idle_ms: int = 30_000
@@ -65,6 +71,8 @@ class BrokerSettings(BaseModel):
 class WorkerSettings(BaseModel):
     """Runtime of one worker process."""
 
+    model_config = ConfigDict(extra="forbid")
+
     batch_size: int = 32
     max_wait_ms: int = 50
     concurrency: int = 1
@@ -95,6 +103,8 @@ class WorkerSettings(BaseModel):
 class IngestSettings(BaseModel):
     """Decoding, sampling and publishing of footage."""
 
+    model_config = ConfigDict(extra="forbid")
+
     #: ``pyav`` (CPU), ``decord``, ``nvdec`` (NVIDIA PyNvVideoCodec: decode, resize and
     #: JPEG-encode on the GPU; a clip NVDEC cannot take falls back to PyAV), or ``auto``
     #: (``roadstream run`` gives some ingest processes NVDEC on a GPU box with the library,
@@ -123,10 +133,16 @@ class IngestSettings(BaseModel):
 class DetectSettings(BaseModel):
     """Detector, batching and temporal windows."""
 
-    #: A ``.pt`` file, an ultralytics model name in its weights folder, or a model yaml.
-    #: ``roadstream run`` uses the shipped ``stages/models/cones_yolo11n.pt`` when this is
-    #: not set; a bare worker keeps this default (random weights: tests, benchmarks).
-    model: str = "yolo11n.yaml"
+    model_config = ConfigDict(extra="forbid")
+
+    #: A ``.pt`` file, an ultralytics model name in its weights folder, a model yaml, or
+    #: ``shipped``: the package's ``stages/models/cones_yolo11n.pt``, which every way of
+    #: running the detect stage (``run``, ``worker detect``, ``supervise``, deploy/) uses
+    #: unless the settings name another.
+    model: str = SHIPPED
+    #: A detector built from a model yaml has random weights and detects nothing useful:
+    #: the detect stage refuses one unless this is true (tests and benchmarks set it).
+    allow_random_weights: bool = False
     #: ``auto``: the first GPU when torch sees one, else the CPU (as ultralytics does);
     #: or a torch device (``cpu``, ``cuda:1``). ``roadstream run`` gives each of several
     #: detect processes a GPU of its own.
@@ -182,9 +198,9 @@ class DetectSettings(BaseModel):
     #: Layer whose pooled output is the frame descriptor; -1: the last backbone layer.
     descriptor_layer: int = -1
     #: Roadwork frame scorer weights (``stages.scorer``) run on the detector's decoded
-    #: frames; "" runs none. ``roadstream run`` uses the shipped ``stages/models/scorer.pt``
-    #: when this is not set.
-    scorer: str = ""
+    #: frames; ``shipped`` (the default) is the package's ``stages/models/scorer.pt``;
+    #: "" runs none.
+    scorer: str = SHIPPED
     #: The temporal windows' frame descriptor: the detector's pooled backbone features,
     #: or the scorer's (needs ``scorer``).
     descriptor: Literal["detector", "scorer"] = "detector"
@@ -198,6 +214,8 @@ class DetectSettings(BaseModel):
 
 class VlmSettings(BaseModel):
     """Vision-language model for the vera and vlm stages; none configured by default."""
+
+    model_config = ConfigDict(extra="forbid")
 
     backend: str = ""  # "" (off) | transformers | vllm | openai
     model: str = ""
@@ -259,6 +277,8 @@ DEFAULT_COEFFICIENTS: dict[str, float] = {
 class FuseSettings(BaseModel):
     """Windows and verdicts."""
 
+    model_config = ConfigDict(extra="forbid")
+
     window_s: float = 2.0
     #: Windows close on the drive's progress (every camera's watermark or end marker). Only
     #: when no entry of a drive arrived for this long, and for ``stall_lag_factor`` times the
@@ -282,6 +302,8 @@ class FuseSettings(BaseModel):
 
 class Settings(BaseModel):
     """All of roadstream's settings."""
+
+    model_config = ConfigDict(extra="forbid")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     namespace: str = DEFAULT_NAMESPACE
@@ -318,12 +340,41 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def unknown_keys(tree: Mapping[str, Any], model: type[BaseModel] | None = None) -> list[str]:
+    """Dotted paths of ``tree`` that name no setting (mapping-valued settings hold any key)."""
+    model = model or Settings
+    unknown = []
+    for key, value in tree.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            unknown.append(str(key))
+            continue
+        inner = field.annotation
+        if isinstance(value, Mapping) and isinstance(inner, type) and issubclass(inner, BaseModel):
+            unknown += [f"{key}.{path}" for path in unknown_keys(value, inner)]
+    return unknown
+
+
+def _refuse_unknown(tree: Mapping[str, Any], where: str) -> None:
+    unknown = unknown_keys(tree)
+    if unknown:
+        names = ", ".join(unknown)
+        message = f"{where}: unknown setting{'s' if len(unknown) > 1 else ''} {names} (see stream/settings.py)"
+        raise ConfigError(message)
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+        if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS:
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
+        single: dict[str, Any] = {}
+        for part in reversed(path):
+            single = {part: single or value}
+        if unknown_keys(single):
+            message = f"environment: {name} is no setting (ROADSTREAM_SECTION__KEY, see stream/settings.py)"
+            raise ConfigError(message)
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -369,8 +420,12 @@ def load_settings(
     environ = os.environ if environ is None else environ
     config_file = config_file or environ.get(CONFIG_ENV)
     data = read_config_file(config_file) if config_file else {}
-    data = _merge(data, _env_overrides(environ))
-    data = _merge(data, {k: v for k, v in overrides.items() if v is not None})
+    _refuse_unknown(data, f"config file {config_file}")
+    env = _env_overrides(environ)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    _refuse_unknown(given, "settings given (--set)")
+    data = _merge(data, env)
+    data = _merge(data, given)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

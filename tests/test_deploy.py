@@ -32,6 +32,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis_servers import REDIS_SERVER, RedisServer
 
+from stages import shipped
 from stream import names
 from stream.settings import ENV_PREFIX, Settings, load_settings
 from workers import metrics
@@ -544,3 +545,24 @@ def test_compose_workers_open_the_metrics_port_beyond_loopback() -> None:
     for stage in names.STAGES:
         env = services[stage]["environment"]
         assert env["ROADSTREAM_WORKER__METRICS_HOST"] == "0.0.0.0", stage
+
+
+def _compose_default(value: str) -> str:
+    """``${NAME:-default}`` as compose resolves it when NAME is unset."""
+    match = re.fullmatch(r"\$\{\w+:-(.*)\}", value)
+    return match.group(1) if match else value
+
+
+@pytest.mark.parametrize("where", ["compose", *OVERLAYS])
+def test_detect_runs_the_shipped_models_in_every_deployment(where: str) -> None:
+    # Given the detect stage's environment in compose and each kustomize overlay
+    if where == "compose":
+        env = {k: _compose_default(str(v)) for k, v in compose()["services"]["detect"]["environment"].items()}
+    else:
+        objects = render(where)
+        env = plain_env(objects, names.DETECT)
+    # When its settings are read and the shipped models resolved
+    detect = shipped.resolve(load_settings(environ=env).detect)
+    # Then the detector and the scorer are the files shipped in the package
+    assert Path(detect.model) == shipped.DETECTOR and Path(detect.scorer) == shipped.SCORER
+    assert not detect.allow_random_weights

@@ -28,7 +28,7 @@ from workers.handler import Delivery
 from workers.run import shipped_models
 
 SAMPLE = Path(__file__).parent.parent / "fixtures" / "sample" / "TeslaCam" / "SavedClips" / "2024-05-01_10-00-00"
-DETECT = {"model": "yolo11n.yaml", "imgsz": 160, "classes": {"0": "cone"}, "window_s": 2.0, "stride_s": 1.0}
+DETECT = {"model": "yolo11n.yaml", "allow_random_weights": True, "scorer": "", "imgsz": 160, "classes": {"0": "cone"}, "window_s": 2.0, "stride_s": 1.0}
 FRAMES = 4
 
 
@@ -117,7 +117,7 @@ async def test_the_scorer_features_can_be_the_window_descriptor(detector, scorer
 
 
 async def test_without_a_scorer_no_probability_is_published(detector):
-    # Given no scorer configured (the worker's default)
+    # Given no scorer configured (detect.scorer="")
     handler = DetectHandler(settings(), MemoryBlobStore(), detector=detector)
     # When frames pass / Then they carry no probability
     outputs = await run_handler(handler, {"front": sample_frames("front")})

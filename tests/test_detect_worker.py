@@ -31,6 +31,8 @@ from workers.runtime import Worker
 
 DETECT = {
     "model": "yolo11n.yaml",
+    "allow_random_weights": True,
+    "scorer": "",
     "imgsz": 160,
     "conf": 0.2,
     "classes": {"0": "cone", "1": "worker"},

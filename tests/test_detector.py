@@ -17,7 +17,7 @@ CLASSES = {"0": "cone", "1": "worker"}
 
 def make_detector(**changes: object) -> Detector:
     """A small, fast YOLO11n whose random head is nudged to produce boxes."""
-    options = {"model": "yolo11n.yaml", "imgsz": 160, "conf": 0.2, "classes": CLASSES, **changes}
+    options = {"model": "yolo11n.yaml", "allow_random_weights": True, "imgsz": 160, "conf": 0.2, "classes": CLASSES, **changes}
     detector = Detector(DetectSettings(**options))
     torch.manual_seed(0)
     for branch in detector.net.model[-1].cv3:  # class-score convolutions

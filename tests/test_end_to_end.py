@@ -94,6 +94,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     env = {
         "ROADSTREAM_CONFIG": str(config),
         "ROADSTREAM_DETECT__MODEL": str(weights),
+        "ROADSTREAM_DETECT__SCORER": "",
         "ROADSTREAM_DETECT__DEVICE": "cpu",
         "ROADSTREAM_DETECT__IMGSZ": "160",
         "ROADSTREAM_DETECT__HALF": "false",

@@ -130,6 +130,7 @@ def write_config(path: Path, footage: Path, model: Path) -> Path:
         "ingest": {"sample_fps": 5.0, "long_side": 160, "decoder_threads": 1, "roots": [str(footage)]},
         "detect": {
             "model": str(model),
+            "scorer": "",
             "imgsz": 160,
             "half": False,
             "conf": 0.2,

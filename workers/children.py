@@ -115,7 +115,10 @@ class Children:
             log = self.folder / f"{stage}-{index}.log"
             command = [sys.executable, "-m", "workers.cli", "worker", stage]
             with log.open("wb") as sink:
-                process = subprocess.Popen(command, env={**base, **env}, stdout=subprocess.DEVNULL, stderr=sink)
+                # Their own session: a Ctrl-C at the terminal reaches ``run`` alone, which
+                # stops them (``stop``) instead of each draining on its own schedule.
+                process = subprocess.Popen(command, env={**base, **env}, stdout=subprocess.DEVNULL, stderr=sink,
+                                           start_new_session=True)  # fmt: skip
             self.children.append(Child(stage, index, process, log))
 
     def check(self) -> None:
@@ -131,14 +134,19 @@ class Children:
                 message = f"the {child.stage} worker process {child.index} exited with {code}: " + "\n".join(tail)
                 raise ChildFailed(message)
 
-    def stop(self) -> None:
-        """SIGTERM every child (each drains in flight work), then wait; kill stragglers."""
+    def stop(self, grace_s: float | None = None) -> None:
+        """SIGTERM every child (each drains in flight work), then wait; kill stragglers.
+
+        Parameters:
+            grace_s: how long to wait before killing; the workers' grace and a slack by default.
+        """
         for child in self.children:
             with contextlib.suppress(ProcessLookupError):
                 child.process.send_signal(signal.SIGTERM)
+        wait_s = self.settings.worker.grace_s + STOP_SLACK_S if grace_s is None else grace_s
         for child in self.children:
             try:
-                child.process.wait(timeout=self.settings.worker.grace_s + STOP_SLACK_S)
+                child.process.wait(timeout=wait_s)
             except subprocess.TimeoutExpired:
                 child.process.kill()
                 child.process.wait()

@@ -20,10 +20,11 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from stream import names
-from stream.errors import ConfigError, RoadstreamError
+from stream.errors import BrokerConnectionError, ConfigError, RoadstreamError
 from stream.settings import Settings, load_settings
 from stream.urls import REDIS_URL_ENV
 from workers.logs import configure as configure_logs
@@ -39,6 +40,37 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 console = Console(stderr=True)
+
+#: Where ``settings_from`` leaves the broker URL a command uses, for error messages.
+URL_META = "roadstream.redis_url"
+
+
+def shown_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for messages)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def unreachable(url: str | None, exc: BrokerConnectionError) -> str:
+    """One line: which broker could not be reached, and why (the client's own words)."""
+    reason = str(exc.__cause__ or exc).strip() or type(exc.__cause__ or exc).__name__
+    return f"cannot reach Redis at {shown_url(url) if url else 'the configured URL'}: {reason}"
+
+
+class RoadstreamGroup(click.Group):
+    """The root group: an unreachable broker ends any command with one line and exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; turn ``BrokerConnectionError`` into a one-line error."""
+        try:
+            return super().invoke(ctx)
+        except BrokerConnectionError as exc:
+            raise click.ClickException(unreachable(ctx.meta.get(URL_META), exc)) from exc
 
 
 def parse_overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -61,17 +93,27 @@ def parse_overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
     return tree
 
 
-def settings_from(ctx: click.Context, redis: str | None = None, **overrides: Any) -> Settings:
-    """Settings from the file and environment, the root options and a command's own."""
+def settings_from(ctx: click.Context, redis: str | None = None, *, uses_redis: bool = True,
+                  **overrides: Any) -> Settings:  # fmt: skip
+    """Settings from the file and environment, the root options and a command's own.
+
+    A command that uses Redis (``uses_redis``) says on stderr which server it uses when
+    nothing named one (the default URL).
+    """
     root = ctx.find_root().params
     merged = parse_overrides(root.get("set_") or ())
     for section, values in overrides.items():
         if isinstance(values, dict):
             merged.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
     try:
-        return load_settings(config_file=root.get("config"), redis_url=redis, **merged)
+        settings = load_settings(config_file=root.get("config"), redis_url=redis, **merged)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    ctx.meta[URL_META] = settings.redis_url  # meta is shared by the whole context chain
+    if uses_redis and "redis_url" not in settings.model_fields_set:
+        console.print(f"using Redis at {escape(shown_url(settings.redis_url))} (the default; --redis or "
+                      "ROADSTREAM_REDIS_URL names another)", highlight=False)  # fmt: skip
+    return settings
 
 
 def redis_option(func: Any) -> Any:
@@ -86,7 +128,7 @@ def redis_option(func: Any) -> Any:
     )(func)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=RoadstreamGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", type=click.Path(dir_okay=False), help="TOML or YAML settings [env: ROADSTREAM_CONFIG]")
 @click.option("--set", "set_", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
@@ -120,6 +162,8 @@ def worker(ctx: click.Context, stage: str, redis: str | None, burst: bool, **opt
     settings = settings_from(ctx, redis, worker=options)
     try:
         workers = asyncio.run(run_workers({stage: 1}, settings, url=settings.redis_url, burst=burst))
+    except BrokerConnectionError:
+        raise  # the root group names the URL
     except RoadstreamError as exc:
         raise click.ClickException(str(exc)) from exc
     for done in workers:
@@ -141,6 +185,9 @@ def supervise(ctx: click.Context, specs: tuple[str, ...], redis: str | None, pro
             raise click.BadParameter(message)
         stages[stage] = int(count)
     settings = settings_from(ctx, redis)
+    # Children would each fail and be restarted forever: a broker that is not there stops
+    # the supervisor at once (one line from the root group).
+    asyncio.run(check_reachable(settings))
     if processes:
         from workers.supervisor import run_processes
 
@@ -157,6 +204,18 @@ def supervise(ctx: click.Context, specs: tuple[str, ...], redis: str | None, pro
         asyncio.run(run_workers(stages, settings, url=settings.redis_url))
     except RoadstreamError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+async def check_reachable(settings: Settings) -> None:
+    """Raise ``BrokerConnectionError`` when the settings' broker does not answer."""
+    from brokers.connect import connect
+
+    broker, blobs = connect(settings.redis_url, namespace=settings.namespace, settings=settings.broker)
+    try:
+        await broker.get_value(f"{settings.namespace}:reachable")
+    finally:
+        await blobs.close()
+        await broker.close()
 
 
 # -- status -----------------------------------------------------------------------------
@@ -197,12 +256,21 @@ async def collect_status(url: str, settings: Settings) -> dict[str, Any]:
         await broker.close()
 
 
-def status_tables(status: dict[str, Any], previous: dict[str, Any] | None) -> Table:
-    """Render a status snapshot; with a previous one, per-stage throughput too."""
-    table = Table(title=f"roadstream — dead letters: {status['dead_letters']}", expand=False)
+def _empty(stream: dict[str, Any]) -> bool:
+    """No entries, and no group with anything to do."""
+    return stream["length"] == 0 and not any(g["lag"] or g["pending"] for g in stream["groups"])
+
+
+def status_tables(status: dict[str, Any], previous: dict[str, Any] | None, show_all: bool = False) -> Table:
+    """Render a status snapshot (empty streams only with ``show_all``); with a previous
+    one, per-stage throughput too."""
+    shown = [s for s in status["streams"] if show_all or not _empty(s)]
+    hidden = len(status["streams"]) - len(shown)
+    caption = f"{hidden} empty stream(s) hidden (--all shows them)" if hidden else None
+    table = Table(title=f"roadstream — dead letters: {status['dead_letters']}", caption=caption, expand=False)
     for column in ("stream", "length", "group", "lag", "pending", "consumers"):
         table.add_column(column, justify="left" if column in ("stream", "group") else "right")
-    for stream in status["streams"]:
+    for stream in shown:
         groups = stream["groups"] or [{"group": "-", "lag": "-", "pending": "-", "consumers": "-"}]
         for g in groups:
             table.add_row(stream["stream"], str(stream["length"]), g["group"], str(g["lag"]), str(g["pending"]), str(g["consumers"]))
@@ -235,8 +303,10 @@ def status_tables(status: dict[str, Any], previous: dict[str, Any] | None) -> Ta
 @click.option("--json", "as_json", is_flag=True, help="One JSON object for machines.")
 @click.option("--watch", is_flag=True, help="Refresh until interrupted.")
 @click.option("--interval", type=float, default=2.0, show_default=True)
+@click.option("--all", "show_all", is_flag=True, help="Show empty streams too (--json always has them).")
 @click.pass_context
-def status(ctx: click.Context, redis: str | None, as_json: bool, watch: bool, interval: float) -> None:
+def status(ctx: click.Context, redis: str | None, as_json: bool, watch: bool, interval: float,
+           show_all: bool) -> None:  # fmt: skip
     """Streams, groups, lag, pending, dead letters, partition owners and workers."""
     settings = settings_from(ctx, redis)
     out = Console()
@@ -245,14 +315,14 @@ def status(ctx: click.Context, redis: str | None, as_json: bool, watch: bool, in
         click.echo(json.dumps(snapshot))
         return
     if not watch:
-        out.print(status_tables(snapshot, None))
+        out.print(status_tables(snapshot, None, show_all))
         return
-    with Live(status_tables(snapshot, None), console=out, refresh_per_second=4) as live:
+    with Live(status_tables(snapshot, None, show_all), console=out, refresh_per_second=4) as live:
         try:
             while True:
                 time.sleep(interval)
                 current = asyncio.run(collect_status(settings.redis_url, settings))
-                live.update(status_tables(current, snapshot))
+                live.update(status_tables(current, snapshot, show_all))
                 snapshot = current
         except KeyboardInterrupt:
             pass
@@ -314,13 +384,18 @@ def deadletters_show(ctx: click.Context, ids: tuple[str, ...], redis: str | None
     from stream.errors import DecodeError
 
     settings = settings_from(ctx, redis)
-    for letter_id, letter in asyncio.run(_dead_letters(settings.redis_url, settings, ids)):
+    letters = asyncio.run(_dead_letters(settings.redis_url, settings, ids))
+    for letter_id, letter in letters:
         record = {"id": letter_id, **letter.model_dump(mode="json", exclude={"raw"})}
         try:
             record["entry"] = codec.decode(letter.raw).model_dump(mode="json")
         except DecodeError as exc:
             record["entry"] = {"undecodable": exc.reason, "bytes": letter.raw[:200].hex()}
         click.echo(json.dumps(record, indent=2))
+    missing = [i for i in ids if i not in {letter_id for letter_id, _ in letters}]
+    if missing:
+        message = f"no dead letter {', '.join(missing)} (`roadstream deadletters list` shows their ids)"
+        raise click.ClickException(message)
 
 
 async def _requeue(url: str, settings: Settings, ids: tuple[str, ...]) -> int:

@@ -70,9 +70,11 @@ def register(cli: click.Group) -> None:
         """Find the drives in FOOTAGE and queue their ingest jobs (per drive, or per camera: ``ingest.split``)."""
         from stages.discover import discover
         from stream.errors import FootageError
-        from workers.cli import settings_from
+        from workers.cli import check_reachable, settings_from
 
-        settings = settings_from(ctx, redis)
+        settings = settings_from(ctx, redis, uses_redis=not dry_run)
+        if not dry_run:
+            asyncio.run(check_reachable(settings))  # before the drive table: one line if not
         try:
             found = discover(footage)
         except FootageError as exc:

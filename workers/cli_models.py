@@ -139,7 +139,7 @@ def train_heldout(archs, **options) -> None:
 
 
 @click.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="IMAGE|VIDEO|FOLDER…")
 @click.option("--weights", default=None, help="scorer weights [default: the shipped stages/models/scorer.pt]")
 @click.option(
     "--detector",
@@ -148,41 +148,66 @@ def train_heldout(archs, **options) -> None:
 )
 @click.option("--rule", default=None, help="combination rule [default: the shipped stages/models/classify.json]")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--every", "every_s", type=float, default=1.0, show_default=True, help="seconds between sampled video frames")
 @click.option("--json", "as_json", is_flag=True, help="one JSON array on stdout")
-def classify(images, weights, detector, rule, device, as_json) -> None:
+def classify(inputs, weights, detector, rule, device, every_s, as_json) -> None:
     """Print each image's roadwork probability (> 0.5 means roadwork) and the objects found.
 
+    Takes image files, video files (a frame every --every seconds) and folders of them.
     The probability combines the frame scorer and the detector by the rule fitted on
     held-out sources (stages/models/README.md); without a detector it is the scorer's.
     """
-    from stages.classify import DEFAULT_DETECTOR, DEFAULT_RULE, FrameClassifier
+    from stages.classify import DEFAULT_DETECTOR, DEFAULT_RULE, FrameClassifier, expand_inputs, pictures
     from stages.scorer import DEFAULT_WEIGHTS, read_image
 
     detector = DEFAULT_DETECTOR if detector is None else detector
     rule = DEFAULT_RULE if rule is None else rule
     try:
+        files = expand_inputs(inputs)
         classifier = FrameClassifier.load(weights or DEFAULT_WEIGHTS, detector, rule, device)
-        verdicts = []
-        for start in range(0, len(images), 16):
-            verdicts += classifier.classify([read_image(p) for p in images[start : start + 16]])
+        results = []
+        batch: list = []
+        for picture in [*pictures(files, every_s), None]:
+            if picture is not None:
+                batch.append(picture)
+            if batch and (picture is None or len(batch) == 16):
+                images = [read_image(p.pixels if p.pixels is not None else p.path) for p in batch]
+                results += zip(batch, classifier.classify(images), strict=True)
+                batch = []
     except RoadstreamError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
-        rows = [
-            {
-                "image": str(p),
-                "roadwork_probability": round(v.roadwork_probability, 6),
-                "roadwork": v.roadwork_probability > 0.5,
-                "scorer_probability": round(v.scorer_probability, 6),
-                "objects": [{"type": t, "confidence": c, "box": b} for t, c, b in v.objects],
-            }
-            for p, v in zip(images, verdicts)
-        ]
-        click.echo(json.dumps(rows))
+        click.echo(json.dumps([_classify_row(p, v) for p, v in results]))
         return
-    for path, v in zip(images, verdicts):
+    _classify_table(results)
+
+
+def _classify_row(picture, v) -> dict:
+    row = {
+        "image": str(picture.path),
+        "roadwork_probability": round(v.roadwork_probability, 6),
+        "roadwork": v.roadwork_probability > 0.5,
+        "scorer_probability": round(v.scorer_probability, 6),
+        "objects": [{"type": t, "confidence": c, "box": b} for t, c, b in v.objects],
+    }
+    if picture.t is not None:
+        row["video_time_s"] = picture.t
+    return row
+
+
+def _classify_table(results) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"{len(results)} pictures")
+    for name in ("roadwork", "prob", "scorer", "objects", "image"):
+        table.add_column(name, justify="right" if name in ("prob", "scorer") else "left", overflow="fold")
+    for picture, v in results:
         counts: dict[str, int] = {}
         for kind, _, _ in v.objects:
             counts[kind] = counts.get(kind, 0) + 1
         objects = ", ".join(f"{k}×{n}" for k, n in sorted(counts.items())) or "-"
-        click.echo(f"{v.roadwork_probability:.4f}\t{objects}\t{path}")
+        flag = "[red]ROADWORK[/red]" if v.roadwork_probability > 0.5 else "-"
+        table.add_row(flag, f"{v.roadwork_probability:.3f}", f"{v.scorer_probability:.3f}", objects, escape(picture.name))
+    Console().print(table)

@@ -9,9 +9,10 @@ from collections.abc import Sequence
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from stream.errors import InputError, RoadstreamError
+from stream.errors import BrokerConnectionError, InputError, RoadstreamError
 from stream.schemas import DriveSummary, Verdict
 
 
@@ -21,28 +22,53 @@ def _out() -> Console:
     return Console()
 
 
-def verdict_table(items: Sequence[Verdict | DriveSummary], title: str | None = None) -> Table:
-    """A rich table of verdicts (drive summaries become one summary row each)."""
+#: Below this many columns the verdict table leaves out cameras, anomaly, vlm and GPS.
+WIDE_COLUMNS = 120
+#: A drive's name is never folded narrower than a TeslaCam stamp (``2024-05-01_10-00-00``).
+DRIVE_MIN_WIDTH = 19
+
+
+def verdict_table(items: Sequence[Verdict | DriveSummary], title: str | None = None,
+                  width: int | None = None) -> Table:  # fmt: skip
+    """A rich table of verdicts (drive summaries become one summary row each).
+
+    A drive shows as its footage name over its short id. Below ``WIDE_COLUMNS``
+    (``width``, the terminal's by default) only drive, window, time, roadwork, confidence
+    and objects are shown; columns with nothing in them are left out; text folds, so a
+    drive's name is never cut.
+    """
+    width = width if width is not None else _out().width
+    rows = [(_row(item), isinstance(item, DriveSummary)) for item in items]
+    names = ["drive", "win", "time (s)", "roadwork", "conf", "objects", "cameras", "anomaly", "vlm", "gps"]
+    keep = [i for i, name in enumerate(names) if i < 6 or (width >= WIDE_COLUMNS and any(r[i] for r, _ in rows))]
     table = Table(title=title)
-    for name in ("drive", "window", "time (s)", "roadwork", "conf", "cameras", "objects", "anomaly", "vlm", "gps"):
-        table.add_column(name, justify="right" if name in ("window", "conf", "anomaly") else "left")
-    for item in items:
-        table.add_row(*_row(item), style="bold" if isinstance(item, DriveSummary) else None)
+    for i in keep:
+        name = names[i]
+        table.add_column(name, justify="right" if name in ("win", "conf", "anomaly") else "left", overflow="fold",
+                         min_width=DRIVE_MIN_WIDTH if name == "drive" else None)  # fmt: skip
+    for row, summary in rows:
+        table.add_row(*(row[i] for i in keep), style="bold" if summary else None)
     return table
+
+
+def _drive_cell(drive_id: str, name: str, label: str | None = None) -> str:
+    return f"{escape(label or name)}\n[dim]{drive_id[:8]}[/dim]" if name or label else drive_id
 
 
 def _row(item: Verdict | DriveSummary) -> list[str]:
     if isinstance(item, DriveSummary):
         spans = ", ".join(f"{s.t_start:.0f}–{s.t_end:.0f}" for s in item.spans) or "none"
-        return [item.drive_id, "", "summary", f"{item.roadwork_windows}/{item.windows} windows", "",
-                ",".join(item.cameras), f"spans: {spans}", "", "", ""]  # fmt: skip
+        label = item.label() if item.drive_name else None
+        return [_drive_cell(item.drive_id, item.drive_name, label), "", "summary",
+                f"{item.roadwork_windows}/{item.windows} windows", "", f"spans: {spans} s",
+                ", ".join(item.cameras), "", "", ""]  # fmt: skip
     objects = ", ".join(f"{k}×{n}" for k, n in item.objects.items())
     gps = f"{item.gps.lat:.5f},{item.gps.lon:.5f}{'~' if item.gps.estimated else ''}" if item.gps else ""
     vlm = ("yes" if item.vlm.roadwork else "no") if item.vlm else ("asked" if item.escalated else "")
     anomaly = f"{item.anomaly_score:.2f}" if item.anomaly_score is not None else ""
     roadwork = "[red]ROADWORK[/red]" if item.roadwork else "-"
-    return [item.drive_id, str(item.window), f"{item.t_start:.1f}–{item.t_end:.1f}", roadwork,
-            f"{item.confidence:.2f}", ",".join(item.cameras), objects, anomaly, vlm, gps]  # fmt: skip
+    return [_drive_cell(item.drive_id, item.drive_name), str(item.window), f"{item.t_start:.1f}–{item.t_end:.1f}",
+            roadwork, f"{item.confidence:.2f}", objects, ", ".join(item.cameras), anomaly, vlm, gps]  # fmt: skip
 
 
 def _json_line(entry_id: str, item: Verdict | DriveSummary) -> str:
@@ -133,6 +159,8 @@ def register(cli: click.Group) -> None:
             asyncio.run(_print_verdicts(settings.redis_url, settings.namespace, follow, as_json, from_id))
         except KeyboardInterrupt:
             sys.exit(130)
+        except BrokerConnectionError:
+            raise  # the root group names the URL
         except RoadstreamError as exc:
             raise click.ClickException(str(exc)) from exc
 
@@ -148,18 +176,24 @@ def register(cli: click.Group) -> None:
     def evaluate_cmd(ctx: click.Context, labels_file: str, verdicts_file: str | None, redis: str | None,
                      level: str, min_overlap: float, fit_path: str | None, as_json: bool) -> None:  # fmt: skip
         """Compare verdicts with labels: MCC, accuracy, precision, recall, confusion matrix."""
-        from stages.evaluate import evaluate, load_labels
+        from stages.evaluate import evaluate, load_labels, match_labels
 
-        settings = settings_from(ctx, redis)
+        settings = settings_from(ctx, redis, uses_redis=verdicts_file is None)
         try:
             labels = load_labels(labels_file)
             verdicts_ = _load_verdicts(verdicts_file, settings.redis_url, settings.namespace)
+        except BrokerConnectionError:
+            raise  # the root group names the URL
         except (InputError, RoadstreamError) as exc:
             raise click.ClickException(str(exc)) from exc
+        labels, unmatched = match_labels(labels, verdicts_)
+        if unmatched:
+            click.echo(f"labels that matched no drive ({len(unmatched)}; keys are drive ids, event folders or "
+                       f"first clips): {', '.join(unmatched)}", err=True)  # fmt: skip
         levels = ["window", "drive"] if level == "both" else [level]
         results = {lv: evaluate(verdicts_, labels, lv, min_overlap) for lv in levels}
         if as_json:
-            print(json.dumps({lv: m.as_dict() for lv, m in results.items()}))
+            print(json.dumps({**{lv: m.as_dict() for lv, m in results.items()}, "unmatched_labels": unmatched}))
         else:
             for lv, m in results.items():
                 _out().print(_metrics_table(lv, m))

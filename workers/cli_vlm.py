@@ -129,7 +129,7 @@ def register(cli: click.Group) -> None:
         from stages.vlm.base import make_backend
         from workers.cli import settings_from
 
-        settings = settings_from(ctx, vlm={"backend": options.pop("backend"), "model": options.pop("model")})
+        settings = settings_from(ctx, uses_redis=False, vlm={"backend": options.pop("backend"), "model": options.pop("model")})
         options["max_images"] = settings.vlm.max_images
         try:
             items = read_labels(labels)

@@ -23,9 +23,11 @@ dedupe key, so a replay after a takeover republishes nothing new).
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +40,9 @@ from stream.ids import output_key
 from stream.schemas import DriveMarker, FrameDetections, FrameRef, Message
 from stream.settings import Settings
 from workers.handler import BatchResult, Delivery, Handler, Output
+from workers.logs import STARTUP_LOGGER
+
+startup = logging.getLogger(STARTUP_LOGGER)
 
 #: GIL switch interval of a detect worker on CUDA (Python's default is 5 ms).
 GPU_SWITCH_INTERVAL_S = 1e-4
@@ -115,20 +120,33 @@ class DetectHandler(Handler):
         self._prepared: dict[Key, tuple[int | None, tuple[PendingBatch, int] | InputError]] = {}
         self._generation: dict[int | None, int] = {}  # bumped when a partition is revoked
         self._config: WindowConfig | None = None
-        # CPU inference runs in a thread so the loop keeps reading; on CUDA launching only
-        # queues work and runs inline (see ``start``).
-        self._launcher: Callable[..., Awaitable[Any]] = asyncio.to_thread
+        # CPU inference runs in a thread of its own pool so the loop keeps reading (launches
+        # are serialised by the detector anyway), and so that ``stop`` can drop the queued
+        # ones without the loop's shutdown waiting for them; on CUDA launching only queues
+        # work and runs inline (see ``start``).
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="detect-launch")
+        self._launcher: Callable[..., Awaitable[Any]] = self._in_pool
+        self._stopped = False
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
         """Load the detector and the scorer (a bad model raises ``ModelError`` naming the file)."""
+        from stages import shipped
         from stages.detect import Detector  # torch and ultralytics load only here
 
+        if self._stopped:  # started again after a stop: a fresh launch pool
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="detect-launch")
+            self._stopped = False
+        detect = shipped.resolve(self.settings.detect)
+        self.settings = self.settings.model_copy(update={"detect": detect})
         if self.detector is None:
-            self.detector = await asyncio.to_thread(Detector, self.settings.detect)
-        if self.scorer is None and self.settings.detect.scorer:
+            self.detector = await asyncio.to_thread(Detector, detect)
+        if self.scorer is None and detect.scorer:
             self.scorer = await asyncio.to_thread(self._load_scorer)
+        startup.info("detect: model %s (classes %s) on %s; frame scorer %s", self.detector.settings.model,
+                    ", ".join(sorted(set(self.detector.class_types.values()))) or "none of the class map",
+                    self.detector.device, detect.scorer or "off")  # fmt: skip
         if self.settings.detect.descriptor == "scorer" and self.scorer is None:
             message = "detect.descriptor is 'scorer' but no scorer is configured (detect.scorer)"
             raise ModelError(message)
@@ -165,8 +183,21 @@ class DetectHandler(Handler):
 
         return RoadworkScorer.load(self.settings.detect.scorer, device=self.detector.device)
 
+    async def stop(self) -> None:
+        """Drop launches still queued for the inference thread: on the CPU a forward pass
+        takes seconds, and the prefetched batches waiting behind the running one would hold
+        an interrupted process that long (their entries stay pending and are redelivered)."""
+        self._stopped = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _in_pool(self, func: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
+
     def _launch_now(self, images: list) -> PendingBatch:
         """Queue the detector, then the scorer, over the same decoded frames (one call)."""
+        if self._stopped:
+            message = "the detect worker is stopping"
+            raise asyncio.CancelledError(message)
         return self.detector.launch(images, self._score if self.scorer is not None else None)
 
     def _score(self, images: list) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from brokers.blobs import BlobStore
 from stages.decode import ClipStats, Sample, clip_info, display_rotation, open_container, sample_clip, sample_keyframes
-from stages.discover import STAMP_FORMAT
+from stages.discover import STAMP_FORMAT, footage_name
 from stages.frames import Encoded, encode_frame, target_size
 from stages import sei
 from stages.jobs import drive_cameras, job_cameras
@@ -460,6 +460,7 @@ class IngestHandler(Handler):
             ticks=len(progress.ticks), missing=progress.missing if event == "ended" else {},
             missed_ticks=dict(progress.missed_ticks) if event == "ended" else {},
             problems=progress.all_problems() if event == "ended" else [], source=job.root,
+            name=footage_name(job.clips),
             start_utc=progress.first_utc, end_utc=progress.last_utc if event == "ended" else None,
             est_lat=position.lat if position else None, est_lon=position.lon if position else None,
         )

@@ -11,6 +11,10 @@ import json
 import logging
 import time
 
+#: Start-up records (which model a worker loaded, …) print at INFO even when the command
+#: logs only warnings: a worker says what it runs with.
+STARTUP_LOGGER = "roadstream.startup"
+
 #: ``extra`` keys written by the JSON format when a record has them.
 CONTEXT_FIELDS = ("stage", "consumer", "drive", "window", "stream", "entry")
 
@@ -44,3 +48,4 @@ def configure(level: int, fmt: str = "text") -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.getLogger(STARTUP_LOGGER).setLevel(min(level, logging.INFO))

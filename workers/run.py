@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.resources
 import shutil
 import subprocess
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 from brokers.base import Broker
 from brokers.blobs import BlobStore
 from brokers.connect import connect, forget_memory
+from stages import shipped
 from stages.discover import Discovery, FoundDrive, discover
 from stages.jobs import part_name, split_job
 from stages.report import thumbnail_keys, write_report
@@ -47,14 +47,16 @@ from workers.runtime import Worker
 from workers.supervisor import build_workers
 
 #: The shipped weights, found in the installed package (never the current folder).
-MODELS_DIR = Path(str(importlib.resources.files("stages") / "models"))
-SHIPPED_DETECTOR = MODELS_DIR / "cones_yolo11n.pt"
-SHIPPED_SCORER = MODELS_DIR / "scorer.pt"
+MODELS_DIR = shipped.MODELS_DIR
+SHIPPED_DETECTOR = shipped.DETECTOR
+SHIPPED_SCORER = shipped.SCORER
 
 #: Seconds to wait for a private redis-server to accept connections.
 REDIS_START_S = 10.0
 #: Fuse's watermark timeout in a run (``one_shot``).
 RUN_WATERMARK_TIMEOUT_S = 900.0
+#: Seconds an interrupted run gives its workers to stop before cancelling or killing them.
+INTERRUPT_GRACE_S = 2.0
 #: Memory of the private redis-server beyond the frame blobs: streams, dedupe keys.
 REDIS_BASE_BYTES = 512 * 1024 * 1024
 POLL_S = 0.1
@@ -62,6 +64,21 @@ POLL_S = 0.1
 
 class RunError(RoadstreamError):
     """The run could not start or could not finish (the message says why)."""
+
+
+class RunInterrupted(RunError):  # noqa: N818 - reads as the condition it reports
+    """The run was interrupted (Ctrl-C, SIGTERM); it carries what had finished.
+
+    Attributes:
+        drives: every drive's state when the run stopped.
+        verdicts: the verdicts received by then.
+    """
+
+    def __init__(self, drives: dict[str, DriveState], verdicts: list[Verdict]) -> None:
+        done = sum(s.done for s in drives.values())
+        super().__init__(f"interrupted: {done} of {len(drives)} drive(s) finished, {len(verdicts)} verdict(s)")
+        self.drives = drives
+        self.verdicts = verdicts
 
 
 class NoFootage(RunError):  # noqa: N818 - reads as the condition it reports
@@ -75,6 +92,8 @@ class DriveState:
     drive: FoundDrive
     summary: DriveSummary | None = None
     failure: str | None = None
+    #: Drive-clock seconds covered by the windows decided so far (the latest window's end).
+    closed_s: float = 0.0
 
     @property
     def done(self) -> bool:
@@ -95,22 +114,23 @@ class RunResult:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
     plan: Plan | None = None
+    save_frames: bool = False
+    save_video: bool = False
+    #: Roadwork spans ``save_video`` could not cut, and why.
+    video_notes: list[str] = field(default_factory=list)
 
 
 def shipped_models(settings: Settings) -> Settings:
-    """The settings with the shipped detector and scorer where none is named.
+    """The settings with ``shipped`` models replaced by the shipped files' paths.
 
-    A model named anywhere (config file, environment, ``--set``; ``detect.scorer=""``
-    turns the scorer off) wins: only settings left at their defaults are replaced. The
-    bare worker's defaults stay as they are (a yaml detector, no scorer), so tests and
-    benchmarks that rely on them are unchanged.
+    ``detect.model`` and ``detect.scorer`` default to the shipped models for every way of
+    running the detect stage; a model named anywhere (config file, environment, ``--set``;
+    ``detect.scorer=""`` turns the scorer off) wins.
     """
-    named = settings.detect.model_fields_set
-    shipped = {"model": str(SHIPPED_DETECTOR), "scorer": str(SHIPPED_SCORER)}
-    missing = {k: v for k, v in shipped.items() if k not in named}
-    if not missing:
+    detect = shipped.resolve(settings.detect)
+    if detect is settings.detect:
         return settings
-    return settings.model_copy(update={"detect": settings.detect.model_copy(update=missing)})
+    return settings.model_copy(update={"detect": detect})
 
 
 def footage_roots(settings: Settings, footage: str | Path) -> Settings:
@@ -167,7 +187,9 @@ def private_redis(broker: BrokerSettings | None = None) -> Iterator[str | None]:
     with tempfile.TemporaryDirectory(prefix="roadstream-") as folder:
         socket = Path(folder) / "redis.sock"
         args = [binary, *private_redis_args(socket, Path(folder), broker or BrokerSettings())]
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Its own session: a Ctrl-C at the terminal must not kill it under a run that is
+        # still talking to it (the run stops it below).
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             deadline = time.monotonic() + REDIS_START_S
             while not socket.exists():
@@ -271,6 +293,9 @@ class _Watcher:
             message = codec.decode(data, (Verdict, DriveSummary))
             if isinstance(message, Verdict):
                 self.verdicts.setdefault((message.drive_id, message.window), message)
+                state = self.drives.get(message.drive_id)
+                if state is not None:
+                    state.closed_s = max(state.closed_s, message.t_end)
             elif message.drive_id in self.drives:
                 self.drives[message.drive_id].summary = message
 
@@ -341,9 +366,13 @@ async def _start(workers: list[Worker], tasks: list[asyncio.Task]) -> None:
             raise RunError(message)
 
 
-async def _stop(workers: list[Worker], tasks: list[asyncio.Task]) -> None:
+async def _stop(workers: list[Worker], tasks: list[asyncio.Task], grace_s: float | None = None) -> None:
     for worker in workers:
         worker.stop()
+    if grace_s is not None and tasks:
+        _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        for task in pending:
+            task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
@@ -356,6 +385,8 @@ async def run_drives(
     plan: Plan | None = None,
     progress: Callable[[list[Worker], dict[str, DriveState]], None] | None = None,
     timeout_s: float | None = None,
+    save_frames: bool = False,
+    save_video: bool = False,
 ) -> RunResult:
     """Run every stage over the discovered drives on the broker at ``url``; write the output.
 
@@ -370,6 +401,9 @@ async def run_drives(
         progress: called every poll with the in-process workers (none with processes)
             and the drives' states.
         timeout_s: give up after this long (``None``: wait as long as it takes).
+        save_frames: also write the key frames with their boxes (``frames/``).
+        save_video: also write an annotated video of each roadwork span (``videos/``).
+        save_video: also write an annotated video of each roadwork span (``videos/``).
 
     Returns:
         The result, with the written paths.
@@ -381,8 +415,8 @@ async def run_drives(
     stages = stages_for(settings)
     broker, blobs = connect(url, namespace=settings.namespace, settings=settings.broker)
     drives = {d.drive_id: DriveState(d) for d in found.drives}
+    watcher = _Watcher(broker, drives)
     try:
-        watcher = _Watcher(broker, drives)
         if plan is None or plan.single or url.startswith("memory"):
             counts = await _in_process(stages, settings, broker, blobs, found, watcher, progress, timeout_s)
         else:
@@ -390,9 +424,15 @@ async def run_drives(
         result = RunResult(found, url, stages, drives, sorted(watcher.verdicts.values(), key=_order))
         result.counts = counts
         result.plan = plan
+        result.save_frames, result.save_video = save_frames, save_video
         result.paths = await _write(out_dir, result, blobs, settings)
+        if save_video:
+            await asyncio.to_thread(_write_videos, Path(out_dir), result)
         result.seconds = time.monotonic() - started
         return result
+    except asyncio.CancelledError as exc:  # asyncio.run's answer to SIGINT
+        verdicts = sorted(watcher.verdicts.values(), key=_order)
+        raise RunInterrupted(drives, verdicts) from exc
     finally:
         await blobs.close()
         await broker.close()
@@ -408,6 +448,9 @@ async def _in_process(stages, settings, broker, blobs, found, watcher, progress,
         # cameras one after another (a long drive's windows would wait for the last one).
         await submit(broker, found.drives, settings, split="drive")
         await _wait(watcher, _tasks_alive(workers, tasks), workers, progress, timeout_s)
+    except asyncio.CancelledError:
+        await _stop(workers, tasks, INTERRUPT_GRACE_S)
+        raise
     finally:
         await _stop(workers, tasks)
     return {w.group: dict(w.counts) for w in workers}
@@ -427,9 +470,23 @@ async def _in_children(plan, settings, url, broker, found, watcher, progress,
                 await _wait(watcher, children.check, [], progress, timeout_s)
             except ChildFailed as exc:
                 raise RunError(str(exc)) from exc
+        except asyncio.CancelledError:
+            await asyncio.to_thread(children.stop, INTERRUPT_GRACE_S)
+            raise
         finally:
             await asyncio.to_thread(children.stop)
     return {}
+
+
+def _write_videos(out_dir: Path, result: RunResult) -> None:
+    from stages.span_video import write_span_videos
+
+    summaries = [s.summary for s in result.drives.values() if s.summary is not None]
+    drives = {d: state.drive for d, state in result.drives.items()}
+    videos = write_span_videos(out_dir / "videos", drives, result.verdicts, summaries)
+    if videos.paths:
+        result.paths["videos"] = out_dir / "videos"
+    result.video_notes = videos.notes
 
 
 def _order(v: Verdict) -> tuple[str, int]:
@@ -441,7 +498,9 @@ async def _write(out_dir: str | Path, result: RunResult, blobs: BlobStore, setti
     images = {k: b for k, b in zip(keys, await blobs.get_many(keys), strict=True) if b}
     summaries = [s.summary for s in result.drives.values() if s.summary is not None]
     footage = [*result.found.problems, *result.found.notes]
-    return write_report(out_dir, result.verdicts, summaries, images, threshold=settings.fuse.threshold, footage=footage)
+    local_starts = {d: state.drive.minutes[0].start for d, state in result.drives.items()}
+    return write_report(out_dir, result.verdicts, summaries, images, threshold=settings.fuse.threshold, footage=footage,
+                        save_frames=result.save_frames, local_starts=local_starts)  # fmt: skip
 
 
 def run_footage(
@@ -455,6 +514,8 @@ def run_footage(
     timeout_s: float | None = None,
     on_broker: Callable[[str], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    save_frames: bool = False,
+    save_video: bool = False,
 ) -> RunResult:
     """Discover, pick a broker, plan the worker processes and run (see the module docstring).
 
@@ -462,6 +523,7 @@ def run_footage(
         workers: ``--workers``: ``1`` (one process) or ``STAGE=N,…`` over the machine's
             plan (``workers.plan``); ``None``: the machine's plan.
         on_plan: called with the plan before anything starts.
+        save_frames: also write the key frames with their boxes (``frames/``).
 
     Raises:
         FootageError: the footage path does not exist.
@@ -474,17 +536,16 @@ def run_footage(
         raise NoFootage(message)
     settings = footage_roots(one_shot(shipped_models(settings)), found.root)
     plan = choose_plan(settings, workers)
+    options = {"progress": progress, "timeout_s": timeout_s, "save_frames": save_frames, "save_video": save_video}
     if url is not None:
-        return _run(found, settings, url, out_dir, progress, timeout_s, on_broker, _shown(plan, url, on_plan))
+        return _run(found, settings, url, out_dir, on_broker, _shown(plan, url, on_plan), options)
     with private_redis(settings.broker) as private:
         if private is not None:
             settings = memory_bound(settings)
-            return _run(found, settings, private, out_dir, progress, timeout_s, on_broker,
-                        _shown(plan, private, on_plan))  # fmt: skip
+            return _run(found, settings, private, out_dir, on_broker, _shown(plan, private, on_plan), options)
     name = f"run-{uuid.uuid4().hex[:8]}"
     try:
-        return _run(found, settings, f"memory://{name}", out_dir, progress, timeout_s, on_broker,
-                    _shown(plan, "memory://", on_plan))  # fmt: skip
+        return _run(found, settings, f"memory://{name}", out_dir, on_broker, _shown(plan, "memory://", on_plan), options)
     finally:
         forget_memory(name)
 
@@ -513,7 +574,7 @@ def _shown(plan: Plan, url: str, on_plan: Callable[[Plan], None] | None) -> Plan
     return plan
 
 
-def _run(found, settings, url, out_dir, progress, timeout_s, on_broker, plan) -> RunResult:
+def _run(found, settings, url, out_dir, on_broker, plan, options) -> RunResult:
     if on_broker is not None:
         on_broker(url)
-    return asyncio.run(run_drives(found, settings, url, out_dir, plan=plan, progress=progress, timeout_s=timeout_s))
+    return asyncio.run(run_drives(found, settings, url, out_dir, plan=plan, **options))
