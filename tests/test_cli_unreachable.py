@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from redis_servers import free_port
+from redis_servers import RedisServers, free_port
 
 ROOT = Path(__file__).parent.parent
 SAMPLE = ROOT / "fixtures" / "sample"
@@ -52,6 +52,7 @@ def test_a_closed_port_gives_one_line_naming_the_url_and_exit_1(command, closed_
     args = [str(labels) if a == "LABELS" else str(tmp_path / "out") if a == "OUT" else a for a in command]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROADSTREAM_")}
     env["PYTHONPATH"] = str(ROOT)
+    env["ROADSTREAM_WORKER__START_WAIT_S"] = "0"  # workers wait for a late Redis by default
     # When it runs
     done = subprocess.run([sys.executable, "-m", "workers.cli", *args, "--redis", closed_url],
                           capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)  # fmt: skip
@@ -62,3 +63,20 @@ def test_a_closed_port_gives_one_line_naming_the_url_and_exit_1(command, closed_
     host = closed_url.split("@")[1]
     assert errors == [f"Error: cannot reach Redis at redis://user:***@{host}: " + errors[0].split(": ", 2)[2]], done.stderr
     assert "connect" in errors[0].lower() and "s3cret" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("command", [["status"], ["deadletters", "list"], ["submit", str(SAMPLE)]], ids=" ".join)
+def test_a_wrong_password_gives_one_line_naming_the_refusal_and_exit_1(command, tmp_path):
+    # Given a password-protected server and a command with the wrong password
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROADSTREAM_")}
+    env["PYTHONPATH"] = str(ROOT)
+    with RedisServers(tmp_path) as servers:
+        url = servers.start(password="right-one").url(password="wrong-one")
+        # When it runs
+        done = subprocess.run([sys.executable, "-m", "workers.cli", *command, "--redis", url],
+                              capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)  # fmt: skip
+    # Then one line says the credentials were refused (not "cannot reach"), password hidden
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout and "wrong-one" not in done.stderr + done.stdout
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "refused the credentials" in errors[0], done.stderr

@@ -24,7 +24,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from stream import names
-from stream.errors import BrokerConnectionError, ConfigError, RoadstreamError
+from stream.errors import (
+    BrokerAuthError,
+    BrokerConnectionError,
+    BrokerError,
+    BrokerPermissionError,
+    ConfigError,
+    RoadstreamError,
+)
+from stream.urls import masked
 from stream.settings import Settings, load_settings
 from stream.urls import REDIS_URL_ENV
 from workers.logs import configure as configure_logs
@@ -45,31 +53,25 @@ console = Console(stderr=True)
 URL_META = "roadstream.redis_url"
 
 
-def shown_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for messages)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def unreachable(url: str | None, exc: BrokerConnectionError) -> str:
-    """One line: which broker could not be reached, and why (the client's own words)."""
+def unreachable(url: str | None, exc: BrokerError) -> str:
+    """One line: which broker could not be reached or refused us, and why (the client's own words)."""
     reason = str(exc.__cause__ or exc).strip() or type(exc.__cause__ or exc).__name__
-    return f"cannot reach Redis at {shown_url(url) if url else 'the configured URL'}: {reason}"
+    where = masked(url) if url else "the configured URL"
+    if isinstance(exc, BrokerAuthError):
+        return f"Redis at {where} refused the credentials: {reason}"
+    if isinstance(exc, BrokerPermissionError):
+        return f"Redis at {where} denies this user a command or key (ACL): {reason}"
+    return f"cannot reach Redis at {where}: {reason}"
 
 
 class RoadstreamGroup(click.Group):
-    """The root group: an unreachable broker ends any command with one line and exit 1."""
+    """The root group: an unreachable or refusing broker ends any command with one line and exit 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        """Run the command; turn ``BrokerConnectionError`` into a one-line error."""
+        """Run the command; turn broker connection, credential and ACL errors into one line."""
         try:
             return super().invoke(ctx)
-        except BrokerConnectionError as exc:
+        except (BrokerConnectionError, BrokerAuthError, BrokerPermissionError) as exc:
             raise click.ClickException(unreachable(ctx.meta.get(URL_META), exc)) from exc
 
 
@@ -111,7 +113,7 @@ def settings_from(ctx: click.Context, redis: str | None = None, *, uses_redis: b
         raise click.ClickException(str(exc)) from exc
     ctx.meta[URL_META] = settings.redis_url  # meta is shared by the whole context chain
     if uses_redis and "redis_url" not in settings.model_fields_set:
-        console.print(f"using Redis at {escape(shown_url(settings.redis_url))} (the default; --redis or "
+        console.print(f"using Redis at {escape(masked(settings.redis_url))} (the default; --redis or "
                       "ROADSTREAM_REDIS_URL names another)", highlight=False)  # fmt: skip
     return settings
 
