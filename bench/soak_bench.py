@@ -59,7 +59,7 @@ def write_config(path: Path, footage: Path, args: argparse.Namespace) -> Path:
                    "spent_blob_ttl_s": args.spent_blob_ttl},
         "worker": {"batch_size": 8, "max_wait_ms": 20, "trim_interval_s": args.trim_interval},
         "ingest": {"sample_fps": 5.0, "long_side": 160, "decoder_threads": 1, "roots": [str(footage)]},
-        "detect": {"model": "yolo11n.yaml", "imgsz": 160, "half": False, "device": "cpu", "classes": {"0": "cone"},
+        "detect": {"model": "yolo11n.yaml", "allow_random_weights": True, "imgsz": 160, "half": False, "device": "cpu", "classes": {"0": "cone"},
                    "window_s": 2.0, "stride_s": 1.0},
         "fuse": {"window_s": 2.0},
         "vlm": {"backend": ""},

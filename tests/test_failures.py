@@ -318,10 +318,31 @@ class Pipeline:
             if drives <= outcome.summaries.keys() and until():
                 break
             waiting = sorted(drives - outcome.summaries.keys())
-            assert time.monotonic() < deadline, f"no summary for {waiting}: verdicts lost\n{self.log_tail()}"
+            assert time.monotonic() < deadline, (
+                f"no summary for {waiting}: verdicts lost\n{self.state_dump()}\n{self.log_tail()}"
+            )
             time.sleep(0.05)
         time.sleep(1.0)  # a late duplicate, if any, would land now
         return read_outcome(self.client)
+
+    def state_dump(self) -> str:
+        """Per stage stream: its length, and per group its lag and entries pending per
+        consumer (which process holds what), for failure messages."""
+        lines = []
+        for stage in (names.DETECT, names.FUSE):
+            for stream in stage_streams(stage):
+                try:
+                    length = self.client.xlen(stream)
+                    groups = self.client.xinfo_groups(stream)
+                except redis.ResponseError:
+                    continue
+                for group in groups:
+                    pending = self.client.xpending(stream, group["name"])
+                    held = {c["name"].decode() if isinstance(c["name"], bytes) else c["name"]: c["pending"]
+                            for c in pending["consumers"] or []}  # fmt: skip
+                    lines.append(f"{stream} len={length} group={group['name']} lag={group.get('lag')} "
+                                 f"last={group.get('last-delivered-id')} pending={held}")  # fmt: skip
+        return "\n".join(lines)
 
     def log_tail(self, lines: int = 15) -> str:
         """The end of every worker's log, for failure messages."""
