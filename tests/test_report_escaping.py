@@ -19,6 +19,7 @@ def test_names_from_redis_are_escaped_in_the_report() -> None:
     # When the page is made
     page = report_html([verdict], [summary], {"k": b"not shown"})
 
-    # Then no markup from them reaches the page; their text does, escaped
-    assert "<script>" not in page
-    assert "&lt;script&gt;" in page
+    # Then no markup from them reaches the page (the page's own scripts, Leaflet and the
+    # map's, are not theirs); their text does, escaped
+    assert EVIL not in page and '<script>alert("x")' not in page
+    assert "&lt;script&gt;alert" in page
