@@ -57,7 +57,6 @@ class FrameResult:
     height: int
 
 
-
 @dataclass
 class PendingBatch:
     """A batch queued on the device; its outputs are on their way to pinned host memory.
@@ -92,7 +91,6 @@ class PendingBatch:
             self.event.synchronize()
 
 
-
 @dataclass
 class Timings:
     """Cumulative seconds per hot-path step (device time only with ``profile=True`` on CUDA)."""
@@ -109,7 +107,6 @@ class Timings:
 def normalise_name(name: str) -> str:
     """Canonical class name: lower case, words joined by ``_`` (``"Arrow Board"`` → ``arrow_board``)."""
     return "_".join(name.lower().replace("-", " ").replace("_", " ").split())
-
 
 
 class Detector(JpegDecoding, CudaGraphs):

@@ -35,7 +35,6 @@ class Letterbox:
     size: np.ndarray  # (n, 2) original width, height
 
 
-
 @dataclass
 class _Graph:
     """A captured pass (forward, or letterbox + forward + candidates): replay it after
@@ -49,7 +48,6 @@ class _Graph:
     #: head's anchors of this shape (it caches only the last shape's; replaying a graph
     #: whose anchors were freed read freed memory on an H200).
     keep: tuple[torch.Tensor, ...] = ()
-
 
 
 class CudaGraphs:
