@@ -189,7 +189,7 @@ class Watch:
 
 def submit(url: str, namespace: str, settings: Settings, footage: Path) -> None:
     """Queue the drive's ingest job, as ``roadstream submit`` does."""
-    from workers.cli_ingest import submit_jobs
+    from workers.cli.ingest import submit_jobs
 
     asyncio.run(submit_jobs(url, namespace, discover(footage).drives, settings.broker))
 

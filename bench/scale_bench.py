@@ -179,7 +179,7 @@ def redis_cpu_seconds(client: redis.Redis) -> float:
 
 def ingest_run(footage: Path, n: int, args: argparse.Namespace) -> dict:
     """N ingest processes over every drive; frames published per second."""
-    from workers.cli_ingest import submit_jobs
+    from workers.cli.ingest import submit_jobs
 
     namespace = f"{NS}-ingest{n}"
     client = redis.Redis.from_url(args.redis)

@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--spent-blob-ttl", type=int, default=120, help="broker.spent_blob_ttl_s")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from workers.cli_ingest import submit_jobs
+    from workers.cli.ingest import submit_jobs
     from workers.run import private_redis
 
     size = tuple(int(v) for v in args.size.split("x"))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from brokers.base import Broker, Entry, GroupStats, Publish, StreamStats
 from brokers.blobs import DEFAULT_BLOB_TTL_S, BlobStore
-from stream.names import DEFAULT_NAMESPACE
+from stream.names import DEFAULT_NAMESPACE, parse_entry_id
 from stream.settings import BrokerSettings
 
 Id = tuple[int, int]
@@ -37,18 +37,6 @@ PRUNE_EVERY_S = 10.0
 def format_id(entry_id: Id) -> str:
     """``(ms, seq)`` as Redis writes it."""
     return f"{entry_id[0]}-{entry_id[1]}"
-
-
-def parse_id(text: str, *, upper: bool = False) -> Id:
-    """A Redis-style id (``ms-seq``, ``ms``, ``-`` or ``+``) as a comparable tuple."""
-    if text == "-":
-        return (0, 0)
-    if text == "+":
-        return (2**64, 0)
-    ms, sep, seq = text.partition("-")
-    if not sep:  # "ms" alone means the whole millisecond
-        return (int(ms), 2**64 if upper else 0)
-    return (int(ms), int(seq))
 
 
 @dataclass
@@ -249,7 +237,7 @@ class MemoryBroker(Broker):
         for entry in entries:
             stream = self.state.streams.get(entry.stream)
             pel = stream.groups[group].pel if stream and group in stream.groups else {}
-            acked += pel.pop(parse_id(entry.id), None) is not None
+            acked += pel.pop(parse_entry_id(entry.id), None) is not None
         return acked
 
     async def claim(
@@ -288,7 +276,7 @@ class MemoryBroker(Broker):
         now = time.monotonic()
         for entry in entries:
             state = self._group(entry.stream, group)
-            pending = state.pel.get(parse_id(entry.id))
+            pending = state.pel.get(parse_entry_id(entry.id))
             if pending is not None:
                 state.consumers.add(consumer)
                 pending.consumer, pending.delivered_at = consumer, now
@@ -360,7 +348,7 @@ class MemoryBroker(Broker):
         state = self.state.streams.get(stream)
         if state is None:
             return 0
-        return sum(state.delete(parse_id(i)) for i in ids)
+        return sum(state.delete(parse_entry_id(i)) for i in ids)
 
     # -- leases and pools ---------------------------------------------------------
 
@@ -428,7 +416,7 @@ class MemoryBroker(Broker):
 
 def _bound(text: str, *, upper: bool):  # noqa: ANN202 - a tiny predicate factory
     exclusive = text.startswith("(")
-    bound = parse_id(text.lstrip("("), upper=upper and not exclusive)
+    bound = parse_entry_id(text.lstrip("("), upper=upper and not exclusive)
     if upper:
         return (lambda i: i < bound) if exclusive else (lambda i: i <= bound)
     return (lambda i: i > bound) if exclusive else (lambda i: i >= bound)

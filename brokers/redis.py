@@ -43,7 +43,7 @@ from stream.errors import (
     BrokerOutOfMemory,
     BrokerPermissionError,
 )
-from stream.names import DEFAULT_NAMESPACE, blob_name
+from stream.names import DEFAULT_NAMESPACE, blob_name, parse_entry_id
 from stream.settings import BrokerSettings
 
 #: The one field of every stream entry; payloads are opaque bytes.
@@ -166,15 +166,9 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def parse_id(entry_id: str) -> tuple[int, int]:
-    """``"ms-seq"`` as a tuple that sorts like the stream does."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def next_id(entry_id: str) -> str:
     """The smallest id after ``entry_id``."""
-    ms, seq = parse_id(entry_id)
+    ms, seq = parse_entry_id(entry_id)
     return f"{ms}-{seq + 1}"
 
 
@@ -551,7 +545,7 @@ class RedisBroker(Broker):
         ]
         needed = [floor for floor in floors if floor is not None]
         if needed:
-            min_id = min(needed, key=parse_id)
+            min_id = min(needed, key=parse_entry_id)
         else:
             # Every group has acked everything: cut past the newest entry.
             newest = await self.client.xrevrange(stream, count=1)
@@ -580,7 +574,7 @@ class RedisBroker(Broker):
             candidates.append(text(summary["min"]))
         if unread:
             candidates.append(text(unread[0][0]))
-        return min(candidates, key=parse_id) if candidates else None
+        return min(candidates, key=parse_entry_id) if candidates else None
 
     @translate_errors
     async def used_memory(self) -> int | None:

@@ -126,18 +126,6 @@ def parse_metadata(payload: bytes) -> SeiMetadata | None:
     return meta
 
 
-def packet_metadata(data: bytes, length_size: int = 4, hevc: bool = False) -> SeiMetadata | None:
-    """The telemetry carried by one demuxed MP4 packet (one picture), if any."""
-    # Cheap pre-check: most packets are one slice; skip them without splitting.
-    if len(data) <= length_size:
-        return None
-    for nal in iter_avcc_nals(data, length_size):
-        payload = telemetry_payload(nal, hevc)
-        if payload is not None:
-            return parse_metadata(payload)
-    return None
-
-
 def position(lat: float, lon: float) -> tuple[float | None, float | None]:
     """A GPS fix as ``(lat, lon)``, or ``(None, None)`` when it is no position.
 

@@ -136,11 +136,6 @@ def top_detections(detections: list[Detection], budget: int) -> list[Detection]:
     return sorted(detections, key=importance, reverse=True)[: max(budget, 0)]
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity; 0 when either vector is zero."""
-    return float(np.dot(unit(a), unit(b)))
-
-
 def unit(vector: np.ndarray) -> np.ndarray:
     """The vector scaled to length 1 (a zero vector stays zero)."""
     norm = math.sqrt(float(np.dot(vector, vector)))

@@ -61,10 +61,6 @@ class BrokerOutOfMemory(BrokerConnectionError):
     """
 
 
-class LeaseLost(BrokerError):
-    """A worker acted on a partition whose lease another worker now holds."""
-
-
 class InputError(RoadstreamError):
     """Bad input (a file, a frame, a model) that must be reported, not retried.
 
@@ -84,11 +80,3 @@ class FootageError(InputError):
 
 class ModelError(InputError):
     """A model file is missing or is not the kind of model a stage needs."""
-
-
-class Retry(RoadstreamError):  # noqa: N818 - control flow, not a failure
-    """Ask the runtime to leave an entry for redelivery after ``delay_s``."""
-
-    def __init__(self, reason: str = "retry", delay_s: float = 0.0) -> None:
-        super().__init__(reason)
-        self.delay_s = delay_s

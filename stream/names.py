@@ -77,6 +77,40 @@ def health_name(group: str, consumer: str, ns: str = DEFAULT_NAMESPACE) -> str:
     return f"{ns}:health:{group}:{consumer}"
 
 
+def error_name(group: str, stream: str, entry_id: str, ns: str = DEFAULT_NAMESPACE) -> str:
+    """Key of the last error ``group`` met processing one entry (kept a while, for reports)."""
+    return f"{ns}:error:{group}:{stream}:{entry_id}"
+
+
+def stream_partition(stream: str) -> int | None:
+    """The partition of a partitioned hop's stream name (``ns:hop:{p}``), or None when the
+    name has no ``:{p}`` suffix."""
+    if stream.endswith("}") and ":{" in stream:
+        return int(stream.rsplit(":{", 1)[1][:-1])
+    return None
+
+
+def parse_entry_id(text: str, *, upper: bool = False) -> tuple[int, int]:
+    """A stream entry id as a tuple that sorts like the stream does.
+
+    Parameters:
+        text: ``ms-seq``; or, as a range bound, ``ms`` alone (the whole millisecond),
+            ``-`` (the first id) or ``+`` (past the last).
+        upper: ``ms`` alone is an upper bound: it takes the millisecond's last id.
+
+    Returns:
+        ``(ms, seq)``.
+    """
+    if text == "-":
+        return (0, 0)
+    if text == "+":
+        return (2**64, 0)
+    ms, sep, seq = text.partition("-")
+    if not sep:  # "ms" alone means the whole millisecond
+        return (int(ms), 2**64 if upper else 0)
+    return (int(ms), int(seq or 0))
+
+
 def stable_hash(*parts: str) -> int:
     """A hash that is the same in every process (unlike ``hash``)."""
     digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()

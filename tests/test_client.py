@@ -76,7 +76,7 @@ async def test_undecodable_entries_are_skipped(broker: Broker):
 
 def _cli():
     from workers.cli import cli
-    from workers.cli_verdicts import register
+    from workers.cli.verdicts import register
 
     if "verdicts" not in cli.commands:
         register(cli)

@@ -139,7 +139,7 @@ def test_train_pack_keeps_every_frames_source_and_label(tmp_path):
     import click
     from click.testing import CliRunner
 
-    from workers.cli_models import register
+    from workers.cli.models import register
 
     cli = click.Group()
     register(cli)

@@ -360,7 +360,7 @@ async def test_runtime_worker_publishes_everything_and_holds_nothing(
 
 def test_cli_options_map_into_settings_overrides() -> None:
     # Given the detect worker's options, some left out
-    from workers.cli_detect import overrides
+    from workers.cli.detect import overrides
 
     tree = overrides(model="weights/cones.pt", device="cuda:1", batch_size=64)
 
@@ -375,7 +375,7 @@ def test_worker_command_gets_model_and_device_options() -> None:
     import click
     from click.testing import CliRunner
 
-    from workers.cli_detect import register
+    from workers.cli.detect import register
 
     seen: dict[str, object] = {}
 

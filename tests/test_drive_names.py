@@ -17,7 +17,7 @@ from stages.fuse import Fuser
 from stages.report import write_report
 from stream.schemas import DriveMarker, DriveSummary, FrameDetections, Verdict
 from workers.cli import _register_commands, cli
-from workers.cli_verdicts import verdict_table
+from workers.cli.verdicts import verdict_table
 
 SPEC = ClipSpec(duration_s=1.0, fps=10.0, size=(64, 48))
 

@@ -114,7 +114,7 @@ def test_eval_command_prints_metrics_and_fits(tmp_path):
 
     from stages.report import write_verdicts
     from workers.cli import cli
-    from workers.cli_verdicts import register
+    from workers.cli.verdicts import register
 
     if "eval" not in cli.commands:
         register(cli)
@@ -139,7 +139,7 @@ def test_eval_command_names_a_missing_labels_file(tmp_path):
     from click.testing import CliRunner
 
     from workers.cli import cli
-    from workers.cli_verdicts import register
+    from workers.cli.verdicts import register
 
     if "eval" not in cli.commands:
         register(cli)

@@ -380,7 +380,7 @@ def consumer_pid(name: bytes | str) -> int:
 def submit(url: str, drives: list) -> None:
     """Queue one ingest job per drive, as ``roadstream submit`` does."""
     from stream.settings import load_settings
-    from workers.cli_ingest import submit_jobs
+    from workers.cli.ingest import submit_jobs
 
     settings = load_settings(environ={})
     asyncio.run(submit_jobs(url, NAMESPACE, drives, settings.broker))

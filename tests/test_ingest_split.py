@@ -176,7 +176,7 @@ async def test_submit_with_split_camera_queues_one_job_per_camera_once(tmp_path:
     from click.testing import CliRunner
 
     from workers.cli import cli
-    from workers.cli_ingest import register
+    from workers.cli.ingest import register
 
     if "submit" not in cli.commands:
         register(cli)

@@ -235,7 +235,7 @@ async def test_footage_outside_the_roots_is_dead_lettered(tmp_path: Path, ingest
 
 def _cli():
     from workers.cli import cli
-    from workers.cli_ingest import register
+    from workers.cli.ingest import register
 
     if "submit" not in cli.commands:
         register(cli)

@@ -13,7 +13,7 @@ from fixtures.teslacam import THREE, ClipSpec, header_only, make_drive, not_a_vi
 from stages.report import read_verdicts
 from workers import run as run_module
 from workers.cli import cli
-from workers.cli_run import register
+from workers.cli.run import register
 
 FAST = ["--set", "detect.imgsz=160", "--set", "ingest.sample_fps=2", "--set", "detect.half=false"]
 SPEC = ClipSpec(duration_s=2.0)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from stages.report import read_verdicts
 from workers.cli import cli
-from workers.cli_run import register
+from workers.cli.run import register
 
 SAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "sample"
 

@@ -119,7 +119,7 @@ def test_classify_prints_each_images_probability_as_json(scorer, weights, tmp_pa
     import click
     from PIL import Image
 
-    from workers.cli_models import register
+    from workers.cli.models import register
 
     paths = []
     for i, frame in enumerate(_frames(2)):
@@ -173,7 +173,7 @@ def test_classify_json_keeps_its_fields_and_adds_the_objects_and_the_scorers_own
     from PIL import Image
 
     from stages.classify import DEFAULT_DETECTOR, apply_rule, rule_features
-    from workers.cli_models import register
+    from workers.cli.models import register
 
     pytest.importorskip("ultralytics")
     paths = []

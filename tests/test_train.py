@@ -143,7 +143,7 @@ def test_detector_training_runs_end_to_end_for_one_short_epoch_on_a_tiny_subset(
     import click
     from click.testing import CliRunner
 
-    from workers.cli_models import register
+    from workers.cli.models import register
 
     cones = _tiny_cones(tmp_path / "cones")
     settings = tmp_path / "tiny.yaml"

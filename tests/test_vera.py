@@ -115,7 +115,7 @@ def test_learn_questions_command_saves_a_loadable_set(tiny_vlm_path, tmp_path, m
     import click
     from click.testing import CliRunner
 
-    from workers.cli_vlm import register
+    from workers.cli.vlm import register
 
     # Given a labels file: drive-level labels, segments of fixture frames on disk
     lines = [json.dumps({"drive": "d1", "label": True}), json.dumps({"drive": "d2", "label": False})]

@@ -457,8 +457,8 @@ class Worker:
     def _partition_of(self, stream: str) -> int | None:
         if stream not in self._stream_partition:
             partition = None
-            if self.handler.partitioned and stream.endswith("}") and ":{" in stream:
-                partition = int(stream.rsplit(":{", 1)[1][:-1])
+            if self.handler.partitioned:
+                partition = names.stream_partition(stream)
             self._stream_partition[stream] = partition
         return self._stream_partition[stream]
 
@@ -604,7 +604,7 @@ class Worker:
         return True
 
     def _error_key(self, entry: Entry) -> str:
-        return f"{self.broker.namespace}:error:{self.group}:{entry.stream}:{entry.id}"
+        return names.error_name(self.group, entry.stream, entry.id, self.broker.namespace)
 
     def _context(self, entry: Entry, drive: str | None = None) -> dict[str, object]:
         """Log fields that say where a record comes from (JSON logs write them as keys)."""
@@ -868,5 +868,4 @@ def _key(delivery: Delivery) -> tuple[str, str]:
 
 
 def _entry_order(entry: Entry) -> tuple[int, int]:
-    ms, _, seq = entry.id.partition("-")
-    return int(ms), int(seq or 0)
+    return names.parse_entry_id(entry.id)

@@ -2,8 +2,8 @@
 
 Commands that bind stages to a broker live here (the design put the CLI in ``stream/``,
 but a command that runs a worker must import ``workers``, which ``stream`` may not).
-Each stage's own commands live in ``workers/cli_<name>.py`` modules, registered below;
-they import torch, PyAV or transformers only inside their functions.
+Each stage's own commands live in this package's modules (``workers/cli/<name>.py``),
+registered below; they import torch, PyAV or transformers only inside their functions.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ from workers.logs import configure as configure_logs
 
 #: Modules whose ``register(cli)`` adds their commands.
 COMMAND_MODULES: tuple[str, ...] = (
-    "workers.cli_ingest",
-    "workers.cli_detect",
-    "workers.cli_models",
-    "workers.cli_verdicts",
-    "workers.cli_run",
-    "workers.cli_vlm",
+    "workers.cli.ingest",
+    "workers.cli.detect",
+    "workers.cli.models",
+    "workers.cli.verdicts",
+    "workers.cli.run",
+    "workers.cli.vlm",
 )
 
 console = Console(stderr=True)
@@ -438,7 +438,3 @@ def main() -> None:
     """Console entry point."""
     _register_commands()
     cli(prog_name="roadstream")
-
-
-if __name__ == "__main__":
-    main()

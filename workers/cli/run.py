@@ -45,7 +45,7 @@ def _print_interrupted(console: Console, exc) -> None:
 
 def _print_result(console: Console, result) -> None:
     from stages.report import drive_order
-    from workers.cli_verdicts import verdict_table
+    from workers.cli.verdicts import verdict_table
 
     summaries = [s.summary for s in result.drives.values() if s.summary is not None]
     order = drive_order(result.verdicts, summaries)
