@@ -60,7 +60,7 @@ from stream import codec, names
 from stream.schemas import DriveMarker
 from stream.settings import Settings, load_settings
 from workers.children import Children
-from workers.plan import Plan, parse_workers
+from workers.plan import Plan
 from workers.run import (
     choose_plan,
     footage_roots,

@@ -108,6 +108,20 @@ def thumb_windows(verdicts: Sequence[Verdict], per_drive: int = MAX_THUMB_WINDOW
     return chosen
 
 
+def draw_detections(image: np.ndarray, frame: CameraFrame, color: tuple[int, int, int], *, scale: float = 0.35,
+                    top: int = 10) -> None:  # fmt: skip
+    """Draw ``frame``'s boxes (normalised xyxy) and "type score" labels onto ``image`` (HxWx3, in place).
+
+    ``color`` is in the image's channel order; labels stay at least ``top`` px from the top edge.
+    """
+    h, w = image.shape[:2]
+    for det in frame.detections:
+        x0, y0, x1, y1 = (round(det.box[0] * w), round(det.box[1] * h), round(det.box[2] * w), round(det.box[3] * h))
+        cv2.rectangle(image, (x0, y0), (x1, y1), color, 2)
+        cv2.putText(image, f"{det.type} {det.score:.2f}", (x0, max(top, y0 - 3)), cv2.FONT_HERSHEY_SIMPLEX,
+                    scale, color, 1, cv2.LINE_AA)  # fmt: skip
+
+
 def draw_boxes(image_bytes: bytes, frame: CameraFrame, width: int | None = THUMB_WIDTH) -> bytes | None:
     """A JPEG of one key frame (``width`` wide, or its own size) with its detections drawn;
     ``None`` if undecodable."""
@@ -117,12 +131,7 @@ def draw_boxes(image_bytes: bytes, frame: CameraFrame, width: int | None = THUMB
     h, w = image.shape[:2]
     if width is not None:
         image = cv2.resize(image, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
-    h, w = image.shape[:2]
-    for det in frame.detections:
-        x0, y0, x1, y1 = (round(det.box[0] * w), round(det.box[1] * h), round(det.box[2] * w), round(det.box[3] * h))
-        cv2.rectangle(image, (x0, y0), (x1, y1), (0, 140, 255), 2)
-        cv2.putText(image, f"{det.type} {det.score:.2f}", (x0, max(10, y0 - 3)), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.35, (0, 140, 255), 1, cv2.LINE_AA)  # fmt: skip
+    draw_detections(image, frame, (0, 140, 255))  # orange in OpenCV's BGR
     ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 80])
     return encoded.tobytes() if ok else None
 

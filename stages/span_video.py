@@ -21,7 +21,8 @@ import av
 import cv2
 import numpy as np
 
-from stream.schemas import CameraFrame, DriveSummary, RoadworkSpan, Verdict
+from stages.report_page import draw_detections
+from stream.schemas import DriveSummary, RoadworkSpan, Verdict
 
 #: Frames a second written; the longest side of the written frames.
 VIDEO_FPS = 5.0
@@ -133,7 +134,7 @@ def _annotate(image: np.ndarray, utc: float, camera: str, windows: Sequence[Verd
         key = next((f for f in window.frames if f.camera == camera), None)
         offset = window.start_utc - window.t_start
         if key is not None and abs(offset + key.t - utc) < 0.5 / fps:
-            _boxes(image, key)
+            draw_detections(image, key, (255, 140, 0), scale=0.4, top=28)  # RGB frames; below the banner
         objects = ", ".join(f"{k} x{n}" for k, n in window.objects.items()) or "no objects"
         text = f"ROADWORK {window.confidence:.2f}  window {window.window}  {objects}"
     else:
@@ -141,12 +142,3 @@ def _annotate(image: np.ndarray, utc: float, camera: str, windows: Sequence[Verd
     cv2.rectangle(image, (0, 0), (w, 18), (0, 0, 0), -1)
     cv2.putText(image, f"{camera}  {text}", (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 140, 0), 1, cv2.LINE_AA)
     return image
-
-
-def _boxes(image: np.ndarray, frame: CameraFrame) -> None:
-    h, w = image.shape[:2]
-    for det in frame.detections:
-        x0, y0, x1, y1 = (round(det.box[0] * w), round(det.box[1] * h), round(det.box[2] * w), round(det.box[3] * h))
-        cv2.rectangle(image, (x0, y0), (x1, y1), (255, 140, 0), 2)
-        cv2.putText(image, f"{det.type} {det.score:.2f}", (x0, max(28, y0 - 3)), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.4, (255, 140, 0), 1, cv2.LINE_AA)  # fmt: skip
