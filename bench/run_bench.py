@@ -68,7 +68,6 @@ from workers.run import (
     private_redis,
     run_footage,
     shipped_models,
-    stages_for,
     submit,
 )
 
