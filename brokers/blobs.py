@@ -36,6 +36,12 @@ class BlobStore(ABC):
         returns how many exist."""
 
     @abstractmethod
+    async def put_versioned(self, key: str, blob: bytes, version: int, *, ttl_s: int) -> bool:
+        """Store ``blob`` under ``key`` unless the key holds one put with a higher ``version``
+        (optimistic concurrency: a writer that fell behind cannot overwrite newer state).
+        Not counted in the bytes in flight. Returns whether it was stored."""
+
+    @abstractmethod
     async def bytes_in_flight(self) -> int:
         """Bytes put and not yet released."""
 

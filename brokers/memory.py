@@ -427,6 +427,7 @@ class MemoryBlobStore(BlobStore):
 
     def __init__(self) -> None:
         self._blobs: dict[str, tuple[bytes, float]] = {}
+        self._versions: dict[str, tuple[int, float]] = {}  # put_versioned: key -> (version, expiry)
         self._in_flight = 0
         self._pruned_at = 0.0
 
@@ -437,6 +438,16 @@ class MemoryBlobStore(BlobStore):
         for key, blob in blobs.items():
             self._blobs[key] = (blob, expires)
             self._in_flight += len(blob)
+
+    async def put_versioned(self, key: str, blob: bytes, version: int, *, ttl_s: int) -> bool:
+        """Store ``blob`` unless ``key`` holds a higher version."""
+        now = time.monotonic()
+        held = self._versions.get(key)
+        if held is not None and held[1] > now and held[0] > version:
+            return False
+        self._blobs[key] = (blob, now + ttl_s)
+        self._versions[key] = (version, now + ttl_s)
+        return True
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """Fetch blobs in key order; ``None`` for a key that expired or never was."""
@@ -478,3 +489,4 @@ class MemoryBlobStore(BlobStore):
         if now - self._pruned_at >= PRUNE_EVERY_S:
             self._pruned_at = now
             self._blobs = {k: v for k, v in self._blobs.items() if v[1] > now}
+            self._versions = {k: v for k, v in self._versions.items() if v[1] > now}

@@ -119,6 +119,16 @@ return left
 """
 
 
+#: KEYS: blob, its version; ARGV: blob, version, ttl. Stores unless a higher version is there.
+_PUT_VERSIONED = """
+local held = tonumber(redis.call('GET', KEYS[2]) or '-1')
+if held > tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+
 def translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """Turn redis errors raised by ``fn`` into roadstream's broker errors."""
 
@@ -684,6 +694,14 @@ class RedisBlobStore(BlobStore):
         self.namespace = namespace
         self.counter = f"{namespace}:blob-bytes-in-flight"
         self._release = self.client.register_script(_DECR_FLOOR)
+        self._put_versioned = self.client.register_script(_PUT_VERSIONED)
+
+    @translate_errors
+    async def put_versioned(self, key: str, blob: bytes, version: int, *, ttl_s: int) -> bool:
+        """Store ``blob`` unless ``key`` holds a higher version (one script call; the version
+        lives in a key of its own beside the blob, with the same TTL)."""
+        name = blob_name(key, self.namespace)
+        return bool(await self._put_versioned(keys=[name, f"{name}:version"], args=[blob, int(version), int(ttl_s)]))
 
     @translate_errors
     async def put_many(self, blobs: Mapping[str, bytes], *, ttl_s: int = DEFAULT_BLOB_TTL_S) -> None:

@@ -811,6 +811,13 @@ class Fuser:
             "lag_s": drive.lag_s,
         }
 
+    def progress(self, drive_id: str) -> int:
+        """A number that never falls as the drive moves on (its published windows, then
+        done): the version of its checkpoint, so that a worker that fell behind (paused
+        while another took the drive over) cannot overwrite a newer checkpoint."""
+        drive = self.drives[drive_id]
+        return 2 * len(drive.closed) + int(drive.done)
+
     def restore(self, drive_id: str, snapshot: dict[str, Any]) -> None:
         """Start a drive from its checkpoint, before its pending entries are replayed.
 

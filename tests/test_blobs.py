@@ -53,3 +53,17 @@ async def test_bytes_in_flight_never_go_below_zero(blobs: BlobStore) -> None:
     await blobs.put("a", b"12345")
     await blobs.release(50)
     assert await blobs.bytes_in_flight() == 0
+
+
+async def test_a_versioned_put_never_overwrites_a_higher_version(blobs: BlobStore) -> None:
+    # Given a blob stored at version 4
+    assert await blobs.put_versioned("ckpt", b"four", 4, ttl_s=60)
+    # When a writer that fell behind puts version 2, and then one at 4 and at 6 come
+    behind = await blobs.put_versioned("ckpt", b"two", 2, ttl_s=60)
+    assert await blobs.get("ckpt") == b"four"
+    same = await blobs.put_versioned("ckpt", b"four again", 4, ttl_s=60)
+    ahead = await blobs.put_versioned("ckpt", b"six", 6, ttl_s=60)
+    # Then the older one was refused, the equal and the newer ones stored
+    assert (behind, same, ahead) == (False, True, True)
+    assert await blobs.get("ckpt") == b"six"
+    assert await blobs.bytes_in_flight() == 0  # not frames in flight

@@ -270,3 +270,27 @@ async def test_blobs_of_closed_windows_expire_soon_except_the_verdicts_key_frame
 
 async def _gone(blobs: BlobStore, keys: list[str]) -> bool:
     return all(b is None for b in await blobs.get_many(keys))
+
+
+async def test_a_worker_that_fell_behind_cannot_overwrite_the_new_owners_checkpoint(pair):
+    # Given two handlers of one drive: "behind" saw its first 2 windows, "ahead" all 5
+    # (a worker paused past its leases, and the one that took the drive over)
+    broker, blobs = pair
+    settings = settings_for(broker)
+    behind, ahead = FuseHandler(settings, blobs), FuseHandler(settings, blobs)
+    for handler in (behind, ahead):
+        handler.fuser.expect_anomaly = False
+    messages = detections("a", 20)
+    frames = [m for m in messages if isinstance(m, FrameDetections)]
+    markers = [m for m in messages if isinstance(m, DriveMarker)]
+    behind_step = [behind.fuser.add(m, ("s", str(i)), 0.0) for i, m in enumerate(markers[:3] + frames[:27])]
+    assert sum(isinstance(o, Verdict) for s in behind_step for o in s.outputs) == 2
+    for i, m in enumerate(messages):
+        ahead.fuser.add(m, ("s", str(i)), 0.0)
+    assert ahead.fuser.progress("a") > behind.fuser.progress("a")
+    # When the new owner checkpoints, and then the one behind resumes and checkpoints too
+    await ahead._checkpoint({"a"})
+    stored = await blobs.get(checkpoint_key("a"))
+    await behind._checkpoint({"a"})
+    # Then the stored checkpoint is still the new owner's
+    assert await blobs.get(checkpoint_key("a")) == stored

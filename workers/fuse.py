@@ -142,14 +142,19 @@ class FuseHandler(Handler):
     async def _checkpoint(self, drive_ids: set[str]) -> None:
         if not drive_ids:
             return
-        blobs = {
-            checkpoint_key(d): msgpack.packb(self.fuser.snapshot(d), use_bin_type=True)
-            for d in sorted(drive_ids)
-            if d in self.fuser.drives
-        }
-        await self.blobs.put_many(blobs, ttl_s=self.settings.fuse.checkpoint_ttl_s)
-        # Checkpoints are not frames in flight: keep them out of ingest's backpressure.
-        await self.blobs.release(sum(len(b) for b in blobs.values()))
+        for drive_id in sorted(d for d in drive_ids if d in self.fuser.drives):
+            # Versioned by the drive's progress: a worker resumed after a pause past its
+            # leases (its drive since taken over and moved on) finishes the batch in hand
+            # and writes its checkpoint before it learns the partition is gone; an older
+            # checkpoint over the new owner's made a later rebuild lose closed windows
+            # and wait for frames it had already published (the pause test's rare hang).
+            blob = msgpack.packb(self.fuser.snapshot(drive_id), use_bin_type=True)
+            version = self.fuser.progress(drive_id)
+            stored = await self.blobs.put_versioned(checkpoint_key(drive_id), blob, version,
+                                                    ttl_s=self.settings.fuse.checkpoint_ttl_s)  # fmt: skip
+            if not stored:
+                log.info("fuse: checkpoint of drive %s not written: a newer one is stored (another worker "
+                         "owns the drive now)", drive_id)  # fmt: skip
         for drive_id in drive_ids:
             drive = self.fuser.drives.get(drive_id)
             if drive is not None and drive.done:
