@@ -25,10 +25,14 @@ pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="needs redis-server
 
 
 def footage(root: Path) -> Path:
-    """A short drive and a long one (600 frames at 5 a second), one camera each."""
+    """A short drive and a long one (1,800 frames at 5 a second), one camera each.
+
+    The long one must outlast the signal by far: with 600 frames it once finished between
+    the short drive's line and the interrupt taking effect (fresh-clone CI run).
+    """
     make_drive(root, start="2024-05-01_10-00-00", cameras=("front",), minutes=1,
                spec=ClipSpec(duration_s=2.0, fps=10.0), layout="flat")  # fmt: skip
-    make_drive(root, start="2024-05-02_09-00-00", cameras=("front",), minutes=4,
+    make_drive(root, start="2024-05-02_09-00-00", cameras=("front",), minutes=12,
                spec=ClipSpec(duration_s=30.0, fps=10.0), layout="flat")  # fmt: skip
     return root
 
@@ -76,7 +80,7 @@ def test_ctrl_c_stops_the_run_says_what_finished_and_cleans_up(tmp_path):
     # When Ctrl-C arrives
     run.send_signal(signal.SIGINT)
     rest = run.stdout.read()
-    run.wait(timeout=120)  # a guard against a hang, not a timing check
+    run.wait(timeout=300)  # a guard against a hang, not a timing check
     # Then it exits 130, says it was interrupted and which drive had finished, writes nothing
     assert run.returncode == 130, rest
     assert "interrupted: 1 of 2 drive(s) finished" in rest and "done in" not in rest
@@ -93,7 +97,7 @@ def test_sigterm_stops_worker_processes_and_the_private_redis(tmp_path):
     # When it is sent SIGTERM
     run.send_signal(signal.SIGTERM)
     rest = run.stdout.read()
-    run.wait(timeout=120)
+    run.wait(timeout=300)
     # Then it exits 130 saying so, and leaves no worker, server or folder behind
     assert run.returncode == 130, rest
     assert "interrupted" in rest and "Traceback" not in rest
