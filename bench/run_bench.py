@@ -417,13 +417,16 @@ async def stages_alone(folder: Path, settings: Settings, plan: Plan, timeout_s: 
     return out
 
 
+async def _drives_with(broker, stream: str, count: int, seen) -> set[str]:
+    """Drive ids of the messages on ``stream`` for which ``seen(message)`` holds."""
+    return {message.drive_id for entry in await broker.range(stream, count=count)
+            if seen(message := codec.decode(entry.data))}  # fmt: skip
+
+
 async def _ingest_done(broker, ns: str, drives: set[str], children: Children) -> bool:
     children.check()
-    ended = set()
-    for entry in await broker.range(names.stream_name(names.DRIVES, ns=ns), count=100_000):
-        marker = codec.decode(entry.data)
-        if isinstance(marker, DriveMarker) and marker.event == "ended":
-            ended.add(marker.drive_id)
+    ended = await _drives_with(broker, names.stream_name(names.DRIVES, ns=ns), 100_000,
+                               lambda m: isinstance(m, DriveMarker) and m.event == "ended")  # fmt: skip
     return ended >= drives
 
 
@@ -438,11 +441,8 @@ async def _detect_done(broker, ns: str, drives: set[str], children: Children) ->
 
 async def _fuse_done(broker, ns: str, drives: set[str], children: Children) -> bool:
     children.check()
-    summaries = set()
-    for entry in await broker.range(names.stream_name(names.VERDICTS, ns=ns), count=1_000_000):
-        message = codec.decode(entry.data)
-        if message.KIND == "drive_summary":
-            summaries.add(message.drive_id)
+    summaries = await _drives_with(broker, names.stream_name(names.VERDICTS, ns=ns), 1_000_000,
+                                   lambda m: m.KIND == "drive_summary")  # fmt: skip
     return summaries >= drives
 
 
