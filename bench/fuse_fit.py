@@ -20,6 +20,8 @@ sources it did not see:
    of the run (the shipped defaults) are the baseline;
 4. the coefficients fitted on every window, written to ``--out`` beside the figures.
 
+Only fuse's fit is held out: the shipped scorer was trained on every footage clip, so its
+probabilities here are not held-out figures (the cone detector never saw this footage).
 The roadwork windows all come from one phone camera (Mi3's eight cities): the groups of
 the roadwork side are its clips, not other cameras. Figures and caveats go to the README.
 
