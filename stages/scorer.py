@@ -33,6 +33,11 @@ IMAGE_SIZE = 224
 MEAN = 0.5
 STD = 0.5
 FEATURE_DIM = 1280
+#: On CUDA, batches are padded to a multiple of this many frames so that a few captured
+#: graphs (one per padded size) serve every batch size.
+GRAPH_ROWS = 8
+#: Captured graphs kept; batches past ``MAX_GRAPHS * GRAPH_ROWS`` frames run eagerly.
+MAX_GRAPHS = 16
 #: Where the shipped weights live.
 DEFAULT_WEIGHTS = Path(__file__).parent / "models" / "scorer.pt"
 
@@ -128,7 +133,8 @@ class RoadworkScorer:
     """
 
     def __init__(
-        self, model: nn.Module, device: str | torch.device = "cpu", metadata: dict | None = None
+        self, model: nn.Module, device: str | torch.device = "cpu", metadata: dict | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -137,14 +143,22 @@ class RoadworkScorer:
         self.half = self.device.type == "cuda"
         if self.half:
             self.model.half()
+        # Eager EfficientNet-Lite0 is some 300 kernel launches a batch: in `roadstream run`
+        # on an H200 they took 45% of the detect process's event loop (py-spy), the GPU
+        # idle. One captured graph per padded batch size replays them in one launch.
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] = {}
 
     @classmethod
-    def load(cls, path: str | Path = DEFAULT_WEIGHTS, device: str | torch.device = "cpu") -> RoadworkScorer:
+    def load(
+        cls, path: str | Path = DEFAULT_WEIGHTS, device: str | torch.device = "cpu", cuda_graphs: bool = True
+    ) -> RoadworkScorer:
         """Load weights written by ``stages.train.scorer``.
 
         Parameters:
             path: the ``.pt`` state dict; its ``.json`` metadata is read when present.
             device: ``cpu``, ``cuda``, ``cuda:1``…
+            cuda_graphs: on CUDA, replay the forward pass as captured graphs.
 
         Returns:
             The scorer.
@@ -175,7 +189,7 @@ class RoadworkScorer:
         except (RuntimeError, AttributeError) as exc:
             message = f"{path}: not an {arch} roadwork scorer: {exc}"
             raise ModelError(message) from exc
-        return cls(model, device, metadata)
+        return cls(model, device, metadata, cuda_graphs=cuda_graphs)
 
     @torch.inference_mode()
     def score(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +209,7 @@ class RoadworkScorer:
         x = preprocess(batch.to(self.device, non_blocking=True))
         if self.half:
             x = x.half()
-        logits, pooled = forward_features(self.model, x)
+        logits, pooled = self._forward(x)
         return torch.sigmoid(logits.float()), pooled.float()
 
     @torch.inference_mode()
@@ -218,12 +232,48 @@ class RoadworkScorer:
         for i, image in enumerate(images):
             groups.setdefault((int(image.shape[-2]), int(image.shape[-1])), []).append(i)
         dtype = torch.float16 if self.half else torch.float32
-        x = torch.empty((len(images), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=dtype, device=self.device)
-        for index in groups.values():
-            group = torch.stack([images[i] for i in index]).to(self.device, non_blocking=True)
-            x[torch.tensor(index, device=self.device)] = preprocess(group).to(dtype)
-        logits, pooled = forward_features(self.model, x)
+        if len(groups) == 1:  # the usual batch: one camera size, no scatter
+            x = preprocess(torch.stack(list(images)).to(self.device, non_blocking=True)).to(dtype)
+        else:
+            x = torch.empty((len(images), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=dtype, device=self.device)
+            for index in groups.values():
+                group = torch.stack([images[i] for i in index]).to(self.device, non_blocking=True)
+                # A pinned, non-blocking index: a plain torch.tensor(…, device="cuda") copies
+                # synchronously and held the detect event loop until the GPU caught up.
+                rows = torch.tensor(index)
+                rows = rows.pin_memory() if self.device.type == "cuda" else rows
+                x[rows.to(self.device, non_blocking=True)] = preprocess(group).to(dtype)
+        logits, pooled = self._forward(x)
         return torch.sigmoid(logits.float()), pooled.float()
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward_features`` of a ``(N, 3, 224, 224)`` batch; on CUDA, a graph replay.
+
+        The outputs are fresh tensors (a replay's own outputs are overwritten by the next).
+        """
+        n = x.shape[0]
+        rows = -(-n // GRAPH_ROWS) * GRAPH_ROWS
+        if not self.cuda_graphs or (rows not in self._graphs and len(self._graphs) >= MAX_GRAPHS):
+            return forward_features(self.model, x)
+        if rows not in self._graphs:
+            self._graphs[rows] = self._capture(torch.zeros((rows, *x.shape[1:]), dtype=x.dtype, device=x.device))
+        static, logits, pooled, graph = self._graphs[rows]
+        static[:n].copy_(x)  # rows past n keep old frames: their outputs are dropped
+        graph.replay()
+        return logits[:n].clone(), pooled[:n].clone()
+
+    def _capture(self, static: torch.Tensor):
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(3):  # cuDNN autotuning and first allocations stay out of the graph
+                forward_features(self.model, static)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            logits, pooled = forward_features(self.model, static)
+        return static, logits, pooled, graph
 
     def score_images(self, images: Sequence[str | Path | Any], batch_size: int = 32) -> list[float]:
         """Roadwork probability of each image.

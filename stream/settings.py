@@ -158,8 +158,9 @@ class DetectSettings(BaseModel):
     #: model sees a few batch shapes: each is autotuned (cuDNN) and captured (CUDA graph)
     #: once instead of per batch size. 1 pads nothing.
     pad_batch_to: int = Field(default=8, ge=1)
-    #: On CUDA, run the model's forward pass as a captured CUDA graph per input shape
-    #: (one launch instead of hundreds: the launches, not the GPU, bound small models).
+    #: On CUDA, run the detector's and the scorer's forward passes as captured CUDA graphs
+    #: per input shape (one launch instead of hundreds: the launches, not the GPU, bound
+    #: small models).
     cuda_graphs: bool = True
     #: Where JPEGs are decoded: ``gpu`` (nvJPEG on the detector's device, one batched call)
     #: or ``cpu`` (libjpeg-turbo in ``decode_threads`` threads, then one upload per batch).

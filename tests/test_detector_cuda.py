@@ -117,3 +117,25 @@ def test_host_decoding_uploads_the_frames_nvjpeg_would_decode(detector: Detector
         assert b.device.type == "cuda" and b.shape == a.shape and b.dtype == torch.uint8
         assert (a.float() - b.float()).abs().mean() < 2.0
     assert "k6" in str(uploaded[-1]) and not isinstance(uploaded[-1], torch.Tensor)
+
+
+def test_graphed_scorer_matches_the_eager_pass_and_keeps_each_batchs_outputs() -> None:
+    # Given one scorer with graphs and one without, When batches of sizes that pad to the
+    # same graph (3, 8) and to another (11) are scored back to back, Then every batch's
+    # probabilities and features equal the eager pass's, and an earlier batch's outputs
+    # are not overwritten by a later replay.
+    from stages.scorer import RoadworkScorer, build_model
+
+    torch.manual_seed(0)
+    model = build_model(pretrained=False)
+    graphed = RoadworkScorer(model, "cuda")
+    plain = RoadworkScorer(model, "cuda", cuda_graphs=False)
+    rng = np.random.default_rng(0)
+    batches = [[torch.from_numpy(rng.integers(0, 255, (3, 180, 320), dtype=np.uint8)).cuda() for _ in range(n)] for n in (3, 8, 11, 3)]
+    got = [graphed.score_frames(b) for b in batches]
+    assert sorted(graphed._graphs) == [8, 16]
+    for batch, (probs, pooled) in zip(batches, got):
+        want_probs, want_pooled = plain.score_frames(batch)
+        assert probs.shape == (len(batch),) and pooled.shape == (len(batch), 1280)
+        torch.testing.assert_close(probs, want_probs, atol=2e-3, rtol=0)
+        torch.testing.assert_close(pooled, want_pooled, atol=2e-2, rtol=2e-2)

@@ -181,7 +181,8 @@ class DetectHandler(Handler):
         """The scorer of ``detect.scorer``, on the detector's device (it reads the same pixels)."""
         from stages.scorer import RoadworkScorer
 
-        return RoadworkScorer.load(self.settings.detect.scorer, device=self.detector.device)
+        detect = self.settings.detect
+        return RoadworkScorer.load(detect.scorer, device=self.detector.device, cuda_graphs=detect.cuda_graphs)
 
     async def stop(self) -> None:
         """Drop launches still queued for the inference thread: on the CPU a forward pass
