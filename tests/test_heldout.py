@@ -107,3 +107,19 @@ def test_heldout_run_trains_scorer_detector_and_rule_end_to_end_on_the_cpu(pack,
     classifier = FrameClassifier.load(out / "scorer.pt", out / "roadwork_yolo11n.pt", out / "classify.json")
     (verdict,) = classifier.classify([read_image(pack / "images" / "zone_0.jpg")])
     assert 0.0 <= verdict.roadwork_probability <= 1.0
+
+
+def test_drawn_objects_join_the_copy_paste_set_and_every_fold_may_train_on_them(pack, tmp_path):
+    from stages.train.heldout import HeldoutSettings, load_items, scene_items
+    from stages.train.procedural import PROCEDURAL_SOURCE
+
+    settings = HeldoutSettings(pack=str(pack), out=str(tmp_path / "out"), synthetic=40, procedural=3)
+    items, synthetic = load_items(settings, log=lambda line: None)
+    drawn = [s for s in synthetic if PROCEDURAL_SOURCE in s.contains]
+    classes = {c for s in drawn for c, *_ in s.boxes}
+    assert drawn and classes - {0}  # drums, signs … besides cones
+    # Holding out any scene source (or all of them) keeps the frames made only of drawn
+    # objects on the other sources' roads: drawn objects come from no camera.
+    scenes = {i.source for i in scene_items(items)}
+    for s in drawn:
+        assert allowed(s, scenes - {s.source}) and not allowed(s, {s.source})

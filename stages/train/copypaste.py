@@ -44,6 +44,7 @@ OBJECT_HEIGHT_M: dict[str, tuple[float, float]] = {
     "vertical_panel": (0.9, 1.3),
     "tubular_marker": (0.7, 1.1),
     "roadwork_sign": (1.5, 2.2),
+    "arrow_board": (2.2, 3.0),
     "worker": (1.6, 1.9),
 }
 #: A pasted box smaller than this many pixels is not kept. At 6 px (first run) the

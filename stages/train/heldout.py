@@ -4,7 +4,9 @@
 built by ``stages.train.sources.build_pack``:
 
 1. **Copy-paste positives** (``stages.train.copypaste``): objects cut from the boxed sets'
-   training splits, pasted into clear frames of every scene source (seeded).
+   training splits, and with ``--procedural N`` objects drawn from code
+   (``stages.train.procedural``: drums, panels, markers, barriers, signs, arrow boards),
+   pasted into clear frames of every scene source (seeded).
 2. **Source folds** (``sources.source_folds``): the scene sources (footage clips and
    labelled frames) dealt into ``k`` folds. A fold's models never see any item whose pixels
    come from one of its sources: not its frames, not frames pasted onto its frames, not
@@ -67,6 +69,8 @@ class HeldoutSettings:
     workers: int = 4
     short_side: int = 256
     synthetic: int = 1500
+    #: Objects drawn per class (``stages.train.procedural``) added to the cut ones; 0: none.
+    procedural: int = 0
     #: Synthesised frames the scorer trains on (0: all); the detector takes all.
     scorer_synthetic: int = 0
     det_epochs: int = 40
@@ -106,6 +110,12 @@ def load_items(settings: HeldoutSettings, log: Log) -> tuple[list[Item], list[It
     if (synth_dir / "items.tsv").is_file():
         return items, read_pack(synth_dir)
     cutouts = cut_objects([i for i in items if i.boxes and i.split == "train"])
+    if settings.procedural:
+        from stages.train.procedural import draw_objects
+
+        drawn = draw_objects(settings.procedural, settings.seed)
+        log(f"copy-paste: {len(cutouts)} cut objects, {len(drawn)} drawn")
+        cutouts = [*cutouts, *drawn]
     backgrounds = [i for i in items if i.label == 0 and i.origin in EVAL_ORIGINS]
     synthetic = generate(backgrounds, cutouts, settings.synthetic, synth_dir, seed=settings.seed, log=log)
     return items, synthetic
