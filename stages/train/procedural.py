@@ -363,15 +363,15 @@ def draw_cone(rng) -> np.ndarray:
     return c.rgba()
 
 
-def _shade_and_wear(c: _Canvas, shade: np.ndarray, rng, rough: bool = False) -> None:
+def _shade_and_wear(c: _Canvas, shade: np.ndarray, rng) -> None:
     """Shading, low-frequency dirt and fine grain; retroreflective white stays brightest."""
     import cv2
 
     h, w = c.shape
     c.rgb *= shade[..., None] if shade.ndim == 2 else shade
     dirt = cv2.resize(rng.normal(0, 1, (max(2, h // 16), max(2, w // 16))).astype(np.float32), (w, h))
-    c.rgb *= (1 - rng.uniform(0.03, 0.2 if rough else 0.12) * np.clip(dirt, 0, None))[..., None]
-    c.rgb += rng.normal(0, rng.uniform(2, 9 if rough else 5), c.rgb.shape).astype(np.float32)
+    c.rgb *= (1 - rng.uniform(0.03, 0.12) * np.clip(dirt, 0, None))[..., None]
+    c.rgb += rng.normal(0, rng.uniform(2, 5), c.rgb.shape).astype(np.float32)
     c.rgb *= rng.uniform(0.85, 1.1)
 
 
