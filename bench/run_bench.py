@@ -19,7 +19,8 @@ of ``--drive-minutes`` clip sets plus one long drive of ``--long-minutes``; each
 
 Each section reports footage seconds per wall second (``x_real_time``, six-camera drive
 seconds), frames per second (decoded frames for the ceilings, sampled frames otherwise),
-and the CPU and GPU busy share while it ran (``/proc/stat``; NVML where present).
+and the CPU and GPU busy share while it ran (``/proc/stat``; NVML where present), with
+the machine's steal share and, per stage, cores used and threads waiting for a CPU.
 Writes one JSON file (``--out``) and prints it.
 
     nice python3 bench/run_bench.py --quick                 # a tiny setting, any machine
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -149,17 +151,29 @@ class Busy:
 
     def __init__(self) -> None:
         self._gpu: list[float] = []
-        self._procs: dict[int, tuple[str, int, int]] = {}  # pid -> (label, first ticks, last ticks)
+        # pid -> (label, first ticks, last ticks, first run-queue wait ns, last wait ns)
+        self._procs: dict[int, tuple[str, int, int, int, int]] = {}
         self._t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._cpu0 = self._cpu_times()
 
     @staticmethod
-    def _cpu_times() -> tuple[int, int]:
+    def _cpu_times() -> tuple[int, int, int]:
+        """(all, idle + iowait, steal) jiffies of the whole machine (``/proc/stat``)."""
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
-        return sum(fields), idle
+        return sum(fields), fields[3] + fields[4], fields[7]
+
+    @staticmethod
+    def _run_delay_ns(pid: str) -> int:
+        """Nanoseconds the process's threads spent runnable but waiting for a CPU
+        (``/proc/PID/task/*/schedstat``, second field; 0 where the kernel keeps none)."""
+        total = 0
+        with contextlib.suppress(OSError):
+            for task in os.scandir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    total += int(Path(task.path, "schedstat").read_text().split()[1])
+        return total
 
     def __enter__(self) -> Busy:
         self._cpu0 = self._cpu_times()
@@ -217,7 +231,9 @@ class Busy:
                 except OSError:
                     continue
                 ticks = int(fields[11]) + int(fields[12])
-                self._procs[int(entry.name)] = (label, known[1] if known else ticks, ticks)
+                wait = self._run_delay_ns(entry.name)
+                self._procs[int(entry.name)] = (label, known[1] if known else ticks, ticks,
+                                                known[3] if known else wait, wait)  # fmt: skip
             if self._stop.wait(1.0):
                 return
 
@@ -235,9 +251,12 @@ class Busy:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        total1, idle1 = self._cpu_times()
-        total0, idle0 = self._cpu0
+        total1, idle1, steal1 = self._cpu_times()
+        total0, idle0, steal0 = self._cpu0
         self.cpu = 1 - (idle1 - idle0) / max(1, total1 - total0)
+        # A virtual machine's CPU time taken by its host: high, every process crawls while
+        # none looks busy.
+        self.steal = (steal1 - steal0) / max(1, total1 - total0)
         self.seconds = time.monotonic() - self._t0
         if self._thread is not None:
             self._thread.join()
@@ -245,21 +264,28 @@ class Busy:
         self.gpu = sum(self._gpu) / len(self._gpu) if self._gpu else None
 
     def figures(self) -> dict[str, float | None]:
-        """``cpu_busy`` and ``gpu_busy`` (0-1; GPU ``None`` without NVML)."""
-        return {"cpu_busy": round(self.cpu, 3), "gpu_busy": None if self.gpu is None else round(self.gpu, 3),
+        """``cpu_busy``, ``cpu_steal`` and ``gpu_busy`` (0-1; GPU ``None`` without NVML)."""
+        return {"cpu_busy": round(self.cpu, 3), "cpu_steal": round(self.steal, 3),
+                "gpu_busy": None if self.gpu is None else round(self.gpu, 3),
                 "cores_by_process": self.by_process()}  # fmt: skip
 
     def by_process(self) -> dict[str, dict[str, float]]:
-        """Per stage (and ``redis``, ``run``): processes, cores used in all, the busiest one's share.
+        """Per stage (and ``redis``, ``run``): processes, cores used in all, the busiest one's
+        share, and ``waiting_for_cpu``: threads runnable but not running, on average.
 
         A process near 1.0 is bound by one core (its event loop or the GIL): the stage it
-        serves is the place to look when the section's rate falls short.
+        serves is the place to look when the section's rate falls short. Processes that are
+        neither busy nor waiting for a CPU wait on something else (I/O, a lock, each other).
         """
         hz = os.sysconf("SC_CLK_TCK")
+        wall = max(self.seconds, 1e-6)
         stages: dict[str, list[float]] = {}
-        for label, first, last in self._procs.values():
-            stages.setdefault(label, []).append((last - first) / hz / max(self.seconds, 1e-6))
-        return {label: {"processes": len(shares), "cores": round(sum(shares), 2), "busiest": round(max(shares), 2)}
+        waits: dict[str, float] = {}
+        for label, first, last, wait0, wait1 in self._procs.values():
+            stages.setdefault(label, []).append((last - first) / hz / wall)
+            waits[label] = waits.get(label, 0.0) + (wait1 - wait0) / 1e9 / wall
+        return {label: {"processes": len(shares), "cores": round(sum(shares), 2), "busiest": round(max(shares), 2),
+                        "waiting_for_cpu": round(waits[label], 2)}
                 for label, shares in sorted(stages.items())}  # fmt: skip
 
 
