@@ -119,6 +119,10 @@ class IngestSettings(BaseModel):
     encoding: str = "jpeg"  # jpeg | raw
     jpeg_quality: int = 85
     decoder_threads: int = 0  # 0: the decoder's own choice
+    #: Clips of one job decoded at once (PyAV; NVDEC runs one). Above 1 a long drive's
+    #: camera job uses more than one decoder's worth of cores. 0: one at a time in a bare
+    #: worker, two in each PyAV ingest process of ``roadstream run``.
+    parallel_clips: int = Field(default=0, ge=0)
     #: The GPU an NVDEC ingest worker decodes on (``roadstream run`` spreads them).
     nvdec_device: str = "cuda:0"
     #: ``roadstream submit``'s jobs: ``drive``, one per drive; ``camera``, one per (drive,

@@ -26,13 +26,15 @@ pytestmark = pytest.mark.redis
 SHORT = tc.ClipSpec(duration_s=1.0)
 
 
-async def _ingest(redis_url: str, ns: str, jobs: list[Job], workers: int, max_deliveries: int | None = None) -> dict:
+async def _ingest(
+    redis_url: str, ns: str, jobs: list[Job], workers: int, max_deliveries: int | None = None, parallel_clips: int = 1
+) -> dict:
     """Run ``workers`` burst ingest workers over the jobs; everything published, by stream."""
     broker = RedisBroker(url=redis_url, namespace=ns)
     blobs = RedisBlobStore(redis_url, namespace=ns)
     # The footage is not under the cwd: its folders are the roots.
     roots = sorted({str(Path(p).resolve().parent) for job in jobs for clip in job.clips for p in clip.files.values()})
-    settings = Settings(namespace=ns, ingest=IngestSettings(roots=roots))
+    settings = Settings(namespace=ns, ingest=IngestSettings(roots=roots, parallel_clips=parallel_clips))
     if max_deliveries is not None:  # and one job a batch: a failed batch fails all its jobs
         settings.broker.max_deliveries = max_deliveries
         settings.worker.batch_size = 1
@@ -78,6 +80,28 @@ async def test_a_drive_split_per_camera_yields_the_frames_order_and_markers_of_t
         assert split[stream] == one[stream], stream
     ended = one[(":drives", None)][-1]
     assert [m.event for m in split[(":drives", None)]] == ["started", "ended"]
+    assert ended.problems and ended.missing and sum(ended.frame_counts.values()) > 0
+
+
+async def test_clips_decoded_in_parallel_publish_the_frames_order_and_markers_of_one_after_another(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # Given a four-minute drive of three cameras with a missing camera minute, a zero-byte
+    # clip and a truncated one
+    drive = tc.make_drive(tmp_path, minutes=4, cameras=tc.THREE, spec=SHORT, missing={(1, "front")})
+    tc.zero_byte(drive.clip(2, "left_repeater"))
+    tc.truncate(drive.clip(3, "front"), 0.5)
+    (whole,) = [d.to_job() for d in discover(tmp_path).drives]
+    # When ingested with clips one after another, and three at a time (whole and per camera)
+    one = await _ingest(redis_url, "rsseq", [whole], workers=1)
+    par = await _ingest(redis_url, "rspar", [whole], workers=1, parallel_clips=3)
+    parts = await _ingest(redis_url, "rsparts", split_job(whole, "camera"), workers=2, parallel_clips=3)
+    # Then every partition and the drives hop hold the same entries in the same order
+    assert one["dead"] == par["dead"] == parts["dead"] == []
+    assert sorted(one, key=str) == sorted(par, key=str) == sorted(parts, key=str)
+    for stream in one:
+        assert par[stream] == one[stream] == parts[stream], stream
+    ended = one[(":drives", None)][-1]
     assert ended.problems and ended.missing and sum(ended.frame_counts.values()) > 0
 
 

@@ -114,6 +114,11 @@ def test_children_get_their_device_and_decoder() -> None:
     assert all("ROADSTREAM_WORKER__PREFETCH" not in env for stage, env in envs if stage == "detect")
     # and the decoder threads of the three ingest processes share the 16 cores
     assert {env["ROADSTREAM_INGEST__DECODER_THREADS"] for env in ingest} == {"6"}
+    # and each decodes two clips of a job at once (a long drive's camera job is the tail)
+    assert {env["ROADSTREAM_INGEST__PARALLEL_CLIPS"] for env in ingest} == {"2"}
+    # unless the settings name a count
+    chosen = Settings(ingest=IngestSettings(decoder="auto", parallel_clips=1))
+    assert not any("ROADSTREAM_INGEST__PARALLEL_CLIPS" in env for _, env in child_envs(plan, chosen))
 
 
 def test_the_private_redis_keeps_nothing_on_disk_and_bounds_its_memory(tmp_path: Path) -> None:

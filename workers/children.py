@@ -74,6 +74,11 @@ def child_envs(plan: Plan, settings: Settings) -> list[tuple[str, dict[str, str]
                     # only queue more frames).
                     share = -(-plan.cores // max(1, count))
                     env[f"{ENV_PREFIX}INGEST__DECODER_THREADS"] = str(share)
+                if settings.ingest.parallel_clips == 0:
+                    # Two clips of a job at once: a long drive's camera jobs outlast the
+                    # rest and would otherwise each hold one decoder's worth of cores
+                    # (1.44x on one 6-clip camera job, 2 cores: bench/ingest_bench.py).
+                    env[f"{ENV_PREFIX}INGEST__PARALLEL_CLIPS"] = "2"
             if stage == names.INGEST and settings.ingest.decoder == "auto":
                 env[f"{ENV_PREFIX}INGEST__DECODER"] = "nvdec" if i < plan.nvdec_ingest else "pyav"
             if stage == names.INGEST and i < plan.nvdec_ingest:

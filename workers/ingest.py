@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -334,16 +336,57 @@ class IngestHandler(Handler):
         return len(shots)
 
     def _decode_drive(self, job: Job, cameras: list[str], pool: _Encoders) -> Iterator[_Piece]:
-        """Every camera minute of the drive in publishing order (runs in the decoding thread)."""
+        """Every camera minute of the drive in publishing order (runs in the decoding thread).
+
+        With ``ingest.parallel_clips`` above 1 (PyAV only), that many clips decode at once in
+        threads of their own and their pieces come out in the same order: one long drive's
+        camera job is the critical path of a run once the short drives are done (on the
+        H200, the 10-minute drive's six camera jobs held six of twelve processes to the end).
+        """
         offsets = minute_offsets(job)
+        units = []  # (clip index, camera, path or None, offset, limit) in publishing order
         for index, clip in enumerate(job.clips):
             limit = offsets[index + 1] - offsets[index] if index + 1 < len(job.clips) else float("inf")
-            for camera in cameras:
-                path = clip.files.get(camera)
+            units.extend((index, camera, clip.files.get(camera), offsets[index], limit) for camera in cameras)
+        parallel = (self.settings.ingest.parallel_clips or 1) if self.decoder != "nvdec" else 1
+        if parallel <= 1:
+            for index, camera, path, offset, limit in units:
                 if path is None:
                     yield _Piece(index, camera, [], None, last=True)
                 else:
-                    yield from self._decode_clip(index, camera, path, offsets[index], limit, pool)
+                    yield from self._decode_clip(index, camera, path, offset, limit, pool)
+            return
+        yield from self._decode_parallel(units, parallel, pool)
+
+    def _decode_parallel(self, units: list[tuple], parallel: int, pool: _Encoders) -> Iterator[_Piece]:
+        """``units``' pieces in order, ``parallel`` clips decoding at once, each whole."""
+        stop = threading.Event()
+
+        def whole(index: int, camera: str, path: str | None, offset: float, limit: float) -> list[_Piece]:
+            if path is None:
+                return [_Piece(index, camera, [], None, last=True)]
+            pieces = []
+            for piece in self._decode_clip(index, camera, path, offset, limit, pool):
+                pieces.append(piece)
+                if stop.is_set():  # the consumer is gone: stop decoding
+                    break
+            return pieces
+
+        clips = ThreadPoolExecutor(parallel, thread_name_prefix="ingest-clip")
+        try:
+            pending: deque[Future] = deque()
+            queued = iter(units)
+            for unit in itertools.islice(queued, parallel):
+                pending.append(clips.submit(whole, *unit))
+            while pending:
+                pieces = pending.popleft().result()
+                unit = next(queued, None)
+                if unit is not None:
+                    pending.append(clips.submit(whole, *unit))
+                yield from pieces
+        finally:
+            stop.set()
+            clips.shutdown(wait=False, cancel_futures=True)
 
     def _decode_clip(
         self, index: int, camera: str, path: str, offset_s: float, limit_s: float, pool: _Encoders
