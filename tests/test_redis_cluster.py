@@ -1,0 +1,120 @@
+"""What only a Redis Cluster asks of the broker and the blob store (the rest of their
+behaviour is the conformance suites', which run on the cluster too)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import pytest
+from redis.asyncio.cluster import ClusterNode
+from redis.crc import key_slot
+
+from brokers.base import Publish
+from brokers.connect import connect
+from brokers.redis import RedisBlobStore, RedisBroker, is_cluster_url
+from stream.names import blob_name, dead_letter_name, stream_name
+
+pytestmark = pytest.mark.redis
+
+NS = "rstest"
+NON_PARTITIONED = ("jobs", "segments", "escalations", "verdicts", "drives")
+
+
+def test_cluster_urls_are_told_apart_by_scheme() -> None:
+    # Given URLs of each kind; When asked; Then only the +cluster schemes are a cluster
+    assert is_cluster_url("redis+cluster://h:7000") and is_cluster_url("rediss+cluster://u:p@h:7000/0")
+    assert not any(is_cluster_url(u) for u in ("redis://h:6379/0", "rediss://h", "unix:///s.sock"))
+
+
+async def test_connect_opens_a_cluster_client_with_acl_and_tls_without_connecting() -> None:
+    # Given a TLS cluster URL with ACL credentials; When opened (lazily)
+    broker, blobs = connect("rediss+cluster://alice:s3cret@example.invalid:7000", ssl_cert_reqs="none")
+    # Then both are cluster clients that carry the credentials and TLS
+    kwargs = broker.client.get_connection_kwargs()
+    assert broker.cluster and blobs.cluster
+    assert (kwargs["username"], kwargs["password"]) == ("alice", "s3cret")
+    assert kwargs["connection_class"].__name__ == "SSLConnection"
+    await broker.close()
+    await blobs.close()
+
+
+def test_non_partitioned_streams_spread_over_slots() -> None:
+    # Given the streams of the hops that are not partitioned, and the dead letters
+    streams = [stream_name(hop) for hop in NON_PARTITIONED] + [dead_letter_name()]
+    # When hashed; Then each has a slot of its own
+    assert len({key_slot(s.encode()) for s in streams}) == len(streams)
+
+
+def test_a_blob_and_its_version_key_share_a_slot_and_blobs_spread() -> None:
+    # Given frame blob names; Then a blob's version key is in its slot, and blobs spread
+    name = blob_name("d1:front:7")
+    assert key_slot(name.encode()) == key_slot(f"{name}:version".encode())
+    assert len({key_slot(blob_name(f"d1:front:{i}").encode()) for i in range(64)}) > 50
+
+
+async def test_a_read_over_slots_on_several_nodes_wakes_up_on_publish(redis_cluster_url: str) -> None:
+    # Given a consumer blocked on streams whose slots are spread over the primaries
+    broker = RedisBroker(url=redis_cluster_url, namespace=NS)
+    streams = [stream_name("frames", p, NS) for p in range(8)]
+    await broker.read("g", "c", streams, count=10, block_ms=0)
+    nodes = {broker.reader.get_node_from_key(s).name for s in streams}
+
+    async def publish_later() -> None:
+        await asyncio.sleep(0.2)
+        await broker.publish(streams[5], b"x")
+
+    # When an entry is published to one of them
+    started = time.monotonic()
+    entries, _ = await asyncio.gather(broker.read("g", "c", streams, count=10, block_ms=3000), publish_later())
+    waited = time.monotonic() - started
+    await broker.close()
+    # Then the read returns it well before its block ends
+    assert len(nodes) > 1
+    assert [e.data for e in entries] == [b"x"]
+    assert waited < 1.0
+
+
+async def test_a_blob_batch_is_one_round_trip_per_node_all_at_once(
+    redis_cluster_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 200 blobs spread over the cluster
+    store = RedisBlobStore(redis_cluster_url, namespace=NS, fetch_keys=16)
+    keys = [f"d:front:{i}" for i in range(200)]
+    await store.put_many({k: k.encode() for k in keys})
+    calls: Counter = Counter()
+    original = ClusterNode.execute_pipeline
+
+    async def counted(node: ClusterNode, commands: list) -> bool:
+        calls[node.name] += 1
+        return await original(node, commands)
+
+    monkeypatch.setattr(ClusterNode, "execute_pipeline", counted)
+    # When fetched in one batch (with two that are missing)
+    got = await store.get_many([*keys, "gone", keys[3]])
+    await store.close()
+    # Then every blob comes back in order, from one pipeline to each primary
+    assert got == [k.encode() for k in keys] + [None, keys[3].encode()]
+    assert len(calls) == 3 and set(calls.values()) == {1}
+
+
+async def test_a_publish_batch_to_partitions_on_every_node_keeps_dedupe(redis_cluster_url: str) -> None:
+    # Given a batch of outputs to partitions on several nodes, published twice
+    broker = RedisBroker(url=redis_cluster_url, namespace=NS)
+    items = [Publish(stream_name("detections", p % 6, NS), b"%d" % p, f"k{p}") for p in range(24)]
+    first = await broker.publish_many(items)
+    again = await broker.publish_many(items)
+    lengths = [(await broker.stats(stream_name("detections", p, NS))).length for p in range(6)]
+    await broker.close()
+    # Then the second publish returns the first's ids and adds nothing
+    assert again == first
+    assert lengths == [4] * 6
+
+
+async def test_used_memory_is_the_fullest_primarys(redis_cluster_url: str) -> None:
+    # Given a broker on the cluster; When asked for used memory; Then one positive figure
+    broker = RedisBroker(url=redis_cluster_url, namespace=NS)
+    used = await broker.used_memory()
+    await broker.close()
+    assert isinstance(used, int) and used > 0
