@@ -58,7 +58,9 @@ def connect(
         bounds = settings or BrokerSettings()
         client_kwargs = {**client_kwargs_for(bounds), **client_kwargs}
         broker = RedisBroker(url=url, namespace=namespace, settings=settings, **client_kwargs)
-        return broker, RedisBlobStore(url, namespace=namespace, fetch_keys=bounds.blob_fetch_keys, **client_kwargs)
+        blobs = RedisBlobStore(url, namespace=namespace, fetch_keys=bounds.blob_fetch_keys, replica_acks=bounds.replica_acks,
+                               replica_ack_timeout_ms=bounds.replica_ack_timeout_ms, **client_kwargs)  # fmt: skip
+        return broker, blobs
     if scheme == MEMORY_SCHEME:
         return memory_pair(memory_name(url), namespace=namespace, settings=settings)
     message = f"broker URL {masked(url)!r}: scheme must be one of redis, rediss, unix, redis+cluster, rediss+cluster, memory"

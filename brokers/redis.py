@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -69,6 +70,8 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 #: (one blocking XREADGROUP per slot, in parallel): the most an entry may wait beyond
 #: its arrival before the read returns it.
 CLUSTER_POLL_MS = 50
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -379,12 +382,17 @@ class RedisBroker(Broker):
                     pipe.execute_command("EVALSHA", self._publish_many_sha, 1, first.stream, *payloads)
                 else:
                     pipe.xadd(first.stream, {FIELD: first.data})
+            waits = await self._wait_for_replicas(pipe, [items[run[0]].stream for run in runs])
             results = await pipe.execute(raise_on_error=False)
+        results = _checked_waits(results, waits, self.settings.replica_acks)
         replies: list[Any] = [None] * len(items)
         for run, result in zip(runs, results, strict=True):
             for j, i in enumerate(run):
                 replies[i] = result[j] if isinstance(result, list) else result
         return replies
+
+    async def _wait_for_replicas(self, pipe: Any, keys: Sequence[str]) -> int:
+        return await add_replica_waits(self.client, pipe, keys, self.settings.replica_acks, self.settings.replica_ack_timeout_ms)
 
     # -- consuming ----------------------------------------------------------------
 
@@ -784,9 +792,11 @@ class RedisBlobStore(BlobStore):
 
     def __init__(
         self, client: aioredis.Redis | RedisCluster | str, *, namespace: str = DEFAULT_NAMESPACE, fetch_keys: int = 64,
-        **client_kwargs: Any,
+        replica_acks: int = 0, replica_ack_timeout_ms: int = 100, **client_kwargs: Any,
     ) -> None:
         self.fetch_keys = max(1, fetch_keys)
+        self.replica_acks = replica_acks
+        self.replica_ack_timeout_ms = replica_ack_timeout_ms
         self._owns_client = isinstance(client, str)
         self.client = client_from_url(client, **client_kwargs) if isinstance(client, str) else client
         self.namespace = namespace
@@ -808,10 +818,12 @@ class RedisBlobStore(BlobStore):
         if not blobs:
             return
         async with self.client.pipeline(transaction=False) as pipe:
-            for key, blob in blobs.items():
-                pipe.set(blob_name(key, self.namespace), blob, ex=ttl_s)
+            names = [blob_name(key, self.namespace) for key in blobs]
+            for name, blob in zip(names, blobs.values(), strict=True):
+                pipe.set(name, blob, ex=ttl_s)
             pipe.incrby(self.counter, sum(len(b) for b in blobs.values()))
-            await pipe.execute()
+            waits = await add_replica_waits(self.client, pipe, names, self.replica_acks, self.replica_ack_timeout_ms)
+            _checked_waits(await pipe.execute(), waits, self.replica_acks)
 
     @translate_errors
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -892,6 +904,39 @@ def _entry(stream: str, entry_id: str, fields: Mapping[bytes, bytes], deliveries
         problem = f"entry has no payload field {text(FIELD)!r} (its fields: {shown})"
         return Entry(stream, entry_id, b"", deliveries, problem)
     return Entry(stream, entry_id, data, deliveries)
+
+
+async def add_replica_waits(client: Any, pipe: Any, keys: Sequence[str], replicas: int, timeout_ms: int) -> int:
+    """Append ``WAIT replicas timeout_ms`` to ``pipe`` once for each node that ``keys``
+    live on (after the writes, on the same connection: it waits for them). Returns how
+    many were appended, the last replies of the pipeline. None when ``replicas`` is 0."""
+    if replicas <= 0 or not keys:
+        return 0
+    if not isinstance(client, RedisCluster):
+        pipe.execute_command("WAIT", replicas, timeout_ms)
+        return 1
+    await client.initialize()
+    nodes = {node.name: node for node in (client.get_node_from_key(k) for k in dict.fromkeys(keys))}
+    for node in nodes.values():
+        pipe.execute_command("WAIT", replicas, timeout_ms, target_nodes=node)
+    return len(nodes)
+
+
+_last_replica_warning = [0.0]
+
+
+def _checked_waits(results: list[Any], waits: int, replicas: int) -> list[Any]:
+    """The pipeline's replies without the trailing WAITs; says (at most once a minute)
+    when fewer replicas than asked confirmed the writes in time."""
+    if not waits:
+        return results
+    confirmed = results[-waits:]
+    short = [c for c in confirmed if isinstance(c, Exception) or int(c) < replicas]
+    if short and time.monotonic() - _last_replica_warning[0] > 60:
+        _last_replica_warning[0] = time.monotonic()
+        log.warning("writes confirmed by fewer replicas than broker.replica_acks=%d (%s): a failover "
+                    "now could lose them", replicas, short)  # fmt: skip
+    return results[:-waits]
 
 
 def _group_by_slot(client: RedisCluster, keys: Sequence[str]) -> dict[int, list[str]]:

@@ -580,21 +580,38 @@ class RedisClusterServers:
         node = next(n for n in self.nodes if n.running)
         return redis.RedisCluster(host="127.0.0.1", port=node.port, require_full_coverage=False, **kwargs)
 
-    def wait_ok(self, timeout_s: float = 60.0, *, masters: int | None = None) -> None:
-        """Until every live node says ``cluster_state:ok``, all 16384 slots served, and
-        ``masters`` primaries alive (the configured count by default)."""
+    def wait_ok(self, timeout_s: float = 60.0, *, masters: int | None = None, replicas: int | None = None) -> None:
+        """Until every live node says ``cluster_state:ok`` with all 16384 slots served,
+        ``masters`` primaries serve them and each has ``replicas`` replicas in sync (the
+        configured counts by default)."""
         deadline = time.monotonic() + timeout_s
         want = self.masters if masters is None else masters
+        want_replicas = self.replicas if replicas is None else replicas
         while True:
             states = [self._info(n) for n in self.nodes if n.running]
-            if all(s.get("cluster_state") == "ok" and s.get("cluster_slots_ok") == "16384" for s in states) and (
-                len(self.primaries()) == want
+            primaries = self.primaries()
+            if (
+                all(s.get("cluster_state") == "ok" and s.get("cluster_slots_ok") == "16384" for s in states)
+                and len(primaries) == want
+                and all(self._replicas_in_sync(p) >= want_replicas for p in primaries)
             ):
                 return
             if time.monotonic() > deadline:
                 message = f"cluster not ok after {timeout_s} s: {states}"
                 raise RuntimeError(message)
             time.sleep(0.1)
+
+    @staticmethod
+    def _replicas_in_sync(node: RedisServer) -> int:
+        try:
+            with node.client(socket_timeout=1, socket_connect_timeout=1) as client:
+                info = client.info("replication")
+        except redis.RedisError:
+            return 0
+        return sum(
+            1 for key, value in info.items()
+            if key.startswith("slave") and isinstance(value, dict) and value.get("state") == "online"
+        )
 
     @staticmethod
     def _info(node: RedisServer) -> dict[str, str]:

@@ -240,6 +240,8 @@ class Pipeline:
         self.client = sync_client(url)
         self.procs: dict[int, tuple[str, subprocess.Popen]] = {}
         self.started = 0
+        #: More environment for the workers started from now on.
+        self.extra_env: dict[str, str] = {}
         logs.mkdir(parents=True, exist_ok=True)
 
     def run(self, drives: list, per_stage: int = 1) -> None:
@@ -255,7 +257,7 @@ class Pipeline:
             self.started += 1
             log = (self.logs / f"{self.started:02d}-{stage}.log").open("wb")
             command = [sys.executable, "-m", "workers.cli", "worker", stage, "--redis", self.url]
-            proc = subprocess.Popen(command, env=self.setup.env(), stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(command, env={**self.setup.env(), **self.extra_env}, stdout=log, stderr=subprocess.STDOUT)
             log.close()
             self.procs[proc.pid] = (stage, proc)
 
@@ -597,8 +599,10 @@ class PrimaryKiller:
 def test_a_cluster_primary_killed_mid_run_fails_over_and_loses_and_doubles_no_verdict(
     setup, reference, private_cluster, pipeline_factory, stage, hop
 ):
-    # Given a worker of each stage on a three-primary cluster with a replica each
+    # Given a worker of each stage on a three-primary cluster with a replica each, the
+    # workers waiting for a replica to hold their outputs before they ack (as deployed)
     pipeline = pipeline_factory(private_cluster.url())
+    pipeline.extra_env = {"ROADSTREAM_BROKER__REPLICA_ACKS": "1"}
     pipeline.run(setup.drives)
 
     # When the primary of a stream the stage holds entries of is SIGKILLed mid-run
@@ -607,7 +611,7 @@ def test_a_cluster_primary_killed_mid_run_fails_over_and_loses_and_doubles_no_ve
 
     # Then its replica took over, the workers went on by themselves, and every verdict came once
     assert killer.killed, f"the run ended before {stage} held entries of {hop}"
-    private_cluster.wait_ok(timeout_s=30)
+    private_cluster.wait_ok(timeout_s=30, replicas=0)
     assert killer.killed[0][0] not in [n.port for n in private_cluster.primaries()], "no replica took over"
     lost = reference.keys(setup.drive_ids) - outcome.keys(setup.drive_ids)
     print(f"failover {hop}: killed {killer.killed[0][:2]}; lost {len(lost)}, doubled {len(outcome.doubled())}")

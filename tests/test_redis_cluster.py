@@ -8,6 +8,7 @@ import time
 from collections import Counter
 
 import pytest
+import redis
 from redis.asyncio.cluster import ClusterNode
 from redis.crc import key_slot
 
@@ -15,6 +16,7 @@ from brokers.base import Publish
 from brokers.connect import connect
 from brokers.redis import RedisBlobStore, RedisBroker, is_cluster_url
 from stream.names import blob_name, dead_letter_name, stream_name
+from stream.settings import BrokerSettings
 
 pytestmark = pytest.mark.redis
 
@@ -118,3 +120,34 @@ async def test_used_memory_is_the_fullest_primarys(redis_cluster_url: str) -> No
     used = await broker.used_memory()
     await broker.close()
     assert isinstance(used, int) and used > 0
+
+
+async def test_replica_acks_put_the_outputs_on_each_written_nodes_replica(redis_cluster_url: str) -> None:
+    # Given a broker that waits for one replica, and streams on every primary
+    settings = BrokerSettings(replica_acks=1, replica_ack_timeout_ms=2000)
+    broker = RedisBroker(url=redis_cluster_url, namespace=NS, settings=settings)
+    streams = [stream_name("detections", p, NS) for p in range(6)]
+    # When a batch is published to them
+    await broker.publish_many([Publish(s, b"x", f"k{s}") for s in streams])
+    # Then, as soon as it returns, each stream's replica already holds its entry
+    lengths = []
+    for stream in streams:
+        replica = broker.client.nodes_manager.slots_cache[broker.client.keyslot(stream)][1]
+        with redis.Redis(host=replica.host, port=replica.port) as client:
+            client.execute_command("READONLY")
+            lengths.append(client.xlen(stream))
+    await broker.close()
+    assert lengths == [1] * 6
+
+
+async def test_replica_acks_on_a_server_without_replicas_wait_out_the_timeout(redis_url: str) -> None:
+    # Given a single server (no replica) and a broker that asks for one
+    settings = BrokerSettings(replica_acks=1, replica_ack_timeout_ms=50)
+    broker = RedisBroker(url=redis_url, namespace=NS, settings=settings)
+    # When it publishes; Then the entry is there after the wait, with its id
+    started = time.monotonic()
+    (entry_id,) = await broker.publish_many([Publish(stream_name("jobs", ns=NS), b"x", "k")])
+    waited = time.monotonic() - started
+    assert [e.id for e in await broker.range(stream_name("jobs", ns=NS))] == [entry_id]
+    await broker.close()
+    assert waited >= 0.05
