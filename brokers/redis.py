@@ -23,7 +23,7 @@ Why it looks the way it does:
   redis-py's ``RedisCluster`` instead. Every script and multi-key command already touches
   one slot: a partition's stream, its dedupe keys and its lease share the ``{p}`` tag, a
   non-partitioned stream's dedupe keys carry the stream's whole name as their tag, and a
-  blob and its version key share the blob key's tag. What a cluster changes is done here:
+  blob and its version key share the blob key's tag (a frame's: its drive and camera). What a cluster changes is done here:
   a read over streams of several slots is one ``XREADGROUP`` per slot (the blocking wait
   polls them in parallel, ``CLUSTER_POLL_MS`` at a time), a blob fetch is one ``MGET`` per
   slot sent as one pipeline per node, all nodes at once, and ``used_memory`` is the
@@ -849,10 +849,11 @@ class RedisBlobStore(BlobStore):
         by_slot = _group_by_slot(self.client, names)
         order: list[str] = []
         async with self.client.pipeline() as pipe:
-            for slot_names in by_slot.values():
+            for slot, slot_names in by_slot.items():
                 for start in range(0, len(slot_names), self.fetch_keys):
                     part = slot_names[start : start + self.fetch_keys]
-                    pipe.execute_command("MGET", *part)  # the method is refused in a cluster pipeline
+                    # The node named: redis-py would hash every key again to find it.
+                    pipe.execute_command("MGET", *part, target_nodes=self.client.nodes_manager.get_node_from_slot(slot))
                     order += part
             parts = await pipe.execute()
         found = dict(zip(order, (blob for part in parts for blob in part), strict=True))

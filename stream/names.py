@@ -70,11 +70,17 @@ def members_name(group: str, ns: str = DEFAULT_NAMESPACE) -> str:
 
 
 def blob_name(key: str, ns: str = DEFAULT_NAMESPACE) -> str:
-    """Redis key of one stored frame blob.
+    """Redis key of one stored blob.
 
-    The key is its own cluster hash tag: blobs spread over every slot, and keys made
-    from a blob's name (``…:version``) share its slot, so one script may touch both.
+    Its cluster hash tag is the key less a trailing ``:seq`` (a frame's ``drive:camera``,
+    ``stream.ids.blob_key``), else the whole key: one camera's frames share a slot, so
+    a detect batch, drawn from the few partitions its worker owns, is a few MGETs, while
+    the drives and cameras spread over every slot. Keys made from a blob's name
+    (``…:version``) share its slot, so one script may touch both.
     """
+    head, sep, seq = key.rpartition(":")
+    if sep and head and seq.isdigit():
+        return f"{ns}:blob:{{{head}}}:{seq}"
     return f"{ns}:blob:{{{key}}}"
 
 

@@ -49,11 +49,15 @@ def test_non_partitioned_streams_spread_over_slots() -> None:
     assert len({key_slot(s.encode()) for s in streams}) == len(streams)
 
 
-def test_a_blob_and_its_version_key_share_a_slot_and_blobs_spread() -> None:
-    # Given frame blob names; Then a blob's version key is in its slot, and blobs spread
-    name = blob_name("d1:front:7")
+def test_a_blob_and_its_version_key_share_a_slot_and_drive_cameras_spread() -> None:
+    # Given blob names: a checkpoint's, and frames of many drives and cameras
+    name = blob_name("fuse-checkpoint:d0123")
+    frames = [blob_name(f"d{d}:{cam}:{seq}") for d in range(20) for cam in ("front", "back") for seq in range(3)]
+    # Then a blob's version key is in its slot, a camera's frames share one, and the
+    # drives' cameras spread over the slots
     assert key_slot(name.encode()) == key_slot(f"{name}:version".encode())
-    assert len({key_slot(blob_name(f"d1:front:{i}").encode()) for i in range(64)}) > 50
+    assert len({key_slot(f.encode()) for f in frames[:3]}) == 1
+    assert len({key_slot(f.encode()) for f in frames}) == 40
 
 
 async def test_a_read_over_slots_on_several_nodes_wakes_up_on_publish(redis_cluster_url: str) -> None:
@@ -81,9 +85,9 @@ async def test_a_read_over_slots_on_several_nodes_wakes_up_on_publish(redis_clus
 async def test_a_blob_batch_is_one_round_trip_per_node_all_at_once(
     redis_cluster_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given 200 blobs spread over the cluster
+    # Given 200 blobs of 20 drives spread over the cluster
     store = RedisBlobStore(redis_cluster_url, namespace=NS, fetch_keys=16)
-    keys = [f"d:front:{i}" for i in range(200)]
+    keys = [f"d{i % 20}:front:{i}" for i in range(200)]
     await store.put_many({k: k.encode() for k in keys})
     calls: Counter = Counter()
     original = ClusterNode.execute_pipeline
