@@ -550,7 +550,9 @@ class RedisClusterServers:
             raise RuntimeError(message)
         count = self.masters * (1 + self.replicas)
         self.nodes = [self._start_node() for _ in range(count)]
-        command = [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+        first = self.nodes[0]
+        auth = ["--user", first.username or "", "--pass", first.password] if first.password else []
+        command = [REDIS_CLI, *auth, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
                    "--cluster-replicas", str(self.replicas), "--cluster-yes"]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
         if done.returncode != 0:
@@ -573,12 +575,13 @@ class RedisClusterServers:
     def url(self, scheme: str = "redis+cluster") -> str:
         """A cluster URL through the first live node."""
         node = next(n for n in self.nodes if n.running)
-        return f"{scheme}://127.0.0.1:{node.port}/0"
+        return node.url(0, scheme="redis").replace("redis://", f"{scheme}://", 1)
 
     def client(self, **kwargs: Any) -> redis.RedisCluster:
         """A synchronous cluster client (for checks and setup)."""
         node = next(n for n in self.nodes if n.running)
-        return redis.RedisCluster(host="127.0.0.1", port=node.port, require_full_coverage=False, **kwargs)
+        return redis.RedisCluster(host="127.0.0.1", port=node.port, require_full_coverage=False,
+                                  username=node.username, password=node.password, **kwargs)  # fmt: skip
 
     def wait_ok(self, timeout_s: float = 60.0, *, masters: int | None = None, replicas: int | None = None) -> None:
         """Until every live node says ``cluster_state:ok`` with all 16384 slots served,
