@@ -595,6 +595,55 @@ def test_compose_workers_open_the_metrics_port_beyond_loopback() -> None:
         assert env["ROADSTREAM_WORKER__METRICS_HOST"] == "0.0.0.0", stage
 
 
+def compose_merged(*files: str) -> dict[str, Any]:
+    """Compose files merged as ``docker compose -f A -f B`` does for what ours use: maps
+    merged key by key, ``ports``/``volumes`` lists added to, other values replaced."""
+
+    def merge(base: Any, over: Any, key: str = "") -> Any:
+        if isinstance(base, dict) and isinstance(over, dict):
+            return {k: merge(base.get(k), v, k) if k in base else v for k, v in over.items()} | {
+                k: v for k, v in base.items() if k not in over
+            }
+        if isinstance(base, list) and isinstance(over, list) and key in ("ports", "volumes"):
+            return base + [item for item in over if item not in base]
+        return over
+
+    merged: dict[str, Any] = {}
+    for name in files:
+        merged = merge(merged, yaml.safe_load((DEPLOY / name).read_text()))
+    return merged
+
+
+def test_compose_cluster_file_runs_every_stage_on_a_six_node_cluster() -> None:
+    """compose.yaml + compose.cluster.yaml: six AOF, noeviction cluster nodes on volumes of
+    their own, joined with a replica each before any worker starts; the workers on the
+    cluster URL with replica acks."""
+    merged = compose_merged("compose.yaml", "compose.cluster.yaml")
+    services = merged["services"]
+    nodes = ["redis", *(f"redis-{i}" for i in range(2, 7))]
+    for node in nodes:
+        command = services[node]["command"]
+        assert command[command.index("--cluster-enabled") + 1] == "yes"
+        assert command[command.index("--appendonly") + 1] == "yes"
+        assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    volumes = [services[n]["volumes"][-1].split(":")[0] for n in nodes]
+    assert len(set(volumes)) == 6 and set(volumes) <= merged["volumes"].keys()
+    create = services["redis-cluster-create"]
+    assert set(create["depends_on"]) == set(nodes)
+    script = create["entrypoint"][-1]
+    assert "--cluster-replicas 1" in script and all(n in script for n in nodes)
+    for stage in names.STAGES:
+        service = services[stage]
+        assert service["command"] == [stage, "--redis", "redis+cluster://redis:6379"]
+        assert parses_as_worker_command(service["command"]) == stage
+        assert service["depends_on"]["redis-cluster-create"] == {"condition": "service_completed_successfully"}
+        environment = {k: _compose_default(str(v)) for k, v in service["environment"].items()}
+        assert unknown_settings(environment) == [], stage
+        assert load_settings(environ=environment).broker.replica_acks == 1
+    for name, service in services.items():
+        assert set(service.get("depends_on", {})) <= services.keys(), name
+
+
 def _compose_default(value: str) -> str:
     """``${NAME:-default}`` as compose resolves it when NAME is unset."""
     match = re.fullmatch(r"\$\{\w+:-(.*)\}", value)
