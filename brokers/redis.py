@@ -810,7 +810,12 @@ class RedisBlobStore(BlobStore):
         """Store ``blob`` unless ``key`` holds a higher version (one script call; the version
         lives in a key of its own beside the blob, with the same TTL)."""
         name = blob_name(key, self.namespace)
-        return bool(await self._put_versioned(keys=[name, f"{name}:version"], args=[blob, int(version), int(ttl_s)]))
+        stored = bool(await self._put_versioned(keys=[name, f"{name}:version"], args=[blob, int(version), int(ttl_s)]))
+        if stored and self.replica_acks:  # a checkpoint covers entries about to be acked
+            async with self.client.pipeline(transaction=False) as pipe:
+                waits = await add_replica_waits(self.client, pipe, [name], self.replica_acks, self.replica_ack_timeout_ms)
+                _checked_waits(await pipe.execute(), waits, self.replica_acks)
+        return stored
 
     @translate_errors
     async def put_many(self, blobs: Mapping[str, bytes], *, ttl_s: int = DEFAULT_BLOB_TTL_S) -> None:

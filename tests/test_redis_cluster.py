@@ -155,3 +155,21 @@ async def test_replica_acks_on_a_server_without_replicas_wait_out_the_timeout(re
     assert [e.id for e in await broker.range(stream_name("jobs", ns=NS))] == [entry_id]
     await broker.close()
     assert waited >= 0.05
+
+
+async def test_replica_acks_put_blobs_and_checkpoints_on_the_replica(redis_cluster_url: str) -> None:
+    # Given a blob store that waits for one replica
+    store = RedisBlobStore(redis_cluster_url, namespace=NS, replica_acks=1, replica_ack_timeout_ms=2000)
+    # When a frame blob and a checkpoint are stored
+    await store.put_many({"d1:front:0": b"jpeg"})
+    await store.put_versioned("fuse-checkpoint:d1", b"state", 3, ttl_s=60)
+    # Then each one's replica holds it as soon as the call returns
+    held = []
+    for key in ("d1:front:0", "fuse-checkpoint:d1"):
+        name = blob_name(key, NS)
+        replica = store.client.nodes_manager.slots_cache[store.client.keyslot(name)][1]
+        with redis.Redis(host=replica.host, port=replica.port) as client:
+            client.execute_command("READONLY")
+            held.append(client.get(name))
+    await store.close()
+    assert held == [b"jpeg", b"state"]
