@@ -167,6 +167,7 @@ def main() -> None:
     parser.add_argument("--blob-bytes", type=int, default=48_000, help="a 1280x960 JPEG at quality 75 is about this")
     parser.add_argument("--seconds", type=float, default=4.0, help="fetch time per client")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, interleaved; the median is shown")
+    parser.add_argument("--only", choices=("hop", "fetch"), help="run one measure only")
     parser.add_argument("--masters", type=int, default=3)
     parser.add_argument("--replicas", type=int, default=0)
     args = parser.parse_args()
@@ -176,7 +177,7 @@ def main() -> None:
     with redis_server(None, None) as single, redis_cluster(args.masters, args.replicas) as cluster:
         targets = {"single": single, "cluster": cluster}
         for _ in range(args.rounds):
-            for kind in ("hop", "fetch"):
+            for kind in [args.only] if args.only else ["hop", "fetch"]:
                 for clients in counts:
                     for name, url in targets.items():  # interleaved: drift hits both alike
                         flush(url)

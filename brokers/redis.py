@@ -371,17 +371,19 @@ class RedisBroker(Broker):
         # EVALSHA straight into the pipeline: redis-py's Script in a pipeline would first
         # ask SCRIPT EXISTS, a second round trip on every batch. (As a raw command: the
         # cluster pipeline refuses its ``evalsha`` method, not the command.)
+        await self._ready()
         async with self.client.pipeline(transaction=False) as pipe:
             for run in runs:
                 first = items[run[0]]
                 payloads = [items[i].data for i in run]
+                at = self._at(first.stream)
                 if first.dedupe_key is not None:
                     keys = [self.dedupe_name(first.stream, items[i].dedupe_key) for i in run]
-                    pipe.execute_command("EVALSHA", self._publish_once_sha, 1 + len(keys), first.stream, *keys, ttl, *payloads)
+                    pipe.execute_command("EVALSHA", self._publish_once_sha, 1 + len(keys), first.stream, *keys, ttl, *payloads, **at)
                 elif len(run) > 1:
-                    pipe.execute_command("EVALSHA", self._publish_many_sha, 1, first.stream, *payloads)
+                    pipe.execute_command("EVALSHA", self._publish_many_sha, 1, first.stream, *payloads, **at)
                 else:
-                    pipe.xadd(first.stream, {FIELD: first.data})
+                    pipe.execute_command("XADD", first.stream, "*", FIELD, first.data, **at)
             waits = await self._wait_for_replicas(pipe, [items[run[0]].stream for run in runs])
             results = await pipe.execute(raise_on_error=False)
         results = _checked_waits(results, waits, self.settings.replica_acks)
@@ -390,6 +392,18 @@ class RedisBroker(Broker):
             for j, i in enumerate(run):
                 replies[i] = result[j] if isinstance(result, list) else result
         return replies
+
+    async def _ready(self) -> None:
+        if self.cluster:
+            await self.client.initialize()  # no-op once the slot map is known
+
+    def _at(self, key: str) -> dict[str, Any]:
+        """On a cluster, the node of ``key``'s slot, named outright: redis-py would otherwise
+        hash every key of the command (a publish script has one per entry) to find it.
+        Nothing on one server."""
+        if not self.cluster:
+            return {}
+        return {"target_nodes": self.client.nodes_manager.get_node_from_slot(self.client.keyslot(key))}
 
     async def _wait_for_replicas(self, pipe: Any, keys: Sequence[str]) -> int:
         return await add_replica_waits(self.client, pipe, keys, self.settings.replica_acks, self.settings.replica_ack_timeout_ms)
@@ -489,10 +503,12 @@ class RedisBroker(Broker):
             return 0
         if len(by_stream) == 1:  # the common case needs no pipeline object
             ((stream, ids),) = by_stream.items()
-            return int(await self.client.xack(stream, group, *ids))
+            await self._ready()
+            return int(await self.client.execute_command("XACK", stream, group, *ids, **self._at(stream)))
+        await self._ready()
         async with self.client.pipeline(transaction=False) as pipe:
             for stream, ids in by_stream.items():
-                pipe.xack(stream, group, *ids)
+                pipe.execute_command("XACK", stream, group, *ids, **self._at(stream))
             return sum(await pipe.execute())
 
     @translate_errors

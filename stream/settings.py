@@ -22,7 +22,9 @@ from stream.names import DEFAULT_NAMESPACE
 
 ENV_PREFIX = "ROADSTREAM_"
 #: ``ROADSTREAM_…`` variables that are not settings (read by the CLI and the tests).
-NOT_SETTINGS = frozenset({"ROADSTREAM_CONFIG", "ROADSTREAM_LOG_FORMAT", "ROADSTREAM_TEST_REDIS_URL"})
+NOT_SETTINGS = frozenset(
+    {"ROADSTREAM_CONFIG", "ROADSTREAM_LOG_FORMAT", "ROADSTREAM_TEST_REDIS_URL", "ROADSTREAM_TEST_REDIS_CLUSTER_URL"}
+)
 #: A model setting that names the model shipped in the package (``stages.shipped``).
 SHIPPED = "shipped"
 CONFIG_ENV = "ROADSTREAM_CONFIG"
