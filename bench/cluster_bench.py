@@ -8,6 +8,8 @@ primaries (no replicas: ``--replicas`` adds them):
   producer, a ``Worker`` running the relay stage: decode, validate, encode, idempotent
   publish, ack); each client has a stream pair of its own, tagged ``{i}`` so that the
   clients' streams spread over the cluster's primaries as partitions do;
+  With ``--replicas 1 --replica-acks 1`` the cluster's clients wait for a replica on
+  every publish, as the cluster deploy files set it;
 * **blob fetch**: frame blobs (``--blob-bytes`` each) fetched in batches of ``--batch``
   keys by ``RedisBlobStore.get_many``, as detect does; on the cluster one pipeline per
   primary, in parallel.
@@ -59,12 +61,13 @@ def redis_cluster(masters: int, replicas: int) -> Iterator[str]:
         yield cluster.start().url()
 
 
-async def hop_client(url: str, client: int, entries: int, batch: int) -> float:
+async def hop_client(url: str, client: int, entries: int, batch: int, replica_acks: int = 0) -> float:
     """Entries per second of one client's hop (producer and relay worker, one process)."""
     from workers.runtime import Worker
 
     ns = f"{NS}{{{spread_tag(client)}}}"
-    settings = load_settings(environ={}, namespace=ns, worker={"batch_size": batch, "max_wait_ms": 5})
+    settings = load_settings(environ={}, namespace=ns, worker={"batch_size": batch, "max_wait_ms": 5},
+                             broker={"replica_acks": replica_acks if "cluster" in url else 0})  # fmt: skip
     broker = RedisBroker(url=url, namespace=ns, settings=settings.broker)
     blobs = RedisBlobStore(url, namespace=ns)
     handler = RelayHandler(dedupe=True)
@@ -134,7 +137,7 @@ def _run(args: tuple) -> float:
     if kind == "hop":
         async def main() -> float:
             await _barrier_sleep()
-            return await hop_client(url, client, options["entries"], options["hop_batch"])
+            return await hop_client(url, client, options["entries"], options["hop_batch"], options["replica_acks"])
         return asyncio.run(main())
     return asyncio.run(fetch_client(url, client, options["keys"], options["batch"], options["blob_bytes"], options["seconds"]))
 
@@ -170,6 +173,7 @@ def main() -> None:
     parser.add_argument("--only", choices=("hop", "fetch"), help="run one measure only")
     parser.add_argument("--masters", type=int, default=3)
     parser.add_argument("--replicas", type=int, default=0)
+    parser.add_argument("--replica-acks", type=int, default=0, help="broker.replica_acks of the cluster's hop clients")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     options = vars(args)
