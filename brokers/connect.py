@@ -1,7 +1,8 @@
 """One entry point from a URL to a broker and its blob store.
 
 ``redis://``, ``rediss://`` (TLS, ACL ``user:password@`` allowed) and ``unix://`` open
-Redis; ``memory://NAME`` returns brokers that share one process-wide in-memory state per
+Redis; ``redis+cluster://`` and ``rediss+cluster://`` open a Redis Cluster through any one
+of its nodes; ``memory://NAME`` returns brokers that share one process-wide in-memory state per
 name, so that several workers of ``roadstream run`` in one process see the same streams
 without a server. Each call gets its own broker object (its own settings and namespace)
 over the shared state, so closing one worker's broker never pulls the floor from another.
@@ -15,13 +16,13 @@ from urllib.parse import urlsplit
 from brokers.base import Broker
 from brokers.blobs import BlobStore
 from brokers.memory import MemoryBlobStore, MemoryBroker, MemoryState
-from brokers.redis import RedisBlobStore, RedisBroker, client_kwargs_for
+from brokers.redis import CLUSTER_SCHEMES, RedisBlobStore, RedisBroker, client_kwargs_for
 from stream.errors import ConfigError
 from stream.names import DEFAULT_NAMESPACE
 from stream.settings import BrokerSettings
 from stream.urls import masked
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_SCHEMES = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
 MEMORY_SCHEME = "memory"
 
 _memory_states: dict[str, MemoryState] = {}
@@ -38,8 +39,9 @@ def connect(
     """Open a broker and a blob store for ``url``.
 
     Parameters:
-        url: ``redis://[user:password@]host:port/db``, ``rediss://…``, ``unix:///path?db=N``
-            or ``memory://NAME`` (``memory://`` alone is the name ``default``).
+        url: ``redis://[user:password@]host:port/db``, ``rediss://…``, ``unix:///path?db=N``,
+            ``redis+cluster://[user:password@]host:port`` (any node of a cluster; TLS:
+            ``rediss+cluster://``) or ``memory://NAME`` (``memory://`` alone is the name ``default``).
         namespace: key prefix of everything written.
         settings: transport bounds.
         **client_kwargs: passed to ``redis.asyncio.from_url`` (``ssl_ca_certs``, …).
@@ -56,10 +58,12 @@ def connect(
         bounds = settings or BrokerSettings()
         client_kwargs = {**client_kwargs_for(bounds), **client_kwargs}
         broker = RedisBroker(url=url, namespace=namespace, settings=settings, **client_kwargs)
-        return broker, RedisBlobStore(url, namespace=namespace, fetch_keys=bounds.blob_fetch_keys, **client_kwargs)
+        blobs = RedisBlobStore(url, namespace=namespace, fetch_keys=bounds.blob_fetch_keys, replica_acks=bounds.replica_acks,
+                               replica_ack_timeout_ms=bounds.replica_ack_timeout_ms, **client_kwargs)  # fmt: skip
+        return broker, blobs
     if scheme == MEMORY_SCHEME:
         return memory_pair(memory_name(url), namespace=namespace, settings=settings)
-    message = f"broker URL {masked(url)!r}: scheme must be one of redis, rediss, unix, memory"
+    message = f"broker URL {masked(url)!r}: scheme must be one of redis, rediss, unix, redis+cluster, rediss+cluster, memory"
     raise ConfigError(message)
 
 

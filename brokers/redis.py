@@ -19,6 +19,15 @@ Why it looks the way it does:
   ``SET EX`` (a batch is one pipeline; a fetch is one ``MGET``) and counts the bytes in
   flight in one counter that a Lua script floors at zero, so a double release after a
   crash cannot make the backpressure signal negative.
+* **Redis Cluster too.** A ``redis+cluster://`` (or ``rediss+cluster://``) URL opens
+  redis-py's ``RedisCluster`` instead. Every script and multi-key command already touches
+  one slot: a partition's stream, its dedupe keys and its lease share the ``{p}`` tag, a
+  non-partitioned stream's dedupe keys carry the stream's whole name as their tag, and a
+  blob and its version key share the blob key's tag (a frame's: its drive and camera). What a cluster changes is done here:
+  a read over streams of several slots is one ``XREADGROUP`` per slot (the blocking wait
+  polls them in parallel, ``CLUSTER_POLL_MS`` at a time), a blob fetch is one ``MGET`` per
+  slot sent as one pipeline per node, all nodes at once, and ``used_memory`` is the
+  fullest primary's.
 * **Errors translated at the boundary.** Every public method turns redis connection and
   timeout errors into ``BrokerConnectionError`` (other redis errors into ``BrokerError``)
   so the runtime never imports redis to know a connection dropped.
@@ -26,13 +35,17 @@ Why it looks the way it does:
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 from redis import exceptions as rex
+from redis.asyncio.cluster import RedisCluster
 
 from brokers.base import Broker, Entry, GroupStats, Publish, StreamStats
 from brokers.blobs import DEFAULT_BLOB_TTL_S, BlobStore
@@ -50,6 +63,15 @@ from stream.settings import BrokerSettings
 FIELD = b"d"
 #: Most XAUTOCLAIM calls one ``claim`` makes while looking for idle entries.
 MAX_CLAIM_SCANS = 10
+#: URL schemes that open a Redis Cluster (the prefix the ``limits`` library, a redis-py
+#: user, also reads), and the plain schemes redis-py is given for them.
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+#: On a cluster, a blocking read over streams of several slots waits this long per round
+#: (one blocking XREADGROUP per slot, in parallel): the most an entry may wait beyond
+#: its arrival before the read returns it.
+CLUSTER_POLL_MS = 50
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -148,6 +170,16 @@ def translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]
         except (rex.ConnectionError, rex.TimeoutError, ConnectionError, TimeoutError) as exc:
             message = f"redis unreachable in {fn.__name__}: {exc}"
             raise BrokerConnectionError(message) from exc
+        except (rex.ClusterDownError, rex.TryAgainError, rex.SlotNotCoveredError) as exc:
+            # A failover in progress: the slot's primary is gone and no replica took over yet.
+            message = f"redis cluster unavailable in {fn.__name__} (failover?): {exc}"
+            raise BrokerConnectionError(message) from exc
+        except rex.RedisClusterException as exc:  # not a RedisError
+            if "cannot be connected" in str(exc):
+                message = f"redis cluster unreachable in {fn.__name__}: {exc}"
+                raise BrokerConnectionError(message) from exc
+            message = f"redis cluster error in {fn.__name__}: {exc}"
+            raise BrokerError(message) from exc
         except rex.ResponseError as exc:
             # Replies a pipeline or script returned as values (raise_on_error=False) come
             # here as plain ResponseErrors: name them by their prefix.
@@ -218,13 +250,25 @@ def blocking_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**kwargs, "socket_timeout": timeout + MAX_BLOCK_S} if timeout else dict(kwargs)
 
 
-def client_from_url(url: str, **kwargs: Any) -> aioredis.Redis:
-    """A ``redis.asyncio`` client for ``redis://``, ``rediss://`` or ``unix://`` URLs.
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``)."""
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+def client_from_url(url: str, **kwargs: Any) -> aioredis.Redis | RedisCluster:
+    """A ``redis.asyncio`` client for ``redis://``, ``rediss://`` or ``unix://`` URLs, or a
+    ``RedisCluster`` for ``redis+cluster://host:port`` and ``rediss+cluster://…``.
 
     ACL credentials come in the URL (``redis://user:password@host:6379/0``); extra keyword
-    arguments such as ``ssl_ca_certs`` pass through to ``redis.asyncio.from_url``.
+    arguments such as ``ssl_ca_certs`` pass through to ``redis.asyncio.from_url``. A cluster
+    URL names any one node (the client learns the others from it) and database 0 only.
     """
     kwargs.setdefault("decode_responses", False)
+    if is_cluster_url(url):
+        scheme, rest = url.split("://", 1)
+        # Keep serving the slots that have a primary while another's failover runs.
+        kwargs.setdefault("require_full_coverage", False)
+        return RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}", **kwargs)
     return aioredis.from_url(url, **kwargs)
 
 
@@ -232,8 +276,10 @@ class RedisBroker(Broker):
     """The ``Broker`` on Redis Streams.
 
     Parameters:
-        url: a ``redis://``, ``rediss://`` or ``unix://`` URL (used when no client is given).
-        client: a ready ``redis.asyncio.Redis`` with ``decode_responses=False``; the caller
+        url: a ``redis://``, ``rediss://``, ``unix://`` or ``redis+cluster://`` URL (used
+            when no client is given).
+        client: a ready ``redis.asyncio.Redis`` or ``RedisCluster`` with
+            ``decode_responses=False``; the caller
             keeps ownership of it and ``close`` leaves it open.
         namespace: prefix of the keys this broker makes itself (dedupe keys, dead letters).
         settings: transport bounds.
@@ -244,7 +290,7 @@ class RedisBroker(Broker):
         self,
         *,
         url: str | None = None,
-        client: aioredis.Redis | None = None,
+        client: aioredis.Redis | RedisCluster | None = None,
         namespace: str = DEFAULT_NAMESPACE,
         settings: BrokerSettings | None = None,
         **client_kwargs: Any,
@@ -259,6 +305,7 @@ class RedisBroker(Broker):
         # never holds a connection that a publish or an ack needs, and its socket timeout
         # covers the block (the commands' own timeout would cut a long block short).
         self.reader = self.client if client is not None else client_from_url(url or "", **blocking_kwargs(client_kwargs))
+        self.cluster = isinstance(self.client, RedisCluster)
         self._groups: set[tuple[str, str]] = set()  # (stream, group) known to exist
         self._publish_once_sha = self.client.register_script(_PUBLISH_ONCE).sha
         self._publish_many_sha = self.client.register_script(_PUBLISH_MANY).sha
@@ -322,24 +369,44 @@ class RedisBroker(Broker):
         runs = _publish_runs(items)
         ttl = self.settings.dedupe_ttl_s
         # EVALSHA straight into the pipeline: redis-py's Script in a pipeline would first
-        # ask SCRIPT EXISTS, a second round trip on every batch.
+        # ask SCRIPT EXISTS, a second round trip on every batch. (As a raw command: the
+        # cluster pipeline refuses its ``evalsha`` method, not the command.)
+        await self._ready()
         async with self.client.pipeline(transaction=False) as pipe:
             for run in runs:
                 first = items[run[0]]
                 payloads = [items[i].data for i in run]
+                at = self._at(first.stream)
                 if first.dedupe_key is not None:
                     keys = [self.dedupe_name(first.stream, items[i].dedupe_key) for i in run]
-                    pipe.evalsha(self._publish_once_sha, 1 + len(keys), first.stream, *keys, ttl, *payloads)
+                    pipe.execute_command("EVALSHA", self._publish_once_sha, 1 + len(keys), first.stream, *keys, ttl, *payloads, **at)
                 elif len(run) > 1:
-                    pipe.evalsha(self._publish_many_sha, 1, first.stream, *payloads)
+                    pipe.execute_command("EVALSHA", self._publish_many_sha, 1, first.stream, *payloads, **at)
                 else:
-                    pipe.xadd(first.stream, {FIELD: first.data})
+                    pipe.execute_command("XADD", first.stream, "*", FIELD, first.data, **at)
+            waits = await self._wait_for_replicas(pipe, [items[run[0]].stream for run in runs])
             results = await pipe.execute(raise_on_error=False)
+        results = _checked_waits(results, waits, self.settings.replica_acks)
         replies: list[Any] = [None] * len(items)
         for run, result in zip(runs, results, strict=True):
             for j, i in enumerate(run):
                 replies[i] = result[j] if isinstance(result, list) else result
         return replies
+
+    async def _ready(self) -> None:
+        if self.cluster:
+            await self.client.initialize()  # no-op once the slot map is known
+
+    def _at(self, key: str) -> dict[str, Any]:
+        """On a cluster, the node of ``key``'s slot, named outright: redis-py would otherwise
+        hash every key of the command (a publish script has one per entry) to find it.
+        Nothing on one server."""
+        if not self.cluster:
+            return {}
+        return {"target_nodes": self.client.nodes_manager.get_node_from_slot(self.client.keyslot(key))}
+
+    async def _wait_for_replicas(self, pipe: Any, keys: Sequence[str]) -> int:
+        return await add_replica_waits(self.client, pipe, keys, self.settings.replica_acks, self.settings.replica_ack_timeout_ms)
 
     # -- consuming ----------------------------------------------------------------
 
@@ -374,11 +441,59 @@ class RedisBroker(Broker):
     async def _xreadgroup(
         self, group: str, consumer: str, streams: Sequence[str], count: int, block_ms: int
     ) -> Any:
+        if self.cluster:
+            return await self._cluster_read(group, consumer, streams, count, block_ms)
         # BLOCK 0 means "forever" to Redis; ours means "do not block", so leave it out.
         block = block_ms if block_ms > 0 else None
         return await self.reader.xreadgroup(
             group, consumer, dict.fromkeys(streams, ">"), count=count, block=block
         )
+
+    async def _cluster_read(
+        self, group: str, consumer: str, streams: Sequence[str], count: int, block_ms: int
+    ) -> list[Any]:
+        """XREADGROUP on a cluster: one call per slot (a call may not cross slots).
+
+        Streams of one slot are one call, blocking as asked. Over several slots, one
+        non-blocking call per slot (a pipeline per node, all nodes at once); when all are
+        empty and the read may block, one blocking call per slot in parallel for up to
+        ``CLUSTER_POLL_MS``, then again, until an entry comes or the block is over. A
+        blocking call is never abandoned halfway: it would take entries into this
+        consumer's pending list and lose the reply.
+        """
+        await self.reader.initialize()  # no-op once the slot map is known
+        by_slot = _group_by_slot(self.reader, streams)
+        if len(by_slot) == 1:
+            ((slot, keys),) = by_slot.items()
+            return await self._read_slot(slot, group, consumer, keys, count, block_ms or None)
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            async with self.reader.pipeline() as pipe:
+                for slot, keys in by_slot.items():
+                    pipe.execute_command(*_xreadgroup_args(group, consumer, keys, count, None), target_nodes=self._node(slot))
+                replies = await pipe.execute()
+            rows = [row for reply in replies for row in reply or []]
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if rows or left_ms <= 0:
+                return rows
+            wait_ms = min(left_ms, CLUSTER_POLL_MS)
+            replies = await asyncio.gather(
+                *(self._read_slot(slot, group, consumer, keys, count, wait_ms) for slot, keys in by_slot.items())
+            )
+            rows = [row for reply in replies for row in reply or []]
+            if rows:
+                return rows
+
+    def _node(self, slot: int) -> Any:
+        return self.reader.nodes_manager.get_node_from_slot(slot)
+
+    async def _read_slot(
+        self, slot: int, group: str, consumer: str, streams: Sequence[str], count: int, block_ms: int | None
+    ) -> Any:
+        # The node named outright: redis-py would otherwise ask a server for XREADGROUP's
+        # keys (COMMAND GETKEYS) before every read, a second round trip.
+        args = _xreadgroup_args(group, consumer, streams, count, block_ms)
+        return await self.reader.execute_command(*args, target_nodes=self._node(slot))
 
     @translate_errors
     async def ack(self, group: str, entries: Sequence[Entry]) -> int:
@@ -388,10 +503,12 @@ class RedisBroker(Broker):
             return 0
         if len(by_stream) == 1:  # the common case needs no pipeline object
             ((stream, ids),) = by_stream.items()
-            return int(await self.client.xack(stream, group, *ids))
+            await self._ready()
+            return int(await self.client.execute_command("XACK", stream, group, *ids, **self._at(stream)))
+        await self._ready()
         async with self.client.pipeline(transaction=False) as pipe:
             for stream, ids in by_stream.items():
-                pipe.xack(stream, group, *ids)
+                pipe.execute_command("XACK", stream, group, *ids, **self._at(stream))
             return sum(await pipe.execute())
 
     @translate_errors
@@ -588,9 +705,14 @@ class RedisBroker(Broker):
 
     @translate_errors
     async def used_memory(self) -> int | None:
-        """The server's ``used_memory`` (INFO memory)."""
-        info = await self.client.info("memory")
-        return int(info["used_memory"])
+        """The server's ``used_memory`` (INFO memory); on a cluster, the fullest primary's
+        (the first to refuse writes)."""
+        if not self.cluster:
+            info = await self.client.info("memory")
+            return int(info["used_memory"])
+        infos = await self.client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+        per_node = infos.values() if "used_memory" not in infos else [infos]
+        return max(int(info["used_memory"]) for info in per_node)
 
     @translate_errors
     async def streams(self, pattern: str = "*") -> list[str]:
@@ -677,31 +799,39 @@ class RedisBlobStore(BlobStore):
     """Frame blobs in Redis string keys with a TTL; each batch is one pipelined round trip.
 
     Parameters:
-        client: a ``redis.asyncio.Redis`` (``decode_responses=False``; left open by
-            ``close``) or a URL to open one from.
+        client: a ``redis.asyncio.Redis`` or ``RedisCluster`` (``decode_responses=False``;
+            left open by ``close``) or a URL to open one from.
         namespace: prefix of the blob keys and of the in-flight byte counter.
         fetch_keys: blobs per MGET; a larger fetch is split, in one round trip.
         **client_kwargs: passed to ``redis.asyncio.from_url`` when ``client`` is a URL.
     """
 
     def __init__(
-        self, client: aioredis.Redis | str, *, namespace: str = DEFAULT_NAMESPACE, fetch_keys: int = 64,
-        **client_kwargs: Any,
+        self, client: aioredis.Redis | RedisCluster | str, *, namespace: str = DEFAULT_NAMESPACE, fetch_keys: int = 64,
+        replica_acks: int = 0, replica_ack_timeout_ms: int = 100, **client_kwargs: Any,
     ) -> None:
         self.fetch_keys = max(1, fetch_keys)
+        self.replica_acks = replica_acks
+        self.replica_ack_timeout_ms = replica_ack_timeout_ms
         self._owns_client = isinstance(client, str)
         self.client = client_from_url(client, **client_kwargs) if isinstance(client, str) else client
         self.namespace = namespace
         self.counter = f"{namespace}:blob-bytes-in-flight"
         self._release = self.client.register_script(_DECR_FLOOR)
         self._put_versioned = self.client.register_script(_PUT_VERSIONED)
+        self.cluster = isinstance(self.client, RedisCluster)
 
     @translate_errors
     async def put_versioned(self, key: str, blob: bytes, version: int, *, ttl_s: int) -> bool:
         """Store ``blob`` unless ``key`` holds a higher version (one script call; the version
         lives in a key of its own beside the blob, with the same TTL)."""
         name = blob_name(key, self.namespace)
-        return bool(await self._put_versioned(keys=[name, f"{name}:version"], args=[blob, int(version), int(ttl_s)]))
+        stored = bool(await self._put_versioned(keys=[name, f"{name}:version"], args=[blob, int(version), int(ttl_s)]))
+        if stored and self.replica_acks:  # a checkpoint covers entries about to be acked
+            async with self.client.pipeline(transaction=False) as pipe:
+                waits = await add_replica_waits(self.client, pipe, [name], self.replica_acks, self.replica_ack_timeout_ms)
+                _checked_waits(await pipe.execute(), waits, self.replica_acks)
+        return stored
 
     @translate_errors
     async def put_many(self, blobs: Mapping[str, bytes], *, ttl_s: int = DEFAULT_BLOB_TTL_S) -> None:
@@ -709,10 +839,12 @@ class RedisBlobStore(BlobStore):
         if not blobs:
             return
         async with self.client.pipeline(transaction=False) as pipe:
-            for key, blob in blobs.items():
-                pipe.set(blob_name(key, self.namespace), blob, ex=ttl_s)
+            names = [blob_name(key, self.namespace) for key in blobs]
+            for name, blob in zip(names, blobs.values(), strict=True):
+                pipe.set(name, blob, ex=ttl_s)
             pipe.incrby(self.counter, sum(len(b) for b in blobs.values()))
-            await pipe.execute()
+            waits = await add_replica_waits(self.client, pipe, names, self.replica_acks, self.replica_ack_timeout_ms)
+            _checked_waits(await pipe.execute(), waits, self.replica_acks)
 
     @translate_errors
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -720,6 +852,8 @@ class RedisBlobStore(BlobStore):
         if not keys:
             return []
         names = [blob_name(k, self.namespace) for k in keys]
+        if self.cluster:
+            return await self._cluster_get_many(names)
         if len(names) <= self.fetch_keys:
             return await self.client.mget(names)
         # Several MGETs in one round trip: the server answers each in turn, so one huge
@@ -728,6 +862,23 @@ class RedisBlobStore(BlobStore):
             for start in range(0, len(names), self.fetch_keys):
                 pipe.mget(names[start : start + self.fetch_keys])
             return [blob for part in await pipe.execute() for blob in part]
+
+    async def _cluster_get_many(self, names: list[str]) -> list[bytes | None]:
+        # One MGET per slot (an MGET may not cross slots); the cluster pipeline sends each
+        # node its MGETs in one round trip, to every node at once.
+        await self.client.initialize()
+        by_slot = _group_by_slot(self.client, names)
+        order: list[str] = []
+        async with self.client.pipeline() as pipe:
+            for slot, slot_names in by_slot.items():
+                for start in range(0, len(slot_names), self.fetch_keys):
+                    part = slot_names[start : start + self.fetch_keys]
+                    # The node named: redis-py would hash every key again to find it.
+                    pipe.execute_command("MGET", *part, target_nodes=self.client.nodes_manager.get_node_from_slot(slot))
+                    order += part
+            parts = await pipe.execute()
+        found = dict(zip(order, (blob for part in parts for blob in part), strict=True))
+        return [found[name] for name in names]
 
     @translate_errors
     async def delete_many(self, keys: Sequence[str]) -> int:
@@ -775,6 +926,53 @@ def _entry(stream: str, entry_id: str, fields: Mapping[bytes, bytes], deliveries
         problem = f"entry has no payload field {text(FIELD)!r} (its fields: {shown})"
         return Entry(stream, entry_id, b"", deliveries, problem)
     return Entry(stream, entry_id, data, deliveries)
+
+
+async def add_replica_waits(client: Any, pipe: Any, keys: Sequence[str], replicas: int, timeout_ms: int) -> int:
+    """Append ``WAIT replicas timeout_ms`` to ``pipe`` once for each node that ``keys``
+    live on (after the writes, on the same connection: it waits for them). Returns how
+    many were appended, the last replies of the pipeline. None when ``replicas`` is 0."""
+    if replicas <= 0 or not keys:
+        return 0
+    if not isinstance(client, RedisCluster):
+        pipe.execute_command("WAIT", replicas, timeout_ms)
+        return 1
+    await client.initialize()
+    nodes = {node.name: node for node in (client.get_node_from_key(k) for k in dict.fromkeys(keys))}
+    for node in nodes.values():
+        pipe.execute_command("WAIT", replicas, timeout_ms, target_nodes=node)
+    return len(nodes)
+
+
+_last_replica_warning = [0.0]
+
+
+def _checked_waits(results: list[Any], waits: int, replicas: int) -> list[Any]:
+    """The pipeline's replies without the trailing WAITs; says (at most once a minute)
+    when fewer replicas than asked confirmed the writes in time."""
+    if not waits:
+        return results
+    confirmed = results[-waits:]
+    short = [c for c in confirmed if isinstance(c, Exception) or int(c) < replicas]
+    if short and time.monotonic() - _last_replica_warning[0] > 60:
+        _last_replica_warning[0] = time.monotonic()
+        log.warning("writes confirmed by fewer replicas than broker.replica_acks=%d (%s): a failover "
+                    "now could lose them", replicas, short)  # fmt: skip
+    return results[:-waits]
+
+
+def _group_by_slot(client: RedisCluster, keys: Sequence[str]) -> dict[int, list[str]]:
+    """Keys by cluster slot, each slot's in the order given (duplicates kept once)."""
+    by_slot: dict[int, list[str]] = defaultdict(list)
+    for key in dict.fromkeys(keys):
+        by_slot[client.keyslot(key)].append(key)
+    return by_slot
+
+
+def _xreadgroup_args(group: str, consumer: str, streams: Sequence[str], count: int, block_ms: int | None) -> list[Any]:
+    """The words of an XREADGROUP for new entries (``block_ms`` None or 0: do not block)."""
+    block = ["BLOCK", block_ms] if block_ms else []
+    return ["XREADGROUP", "GROUP", group, consumer, "COUNT", count, *block, "STREAMS", *streams, *[">"] * len(streams)]
 
 
 def _ids_by_stream(entries: Sequence[Entry]) -> dict[str, list[str]]:

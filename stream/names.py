@@ -3,7 +3,9 @@
 Every hop of the pipeline is one Redis stream; the hops into stateful stages are
 partitioned (``frames:{p}``, ``detections:{q}`` …) so that one worker sees a
 partition's entries in order. The ``{p}`` braces double as Redis Cluster hash tags,
-so a partition's stream and its dedupe and lease keys share a slot.
+so a partition's stream and its dedupe and lease keys share a slot. Streams of
+non-partitioned hops (``rs:jobs``, ``rs:verdicts`` …) have no braces: each hashes by its
+whole name, so they land on slots of their own, spread over a cluster's nodes.
 """
 
 from __future__ import annotations
@@ -68,8 +70,18 @@ def members_name(group: str, ns: str = DEFAULT_NAMESPACE) -> str:
 
 
 def blob_name(key: str, ns: str = DEFAULT_NAMESPACE) -> str:
-    """Redis key of one stored frame blob."""
-    return f"{ns}:blob:{key}"
+    """Redis key of one stored blob.
+
+    Its cluster hash tag is the key less a trailing ``:seq`` (a frame's ``drive:camera``,
+    ``stream.ids.blob_key``), else the whole key: one camera's frames share a slot, so
+    a detect batch, drawn from the few partitions its worker owns, is a few MGETs, while
+    the drives and cameras spread over every slot. Keys made from a blob's name
+    (``…:version``) share its slot, so one script may touch both.
+    """
+    head, sep, seq = key.rpartition(":")
+    if sep and head and seq.isdigit():
+        return f"{ns}:blob:{{{head}}}:{seq}"
+    return f"{ns}:blob:{{{key}}}"
 
 
 def health_name(group: str, consumer: str, ns: str = DEFAULT_NAMESPACE) -> str:

@@ -22,7 +22,9 @@ from stream.names import DEFAULT_NAMESPACE
 
 ENV_PREFIX = "ROADSTREAM_"
 #: ``ROADSTREAM_…`` variables that are not settings (read by the CLI and the tests).
-NOT_SETTINGS = frozenset({"ROADSTREAM_CONFIG", "ROADSTREAM_LOG_FORMAT", "ROADSTREAM_TEST_REDIS_URL"})
+NOT_SETTINGS = frozenset(
+    {"ROADSTREAM_CONFIG", "ROADSTREAM_LOG_FORMAT", "ROADSTREAM_TEST_REDIS_URL", "ROADSTREAM_TEST_REDIS_CLUSTER_URL"}
+)
 #: A model setting that names the model shipped in the package (``stages.shipped``).
 SHIPPED = "shipped"
 CONFIG_ENV = "ROADSTREAM_CONFIG"
@@ -63,6 +65,14 @@ class BrokerSettings(BaseModel):
     socket_connect_timeout_s: float = 10.0
     #: Frame blobs per MGET; larger fetches are split (one round trip still).
     blob_fetch_keys: int = Field(default=64, ge=1)
+    #: Replicas that must hold a worker's outputs (and ingest's frame blobs) before it
+    #: acks their inputs: Redis replicates asynchronously, so a primary that dies right
+    #: after a write may take it along when its replica is promoted. ``WAIT`` in the same
+    #: round trip as the writes, on each node written (0: do not wait; 1 on a cluster with
+    #: a replica per primary: ``docs/operating.md``).
+    replica_acks: int = Field(default=0, ge=0)
+    #: The longest one such wait lasts (a primary with no live replica costs this).
+    replica_ack_timeout_ms: int = Field(default=100, ge=1)
     #: Entries kept on a stream that no group reads (segments while vera is off): its
     #: producer caps it at about this many, newest kept.
     ungrouped_cap: int = Field(default=10_000, ge=1)

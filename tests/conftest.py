@@ -7,6 +7,11 @@ the one on 127.0.0.1:6379, which may hold somebody's data), or the database that
 ``ROADSTREAM_TEST_REDIS_URL`` names; that database is flushed (never FLUSHALL) before and
 after each test. Without ``redis-server`` and without the variable they are skipped,
 except in CI, where they fail.
+
+The conformance suites (brokers, blobs) and the failure tests also run on a local Redis
+Cluster (``redis_cluster_url``: three primaries and three replicas on free loopback
+ports, started once per session, emptied before and after each test), or on the one
+``ROADSTREAM_TEST_REDIS_CLUSTER_URL`` names (``redis+cluster://host:port``, flushed).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from brokers.redis import RedisBlobStore, RedisBroker
 from stream.settings import BrokerSettings
 
 REDIS_URL_ENV = "ROADSTREAM_TEST_REDIS_URL"
+CLUSTER_URL_ENV = "ROADSTREAM_TEST_REDIS_CLUSTER_URL"
 #: Namespace of the keys tests write.
 TEST_NAMESPACE = "rstest"
 
@@ -59,6 +65,54 @@ def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield servers.start().url(db=9)
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The test cluster's URL: ``ROADSTREAM_TEST_REDIS_CLUSTER_URL``, else a private local
+    cluster (3 primaries, 3 replicas) started once for the session (about 2 s)."""
+    url = os.environ.get(CLUSTER_URL_ENV)
+    if url:
+        yield url
+        return
+    from redis_servers import REDIS_CLI, REDIS_SERVER, RedisClusterServers
+
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        _no_redis(f"redis-server and redis-cli are needed for a local cluster (or set {CLUSTER_URL_ENV})")
+    with RedisClusterServers(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster.start().url()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster_server_url: str) -> Iterator[str]:
+    """The test cluster, every primary flushed before and after the test."""
+    from redis_servers import sync_client
+
+    with sync_client(redis_cluster_server_url) as client:
+        client.flushdb(target_nodes=redis.RedisCluster.PRIMARIES)
+        yield redis_cluster_server_url
+        client.flushdb(target_nodes=redis.RedisCluster.PRIMARIES)
+
+
+#: Which URL fixture each Redis kind of ``broker``/``blobs`` uses.
+REDIS_URL_FIXTURES = {"redis": "redis_url", "cluster": "redis_cluster_url"}
+#: Params of fixtures over every implementation: in process, one server, a cluster.
+ALL_KINDS = ["memory", pytest.param("redis", marks=pytest.mark.redis), pytest.param("cluster", marks=pytest.mark.redis)]
+
+
+def make_broker(request: pytest.FixtureRequest, kind: str, settings: BrokerSettings) -> Broker:
+    """A broker of ``kind`` (``memory``, ``redis``, ``cluster``) on the test namespace."""
+    if kind == "memory":
+        return MemoryBroker(namespace=TEST_NAMESPACE, settings=settings)
+    url = request.getfixturevalue(REDIS_URL_FIXTURES[kind])
+    return RedisBroker(url=url, namespace=TEST_NAMESPACE, settings=settings)
+
+
+def make_blobs(request: pytest.FixtureRequest, kind: str) -> BlobStore:
+    """A blob store of ``kind`` on the test namespace."""
+    if kind == "memory":
+        return MemoryBlobStore()
+    return RedisBlobStore(request.getfixturevalue(REDIS_URL_FIXTURES[kind]), namespace=TEST_NAMESPACE)
+
+
 def _no_redis(message: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(message)
@@ -82,23 +136,17 @@ def broker_settings() -> BrokerSettings:
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 async def broker(request: pytest.FixtureRequest, broker_settings: BrokerSettings) -> AsyncIterator[Broker]:
-    """A broker of each implementation, closed after the test."""
-    if request.param == "memory":
-        made: Broker = MemoryBroker(namespace=TEST_NAMESPACE, settings=broker_settings)
-    else:
-        url = request.getfixturevalue("redis_url")
-        made = RedisBroker(url=url, namespace=TEST_NAMESPACE, settings=broker_settings)
+    """A broker of each implementation, closed after the test (the conformance suite's
+    own ``broker`` adds the cluster)."""
+    made = make_broker(request, request.param, broker_settings)
     yield made
     await made.close()
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=ALL_KINDS)
 async def blobs(request: pytest.FixtureRequest) -> AsyncIterator[BlobStore]:
-    """A blob store of each implementation, closed after the test."""
-    if request.param == "memory":
-        made: BlobStore = MemoryBlobStore()
-    else:
-        made = RedisBlobStore(request.getfixturevalue("redis_url"), namespace=TEST_NAMESPACE)
+    """A blob store of each implementation, the cluster's too, closed after the test."""
+    made = make_blobs(request, request.param)
     yield made
     await made.close()
 

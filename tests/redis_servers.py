@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import random
 import shutil
 import signal
 import socket
@@ -473,3 +474,197 @@ class RedisServers:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- Redis Cluster -----------------------------------------------------------------------
+
+#: The ``redis-cli`` binary (``redis-cli --cluster create`` builds a cluster).
+REDIS_CLI = shutil.which("redis-cli")
+#: How long a cluster node may be unreachable before its replica takes over: short, so a
+#: failover test waits seconds, not the default 15.
+CLUSTER_NODE_TIMEOUT_MS = 1000
+
+
+def cluster_config(node_timeout_ms: int = CLUSTER_NODE_TIMEOUT_MS) -> list[str]:
+    """``redis.conf`` lines of a cluster node for tests."""
+    return [
+        "cluster-enabled yes",
+        "cluster-config-file nodes.conf",
+        f"cluster-node-timeout {node_timeout_ms}",
+        # Serve the slots that have a primary while another primary's failover runs.
+        "cluster-require-full-coverage no",
+        # A replica may take over however long its link was down (tests kill at will).
+        "cluster-replica-validity-factor 0",
+    ]
+
+
+def free_cluster_port() -> int:
+    """A free port for a cluster node: at most 55535, its bus port (+10000) free too."""
+    rng = random.Random()
+    while True:
+        port = rng.randint(20000, 55535)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+
+
+class RedisClusterServers:
+    """A local Redis Cluster: ``masters`` primaries, each with ``replicas`` replicas.
+
+    Every node is a ``RedisServer`` (loopback, free port, own directory); ``start`` joins
+    them with ``redis-cli --cluster create`` and waits until every node sees the cluster
+    ``ok`` with all slots assigned::
+
+        with RedisClusterServers(tmp_path) as cluster:
+            url = cluster.start().url()          # redis+cluster://127.0.0.1:PORT
+            cluster.kill_primary_of(b"rs:jobs")  # its replica takes over
+
+    Parameters:
+        directory: parent folder of the nodes' directories.
+        masters: primaries (the slots are split evenly).
+        replicas: replicas of each primary.
+        options: more ``RedisServer`` options for every node (``appendonly`` …).
+    """
+
+    def __init__(self, directory: Path, *, masters: int = 3, replicas: int = 1, **options: Any) -> None:
+        self.directory = Path(directory)
+        self.masters = masters
+        self.replicas = replicas
+        self.options = options
+        self.servers = RedisServers(self.directory)
+        self.nodes: list[RedisServer] = []
+
+    def start(self, timeout_s: float = 60.0) -> Self:
+        """Start the nodes, create the cluster, wait until it serves every slot.
+
+        Raises:
+            RuntimeError: ``redis-cli`` is missing, ``--cluster create`` failed, or the
+                cluster was not ``ok`` in time.
+        """
+        if REDIS_CLI is None:
+            message = "redis-cli is not installed (it creates the cluster)"
+            raise RuntimeError(message)
+        count = self.masters * (1 + self.replicas)
+        self.nodes = [self._start_node() for _ in range(count)]
+        first = self.nodes[0]
+        auth = ["--user", first.username or "", "--pass", first.password] if first.password else []
+        command = [REDIS_CLI, *auth, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                   "--cluster-replicas", str(self.replicas), "--cluster-yes"]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            message = f"redis-cli --cluster create failed:\n{done.stdout}\n{done.stderr}"
+            raise RuntimeError(message)
+        self.wait_ok(timeout_s)
+        return self
+
+    def _start_node(self, attempts: int = 5) -> RedisServer:
+        extra = [*cluster_config(), *self.options.get("extra_config", ())]
+        options = {k: v for k, v in self.options.items() if k != "extra_config"}
+        for attempt in range(attempts):
+            try:
+                return self.servers.start(port=free_cluster_port(), extra_config=extra, **options)
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def url(self, scheme: str = "redis+cluster") -> str:
+        """A cluster URL through the first live node."""
+        node = next(n for n in self.nodes if n.running)
+        return node.url(0, scheme="redis").replace("redis://", f"{scheme}://", 1)
+
+    def client(self, **kwargs: Any) -> redis.RedisCluster:
+        """A synchronous cluster client (for checks and setup)."""
+        node = next(n for n in self.nodes if n.running)
+        return redis.RedisCluster(host="127.0.0.1", port=node.port, require_full_coverage=False,
+                                  username=node.username, password=node.password, **kwargs)  # fmt: skip
+
+    def wait_ok(self, timeout_s: float = 60.0, *, masters: int | None = None, replicas: int | None = None) -> None:
+        """Until every live node says ``cluster_state:ok`` with all 16384 slots served,
+        ``masters`` primaries serve them and each has ``replicas`` replicas in sync (the
+        configured counts by default)."""
+        deadline = time.monotonic() + timeout_s
+        want = self.masters if masters is None else masters
+        want_replicas = self.replicas if replicas is None else replicas
+        while True:
+            states = [self._info(n) for n in self.nodes if n.running]
+            primaries = self.primaries()
+            if (
+                all(s.get("cluster_state") == "ok" and s.get("cluster_slots_ok") == "16384" for s in states)
+                and len(primaries) == want
+                and all(self._replicas_in_sync(p) >= want_replicas for p in primaries)
+            ):
+                return
+            if time.monotonic() > deadline:
+                message = f"cluster not ok after {timeout_s} s: {states}"
+                raise RuntimeError(message)
+            time.sleep(0.1)
+
+    @staticmethod
+    def _replicas_in_sync(node: RedisServer) -> int:
+        try:
+            with node.client(socket_timeout=1, socket_connect_timeout=1) as client:
+                info = client.info("replication")
+        except redis.RedisError:
+            return 0
+        return sum(
+            1 for key, value in info.items()
+            if key.startswith("slave") and isinstance(value, dict) and value.get("state") == "online"
+        )
+
+    @staticmethod
+    def _info(node: RedisServer) -> dict[str, str]:
+        try:
+            with node.client(socket_timeout=1, socket_connect_timeout=1) as client:
+                return {k: str(v) for k, v in client.execute_command("CLUSTER INFO").items()}
+        except redis.RedisError:
+            return {}
+
+    def primaries(self) -> list[RedisServer]:
+        """The live nodes that are primaries serving slots now (each by its own word)."""
+        found = []
+        for node in self.nodes:
+            if not node.running:
+                continue
+            try:
+                with node.client(socket_timeout=1, socket_connect_timeout=1) as client:
+                    view = client.execute_command("CLUSTER NODES")
+            except redis.RedisError:
+                continue
+            mine = next((v for v in view.values() if "myself" in v["flags"]), None)
+            if mine and "master" in mine["flags"] and mine["slots"]:
+                found.append(node)
+        return found
+
+    def primary_of(self, key: bytes | str) -> RedisServer:
+        """The node that serves ``key``'s slot now."""
+        with self.client() as client:
+            node = client.get_node_from_key(key)
+        return next(n for n in self.nodes if n.port == node.port)
+
+    def flush(self) -> None:
+        """Empty every primary (the replicas follow)."""
+        with self.client() as client:
+            client.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
+
+    def close(self) -> None:
+        """Kill every node."""
+        self.servers.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def sync_client(url: str, **kwargs: Any) -> redis.Redis | redis.RedisCluster:
+    """A synchronous client for a test URL: a ``RedisCluster`` for ``redis+cluster://``."""
+    scheme, sep, rest = url.partition("://")
+    if scheme.endswith("+cluster"):
+        return redis.RedisCluster.from_url(f"{scheme.removesuffix('+cluster')}{sep}{rest}", require_full_coverage=False, **kwargs)
+    return redis.Redis.from_url(url, **kwargs)

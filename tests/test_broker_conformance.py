@@ -1,10 +1,13 @@
-"""One behaviour per test, run against every Broker implementation (see ``conftest.broker``)."""
+"""One behaviour per test, run against every Broker implementation: in process, one Redis
+server and a local Redis Cluster (``broker`` below, over ``conftest.make_broker``)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
+from conftest import ALL_KINDS, REDIS_URL_FIXTURES, make_broker
 
 from brokers.base import Broker, Entry, Publish
 from brokers.connect import connect, forget_memory
@@ -14,11 +17,26 @@ from stream import codec
 from stream.errors import BrokerConnectionError, ConfigError
 from stream.names import stream_name
 from stream.schemas import DeadLetter
+from stream.settings import BrokerSettings
 
 TEST_NAMESPACE = "rstest"
 STREAM = stream_name("frames", 0, TEST_NAMESPACE)
 OTHER = stream_name("frames", 1, TEST_NAMESPACE)
 GROUP = "detect"
+
+
+@pytest.fixture(params=ALL_KINDS)
+async def broker(request: pytest.FixtureRequest, broker_settings: BrokerSettings) -> AsyncIterator[Broker]:
+    """A broker of each implementation, a cluster's too, closed after the test."""
+    made = make_broker(request, request.param, broker_settings)
+    yield made
+    await made.close()
+
+
+@pytest.fixture(params=[pytest.param(kind, marks=pytest.mark.redis) for kind in REDIS_URL_FIXTURES])
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """The test server's URL, then the test cluster's."""
+    return request.getfixturevalue(REDIS_URL_FIXTURES[request.param])
 
 
 async def publish_n(broker: Broker, n: int, stream: str = STREAM) -> list[str]:
@@ -412,10 +430,9 @@ async def test_pool_members_drop_out_after_their_ttl(broker: Broker) -> None:
 # -- implementation-specific edges -------------------------------------------------------
 
 
-@pytest.mark.redis
-async def test_redis_read_recreates_group_when_stream_was_deleted(redis_url: str) -> None:
+async def test_redis_read_recreates_group_when_stream_was_deleted(any_redis_url: str) -> None:
     # Given a group in use whose stream is then deleted
-    broker = RedisBroker(url=redis_url, namespace=TEST_NAMESPACE)
+    broker = RedisBroker(url=any_redis_url, namespace=TEST_NAMESPACE)
     await publish_n(broker, 1)
     await read_all(broker)
     await broker.client.delete(STREAM)
@@ -427,10 +444,9 @@ async def test_redis_read_recreates_group_when_stream_was_deleted(redis_url: str
     assert [e.id for e in entries] == [entry_id]
 
 
-@pytest.mark.redis
-async def test_redis_dedupe_publish_survives_a_flushed_script_cache(redis_url: str) -> None:
+async def test_redis_dedupe_publish_survives_a_flushed_script_cache(any_redis_url: str) -> None:
     # Given a dedupe publish, then the server forgets its scripts (as after a restart)
-    broker = RedisBroker(url=redis_url, namespace=TEST_NAMESPACE)
+    broker = RedisBroker(url=any_redis_url, namespace=TEST_NAMESPACE)
     first = await broker.publish(STREAM, b"out", dedupe_key="k")
     await broker.client.script_flush()
     # When the same output and a new one are published

@@ -41,7 +41,7 @@ from workers.cli import cli
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-OVERLAYS = ["base", "overlays/vllm-server", "overlays/external-redis"]
+OVERLAYS = ["base", "overlays/vllm-server", "overlays/external-redis", "overlays/redis-cluster"]
 #: Kubernetes version whose schemas the core objects must satisfy.
 KUBERNETES_VERSION = "1.31.0"
 CPU_STAGES = {names.INGEST, names.FUSE}
@@ -360,7 +360,8 @@ def test_each_stage_is_scaled_by_one_scaled_object_on_its_own_input(overlay: str
 def check_streams_triggers(spec: dict[str, Any], stage: str, stream: str, overlay: str) -> None:
     """Redis Streams triggers: the stage's stream and group, lagCount among them, TLS as the URL."""
     triggers = spec["triggers"]
-    assert {t["type"] for t in triggers} == {"redis-streams"}
+    kind = "redis-cluster-streams" if overlay.endswith("redis-cluster") else "redis-streams"
+    assert {t["type"] for t in triggers} == {kind}
     for trigger in triggers:
         assert (trigger["metadata"]["stream"], trigger["metadata"]["consumerGroup"]) == (stream, stage)
         assert trigger["authenticationRef"]["name"] == "roadstream-redis"
@@ -400,6 +401,53 @@ def test_external_redis_overlay_drops_the_in_cluster_redis() -> None:
     assert find(objects, "StatefulSet") == [] and find(objects, "Service", "redis") == []
     assert secret_data(objects)["url"].startswith("rediss://")
     assert "users.acl" not in secret_data(objects)
+
+
+def test_redis_cluster_overlay_replaces_the_redis_by_six_cluster_nodes_with_replica_acks() -> None:
+    """Six AOF, noeviction cluster nodes, a Job that joins them with a replica each, the
+    URL a cluster URL, outputs waited on a replica, and KEDA's cluster scaler."""
+    objects = render("overlays/redis-cluster")
+    assert find(objects, "StatefulSet", "redis") == [] and find(objects, "Service", "redis") == []
+    assert one(objects, "StatefulSet", "redis-cluster")["spec"]["replicas"] == 6
+    conf = [line.strip() for line in one(objects, "ConfigMap", "redis-cluster-config")["data"]["redis.conf"].splitlines()]
+    assert {"cluster-enabled yes", "appendonly yes", "maxmemory-policy noeviction"} <= set(conf)
+    job = one(objects, "Job", "redis-cluster-create")["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    assert "--cluster create" in job and "--cluster-replicas 1" in job and "0 1 2 3 4 5" in job
+    assert secret_data(objects)["url"].startswith("redis+cluster://")
+    assert load_settings(environ=settings_map(objects)).broker.replica_acks == 1
+    auth = one(objects, "TriggerAuthentication", "roadstream-redis")["spec"]["secretTargetRef"]
+    assert auth[0]["parameter"] == "addresses"
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(REDIS_SERVER is None or shutil.which("redis-cli") is None, reason="needs redis-server and redis-cli")
+async def test_redis_cluster_overlay_config_and_secret_form_a_cluster_the_workers_use(tmp_path: Path) -> None:
+    """The overlay's redis.conf, ACL and replication auth on six local nodes: the replicas
+    sync (masterauth works), and a broker on the Secret's URL publishes and reads."""
+    from redis_servers import RedisClusterServers
+
+    from brokers.connect import connect
+
+    objects = render("overlays/redis-cluster")
+    secret = secret_data(objects)
+    acl = tmp_path / "users.acl"
+    acl.write_text(secret["users.acl"])
+    local_only = ("dir ", "aclfile ", "include ", "cluster-config-file ")
+    conf = [line for line in one(objects, "ConfigMap", "redis-cluster-config")["data"]["redis.conf"].splitlines()
+            if line.strip() and not line.strip().startswith(("#", *local_only))]  # fmt: skip
+    conf += [*secret["replication.conf"].splitlines(), "cluster-announce-hostname 127.0.0.1"]
+    with RedisClusterServers(tmp_path / "cluster", acl_file=acl, username=secret["username"],
+                             password=secret["password"], extra_config=conf) as cluster:  # fmt: skip
+        cluster.start()
+        url = urlsplit(secret["url"])
+        local = f"{url.scheme}://{url.username}:{url.password}@127.0.0.1:{cluster.nodes[0].port}"
+        broker, blobs = connect(local, namespace="rs")
+        stream = names.stream_name(names.FRAMES, 3, "rs")
+        await broker.publish(stream, b"x", dedupe_key="k")
+        entries = await broker.read("detect", "c", [stream], count=10, block_ms=0)
+        await broker.close()
+        await blobs.close()
+    assert [e.data for e in entries] == [b"x"]
 
 
 # -- the in-cluster Redis, for real ----------------------------------------------------
@@ -545,6 +593,55 @@ def test_compose_workers_open_the_metrics_port_beyond_loopback() -> None:
     for stage in names.STAGES:
         env = services[stage]["environment"]
         assert env["ROADSTREAM_WORKER__METRICS_HOST"] == "0.0.0.0", stage
+
+
+def compose_merged(*files: str) -> dict[str, Any]:
+    """Compose files merged as ``docker compose -f A -f B`` does for what ours use: maps
+    merged key by key, ``ports``/``volumes`` lists added to, other values replaced."""
+
+    def merge(base: Any, over: Any, key: str = "") -> Any:
+        if isinstance(base, dict) and isinstance(over, dict):
+            return {k: merge(base.get(k), v, k) if k in base else v for k, v in over.items()} | {
+                k: v for k, v in base.items() if k not in over
+            }
+        if isinstance(base, list) and isinstance(over, list) and key in ("ports", "volumes"):
+            return base + [item for item in over if item not in base]
+        return over
+
+    merged: dict[str, Any] = {}
+    for name in files:
+        merged = merge(merged, yaml.safe_load((DEPLOY / name).read_text()))
+    return merged
+
+
+def test_compose_cluster_file_runs_every_stage_on_a_six_node_cluster() -> None:
+    """compose.yaml + compose.cluster.yaml: six AOF, noeviction cluster nodes on volumes of
+    their own, joined with a replica each before any worker starts; the workers on the
+    cluster URL with replica acks."""
+    merged = compose_merged("compose.yaml", "compose.cluster.yaml")
+    services = merged["services"]
+    nodes = ["redis", *(f"redis-{i}" for i in range(2, 7))]
+    for node in nodes:
+        command = services[node]["command"]
+        assert command[command.index("--cluster-enabled") + 1] == "yes"
+        assert command[command.index("--appendonly") + 1] == "yes"
+        assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    volumes = [services[n]["volumes"][-1].split(":")[0] for n in nodes]
+    assert len(set(volumes)) == 6 and set(volumes) <= merged["volumes"].keys()
+    create = services["redis-cluster-create"]
+    assert set(create["depends_on"]) == set(nodes)
+    script = create["entrypoint"][-1]
+    assert "--cluster-replicas 1" in script and all(n in script for n in nodes)
+    for stage in names.STAGES:
+        service = services[stage]
+        assert service["command"] == [stage, "--redis", "redis+cluster://redis:6379"]
+        assert parses_as_worker_command(service["command"]) == stage
+        assert service["depends_on"]["redis-cluster-create"] == {"condition": "service_completed_successfully"}
+        environment = {k: _compose_default(str(v)) for k, v in service["environment"].items()}
+        assert unknown_settings(environment) == [], stage
+        assert load_settings(environ=environment).broker.replica_acks == 1
+    for name, service in services.items():
+        assert set(service.get("depends_on", {})) <= services.keys(), name
 
 
 def _compose_default(value: str) -> str:

@@ -31,7 +31,8 @@ import msgpack
 import pytest
 import redis
 import yaml
-from redis_servers import REDIS_SERVER, RedisServers
+from conftest import REDIS_URL_FIXTURES
+from redis_servers import REDIS_CLI, REDIS_SERVER, RedisClusterServers, RedisServers, sync_client
 
 from fixtures.teslacam import THREE, ClipSpec, Drive, make_drive, not_a_video
 from stream import codec, names
@@ -59,6 +60,9 @@ RUN_DEADLINE_S = 90.0
 SPEC = ClipSpec(duration_s=5.0, fps=10.0, size=(160, 120))
 
 VerdictKey = tuple[str, int, bool, tuple[str, ...]]
+#: What a test's own client may meet while a server restarts or a cluster fails over.
+SERVER_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError,
+               redis.exceptions.TryAgainError, redis.exceptions.RedisClusterException)  # fmt: skip
 
 
 # -- footage, model, settings ------------------------------------------------------------
@@ -233,9 +237,11 @@ class Pipeline:
         self.setup = setup
         self.url = url
         self.logs = logs
-        self.client = redis.Redis.from_url(url)
+        self.client = sync_client(url)
         self.procs: dict[int, tuple[str, subprocess.Popen]] = {}
         self.started = 0
+        #: More environment for the workers started from now on.
+        self.extra_env: dict[str, str] = {}
         logs.mkdir(parents=True, exist_ok=True)
 
     def run(self, drives: list, per_stage: int = 1) -> None:
@@ -251,7 +257,7 @@ class Pipeline:
             self.started += 1
             log = (self.logs / f"{self.started:02d}-{stage}.log").open("wb")
             command = [sys.executable, "-m", "workers.cli", "worker", stage, "--redis", self.url]
-            proc = subprocess.Popen(command, env=self.setup.env(), stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(command, env={**self.setup.env(), **self.extra_env}, stdout=log, stderr=subprocess.STDOUT)
             log.close()
             self.procs[proc.pid] = (stage, proc)
 
@@ -264,7 +270,7 @@ class Pipeline:
         deadline = time.monotonic() + timeout_s
         while True:
             live = {pid for pid, (_, p) in self.procs.items() if p.poll() is None}
-            healthy = {int(k.decode().rsplit("-", 2)[1]) for k in self.client.keys(f"{NAMESPACE}:health:*")}
+            healthy = {int(k.decode().rsplit("-", 2)[1]) for k in self.client.scan_iter(f"{NAMESPACE}:health:*")}
             if live <= healthy:
                 return
             self.check_alive()
@@ -313,7 +319,7 @@ class Pipeline:
             try:
                 on_poll()
                 outcome = read_outcome(self.client)
-            except redis.ConnectionError:  # the server is being restarted
+            except SERVER_DOWN:  # the server is being restarted, or a failover runs
                 outcome = Outcome()
             if drives <= outcome.summaries.keys() and until():
                 break
@@ -456,11 +462,17 @@ class Killer:
                 return
 
 
+@pytest.fixture(params=list(REDIS_URL_FIXTURES))
+def server_url(request: pytest.FixtureRequest) -> str:
+    """One Redis server's test database, then the test cluster (both flushed)."""
+    return request.getfixturevalue(REDIS_URL_FIXTURES[request.param])
+
+
 def test_workers_of_every_stage_sigkilled_mid_run_lose_and_double_no_verdict(
-    setup, reference, redis_url, pipeline_factory
+    setup, reference, server_url, pipeline_factory
 ):
-    # Given two workers of each stage on the two drives
-    pipeline = pipeline_factory(redis_url)
+    # Given two workers of each stage on the two drives (on one server, then on a cluster)
+    pipeline = pipeline_factory(server_url)
     pipeline.run(setup.drives, per_stage=2)
 
     # When workers of every stage are SIGKILLed while they hold entries, and restarted
@@ -527,6 +539,83 @@ def test_redis_sigkilled_while_a_stage_holds_entries_and_back_later_loses_and_ha
         # Then no worker hung or died: every verdict came, once
         assert restarts, f"the run ended before {stage} held anything"
         assert_complete(outcome, reference, setup.drive_ids)
+
+
+#: What each failover round kills: the primary of a stream ``stage`` holds entries of.
+#: Detect's input (frames), fuse's input (detections), and fuse's output (verdicts).
+FAILOVER_ROUNDS = {
+    "frames-primary": (names.DETECT, names.FRAMES),
+    "detections-primary": (names.FUSE, names.DETECTIONS),
+    "verdicts-primary": (names.FUSE, names.VERDICTS),
+}
+#: Seconds the killed primary stays down before it is started again (as a replica).
+FAILOVER_DOWN_S = 4.0
+
+
+@pytest.fixture
+def private_cluster(tmp_path: Path) -> Iterator[RedisClusterServers]:
+    """A cluster of this test's own (3 primaries, 3 replicas): the test kills a primary."""
+    if REDIS_CLI is None:
+        pytest.skip("needs redis-cli on the PATH")
+    with RedisClusterServers(tmp_path / "cluster") as cluster:
+        yield cluster.start()
+
+
+class PrimaryKiller:
+    """SIGKILLs the cluster primary that serves a stream while ``stage`` holds entries of
+    it, then starts that node again ``FAILOVER_DOWN_S`` later (it rejoins as a replica)."""
+
+    def __init__(self, pipeline: Pipeline, cluster: RedisClusterServers, stage: str, hop: str) -> None:
+        self.pipeline, self.cluster, self.stage, self.hop = pipeline, cluster, stage, hop
+        self.killed: list[tuple[int, str, float]] = []  # (port, stream, when)
+        self.restarted = False
+
+    def target(self) -> str | None:
+        """The stream whose primary to kill, once ``stage`` holds entries."""
+        if not self.pipeline.holders(self.stage):
+            return None
+        if self.hop == names.VERDICTS:
+            return names.stream_name(names.VERDICTS, ns=NAMESPACE)
+        for stream in stage_streams(self.stage):
+            if f":{self.hop}:" in stream and self.pipeline.client.xpending(stream, self.stage)["pending"]:
+                return stream
+        return None
+
+    def __call__(self) -> None:
+        self.pipeline.check_alive()
+        if not self.killed:
+            stream = self.target()
+            if stream is not None:
+                victim = self.cluster.primary_of(stream)
+                victim.kill()
+                self.killed.append((victim.port, stream, time.monotonic()))
+        elif not self.restarted and time.monotonic() > self.killed[0][2] + FAILOVER_DOWN_S:
+            port = self.killed[0][0]
+            next(n for n in self.cluster.nodes if n.port == port).start()
+            self.restarted = True
+
+
+@pytest.mark.parametrize(("stage", "hop"), list(FAILOVER_ROUNDS.values()), ids=list(FAILOVER_ROUNDS))
+def test_a_cluster_primary_killed_mid_run_fails_over_and_loses_and_doubles_no_verdict(
+    setup, reference, private_cluster, pipeline_factory, stage, hop
+):
+    # Given a worker of each stage on a three-primary cluster with a replica each, the
+    # workers waiting for a replica to hold their outputs before they ack (as deployed)
+    pipeline = pipeline_factory(private_cluster.url())
+    pipeline.extra_env = {"ROADSTREAM_BROKER__REPLICA_ACKS": "1"}
+    pipeline.run(setup.drives)
+
+    # When the primary of a stream the stage holds entries of is SIGKILLed mid-run
+    killer = PrimaryKiller(pipeline, private_cluster, stage, hop)
+    outcome = pipeline.wait_for_summaries(setup.drive_ids, on_poll=killer, until=lambda: killer.restarted)
+
+    # Then its replica took over, the workers went on by themselves, and every verdict came once
+    assert killer.killed, f"the run ended before {stage} held entries of {hop}"
+    private_cluster.wait_ok(timeout_s=30, replicas=0)
+    assert killer.killed[0][0] not in [n.port for n in private_cluster.primaries()], "no replica took over"
+    lost = reference.keys(setup.drive_ids) - outcome.keys(setup.drive_ids)
+    print(f"failover {hop}: killed {killer.killed[0][:2]}; lost {len(lost)}, doubled {len(outcome.doubled())}")
+    assert_complete(outcome, reference, setup.drive_ids)
 
 
 #: How long a paused worker stays stopped at least: past the claim timeout and the lease.

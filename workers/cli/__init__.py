@@ -125,7 +125,7 @@ def redis_option(func: Any) -> Any:
         "redis",
         metavar="URL",
         default=None,
-        help="Broker URL: redis://, rediss://user:pass@host, unix:///path, memory://name "
+        help="Broker URL: redis://, rediss://user:pass@host, unix:///path, redis+cluster://host:port, memory://name "
         "[env: ROADSTREAM_REDIS_URL]",
     )(func)
 

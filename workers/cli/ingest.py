@@ -63,7 +63,7 @@ def register(cli: click.Group) -> None:
     @cli.command()
     @click.argument("footage", type=click.Path(exists=False))
     @click.option("--redis", "redis", metavar="URL", default=None,
-                  help="Broker URL: redis://, rediss://, unix://, memory://name [env: ROADSTREAM_REDIS_URL]")
+                  help="Broker URL: redis://, rediss://, unix://, redis+cluster://, memory://name [env: ROADSTREAM_REDIS_URL]")
     @click.option("--dry-run", is_flag=True, help="Only list the drives found.")
     @click.pass_context
     def submit(ctx: click.Context, footage: str, redis: str | None, dry_run: bool) -> None:
