@@ -144,7 +144,7 @@ class RoadworkScorer:
         if self.half:
             self.model.half()
         # Eager EfficientNet-Lite0 is some 300 kernel launches a batch: in `roadstream run`
-        # on an H200 they took 45% of the detect process's event loop (py-spy), the GPU
+        # on an H200 they took 55% of the detect process's event loop (py-spy), the GPU
         # idle. One captured graph per padded batch size replays them in one launch.
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] = {}
