@@ -471,16 +471,17 @@ class RedisBroker(Broker):
             async with self.reader.pipeline() as pipe:
                 for slot, keys in by_slot.items():
                     pipe.execute_command(*_xreadgroup_args(group, consumer, keys, count, None), target_nodes=self._node(slot))
-                replies = await pipe.execute()
-            rows = [row for reply in replies for row in reply or []]
+                replies = await pipe.execute(raise_on_error=False)
+            rows = _rows_or_raise(replies)
             left_ms = int((deadline - time.monotonic()) * 1000)
             if rows or left_ms <= 0:
                 return rows
             wait_ms = min(left_ms, CLUSTER_POLL_MS)
             replies = await asyncio.gather(
-                *(self._read_slot(slot, group, consumer, keys, count, wait_ms) for slot, keys in by_slot.items())
+                *(self._read_slot(slot, group, consumer, keys, count, wait_ms) for slot, keys in by_slot.items()),
+                return_exceptions=True,
             )
-            rows = [row for reply in replies for row in reply or []]
+            rows = _rows_or_raise(replies)
             if rows:
                 return rows
 
@@ -967,6 +968,19 @@ def _group_by_slot(client: RedisCluster, keys: Sequence[str]) -> dict[int, list[
     for key in dict.fromkeys(keys):
         by_slot[client.keyslot(key)].append(key)
     return by_slot
+
+
+def _rows_or_raise(replies: Sequence[Any]) -> list[Any]:
+    """The rows of per-slot XREADGROUP replies. A slot's error is raised only when no other
+    slot brought entries: those were delivered to the consumer already (they are in its
+    pending list), and dropping them for the error would leave them there unseen until
+    reclaimed, behind later entries of their partition. A lasting error comes back on
+    the next read."""
+    rows = [row for reply in replies if not isinstance(reply, BaseException) for row in reply or []]
+    errors = [reply for reply in replies if isinstance(reply, BaseException)]
+    if errors and not rows:
+        raise errors[0]
+    return rows
 
 
 def _xreadgroup_args(group: str, consumer: str, streams: Sequence[str], count: int, block_ms: int | None) -> list[Any]:

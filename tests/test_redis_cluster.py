@@ -173,3 +173,64 @@ async def test_replica_acks_put_blobs_and_checkpoints_on_the_replica(redis_clust
             held.append(client.get(name))
     await store.close()
     assert held == [b"jpeg", b"state"]
+
+
+async def test_a_read_over_slots_hands_over_one_slots_entries_when_anothers_stream_was_deleted(
+    redis_cluster_url: str,
+) -> None:
+    # Given a group on two streams of different slots, an entry waiting on the first and
+    # the second stream deleted under the group
+    broker = RedisBroker(url=redis_cluster_url, namespace=NS)
+    first, second = stream_name("frames", 0, NS), stream_name("frames", 1, NS)
+    await broker.read("g", "c", [first, second], count=10, block_ms=0)
+    entry_id = await broker.publish(first, b"x")
+    await broker.client.delete(second)
+    # When the consumer reads both
+    entries = await broker.read("g", "c", [first, second], count=10, block_ms=0)
+    entries += await broker.read("g", "c", [first, second], count=10, block_ms=0)
+    pending = (await broker.stats(first)).groups[0].pending
+    await broker.close()
+    # Then the first stream's entry is handed over, not left pending unseen
+    assert [e.id for e in entries] == [entry_id]
+    assert pending == 1
+
+
+async def test_a_failing_slot_in_a_blocking_read_over_slots_strands_no_other_slots_entry(
+    redis_cluster_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a consumer blocked on two streams of different slots, one of whose nodes
+    # fails its next blocking call (a failover) while an entry arrives on the other
+    broker = RedisBroker(url=redis_cluster_url, namespace=NS)
+    first, second = stream_name("frames", 0, NS), stream_name("frames", 1, NS)
+    await broker.read("g", "c", [first, second], count=10, block_ms=0)
+    failing_slot = broker.client.keyslot(second)
+    fail = asyncio.Event()
+    original = RedisBroker._read_slot
+
+    async def read_slot(self, slot, group, consumer, streams, count, block_ms):  # noqa: ANN001, ANN202
+        reply = await original(self, slot, group, consumer, streams, count, block_ms)
+        if slot == failing_slot and block_ms and fail.is_set():
+            fail.clear()
+            message = "node went away"
+            raise redis.ConnectionError(message)
+        return reply
+
+    monkeypatch.setattr(RedisBroker, "_read_slot", read_slot)
+
+    async def publish_later() -> str:
+        await asyncio.sleep(0.2)
+        fail.set()
+        return await broker.publish(first, b"x")
+
+    # When the entry is published and the consumer reads on after any error
+    async def read() -> list:
+        try:
+            return await broker.read("g", "c", [first, second], count=10, block_ms=1000)
+        except Exception:  # noqa: BLE001
+            return []
+
+    got, entry_id = await asyncio.gather(read(), publish_later())
+    got += await broker.read("g", "c", [first, second], count=10, block_ms=0)
+    await broker.close()
+    # Then the entry is handed over, not left in the consumer's pending list unseen
+    assert [e.id for e in got] == [entry_id]
