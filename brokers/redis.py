@@ -827,12 +827,21 @@ class RedisBlobStore(BlobStore):
         """Store ``blob`` unless ``key`` holds a higher version (one script call; the version
         lives in a key of its own beside the blob, with the same TTL)."""
         name = blob_name(key, self.namespace)
-        stored = bool(await self._put_versioned(keys=[name, f"{name}:version"], args=[blob, int(version), int(ttl_s)]))
-        if stored and self.replica_acks:  # a checkpoint covers entries about to be acked
-            async with self.client.pipeline(transaction=False) as pipe:
-                waits = await add_replica_waits(self.client, pipe, [name], self.replica_acks, self.replica_ack_timeout_ms)
-                _checked_waits(await pipe.execute(), waits, self.replica_acks)
-        return stored
+        keys, args = [name, f"{name}:version"], [blob, int(version), int(ttl_s)]
+        if not self.replica_acks:
+            return bool(await self._put_versioned(keys=keys, args=args))
+        # A checkpoint covers entries about to be acked: wait for a replica to hold it. The
+        # WAIT goes in one pipeline with the script, so on its connection: WAIT waits for
+        # what its own connection wrote, and another pooled one's may return at once.
+        at = {}
+        if self.cluster:
+            await self.client.initialize()
+            at = {"target_nodes": self.client.get_node_from_key(name)}
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.execute_command("EVAL", _PUT_VERSIONED, len(keys), *keys, *args, **at)
+            waits = await add_replica_waits(self.client, pipe, [name], self.replica_acks, self.replica_ack_timeout_ms)
+            (stored,) = _checked_waits(await pipe.execute(), waits, self.replica_acks)
+        return bool(stored)
 
     @translate_errors
     async def put_many(self, blobs: Mapping[str, bytes], *, ttl_s: int = DEFAULT_BLOB_TTL_S) -> None:

@@ -4,6 +4,8 @@ behaviour is the conformance suites', which run on the cluster too)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections import Counter
 
@@ -234,3 +236,30 @@ async def test_a_failing_slot_in_a_blocking_read_over_slots_strands_no_other_slo
     await broker.close()
     # Then the entry is handed over, not left in the consumer's pending list unseen
     assert [e.id for e in got] == [entry_id]
+
+
+async def test_replica_acks_of_a_checkpoint_wait_for_its_own_write(redis_cluster_url: str) -> None:
+    # Given a blob store that waits for one replica, whose client holds two connections
+    # to the checkpoint's primary, and that primary's replica stopped
+    store = RedisBlobStore(redis_cluster_url, namespace=NS, replica_acks=1, replica_ack_timeout_ms=300)
+    name = blob_name("fuse-checkpoint:d1", NS)
+    await store.put_versioned("fuse-checkpoint:d1", b"state", 1, ttl_s=60)
+    await asyncio.gather(store.client.get(name), store.client.get(name))
+    primary, replica = store.client.nodes_manager.slots_cache[store.client.keyslot(name)][:2]
+    with redis.Redis(host=primary.host, port=primary.port) as client:
+        client.execute_command("WAIT", 1, 5000)  # the replica has everything so far
+    with redis.Redis(host=replica.host, port=replica.port) as client:
+        pid = int(client.info("server")["process_id"])
+    os.kill(pid, signal.SIGSTOP)
+    waited = []
+    try:
+        # When checkpoints are stored
+        for version in (2, 3, 4):
+            started = time.monotonic()
+            await store.put_versioned("fuse-checkpoint:d1", b"state", version, ttl_s=60)
+            waited.append(time.monotonic() - started)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await store.close()
+    # Then each call waited for the replica (in vain, up to the timeout) before returning
+    assert min(waited) >= 0.3, waited
