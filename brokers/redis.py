@@ -55,9 +55,11 @@ from stream.errors import (
     BrokerError,
     BrokerOutOfMemory,
     BrokerPermissionError,
+    ConfigError,
 )
 from stream.names import DEFAULT_NAMESPACE, blob_name, parse_entry_id
 from stream.settings import BrokerSettings
+from stream.urls import masked
 
 #: The one field of every stream entry; payloads are opaque bytes.
 FIELD = b"d"
@@ -268,7 +270,11 @@ def client_from_url(url: str, **kwargs: Any) -> aioredis.Redis | RedisCluster:
         scheme, rest = url.split("://", 1)
         # Keep serving the slots that have a primary while another's failover runs.
         kwargs.setdefault("require_full_coverage", False)
-        return RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}", **kwargs)
+        try:  # nothing is connected yet: what fails here is the URL or its options
+            return RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}", **kwargs)
+        except rex.RedisClusterException as exc:  # "db must be 0" and the like, not a RedisError
+            message = f"cluster URL {masked(url)!r}: {exc}"
+            raise ConfigError(message) from exc
     return aioredis.from_url(url, **kwargs)
 
 

@@ -17,6 +17,7 @@ from redis.crc import key_slot
 from brokers.base import Publish
 from brokers.connect import connect
 from brokers.redis import RedisBlobStore, RedisBroker, is_cluster_url
+from stream.errors import ConfigError
 from stream.names import blob_name, dead_letter_name, stream_name
 from stream.settings import BrokerSettings
 
@@ -42,6 +43,15 @@ async def test_connect_opens_a_cluster_client_with_acl_and_tls_without_connectin
     assert kwargs["connection_class"].__name__ == "SSLConnection"
     await broker.close()
     await blobs.close()
+
+
+def test_a_cluster_url_naming_a_database_is_a_config_error_naming_the_url_without_its_password() -> None:
+    # Given a cluster URL with a database other than 0 (a cluster has only database 0)
+    url = "redis+cluster://alice:s3cret@example.invalid:7000/2"
+    # When opened; Then the error is roadstream's configuration error, password masked
+    with pytest.raises(ConfigError, match="must be 0") as caught:
+        connect(url)
+    assert "s3cret" not in str(caught.value) and "example.invalid:7000" in str(caught.value)
 
 
 def test_non_partitioned_streams_spread_over_slots() -> None:
