@@ -780,8 +780,20 @@ class RedisBroker(Broker):
 
     @translate_errors
     async def put_value(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
-        """Store a small value (health records, last errors)."""
-        await self.client.set(key, value, px=ttl_ms)
+        """Store a small value (health records, last errors, a split drive's camera records).
+
+        With ``replica_acks``, waits for the replicas as a publish does: ingest acks a
+        camera's job right after its record, and a record lost in a failover would leave
+        the drive waiting for that camera forever.
+        """
+        if not self.settings.replica_acks:
+            await self.client.set(key, value, px=ttl_ms)
+            return
+        await self._ready()
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(key, value, px=ttl_ms)
+            waits = await self._wait_for_replicas(pipe, [key])
+            _checked_waits(await pipe.execute(), waits, self.settings.replica_acks)
 
     @translate_errors
     async def get_value(self, key: str) -> bytes | None:

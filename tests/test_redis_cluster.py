@@ -273,3 +273,30 @@ async def test_replica_acks_of_a_checkpoint_wait_for_its_own_write(redis_cluster
     await store.close()
     # Then each call waited for the replica (in vain, up to the timeout) before returning
     assert min(waited) >= 0.3, waited
+
+
+async def test_replica_acks_cover_small_values_such_as_a_split_drives_camera_records(redis_cluster_url: str) -> None:
+    # Given a broker that waits for one replica, and the replica of a record's primary stopped
+    # once it holds everything so far
+    settings = BrokerSettings(replica_acks=1, replica_ack_timeout_ms=300)
+    broker = RedisBroker(url=redis_cluster_url, namespace=NS, settings=settings)
+    key = f"{NS}:ingest-record:d1:front"
+    await broker.put_value(key, b"before", ttl_ms=60_000)
+    primary, replica = broker.client.nodes_manager.slots_cache[broker.client.keyslot(key)][:2]
+    with redis.Redis(host=primary.host, port=primary.port) as client:
+        client.execute_command("WAIT", 1, 5000)
+    with redis.Redis(host=replica.host, port=replica.port) as client:
+        pid = int(client.info("server")["process_id"])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        # When a camera's record is stored (its job is acked right after)
+        started = time.monotonic()
+        await broker.put_value(key, b"record", ttl_ms=60_000)
+        waited = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    stored = await broker.get_value(key)
+    await broker.close()
+    # Then the call waited for the replica (in vain, up to the timeout), and the value is there
+    assert waited >= 0.3
+    assert stored == b"record"
