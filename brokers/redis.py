@@ -461,7 +461,7 @@ class RedisBroker(Broker):
         """XREADGROUP on a cluster: one call per slot (a call may not cross slots).
 
         Streams of one slot are one call, blocking as asked. Over several slots, one
-        non-blocking call per slot (a pipeline per node, all nodes at once); when all are
+        non-blocking call per slot, all at once; when all are
         empty and the read may block, one blocking call per slot in parallel for up to
         ``CLUSTER_POLL_MS``, then again, until an entry comes or the block is over. A
         blocking call is never abandoned halfway: it would take entries into this
@@ -474,22 +474,27 @@ class RedisBroker(Broker):
             return await self._read_slot(slot, group, consumer, keys, count, block_ms or None)
         deadline = time.monotonic() + block_ms / 1000
         while True:
-            async with self.reader.pipeline() as pipe:
-                for slot, keys in by_slot.items():
-                    pipe.execute_command(*_xreadgroup_args(group, consumer, keys, count, None), target_nodes=self._node(slot))
-                replies = await pipe.execute(raise_on_error=False)
-            rows = _rows_or_raise(replies)
+            rows = _rows_or_raise(await self._read_slots(group, consumer, by_slot, count, None))
             left_ms = int((deadline - time.monotonic()) * 1000)
             if rows or left_ms <= 0:
                 return rows
             wait_ms = min(left_ms, CLUSTER_POLL_MS)
-            replies = await asyncio.gather(
-                *(self._read_slot(slot, group, consumer, keys, count, wait_ms) for slot, keys in by_slot.items()),
-                return_exceptions=True,
-            )
-            rows = _rows_or_raise(replies)
+            rows = _rows_or_raise(await self._read_slots(group, consumer, by_slot, count, wait_ms))
             if rows:
                 return rows
+
+    async def _read_slots(
+        self, group: str, consumer: str, by_slot: Mapping[int, list[str]], count: int, block_ms: int | None
+    ) -> list[Any]:
+        """One XREADGROUP per slot, all at once; an exception in place of each that failed.
+
+        Separate calls, not a pipeline per node: a cluster pipeline over several nodes
+        raises a node's connection error whole, dropping the other nodes' replies, and a
+        pipeline per node retries by closing every connection of the client, the others'
+        calls in flight included. A call that names its node is not retried.
+        """
+        calls = (self._read_slot(slot, group, consumer, keys, count, block_ms) for slot, keys in by_slot.items())
+        return await asyncio.gather(*calls, return_exceptions=True)
 
     def _node(self, slot: int) -> Any:
         return self.reader.nodes_manager.get_node_from_slot(slot)

@@ -300,3 +300,42 @@ async def test_replica_acks_cover_small_values_such_as_a_split_drives_camera_rec
     # Then the call waited for the replica (in vain, up to the timeout), and the value is there
     assert waited >= 0.3
     assert stored == b"record"
+
+
+async def test_a_node_unreachable_in_a_read_over_nodes_strands_no_other_nodes_entry(
+    redis_cluster_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a group on streams of two nodes, an entry waiting on the first, and the
+    # second node refusing connections (its primary just died)
+    broker = RedisBroker(url=redis_cluster_url, namespace=NS)
+    streams = [stream_name("frames", p, NS) for p in range(8)]
+    await broker.read("g", "c", streams, count=10, block_ms=0)
+    node_of = {s: broker.reader.get_node_from_key(s).name for s in streams}
+    first = streams[0]
+    second = next(s for s in streams if node_of[s] != node_of[first])
+    entry_id = await broker.publish(first, b"x")
+    pipeline, command = ClusterNode.execute_pipeline, ClusterNode.execute_command
+
+    def refusing(original):  # noqa: ANN001, ANN202
+        async def call(node: ClusterNode, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            if node.name == node_of[second]:
+                message = "Connection refused"
+                raise redis.ConnectionError(message)
+            return await original(node, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(ClusterNode, "execute_pipeline", refusing(pipeline))
+    monkeypatch.setattr(ClusterNode, "execute_command", refusing(command))
+    # When the consumer reads both, and again once the node is back
+    got = []
+    try:
+        got += await broker.read("g", "c", [first, second], count=10, block_ms=0)
+    except Exception:  # noqa: BLE001
+        pass
+    monkeypatch.setattr(ClusterNode, "execute_pipeline", pipeline)
+    monkeypatch.setattr(ClusterNode, "execute_command", command)
+    got += await broker.read("g", "c", [first, second], count=10, block_ms=0)
+    await broker.close()
+    # Then the entry is handed over, not left in the consumer's pending list unseen
+    assert [e.id for e in got] == [entry_id]
