@@ -36,6 +36,7 @@ Why it looks the way it does:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -494,7 +495,17 @@ class RedisBroker(Broker):
         calls in flight included. A call that names its node is not retried.
         """
         calls = (self._read_slot(slot, group, consumer, keys, count, block_ms) for slot, keys in by_slot.items())
-        return await asyncio.gather(*calls, return_exceptions=True)
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        for i, (keys, reply) in enumerate(zip(by_slot.values(), replies, strict=True)):
+            if isinstance(reply, rex.ResponseError) and "NOGROUP" in str(reply):
+                # A stream deleted under its group: made again here, since the other slots'
+                # entries are returned and would keep ``read``'s own remedy from running
+                # (a busy partition beside it would starve it).
+                self._groups.difference_update((s, group) for s in keys)
+                with contextlib.suppress(BrokerError):  # the NOGROUP then comes back next read
+                    await self._ensure_groups(group, keys)
+                    replies[i] = None
+        return replies
 
     def _node(self, slot: int) -> Any:
         return self.reader.nodes_manager.get_node_from_slot(slot)

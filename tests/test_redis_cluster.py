@@ -339,3 +339,21 @@ async def test_a_node_unreachable_in_a_read_over_nodes_strands_no_other_nodes_en
     await broker.close()
     # Then the entry is handed over, not left in the consumer's pending list unseen
     assert [e.id for e in got] == [entry_id]
+
+
+async def test_a_stream_deleted_under_its_group_is_read_again_while_other_slots_stay_busy(redis_cluster_url: str) -> None:
+    # Given a group on two streams of different slots, the second deleted under it and
+    # written again, and the first busy
+    broker = RedisBroker(url=redis_cluster_url, namespace=NS)
+    first, second = stream_name("frames", 0, NS), stream_name("frames", 1, NS)
+    await broker.read("g", "c", [first, second], count=10, block_ms=0)
+    await broker.client.delete(second)
+    again = await broker.publish(second, b"again")
+    # When the consumer reads on while the first stream always has an entry waiting
+    got = []
+    for i in range(3):
+        await broker.publish(first, b"%d" % i)
+        got += await broker.read("g", "c", [first, second], count=10, block_ms=0)
+    await broker.close()
+    # Then the second stream's new entry is read too
+    assert (second, again) in [(e.stream, e.id) for e in got]
