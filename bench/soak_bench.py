@@ -71,7 +71,7 @@ def write_config(path: Path, footage: Path, args: argparse.Namespace) -> Path:
 def sample(client: redis.Redis, supervisor: psutil.Process, started: float) -> dict:
     """One sample: Redis memory, streams, blobs, and each worker's RSS."""
     streams = list(client.scan_iter(f"{NS}:*", count=1000, _type="stream"))
-    blobs = list(client.scan_iter(names.blob_name("*", NS), count=1000, _type="string"))
+    blobs = list(client.scan_iter(f"{NS}:blob:*", count=1000, _type="string"))
     workers = {}
     for child in supervisor.children(recursive=True):
         try:

@@ -36,6 +36,7 @@ Why it looks the way it does:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -55,9 +56,11 @@ from stream.errors import (
     BrokerError,
     BrokerOutOfMemory,
     BrokerPermissionError,
+    ConfigError,
 )
 from stream.names import DEFAULT_NAMESPACE, blob_name, parse_entry_id
 from stream.settings import BrokerSettings
+from stream.urls import masked
 
 #: The one field of every stream entry; payloads are opaque bytes.
 FIELD = b"d"
@@ -268,7 +271,11 @@ def client_from_url(url: str, **kwargs: Any) -> aioredis.Redis | RedisCluster:
         scheme, rest = url.split("://", 1)
         # Keep serving the slots that have a primary while another's failover runs.
         kwargs.setdefault("require_full_coverage", False)
-        return RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}", **kwargs)
+        try:  # nothing is connected yet: what fails here is the URL or its options
+            return RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}", **kwargs)
+        except rex.RedisClusterException as exc:  # "db must be 0" and the like, not a RedisError
+            message = f"cluster URL {masked(url)!r}: {exc}"
+            raise ConfigError(message) from exc
     return aioredis.from_url(url, **kwargs)
 
 
@@ -455,7 +462,7 @@ class RedisBroker(Broker):
         """XREADGROUP on a cluster: one call per slot (a call may not cross slots).
 
         Streams of one slot are one call, blocking as asked. Over several slots, one
-        non-blocking call per slot (a pipeline per node, all nodes at once); when all are
+        non-blocking call per slot, all at once; when all are
         empty and the read may block, one blocking call per slot in parallel for up to
         ``CLUSTER_POLL_MS``, then again, until an entry comes or the block is over. A
         blocking call is never abandoned halfway: it would take entries into this
@@ -468,21 +475,37 @@ class RedisBroker(Broker):
             return await self._read_slot(slot, group, consumer, keys, count, block_ms or None)
         deadline = time.monotonic() + block_ms / 1000
         while True:
-            async with self.reader.pipeline() as pipe:
-                for slot, keys in by_slot.items():
-                    pipe.execute_command(*_xreadgroup_args(group, consumer, keys, count, None), target_nodes=self._node(slot))
-                replies = await pipe.execute()
-            rows = [row for reply in replies for row in reply or []]
+            rows = _rows_or_raise(await self._read_slots(group, consumer, by_slot, count, None))
             left_ms = int((deadline - time.monotonic()) * 1000)
             if rows or left_ms <= 0:
                 return rows
             wait_ms = min(left_ms, CLUSTER_POLL_MS)
-            replies = await asyncio.gather(
-                *(self._read_slot(slot, group, consumer, keys, count, wait_ms) for slot, keys in by_slot.items())
-            )
-            rows = [row for reply in replies for row in reply or []]
+            rows = _rows_or_raise(await self._read_slots(group, consumer, by_slot, count, wait_ms))
             if rows:
                 return rows
+
+    async def _read_slots(
+        self, group: str, consumer: str, by_slot: Mapping[int, list[str]], count: int, block_ms: int | None
+    ) -> list[Any]:
+        """One XREADGROUP per slot, all at once; an exception in place of each that failed.
+
+        Separate calls, not a pipeline per node: a cluster pipeline over several nodes
+        raises a node's connection error whole, dropping the other nodes' replies, and a
+        pipeline per node retries by closing every connection of the client, the others'
+        calls in flight included. A call that names its node is not retried.
+        """
+        calls = (self._read_slot(slot, group, consumer, keys, count, block_ms) for slot, keys in by_slot.items())
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        for i, (keys, reply) in enumerate(zip(by_slot.values(), replies, strict=True)):
+            if isinstance(reply, rex.ResponseError) and "NOGROUP" in str(reply):
+                # A stream deleted under its group: made again here, since the other slots'
+                # entries are returned and would keep ``read``'s own remedy from running
+                # (a busy partition beside it would starve it).
+                self._groups.difference_update((s, group) for s in keys)
+                with contextlib.suppress(BrokerError):  # the NOGROUP then comes back next read
+                    await self._ensure_groups(group, keys)
+                    replies[i] = None
+        return replies
 
     def _node(self, slot: int) -> Any:
         return self.reader.nodes_manager.get_node_from_slot(slot)
@@ -773,8 +796,20 @@ class RedisBroker(Broker):
 
     @translate_errors
     async def put_value(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
-        """Store a small value (health records, last errors)."""
-        await self.client.set(key, value, px=ttl_ms)
+        """Store a small value (health records, last errors, a split drive's camera records).
+
+        With ``replica_acks``, waits for the replicas as a publish does: ingest acks a
+        camera's job right after its record, and a record lost in a failover would leave
+        the drive waiting for that camera forever.
+        """
+        if not self.settings.replica_acks:
+            await self.client.set(key, value, px=ttl_ms)
+            return
+        await self._ready()
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(key, value, px=ttl_ms)
+            waits = await self._wait_for_replicas(pipe, [key])
+            _checked_waits(await pipe.execute(), waits, self.settings.replica_acks)
 
     @translate_errors
     async def get_value(self, key: str) -> bytes | None:
@@ -826,12 +861,21 @@ class RedisBlobStore(BlobStore):
         """Store ``blob`` unless ``key`` holds a higher version (one script call; the version
         lives in a key of its own beside the blob, with the same TTL)."""
         name = blob_name(key, self.namespace)
-        stored = bool(await self._put_versioned(keys=[name, f"{name}:version"], args=[blob, int(version), int(ttl_s)]))
-        if stored and self.replica_acks:  # a checkpoint covers entries about to be acked
-            async with self.client.pipeline(transaction=False) as pipe:
-                waits = await add_replica_waits(self.client, pipe, [name], self.replica_acks, self.replica_ack_timeout_ms)
-                _checked_waits(await pipe.execute(), waits, self.replica_acks)
-        return stored
+        keys, args = [name, f"{name}:version"], [blob, int(version), int(ttl_s)]
+        if not self.replica_acks:
+            return bool(await self._put_versioned(keys=keys, args=args))
+        # A checkpoint covers entries about to be acked: wait for a replica to hold it. The
+        # WAIT goes in one pipeline with the script, so on its connection: WAIT waits for
+        # what its own connection wrote, and another pooled one's may return at once.
+        at = {}
+        if self.cluster:
+            await self.client.initialize()
+            at = {"target_nodes": self.client.get_node_from_key(name)}
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.execute_command("EVAL", _PUT_VERSIONED, len(keys), *keys, *args, **at)
+            waits = await add_replica_waits(self.client, pipe, [name], self.replica_acks, self.replica_ack_timeout_ms)
+            (stored,) = _checked_waits(await pipe.execute(), waits, self.replica_acks)
+        return bool(stored)
 
     @translate_errors
     async def put_many(self, blobs: Mapping[str, bytes], *, ttl_s: int = DEFAULT_BLOB_TTL_S) -> None:
@@ -967,6 +1011,19 @@ def _group_by_slot(client: RedisCluster, keys: Sequence[str]) -> dict[int, list[
     for key in dict.fromkeys(keys):
         by_slot[client.keyslot(key)].append(key)
     return by_slot
+
+
+def _rows_or_raise(replies: Sequence[Any]) -> list[Any]:
+    """The rows of per-slot XREADGROUP replies. A slot's error is raised only when no other
+    slot brought entries: those were delivered to the consumer already (they are in its
+    pending list), and dropping them for the error would leave them there unseen until
+    reclaimed, behind later entries of their partition. A lasting error comes back on
+    the next read."""
+    rows = [row for reply in replies if not isinstance(reply, BaseException) for row in reply or []]
+    errors = [reply for reply in replies if isinstance(reply, BaseException)]
+    if errors and not rows:
+        raise errors[0]
+    return rows
 
 
 def _xreadgroup_args(group: str, consumer: str, streams: Sequence[str], count: int, block_ms: int | None) -> list[Any]:

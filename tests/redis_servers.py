@@ -597,6 +597,9 @@ class RedisClusterServers:
                 all(s.get("cluster_state") == "ok" and s.get("cluster_slots_ok") == "16384" for s in states)
                 and len(primaries) == want
                 and all(self._replicas_in_sync(p) >= want_replicas for p in primaries)
+                # Clients learn replicas from CLUSTER SLOTS, which lists them only once
+                # gossip has told that node: "in sync" on the primary comes first.
+                and all(self._slot_replicas(n) >= want_replicas for n in self.nodes if n.running)
             ):
                 return
             if time.monotonic() > deadline:
@@ -615,6 +618,16 @@ class RedisClusterServers:
             1 for key, value in info.items()
             if key.startswith("slave") and isinstance(value, dict) and value.get("state") == "online"
         )
+
+    @staticmethod
+    def _slot_replicas(node: RedisServer) -> int:
+        """The fewest replicas ``node``'s CLUSTER SLOTS lists for a slot range."""
+        try:
+            with node.client(socket_timeout=1, socket_connect_timeout=1) as client:
+                ranges = client.execute_command("CLUSTER SLOTS")
+        except redis.RedisError:
+            return 0
+        return min((len(r) - 3 for r in ranges), default=0)
 
     @staticmethod
     def _info(node: RedisServer) -> dict[str, str]:

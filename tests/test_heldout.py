@@ -123,3 +123,17 @@ def test_drawn_objects_join_the_copy_paste_set_and_every_fold_may_train_on_them(
     scenes = {i.source for i in scene_items(items)}
     for s in drawn:
         assert allowed(s, scenes - {s.source}) and not allowed(s, {s.source})
+
+
+def test_a_rerun_asking_for_another_copy_paste_set_is_refused_not_served_the_old_one(pack, tmp_path):
+    from stages.train.heldout import HeldoutSettings, load_items
+
+    # Given an --out whose copy-paste set was made without drawn objects
+    out = str(tmp_path / "out")
+    load_items(HeldoutSettings(pack=str(pack), out=out, synthetic=20), log=lambda line: None)
+    # When a rerun into it asks for drawn objects; Then it says so instead of reusing the set
+    with pytest.raises(ValueError, match="procedural"):
+        load_items(HeldoutSettings(pack=str(pack), out=out, synthetic=20, procedural=2), log=lambda line: None)
+    # And a rerun with the same settings (a resume) still reuses it
+    _, again = load_items(HeldoutSettings(pack=str(pack), out=out, synthetic=20), log=lambda line: None)
+    assert again

@@ -4,6 +4,8 @@ behaviour is the conformance suites', which run on the cluster too)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections import Counter
 
@@ -15,6 +17,7 @@ from redis.crc import key_slot
 from brokers.base import Publish
 from brokers.connect import connect
 from brokers.redis import RedisBlobStore, RedisBroker, is_cluster_url
+from stream.errors import ConfigError
 from stream.names import blob_name, dead_letter_name, stream_name
 from stream.settings import BrokerSettings
 
@@ -40,6 +43,15 @@ async def test_connect_opens_a_cluster_client_with_acl_and_tls_without_connectin
     assert kwargs["connection_class"].__name__ == "SSLConnection"
     await broker.close()
     await blobs.close()
+
+
+def test_a_cluster_url_naming_a_database_is_a_config_error_naming_the_url_without_its_password() -> None:
+    # Given a cluster URL with a database other than 0 (a cluster has only database 0)
+    url = "redis+cluster://alice:s3cret@example.invalid:7000/2"
+    # When opened; Then the error is roadstream's configuration error, password masked
+    with pytest.raises(ConfigError, match="must be 0") as caught:
+        connect(url)
+    assert "s3cret" not in str(caught.value) and "example.invalid:7000" in str(caught.value)
 
 
 def test_non_partitioned_streams_spread_over_slots() -> None:
@@ -173,3 +185,175 @@ async def test_replica_acks_put_blobs_and_checkpoints_on_the_replica(redis_clust
             held.append(client.get(name))
     await store.close()
     assert held == [b"jpeg", b"state"]
+
+
+async def test_a_read_over_slots_hands_over_one_slots_entries_when_anothers_stream_was_deleted(
+    redis_cluster_url: str,
+) -> None:
+    # Given a group on two streams of different slots, an entry waiting on the first and
+    # the second stream deleted under the group
+    broker = RedisBroker(url=redis_cluster_url, namespace=NS)
+    first, second = stream_name("frames", 0, NS), stream_name("frames", 1, NS)
+    await broker.read("g", "c", [first, second], count=10, block_ms=0)
+    entry_id = await broker.publish(first, b"x")
+    await broker.client.delete(second)
+    # When the consumer reads both
+    entries = await broker.read("g", "c", [first, second], count=10, block_ms=0)
+    entries += await broker.read("g", "c", [first, second], count=10, block_ms=0)
+    pending = (await broker.stats(first)).groups[0].pending
+    await broker.close()
+    # Then the first stream's entry is handed over, not left pending unseen
+    assert [e.id for e in entries] == [entry_id]
+    assert pending == 1
+
+
+async def test_a_failing_slot_in_a_blocking_read_over_slots_strands_no_other_slots_entry(
+    redis_cluster_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a consumer blocked on two streams of different slots, one of whose nodes
+    # fails its next blocking call (a failover) while an entry arrives on the other
+    broker = RedisBroker(url=redis_cluster_url, namespace=NS)
+    first, second = stream_name("frames", 0, NS), stream_name("frames", 1, NS)
+    await broker.read("g", "c", [first, second], count=10, block_ms=0)
+    failing_slot = broker.client.keyslot(second)
+    fail = asyncio.Event()
+    original = RedisBroker._read_slot
+
+    async def read_slot(self, slot, group, consumer, streams, count, block_ms):  # noqa: ANN001, ANN202
+        reply = await original(self, slot, group, consumer, streams, count, block_ms)
+        if slot == failing_slot and block_ms and fail.is_set():
+            fail.clear()
+            message = "node went away"
+            raise redis.ConnectionError(message)
+        return reply
+
+    monkeypatch.setattr(RedisBroker, "_read_slot", read_slot)
+
+    async def publish_later() -> str:
+        await asyncio.sleep(0.2)
+        fail.set()
+        return await broker.publish(first, b"x")
+
+    # When the entry is published and the consumer reads on after any error
+    async def read() -> list:
+        try:
+            return await broker.read("g", "c", [first, second], count=10, block_ms=1000)
+        except Exception:  # noqa: BLE001
+            return []
+
+    got, entry_id = await asyncio.gather(read(), publish_later())
+    got += await broker.read("g", "c", [first, second], count=10, block_ms=0)
+    await broker.close()
+    # Then the entry is handed over, not left in the consumer's pending list unseen
+    assert [e.id for e in got] == [entry_id]
+
+
+async def test_replica_acks_of_a_checkpoint_wait_for_its_own_write(redis_cluster_url: str) -> None:
+    # Given a blob store that waits for one replica, whose client holds two connections
+    # to the checkpoint's primary, and that primary's replica stopped
+    store = RedisBlobStore(redis_cluster_url, namespace=NS, replica_acks=1, replica_ack_timeout_ms=300)
+    name = blob_name("fuse-checkpoint:d1", NS)
+    await store.put_versioned("fuse-checkpoint:d1", b"state", 1, ttl_s=60)
+    await asyncio.gather(store.client.get(name), store.client.get(name))
+    primary, replica = store.client.nodes_manager.slots_cache[store.client.keyslot(name)][:2]
+    with redis.Redis(host=primary.host, port=primary.port) as client:
+        client.execute_command("WAIT", 1, 5000)  # the replica has everything so far
+    with redis.Redis(host=replica.host, port=replica.port) as client:
+        pid = int(client.info("server")["process_id"])
+    os.kill(pid, signal.SIGSTOP)
+    waited = []
+    try:
+        # When checkpoints are stored
+        for version in (2, 3, 4):
+            started = time.monotonic()
+            await store.put_versioned("fuse-checkpoint:d1", b"state", version, ttl_s=60)
+            waited.append(time.monotonic() - started)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await store.close()
+    # Then each call waited for the replica (in vain, up to the timeout) before returning
+    assert min(waited) >= 0.3, waited
+
+
+async def test_replica_acks_cover_small_values_such_as_a_split_drives_camera_records(redis_cluster_url: str) -> None:
+    # Given a broker that waits for one replica, and the replica of a record's primary stopped
+    # once it holds everything so far
+    settings = BrokerSettings(replica_acks=1, replica_ack_timeout_ms=300)
+    broker = RedisBroker(url=redis_cluster_url, namespace=NS, settings=settings)
+    key = f"{NS}:ingest-record:d1:front"
+    await broker.put_value(key, b"before", ttl_ms=60_000)
+    primary, replica = broker.client.nodes_manager.slots_cache[broker.client.keyslot(key)][:2]
+    with redis.Redis(host=primary.host, port=primary.port) as client:
+        client.execute_command("WAIT", 1, 5000)
+    with redis.Redis(host=replica.host, port=replica.port) as client:
+        pid = int(client.info("server")["process_id"])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        # When a camera's record is stored (its job is acked right after)
+        started = time.monotonic()
+        await broker.put_value(key, b"record", ttl_ms=60_000)
+        waited = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    stored = await broker.get_value(key)
+    await broker.close()
+    # Then the call waited for the replica (in vain, up to the timeout), and the value is there
+    assert waited >= 0.3
+    assert stored == b"record"
+
+
+async def test_a_node_unreachable_in_a_read_over_nodes_strands_no_other_nodes_entry(
+    redis_cluster_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a group on streams of two nodes, an entry waiting on the first, and the
+    # second node refusing connections (its primary just died)
+    broker = RedisBroker(url=redis_cluster_url, namespace=NS)
+    streams = [stream_name("frames", p, NS) for p in range(8)]
+    await broker.read("g", "c", streams, count=10, block_ms=0)
+    node_of = {s: broker.reader.get_node_from_key(s).name for s in streams}
+    first = streams[0]
+    second = next(s for s in streams if node_of[s] != node_of[first])
+    entry_id = await broker.publish(first, b"x")
+    pipeline, command = ClusterNode.execute_pipeline, ClusterNode.execute_command
+
+    def refusing(original):  # noqa: ANN001, ANN202
+        async def call(node: ClusterNode, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            if node.name == node_of[second]:
+                message = "Connection refused"
+                raise redis.ConnectionError(message)
+            return await original(node, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(ClusterNode, "execute_pipeline", refusing(pipeline))
+    monkeypatch.setattr(ClusterNode, "execute_command", refusing(command))
+    # When the consumer reads both, and again once the node is back
+    got = []
+    try:
+        got += await broker.read("g", "c", [first, second], count=10, block_ms=0)
+    except Exception:  # noqa: BLE001
+        pass
+    monkeypatch.setattr(ClusterNode, "execute_pipeline", pipeline)
+    monkeypatch.setattr(ClusterNode, "execute_command", command)
+    got += await broker.read("g", "c", [first, second], count=10, block_ms=0)
+    await broker.close()
+    # Then the entry is handed over, not left in the consumer's pending list unseen
+    assert [e.id for e in got] == [entry_id]
+
+
+async def test_a_stream_deleted_under_its_group_is_read_again_while_other_slots_stay_busy(redis_cluster_url: str) -> None:
+    # Given a group on two streams of different slots, the second deleted under it and
+    # written again, and the first busy
+    broker = RedisBroker(url=redis_cluster_url, namespace=NS)
+    first, second = stream_name("frames", 0, NS), stream_name("frames", 1, NS)
+    await broker.read("g", "c", [first, second], count=10, block_ms=0)
+    await broker.client.delete(second)
+    again = await broker.publish(second, b"again")
+    # When the consumer reads on while the first stream always has an entry waiting
+    got = []
+    for i in range(3):
+        await broker.publish(first, b"%d" % i)
+        got += await broker.read("g", "c", [first, second], count=10, block_ms=0)
+    await broker.close()
+    # Then the second stream's new entry is read too
+    assert (second, again) in [(e.stream, e.id) for e in got]

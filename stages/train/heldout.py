@@ -107,7 +107,14 @@ def load_items(settings: HeldoutSettings, log: Log) -> tuple[list[Item], list[It
                 kept.append(item)
         items = kept
     synth_dir = Path(settings.out) / "synthetic"
+    # What the set was made with: a rerun that asks for another set (say, --procedural on an
+    # --out made without) would otherwise be served the old one and compare it to itself.
+    made, stamp = {k: getattr(settings, k) for k in ("synthetic", "procedural", "seed")}, synth_dir / "made.json"
     if (synth_dir / "items.tsv").is_file():
+        if stamp.is_file() and (was := json.loads(stamp.read_text())) != made:
+            message = (f"{synth_dir}: the copy-paste set there was made with {was}, this run asks for {made}; "
+                       "use another --out (or delete that folder)")  # fmt: skip
+            raise ValueError(message)
         return items, read_pack(synth_dir)
     cutouts = cut_objects([i for i in items if i.boxes and i.split == "train"])
     if settings.procedural:
@@ -118,6 +125,7 @@ def load_items(settings: HeldoutSettings, log: Log) -> tuple[list[Item], list[It
         cutouts = [*cutouts, *drawn]
     backgrounds = [i for i in items if i.label == 0 and i.origin in EVAL_ORIGINS]
     synthetic = generate(backgrounds, cutouts, settings.synthetic, synth_dir, seed=settings.seed, log=log)
+    stamp.write_text(json.dumps(made))
     return items, synthetic
 
 
