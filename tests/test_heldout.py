@@ -137,3 +137,25 @@ def test_a_rerun_asking_for_another_copy_paste_set_is_refused_not_served_the_old
     # And a rerun with the same settings (a resume) still reuses it
     _, again = load_items(HeldoutSettings(pack=str(pack), out=out, synthetic=20), log=lambda line: None)
     assert again
+
+
+def test_hard_negatives_train_the_detector_as_background_on_every_fold_but_their_own(pack, tmp_path):
+    from stages.train.heldout import HeldoutSettings, load_items
+
+    settings = HeldoutSettings(pack=str(pack), out=str(tmp_path / "out"), synthetic=10, procedural=2,
+                               distractors=2, negatives=8)
+    items, synthetic = load_items(settings, log=lambda line: None)
+    negatives = [s for s in synthetic if s.label == 0]
+    assert negatives and all(not s.boxes for s in negatives)
+    held = negatives[0].source
+    data = detector_dataset(items, synthetic, {held}, tmp_path / "fold")
+    linked = {p.resolve().name: p for p in (data.parent / "images").rglob("*") if p.is_symlink()}
+    kept = [s for s in negatives if s.source != held]
+    assert kept and all(s.path.name in linked for s in kept)
+    assert not [s for s in negatives if s.source == held and s.path.name in linked]
+    for s in kept:  # an empty label file: a background image to YOLO
+        link = linked[s.path.name]
+        assert (data.parent / "labels" / link.parent.name / f"{link.stem}.txt").read_text() == ""
+    # The set's stamp knows the negatives: a rerun asking for none is refused.
+    with pytest.raises(ValueError, match="negatives"):
+        load_items(HeldoutSettings(pack=str(pack), out=settings.out, synthetic=10, procedural=2), log=lambda line: None)

@@ -220,11 +220,49 @@ def _camera(rng: np.random.Generator, width: int, height: int) -> dict[str, floa
     }
 
 
-def _paste_one(out, cutout: Cutout, z, x, cam, noise_sigma, rng) -> tuple[float, float, float, float] | None:
+def paste_distractors(
+    background: np.ndarray, distractors: Sequence[Cutout], rng: np.random.Generator, count: tuple[int, int] = (1, 5)
+) -> tuple[np.ndarray, list[Placement]]:
+    """Paste look-alikes (``stages.train.distractors``) onto an RGB frame, with no box.
+
+    Vehicles stand in a lane (lateral offset within 5 m of the camera), the rest by the
+    road (2–9 m to either side), 5–40 m ahead, placed and blended like ``paste``'s objects.
+
+    Parameters:
+        background: ``(H, W, 3)`` uint8 RGB; not changed.
+        distractors: what to paste from (``draw_distractors``).
+        rng: the only source of randomness.
+        count: how many to try, drawn from ``[low, high)`` (some may fall outside the frame).
+
+    Returns:
+        ``(image, placements)``: the new frame and what was pasted where.
+    """
+    from stages.train.distractors import height_m
+
+    if not distractors:
+        return background.copy(), []
+    height, width = background.shape[:2]
+    out = background.astype(np.float32)
+    noise_sigma, camera = _noise_level(background), _camera(rng, width, height)
+    objects = []
+    for _ in range(int(rng.integers(*count))):
+        index = int(rng.integers(len(distractors)))
+        in_lane = distractors[index].name.startswith("distractor:vehicle")
+        x = rng.uniform(-5.0, 5.0) if in_lane else rng.choice([-1.0, 1.0]) * rng.uniform(2.0, 9.0)
+        objects.append((rng.uniform(5.0, 40.0), x, index))
+    placements = []
+    for z, x, index in sorted(objects, reverse=True):
+        cutout = distractors[index]
+        placed = _paste_one(out, cutout, z, x, camera, noise_sigma, rng, height_m(cutout))
+        if placed is not None:
+            placements.append(Placement(index, placed))
+    return out.clip(0, 255).round().astype(np.uint8), placements
+
+
+def _paste_one(out, cutout: Cutout, z, x, cam, noise_sigma, rng, height_range=None) -> tuple[float, float, float, float] | None:
     import cv2
 
-    name = ROADWORK_CLASSES[cutout.cls]
-    low, high = OBJECT_HEIGHT_M.get(name, (0.8, 1.2))
+    low, high = height_range or OBJECT_HEIGHT_M.get(ROADWORK_CLASSES[cutout.cls], (0.8, 1.2))
     px_h = cam["focal"] * rng.uniform(low, high) / z
     aspect = cutout.rgba.shape[1] / cutout.rgba.shape[0]
     px_w = px_h * aspect
@@ -300,11 +338,17 @@ def generate(
     *,
     seed: int = 0,
     log: Log = print,
+    distractors: Sequence[Cutout] = (),
+    negatives: int = 0,
 ) -> list[Item]:
-    """Write ``count`` synthesised roadwork frames with their YOLO labels.
+    """Write ``count`` synthesised roadwork frames with their YOLO labels, and ``negatives``
+    hard-negative frames (distractors pasted, no roadwork, empty labels).
 
     Each frame ``i`` uses ``numpy.random.default_rng((seed, i))``: the set is the same for
-    the same inputs and seed, and frame ``i`` does not depend on ``count``.
+    the same inputs and seed, and frame ``i`` does not depend on ``count``. Distractors in
+    roadwork frame ``i`` (half of them get 1–2) draw from ``default_rng((seed, i, 1))`` and
+    negative frame ``j`` from ``default_rng((seed, j, 2))``, so the roadwork frames' own
+    draws are the same with or without distractors.
 
     Parameters:
         backgrounds: clear frames (label 0) to paste into; frame ``i`` takes one at random.
@@ -312,9 +356,12 @@ def generate(
         count: frames to write.
         out: the folder: ``images/synth_<seed>_<i>.jpg``, ``labels/…txt``, ``items.tsv``.
         seed: the set's seed.
+        distractors: look-alikes (``stages.train.distractors``) pasted without boxes.
+        negatives: hard-negative frames to write (``neg_<seed>_<j>.jpg``); needs distractors.
 
     Returns:
-        The items (origin ``synthetic``, label 1, source = the background's source).
+        The items (origin ``synthetic``, source = the background's source): label 1 with
+        boxes, then the negatives, label 0 without boxes.
 
     Raises:
         InputError: no backgrounds or no cutouts, or a background does not read.
@@ -335,7 +382,10 @@ def generate(
         if image is None:
             message = f"{bg.path}: not a readable image"
             raise InputError(message)
-        pasted, boxes, placements = paste(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), cutouts, rng)
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        if distractors and (extra := np.random.default_rng((seed, i, 1))).random() < 0.5:
+            image, _ = paste_distractors(image, distractors, extra, (1, 3))
+        pasted, boxes, placements = paste(image, cutouts, rng)
         if not boxes:
             continue
         stem = f"synth_{seed}_{i:05d}"
@@ -346,6 +396,26 @@ def generate(
         note = f"background {bg.path.name} ({bg.origin}); objects {objects}"
         contains = tuple(sorted({cutouts[p.cutout].source for p in placements} - {bg.source}))
         items.append(Item(out / "images" / f"{stem}.jpg", 1, bg.source, "synthetic", "", tuple(boxes), note, contains))
+    if negatives and not distractors:
+        message = f"{negatives} hard-negative frames asked for, but no distractors to paste"
+        raise InputError(message)
+    for j in range(negatives):
+        rng = np.random.default_rng((seed, j, 2))
+        bg = backgrounds[int(rng.integers(len(backgrounds)))]
+        image = cv2.imread(str(bg.path), cv2.IMREAD_COLOR)
+        if image is None:
+            message = f"{bg.path}: not a readable image"
+            raise InputError(message)
+        pasted, placements = paste_distractors(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), distractors, rng)
+        if not placements:
+            continue
+        stem = f"neg_{seed}_{j:05d}"
+        cv2.imwrite(str(out / "images" / f"{stem}.jpg"), cv2.cvtColor(pasted, cv2.COLOR_RGB2BGR),
+                    [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(80, 96))])
+        (out / "labels" / f"{stem}.txt").write_text("")
+        note = f"background {bg.path.name} ({bg.origin}); distractors " + ",".join(distractors[p.cutout].name for p in placements)
+        items.append(Item(out / "images" / f"{stem}.jpg", 0, bg.source, "synthetic", "", (), note))
     write_items(out / "items.tsv", items, relative_to=out)
-    log(f"copy-paste: {len(items)} frames from {len(backgrounds)} backgrounds, {len(cutouts)} objects, seed {seed}")
+    log(f"copy-paste: {len(items)} frames ({sum(i.label == 0 for i in items)} hard negatives) from "
+        f"{len(backgrounds)} backgrounds, {len(cutouts)} objects, {len(distractors)} distractors, seed {seed}")
     return items

@@ -71,6 +71,11 @@ class HeldoutSettings:
     synthetic: int = 1500
     #: Objects drawn per class (``stages.train.procedural``) added to the cut ones; 0: none.
     procedural: int = 0
+    #: Distractors drawn per kind (``stages.train.distractors``): pasted without boxes into
+    #: half the copy-paste frames and into the hard-negative frames; 0: none.
+    distractors: int = 0
+    #: Hard-negative frames (clear frames with distractors pasted, no box); needs distractors.
+    negatives: int = 0
     #: Synthesised frames the scorer trains on (0: all); the detector takes all.
     scorer_synthetic: int = 0
     det_epochs: int = 40
@@ -79,6 +84,9 @@ class HeldoutSettings:
     det_workers: int = 2
     #: Hours; caps each detector's training (0: epochs decide).
     det_time: float = 0.0
+    #: 1: also train the final detector on every source (its mAP50, the shippable weights);
+    #: 0: fold detectors only (a comparison run).
+    det_final: int = 1
     #: Folder of ``<arch>.pt`` ImageNet weights ("" reads the installed packages).
     imagenet_dir: str = ""
     #: Tiny runs (tests): at most this many items of each source (0: all).
@@ -109,7 +117,8 @@ def load_items(settings: HeldoutSettings, log: Log) -> tuple[list[Item], list[It
     synth_dir = Path(settings.out) / "synthetic"
     # What the set was made with: a rerun that asks for another set (say, --procedural on an
     # --out made without) would otherwise be served the old one and compare it to itself.
-    made, stamp = {k: getattr(settings, k) for k in ("synthetic", "procedural", "seed")}, synth_dir / "made.json"
+    made = {k: getattr(settings, k) for k in ("synthetic", "procedural", "distractors", "negatives", "seed")}
+    stamp = synth_dir / "made.json"
     if (synth_dir / "items.tsv").is_file():
         if stamp.is_file() and (was := json.loads(stamp.read_text())) != made:
             message = (f"{synth_dir}: the copy-paste set there was made with {was}, this run asks for {made}; "
@@ -123,8 +132,14 @@ def load_items(settings: HeldoutSettings, log: Log) -> tuple[list[Item], list[It
         drawn = draw_objects(settings.procedural, settings.seed)
         log(f"copy-paste: {len(cutouts)} cut objects, {len(drawn)} drawn")
         cutouts = [*cutouts, *drawn]
+    distractors = []
+    if settings.distractors:
+        from stages.train.distractors import draw_distractors
+
+        distractors = draw_distractors(settings.distractors, settings.seed)
     backgrounds = [i for i in items if i.label == 0 and i.origin in EVAL_ORIGINS]
-    synthetic = generate(backgrounds, cutouts, settings.synthetic, synth_dir, seed=settings.seed, log=log)
+    synthetic = generate(backgrounds, cutouts, settings.synthetic, synth_dir, seed=settings.seed, log=log,
+                         distractors=distractors, negatives=settings.negatives)
     stamp.write_text(json.dumps(made))
     return items, synthetic
 
@@ -443,7 +458,7 @@ def _start_detectors(settings: HeldoutSettings, n_folds: int) -> list[subprocess
     # One process per fold plus the final model, all at once: the GPU has room for
     # several small trainings, and each is bound by its data loader's CPU work.
     procs = []
-    for fold in [*range(n_folds), -1]:
+    for fold in [*range(n_folds), -1][: n_folds + (1 if settings.det_final else 0)]:
         if (Path(settings.out) / f"detector_fold{fold}" / "best.txt").is_file():
             continue  # trained by an earlier run
         log_file = open(Path(settings.out) / f"detector_fold{fold}.log", "w")  # noqa: SIM115 - lives with the process
@@ -478,6 +493,8 @@ def _collect_detectors(procs, scenes, folds, rows, settings, timings, log) -> di
         test = [k for k, i in enumerate(scenes) if i.source in held]
         for k, det in zip(test, detector_outputs(weights, [scenes[k] for k in test], settings.device, settings.det_imgsz)):
             rows[k].update(det)
+    if not settings.det_final:
+        return {}
     final = Path((out / "detector_fold-1" / "best.txt").read_text())
     return _write_detector(final, settings, out, log)
 
