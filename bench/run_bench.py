@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import av
 
+from bench.run_probe import RunProbe
 from fixtures import teslacam as tc
 from stages.discover import discover
 from stages.nvdec import nvdec_unavailable
@@ -66,10 +67,12 @@ from workers.plan import Plan
 from workers.run import (
     choose_plan,
     footage_roots,
+    memory_bound,
     one_shot,
     private_redis,
     run_footage,
     shipped_models,
+    sized_for_machine,
     submit,
 )
 
@@ -351,11 +354,25 @@ def bench_settings(args: argparse.Namespace) -> Settings:
     return one_shot(shipped_models(load_settings(environ={}, **overrides)))
 
 
-def bench_run(folder: Path, settings: Settings, workers: str | None) -> tuple[dict[str, Any], float, int, Busy]:
-    """``roadstream run`` over ``folder``; (result summary, seconds, frames, busy)."""
+def bench_run(folder: Path, settings: Settings, workers: str | None, probe: bool = False) -> tuple[dict[str, Any], float, int, Busy]:
+    """``roadstream run`` over ``folder``; (result summary, seconds, frames, busy).
+
+    ``probe``: sample the run's Redis while it runs (``bench/run_probe.py``: flow-control
+    bounds and hop backlogs); the summary gets ``probe``."""
     plans: list[Plan] = []
+    probes: list[RunProbe] = []
+
+    def start_probe(url: str) -> None:
+        if probe and not url.startswith("memory://"):
+            bound = memory_bound(sized_for_machine(settings)).broker
+            probes.append(RunProbe(url, settings.namespace, bound.max_used_memory, bound.max_blob_bytes))
+
     with tempfile.TemporaryDirectory(prefix="run-bench-out-") as out, Busy() as busy:
-        result = run_footage(folder, settings, out, workers=workers, on_plan=plans.append)
+        try:
+            result = run_footage(folder, settings, out, workers=workers, on_plan=plans.append, on_broker=start_probe)
+        finally:
+            for p in probes:
+                p.stop()
     frames = sum(sum(s.summary.frame_counts.values()) for s in result.drives.values() if s.summary)
     failed = {d: s.failure for d, s in result.drives.items() if s.failure}
     folders = {d: Path(s.drive.minutes[0].files["front"]).parent.name for d, s in result.drives.items()
@@ -364,6 +381,8 @@ def bench_run(folder: Path, settings: Settings, workers: str | None) -> tuple[di
     summary = {"plan": plans[0].describe() if plans else "", "verdicts": len(result.verdicts),
                "roadwork_windows": sum(v.roadwork for v in result.verdicts), "failed_drives": failed,
                "windows": windows}  # fmt: skip
+    if probes:
+        summary["probe"] = probes[0].summary()
     return summary, result.seconds, frames, busy
 
 
@@ -493,6 +512,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample", choices=("ticks", "keyframes"), default="ticks")
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="A setting of the run.")
     parser.add_argument("--nvdec-sessions", type=int, default=8)
+    parser.add_argument("--probe", action="store_true",
+                        help="Sample the run's Redis (bounds, hop backlogs): where the run waits.")
     parser.add_argument("--skip", action="append", default=[],
                         choices=("run", "single", "keyframes", "long", "ceilings", "stages"),
                         help="Leave a section out (repeatable).")  # fmt: skip
@@ -546,7 +567,7 @@ def sections(root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     labels = json.loads((root / "labels.json").read_text()) if (root / "labels.json").exists() else {}
     reference = None
     if "run" not in args.skip:
-        summary, seconds, frames, busy = bench_run(root, settings, args.workers)
+        summary, seconds, frames, busy = bench_run(root, settings, args.workers, args.probe)
         reference = summary.pop("windows")
         rows.append(section("run", seconds, total_s, frames, busy, **summary, **score(reference, labels)))
     if "single" not in args.skip:

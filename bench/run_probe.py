@@ -1,0 +1,94 @@
+"""Where a ``roadstream run`` waits: samples its Redis once a second from a thread.
+
+``run_bench --probe`` starts one on the run's broker URL. Each sample reads what the
+stages' flow control looks at (``workers/runtime.py``): the server's ``used_memory``
+against ``broker.max_used_memory`` (producers wait above it), the blob bytes in flight
+against ``broker.max_blob_bytes`` (producers wait above it), and each hop's backlog
+(lag plus pending of its consumer group, summed over partitions). A hop whose backlog
+stays near zero starves its consumer: the stage before it is the bound. Producers waiting
+on memory or blob bytes while the consumers idle point at the bounds themselves.
+
+Only reads: ``INFO memory``, ``GET``, ``SCAN`` and ``XINFO GROUPS``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from typing import Any
+
+from stream import names
+
+#: Hops whose backlog is sampled: what ingest, detect and fuse consume.
+HOPS = (names.JOBS, names.FRAMES, names.DETECTIONS)
+
+
+class RunProbe:
+    """A sampling thread on one Redis URL; ``summary()`` after ``stop()``.
+
+    Parameters:
+        url: the run's broker (``redis://`` or ``unix://``).
+        namespace: the streams' prefix.
+        max_used_memory: the producers' memory bound in bytes (0: none).
+        max_blob_bytes: the producers' blob bound in bytes.
+        period_s: seconds between samples.
+    """
+
+    def __init__(self, url: str, namespace: str, max_used_memory: int, max_blob_bytes: int, period_s: float = 1.0) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url, socket_timeout=5)
+        self.ns, self.period_s = namespace, period_s
+        self.max_used_memory, self.max_blob_bytes = max_used_memory, max_blob_bytes
+        self.samples: list[dict[str, float]] = []
+        self._streams: dict[str, list[bytes]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="run-probe", daemon=True)
+        self._thread.start()
+
+    def _find_streams(self) -> None:
+        for hop in HOPS:
+            found = set(self.client.scan_iter(match=f"{self.ns}:{hop}*", _type="STREAM", count=1000))
+            self._streams[hop] = sorted(found)
+
+    def _loop(self) -> None:
+        n = 0
+        while not self._stop.wait(self.period_s):
+            try:
+                if n % 10 == 0:  # partitions appear as drives start
+                    self._find_streams()
+                n += 1
+                sample = {"t": time.monotonic(), "used_memory": float(self.client.info("memory")["used_memory"]),
+                          "blob_bytes": float(self.client.get(f"{self.ns}:blob-bytes-in-flight") or 0)}  # fmt: skip
+                for hop, streams in self._streams.items():
+                    backlog = 0
+                    for stream in streams:
+                        for group in self.client.xinfo_groups(stream):
+                            backlog += int(group.get("lag") or 0) + int(group.get("pending") or 0)
+                    sample[f"backlog_{hop}"] = float(backlog)
+                self.samples.append(sample)
+            except Exception as exc:  # noqa: BLE001 - the run goes on; a gap in samples is reported
+                self.samples.append({"t": time.monotonic(), "error": 1.0, "message_len": float(len(str(exc)))})
+
+    def stop(self) -> None:
+        """Stop sampling (the thread ends within one period)."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def summary(self) -> dict[str, Any]:
+        """Shares of samples over each bound, and each hop's backlog (mean, median, max)."""
+        good = [s for s in self.samples if "error" not in s]
+        out: dict[str, Any] = {"samples": len(good), "errors": len(self.samples) - len(good)}
+        if not good:
+            return out
+        if self.max_used_memory:
+            out["over_memory_bound"] = round(sum(s["used_memory"] > self.max_used_memory for s in good) / len(good), 3)
+        out["over_blob_bound"] = round(sum(s["blob_bytes"] > self.max_blob_bytes for s in good) / len(good), 3)
+        out["used_memory_mb_max"] = round(max(s["used_memory"] for s in good) / 2**20, 1)
+        out["blob_mb_mean"] = round(statistics.fmean(s["blob_bytes"] for s in good) / 2**20, 1)
+        for hop in HOPS:
+            values = [s.get(f"backlog_{hop}", 0.0) for s in good]
+            out[f"backlog_{hop}"] = {"mean": round(statistics.fmean(values), 1), "median": statistics.median(values),
+                                     "max": max(values), "zero_share": round(sum(v == 0 for v in values) / len(values), 3)}  # fmt: skip
+        return out
