@@ -311,3 +311,33 @@ def test_run_holds_producers_back_below_its_private_servers_maxmemory() -> None:
     assert private_maxmemory(settings.broker) - settings.broker.max_used_memory == REDIS_BASE_BYTES // 2
     configured = Settings.model_validate({"broker": {"max_used_memory": 123}})
     assert memory_bound(configured).broker.max_used_memory == 123
+
+
+def test_runs_private_server_grows_to_a_quarter_of_the_machines_memory_unless_told() -> None:
+    """Spent blobs stay 120 s after their window, so the private server's bound follows the
+    machine's memory: a quarter of what is available, never less than the defaults, and
+    what the settings name wins."""
+    from workers.run import RUN_MAX_BLOB_BYTES, private_maxmemory, private_redis_args, sized_for_machine
+
+    gib = 1024**3
+    default = Settings().broker.max_blob_bytes
+    big = sized_for_machine(Settings(), available=64 * gib).broker
+    assert private_maxmemory(big) == 16 * gib  # a quarter of 64 GiB
+    assert f"{16 * gib}" in private_redis_args(Path("/tmp/s.sock"), Path("/tmp"), big)
+    assert sized_for_machine(Settings(), available=1024 * gib).broker.max_blob_bytes == RUN_MAX_BLOB_BYTES
+    assert sized_for_machine(Settings(), available=2 * gib).broker.max_blob_bytes == default  # small box: the floor
+    assert sized_for_machine(Settings(), available=0).broker.max_blob_bytes == default  # memory unknown
+    told = Settings.model_validate({"broker": {"max_blob_bytes": 5 * 2**20}})
+    assert sized_for_machine(told, available=64 * gib).broker.max_blob_bytes == 5 * 2**20
+    bounded = Settings.model_validate({"broker": {"max_used_memory": 123}})
+    assert sized_for_machine(bounded, available=64 * gib).broker.max_blob_bytes == default
+
+
+def test_available_memory_is_read_from_the_machine() -> None:
+    from workers.run import available_memory_bytes
+
+    found = available_memory_bytes()
+    if Path("/proc/meminfo").exists():  # Linux: MemAvailable is there
+        assert found is not None and 2**20 < found < 2**50
+    else:
+        assert found is None or found > 0

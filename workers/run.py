@@ -206,6 +206,58 @@ def private_redis(broker: BrokerSettings | None = None) -> Iterator[str | None]:
                 process.kill()
 
 
+#: Share of the machine's available memory ``run``'s private server may grow to (the
+#: JVM's default heap bound is a quarter of physical memory, for the same reason: a bound
+#: a process on a shared machine rarely needs to be told).
+RUN_MEMORY_SHARE = 0.25
+#: The largest ``max_blob_bytes`` ``sized_for_machine`` picks.
+RUN_MAX_BLOB_BYTES = 16 * 1024**3
+
+
+def available_memory_bytes() -> int | None:
+    """Memory available to this process: Linux's ``MemAvailable``, under the cgroup's
+    ``memory.max`` less its ``memory.current`` when a container sets one; ``None`` where
+    neither can be read."""
+    found = []
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            found.append(max(0, int(limit) - used))
+    return min(found) if found else None
+
+
+def sized_for_machine(settings: Settings, available: int | None = None) -> Settings:
+    """The settings with ``broker.max_blob_bytes`` sized for ``run``'s private server.
+
+    The server holds more than the blobs in flight: a frame's blob stays
+    ``broker.spent_blob_ttl_s`` (120 s) after its window closed, so its memory grows with
+    the frame rate. With the 512 MiB default a 16-core GPU box spent 59 % of a run over
+    the memory bound, its producers waiting (5.2× real time; 13.6× with 4 GiB:
+    ``bench/run_bench.py --probe``, README). So the private server may grow to
+    ``RUN_MEMORY_SHARE`` of the available memory: ``max_blob_bytes`` becomes half of it
+    less ``REDIS_BASE_BYTES`` (``private_maxmemory`` doubles it back), never below the
+    default nor above ``RUN_MAX_BLOB_BYTES``. A ``max_blob_bytes`` or ``max_used_memory``
+    the settings name is kept.
+
+    Parameters:
+        available: bytes of memory available (``available_memory_bytes()`` when ``None``).
+    """
+    broker = settings.broker
+    if {"max_blob_bytes", "max_used_memory"} & broker.model_fields_set:
+        return settings
+    available = available_memory_bytes() if available is None else available
+    if not available:
+        return settings
+    budget = int(available * RUN_MEMORY_SHARE)
+    blob = min(max((budget - REDIS_BASE_BYTES) // 2, broker.max_blob_bytes), RUN_MAX_BLOB_BYTES)
+    return settings.model_copy(update={"broker": broker.model_copy(update={"max_blob_bytes": blob})})
+
+
 def private_maxmemory(broker: BrokerSettings) -> int:
     """The private server's ``maxmemory`` (see ``private_redis_args``)."""
     return 2 * broker.max_blob_bytes + REDIS_BASE_BYTES
@@ -539,9 +591,10 @@ def run_footage(
     options = {"progress": progress, "timeout_s": timeout_s, "save_frames": save_frames, "save_video": save_video}
     if url is not None:
         return _run(found, settings, url, out_dir, on_broker, _shown(plan, url, on_plan), options)
-    with private_redis(settings.broker) as private:
+    sized = sized_for_machine(settings)
+    with private_redis(sized.broker) as private:
         if private is not None:
-            settings = memory_bound(settings)
+            settings = memory_bound(sized)
             return _run(found, settings, private, out_dir, on_broker, _shown(plan, private, on_plan), options)
     name = f"run-{uuid.uuid4().hex[:8]}"
     try:

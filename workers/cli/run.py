@@ -88,7 +88,14 @@ def register(cli: click.Group) -> None:
         """
         from stream.errors import FootageError, RoadstreamError
         from workers.progress import RunProgress
-        from workers.run import NoFootage, RunInterrupted, run_footage, shipped_models
+        from workers.run import (
+            NoFootage,
+            RunInterrupted,
+            private_maxmemory,
+            run_footage,
+            shipped_models,
+            sized_for_machine,
+        )
 
         signal.signal(signal.SIGTERM, _sigterm_as_sigint)
 
@@ -106,10 +113,17 @@ def register(cli: click.Group) -> None:
                               "verdicts come from the detector and the frame scorer")  # fmt: skip
             console.print(escape(plan.describe()))
 
+        def on_broker(used: str) -> None:
+            line = f"broker: {masked(used)}"
+            if used.startswith("unix://"):  # run's own server: say how large it may grow
+                gib = private_maxmemory(sized_for_machine(settings).broker) / 2**30
+                line += f" (private redis-server, memory bound {gib:.1f} GiB)"
+            console.print(escape(line))
+
         try:
             with RunProgress(console, settings.ingest.sample_fps) as progress:
                 result = run_footage(footage, settings, out_dir, url=url, workers=workers, progress=progress.update,
-                                     timeout_s=timeout_s, on_broker=lambda u: console.print(f"broker: {masked(u)}"),
+                                     timeout_s=timeout_s, on_broker=on_broker,
                                      on_plan=on_plan, save_frames=save_frames, save_video=save_video)  # fmt: skip
         except RunInterrupted as exc:
             _print_interrupted(console, exc)
