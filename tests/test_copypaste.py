@@ -10,6 +10,8 @@ import pytest
 
 cv2 = pytest.importorskip("cv2")
 
+from road_frames import road_frame
+
 from stages.train.copypaste import cut_objects, generate, paste
 from stages.train.sources import ROADWORK_CLASSES, Item, read_pack, source_folds, write_items
 
@@ -25,20 +27,11 @@ def _cone_photo(path: Path, rng: np.random.Generator) -> Item:
     return Item(path, -1, "photos", "cones", "train", (box,), path.name)
 
 
-def _road(path: Path, source: str) -> Item:
-    """A clear road frame: sky above a horizon, grey asphalt below."""
-    image = np.zeros((360, 640, 3), np.uint8)
-    image[:160] = (200, 170, 140)
-    image[160:] = (70, 70, 70)
-    cv2.imwrite(str(path), image)
-    return Item(path, 0, source, "frames", "", (), path.name)
-
-
 @pytest.fixture
 def inputs(tmp_path):
     rng = np.random.default_rng(0)
     photos = [_cone_photo(tmp_path / f"cone{i}.jpg", rng) for i in range(3)]
-    roads = [_road(tmp_path / f"road{i}.jpg", f"cam{i}") for i in range(3)]
+    roads = [road_frame(tmp_path / f"road{i}.jpg", f"cam{i}") for i in range(3)]
     return cut_objects(photos), roads
 
 
@@ -55,7 +48,7 @@ def test_cut_objects_keeps_the_object_not_its_box(inputs):
         assert ROADWORK_CLASSES[cutout.cls] == "cone" and cutout.source == "photos"
 
 
-def test_pasted_objects_lie_inside_the_frame_with_valid_boxes_on_the_road(inputs):
+def test_pasted_objects_lie_inside_the_frame_with_valid_boxes_on_theroad_frame(inputs):
     cutouts, roads = inputs
     background = cv2.cvtColor(cv2.imread(str(roads[0].path)), cv2.COLOR_BGR2RGB)
     found = 0

@@ -11,24 +11,18 @@ import pytest
 
 cv2 = pytest.importorskip("cv2")
 
+from road_frames import road_frame
+
 from stages.train.copypaste import generate, paste_distractors
 from stages.train.distractors import DISTRACTOR_CLASS, DISTRACTORS, draw_distractors, height_m
 from stages.train.procedural import DRAW_HEIGHT, draw_objects
-from stages.train.sources import Item, read_pack
+from stages.train.sources import read_pack
 from stream.errors import InputError
-
-
-def _road(path, source: str) -> Item:
-    image = np.zeros((360, 640, 3), np.uint8)
-    image[:160] = (200, 170, 140)
-    image[160:] = (70, 70, 70)
-    cv2.imwrite(str(path), image)
-    return Item(path, 0, source, "frames", "", (), path.name)
 
 
 @pytest.fixture
 def roads(tmp_path):
-    return [_road(tmp_path / f"road{i}.jpg", f"cam{i}") for i in range(3)]
+    return [road_frame(tmp_path / f"road{i}.jpg", f"cam{i}") for i in range(3)]
 
 
 def test_every_kind_is_drawn_with_a_mask_and_no_class():

@@ -34,6 +34,7 @@ from stages.train.procedural import (
     RGB,
     _black,
     _Canvas,
+    _canvas,
     _cylinder_shade,
     _grey,
     _hsv,
@@ -47,20 +48,15 @@ from stages.train.procedural import (
 DISTRACTOR_CLASS = -1
 
 
-def _yellow(rng) -> RGB:
-    return _hsv(rng, (38, 52), (0.75, 1.0), (0.8, 1.0))
+def _paint(hue: tuple[float, float], sat: tuple[float, float], val: tuple[float, float]) -> Callable[..., RGB]:
+    """A colour picker over HSV ranges (hue in degrees, sat/val 0–1)."""
+    return lambda rng: _hsv(rng, hue, sat, val)
 
 
-def _blue(rng) -> RGB:
-    return _hsv(rng, (205, 225), (0.7, 1.0), (0.45, 0.8))
-
-
-def _green(rng) -> RGB:
-    return _hsv(rng, (135, 160), (0.6, 1.0), (0.35, 0.6))
-
-
-def _any_paint(rng) -> RGB:
-    return _hsv(rng, (0, 360), (0.0, 0.9), (0.2, 0.95))
+_yellow = _paint((38, 52), (0.75, 1.0), (0.8, 1.0))
+_blue = _paint((205, 225), (0.7, 1.0), (0.45, 0.8))
+_green = _paint((135, 160), (0.6, 1.0), (0.35, 0.6))
+_any_paint = _paint((0, 360), (0.0, 0.9), (0.2, 0.95))
 
 
 def _text(c: _Canvas, text: str, org: tuple[float, float], scale: float, colour: RGB, thickness: float) -> None:
@@ -156,9 +152,7 @@ def draw_sign(rng) -> np.ndarray:
 def draw_chevron(rng) -> np.ndarray:
     """A permanent curve chevron board or hazard marker: black-and-white, red-and-white or
     black-and-yellow chevrons or stripes on a post."""
-    h = DRAW_HEIGHT
-    w = int(h * rng.uniform(0.4, 0.9))
-    c = _Canvas(h, w)
+    c, h, w = _canvas(rng, (0.4, 0.9))
     board_h = h * rng.uniform(0.4, 0.6)
     ground, ink = [(_white, _black), (_white, _red), (_yellow, _black)][int(rng.integers(3))]
     _post(c, w / 2, board_h, rng)
@@ -171,7 +165,7 @@ def draw_chevron(rng) -> np.ndarray:
             pts = [(w - px, py) for px, py in pts] if not right else pts
             cv2.polylines(c.rgb, [np.round(np.asarray(pts)).astype(np.int32)], False, colour, max(2, w // 10))
     else:  # diagonal hazard stripes
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        yy, xx = c.grid()
         on = (((xx + yy) // max(w / 4, 1)) % 2 == 0) & (yy < board_h)
         c.rgb[on] = colour
     _shade_and_wear(c, np.ones((1, w), np.float32) * rng.uniform(0.8, 1.0), rng)
@@ -181,9 +175,7 @@ def draw_chevron(rng) -> np.ndarray:
 def draw_delineator(rng) -> np.ndarray:
     """A permanent roadside post: white (sometimes yellow or orange) with a black band and
     a small reflector."""
-    h = DRAW_HEIGHT
-    w = int(h * rng.uniform(0.12, 0.2))
-    c = _Canvas(h, w)
+    c, h, w = _canvas(rng, (0.12, 0.2))
     body = _white(rng) if rng.random() < 0.65 else (_yellow(rng) if rng.random() < 0.5 else _orange(rng))
     c.poly([(0, h * 0.02), (w - 1, 0), (w - 1, h), (0, h)], body)
     band = h * rng.uniform(0.08, 0.2)
@@ -197,9 +189,7 @@ def draw_delineator(rng) -> np.ndarray:
 
 def draw_bollard(rng) -> np.ndarray:
     """A street bollard: grey, black, yellow or red, one reflective band."""
-    h = DRAW_HEIGHT
-    w = int(h * rng.uniform(0.2, 0.35))
-    c = _Canvas(h, w)
+    c, h, w = _canvas(rng, (0.2, 0.35))
     body = [_grey, _black, _yellow, _red][int(rng.integers(4))](rng)
     c.poly([(0, h * 0.06), (w - 1, h * 0.06), (w - 1, h), (0, h)], body)
     cv2.ellipse(c.rgb, (w // 2, int(h * 0.06)), (w // 2, max(1, int(h * 0.05))), 0, 180, 360, body, -1)
@@ -212,9 +202,7 @@ def draw_bollard(rng) -> np.ndarray:
 
 def draw_bin(rng) -> np.ndarray:
     """A wheelie bin: body, lid, handle and wheels, in council colours (orange among them)."""
-    h = DRAW_HEIGHT
-    w = int(h * rng.uniform(0.55, 0.75))
-    c = _Canvas(h, w)
+    c, h, w = _canvas(rng, (0.55, 0.75))
     body = [_green, _blue, _grey, _black, _orange, _yellow][int(rng.integers(6))](rng)
     lid = body if rng.random() < 0.5 else [_green, _blue, _yellow, _red, _black][int(rng.integers(5))](rng)
     c.poly([(w * 0.04, h * 0.12), (w * 0.96, h * 0.12), (w * 0.9, h * 0.94), (w * 0.1, h * 0.94)], body)
@@ -228,9 +216,7 @@ def draw_bin(rng) -> np.ndarray:
 
 def draw_hydrant(rng) -> np.ndarray:
     """A fire hydrant: red, yellow or orange body, cap and side nozzles."""
-    h = DRAW_HEIGHT
-    w = int(h * rng.uniform(0.6, 0.8))
-    c = _Canvas(h, w)
+    c, h, w = _canvas(rng, (0.6, 0.8))
     paint = [_red, _yellow, _orange, _grey][int(rng.choice(4, p=[0.45, 0.3, 0.15, 0.1]))](rng)
     c.poly([(w * 0.3, h * 0.15), (w * 0.7, h * 0.15), (w * 0.7, h * 0.92), (w * 0.3, h * 0.92)], paint)
     c.poly([(w * 0.05, h * 0.4), (w * 0.95, h * 0.4), (w * 0.95, h * 0.5), (w * 0.05, h * 0.5)], paint)
@@ -243,9 +229,7 @@ def draw_hydrant(rng) -> np.ndarray:
 
 def draw_traffic_light(rng) -> np.ndarray:
     """A traffic light on its pole: dark housing, three lamps, one lit."""
-    h = DRAW_HEIGHT
-    w = int(h * rng.uniform(0.16, 0.24))
-    c = _Canvas(h, w)
+    c, h, w = _canvas(rng, (0.16, 0.24))
     box_h = h * rng.uniform(0.3, 0.4)
     _post(c, w / 2, box_h, rng)
     c.poly([(0, 0), (w - 1, 0), (w - 1, box_h), (0, box_h)], _black(rng) if rng.random() < 0.7 else _yellow(rng))
@@ -261,12 +245,10 @@ def draw_traffic_light(rng) -> np.ndarray:
 
 def draw_kerb(rng) -> np.ndarray:
     """A painted kerb stretch: alternating red/white, black/white or yellow/black blocks."""
-    h = DRAW_HEIGHT // 4
-    w = int(h * rng.uniform(5, 12))
-    c = _Canvas(h, w)
+    c, h, w = _canvas(rng, (5, 12), DRAW_HEIGHT // 4)
     a, b = [(_red, _white), (_black, _white), (_yellow, _black)][int(rng.integers(3))]
     ca, cb = a(rng), b(rng)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = c.grid()
     block = w / int(rng.integers(4, 12))
     colour = np.where((((xx + yy * 0.5) // block) % 2 == 0)[..., None], np.asarray(ca, np.float32), np.asarray(cb, np.float32))
     c.fill(np.ones((h, w), bool), colour)

@@ -83,6 +83,12 @@ class _Canvas:
     def shape(self) -> tuple[int, int]:
         return self.alpha.shape
 
+    def grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(yy, xx)``: each pixel's row and column, float32 ``(h, w)``."""
+        h, w = self.shape
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        return yy, xx
+
     def fill(self, mask: np.ndarray, colour: RGB | np.ndarray) -> None:
         """Paint ``colour`` (RGB, or ``(h, w, 3)``) where ``mask`` is true; marks it opaque."""
         colour = np.asarray(colour, np.float32)
@@ -101,6 +107,14 @@ class _Canvas:
         ys, xs = np.nonzero(self.alpha > 0.5)
         out = np.dstack([self.rgb.clip(0, 255), (self.alpha > 0.5) * 255.0]).round().astype(np.uint8)
         return out[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+
+
+def _canvas(
+    rng: np.random.Generator, aspect: tuple[float, float], height: int = DRAW_HEIGHT
+) -> tuple[_Canvas, int, int]:
+    """A blank drawing ``height`` tall and ``height × U(aspect)`` wide: ``(canvas, h, w)``."""
+    width = int(height * rng.uniform(*aspect))
+    return _Canvas(height, width), height, width
 
 
 def _cylinder_shade(width: int, rng) -> np.ndarray:
@@ -136,10 +150,8 @@ def _diagonal_stripes(h: int, w: int, period: float, a: RGB, b: RGB, slope: floa
 
 def draw_drum(rng) -> np.ndarray:
     """Channelizer drum: orange and white bands (4–5), black rubber base, rounded top."""
-    h = DRAW_HEIGHT
-    w = int(h * rng.uniform(0.5, 0.68))
-    c = _Canvas(h, w)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    c, h, w = _canvas(rng, (0.5, 0.68))
+    yy, xx = c.grid()
     taper = rng.uniform(0.82, 0.95)  # narrower at the top
     half = (w / 2) * (taper + (1 - taper) * yy / h)
     top = h * rng.uniform(0.02, 0.06)
@@ -161,10 +173,8 @@ def draw_drum(rng) -> np.ndarray:
 
 def draw_tubular_marker(rng) -> np.ndarray:
     """Tubular marker (delineator post): thin orange tube, two white bands near the top, small base."""
-    h = DRAW_HEIGHT
-    w = int(h * rng.uniform(0.2, 0.3))
-    c = _Canvas(h, w)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    c, h, w = _canvas(rng, (0.2, 0.3))
+    yy, xx = c.grid()
     tube_half = w * rng.uniform(0.22, 0.32)
     tube = (np.abs(xx - w / 2) <= tube_half) & (yy < h * 0.93)
     c.fill(tube, _orange(rng))
@@ -178,10 +188,8 @@ def draw_tubular_marker(rng) -> np.ndarray:
 
 def draw_vertical_panel(rng) -> np.ndarray:
     """Vertical panel: a narrow board with 45° orange and white stripes on a post and base."""
-    h = DRAW_HEIGHT
-    w = int(h * rng.uniform(0.28, 0.42))
-    c = _Canvas(h, w)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    c, h, w = _canvas(rng, (0.28, 0.42))
+    yy, xx = c.grid()
     panel_w = w * rng.uniform(0.55, 0.75)
     panel_bottom = h * rng.uniform(0.5, 0.65)
     panel = (np.abs(xx - w / 2) <= panel_w / 2) & (yy < panel_bottom)
@@ -196,10 +204,8 @@ def draw_vertical_panel(rng) -> np.ndarray:
 
 def draw_barricade(rng) -> np.ndarray:
     """Type II/III barricade: two or three rails with orange and white 45° stripes on legs."""
-    h = DRAW_HEIGHT
-    w = int(h * rng.uniform(1.1, 2.2))
-    c = _Canvas(h, w)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    c, h, w = _canvas(rng, (1.1, 2.2))
+    yy, _ = c.grid()
     rails = int(rng.integers(2, 4))
     rail_h = h * rng.uniform(0.12, 0.17)
     gap = (h * 0.62 - rails * rail_h) / max(rails - 1, 1)
@@ -220,10 +226,8 @@ def draw_barrier(rng) -> np.ndarray:
 
     Concrete Jersey barriers are not drawn: a plain grey block also stands along every
     highway as a permanent barrier, and must not read as roadwork."""
-    h = DRAW_HEIGHT
-    w = int(h * rng.uniform(2.0, 4.5))
-    c = _Canvas(h, w)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    c, h, w = _canvas(rng, (2.0, 4.5))
+    yy, xx = c.grid()
     seg = w / int(rng.integers(2, 5))
     a = _red(rng) if rng.random() < 0.5 else _orange(rng)
     b = _white(rng)
@@ -311,9 +315,7 @@ def draw_arrow_board(rng) -> np.ndarray:
     """Arrow board: a black panel of amber lamps showing an arrow (or a bar), on a trailer mast."""
     import cv2
 
-    h = DRAW_HEIGHT
-    w = int(h * rng.uniform(0.8, 1.1))
-    c = _Canvas(h, w)
+    c, h, w = _canvas(rng, (0.8, 1.1))
     panel_h = h * rng.uniform(0.38, 0.48)
     c.poly([(0, 0), (w - 1, 0), (w - 1, panel_h), (0, panel_h)], _black(rng))
     amber = _hsv(rng, (30, 48), (0.7, 1.0), (0.9, 1.0))
@@ -346,10 +348,8 @@ def draw_arrow_board(rng) -> np.ndarray:
 
 def draw_cone(rng) -> np.ndarray:
     """Traffic cone: orange, one or two white collars, a square black or orange base."""
-    h = DRAW_HEIGHT
-    w = int(h * rng.uniform(0.55, 0.75))
-    c = _Canvas(h, w)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    c, h, w = _canvas(rng, (0.55, 0.75))
+    yy, xx = c.grid()
     base = h * rng.uniform(0.88, 0.93)
     tip = w * rng.uniform(0.05, 0.1)
     half = tip / 2 + (w * 0.42 - tip / 2) * yy / base
