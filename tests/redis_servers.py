@@ -608,25 +608,26 @@ class RedisClusterServers:
             time.sleep(0.1)
 
     @staticmethod
-    def _replicas_in_sync(node: RedisServer) -> int:
+    def _ask(node: RedisServer, *command: str):
+        """``command``'s reply from ``node``, or ``None`` while it does not answer."""
         try:
             with node.client(socket_timeout=1, socket_connect_timeout=1) as client:
-                info = client.info("replication")
+                return client.execute_command(*command)
         except redis.RedisError:
-            return 0
+            return None
+
+    @classmethod
+    def _replicas_in_sync(cls, node: RedisServer) -> int:
+        info = cls._ask(node, "INFO", "replication") or {}
         return sum(
             1 for key, value in info.items()
             if key.startswith("slave") and isinstance(value, dict) and value.get("state") == "online"
         )
 
-    @staticmethod
-    def _slot_replicas(node: RedisServer) -> int:
+    @classmethod
+    def _slot_replicas(cls, node: RedisServer) -> int:
         """The fewest replicas ``node``'s CLUSTER SLOTS lists for a slot range."""
-        try:
-            with node.client(socket_timeout=1, socket_connect_timeout=1) as client:
-                ranges = client.execute_command("CLUSTER SLOTS")
-        except redis.RedisError:
-            return 0
+        ranges = cls._ask(node, "CLUSTER", "SLOTS") or []
         return min((len(r) - 3 for r in ranges), default=0)
 
     @staticmethod
