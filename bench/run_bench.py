@@ -354,7 +354,9 @@ def bench_settings(args: argparse.Namespace) -> Settings:
     return one_shot(shipped_models(load_settings(environ={}, **overrides)))
 
 
-def bench_run(folder: Path, settings: Settings, workers: str | None, probe: bool = False) -> tuple[dict[str, Any], float, int, Busy]:
+def bench_run(
+    folder: Path, settings: Settings, workers: str | None, probe: bool = False
+) -> tuple[dict[str, Any], float, int, Busy]:
     """``roadstream run`` over ``folder``; (result summary, seconds, frames, busy).
 
     ``probe``: sample the run's Redis while it runs (``bench/run_probe.py``: flow-control

@@ -35,7 +35,9 @@ class RunProbe:
         period_s: seconds between samples.
     """
 
-    def __init__(self, url: str, namespace: str, max_used_memory: int, max_blob_bytes: int, period_s: float = 1.0) -> None:
+    def __init__(
+        self, url: str, namespace: str, max_used_memory: int, max_blob_bytes: int, period_s: float = 1.0
+    ) -> None:
         import redis
 
         self.client = redis.Redis.from_url(url, socket_timeout=5)
