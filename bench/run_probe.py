@@ -44,6 +44,7 @@ class RunProbe:
         self.ns, self.period_s = namespace, period_s
         self.max_used_memory, self.max_blob_bytes = max_used_memory, max_blob_bytes
         self.samples: list[dict[str, float]] = []
+        self.errors: list[str] = []
         self._streams: dict[str, list[bytes]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="run-probe", daemon=True)
@@ -71,7 +72,7 @@ class RunProbe:
                     sample[f"backlog_{hop}"] = float(backlog)
                 self.samples.append(sample)
             except Exception as exc:  # noqa: BLE001 - the run goes on; a gap in samples is reported
-                self.samples.append({"t": time.monotonic(), "error": 1.0, "message_len": float(len(str(exc)))})
+                self.errors.append(f"{type(exc).__name__}: {exc}")
 
     def stop(self) -> None:
         """Stop sampling (the thread ends within one period)."""
@@ -80,8 +81,10 @@ class RunProbe:
 
     def summary(self) -> dict[str, Any]:
         """Shares of samples over each bound, and each hop's backlog (mean, median, max)."""
-        good = [s for s in self.samples if "error" not in s]
-        out: dict[str, Any] = {"samples": len(good), "errors": len(self.samples) - len(good)}
+        good = self.samples
+        out: dict[str, Any] = {"samples": len(good), "errors": len(self.errors)}
+        if self.errors:
+            out["first_error"] = self.errors[0]
         if not good:
             return out
         if self.max_used_memory:

@@ -1,0 +1,46 @@
+"""The run probe (``bench/run_probe.py``) reads the flow-control state right: the share of
+samples over each bound and each hop's backlog, from a real Redis."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from bench.run_probe import RunProbe
+
+
+def test_probe_reports_bounds_and_backlogs_of_a_real_server(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    # Given two partitions of the frames hop with 3 and 2 entries undelivered to detect, one
+    # entry of the detections hop delivered and not acked, and 10 MiB of blobs in flight
+    for stream, n in (("pr:frames:{0}", 3), ("pr:frames:{1}", 2), ("pr:detections:{0}", 1)):
+        for i in range(n):
+            client.xadd(stream, {"i": i})
+        client.xgroup_create(stream, "g", id="0")
+    client.xreadgroup("g", "c", {"pr:detections:{0}": ">"}, count=1)
+    client.set("pr:blob-bytes-in-flight", 10 * 2**20)
+    # When the probe samples with a blob bound below that and a memory bound above the server's use
+    probe = RunProbe(redis_url, "pr", max_used_memory=2**40, max_blob_bytes=2**20, period_s=0.05)
+    deadline = time.monotonic() + 10
+    while len(probe.samples) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    probe.stop()
+    got = probe.summary()
+    # Then every sample saw the backlogs and the blob bound passed, none the memory bound
+    assert got["samples"] >= 3 and got["errors"] == 0
+    assert got["backlog_frames"]["median"] == 5 and got["backlog_frames"]["zero_share"] == 0
+    assert got["backlog_detections"]["max"] == 1  # pending counts as backlog
+    assert got["backlog_jobs"]["max"] == 0
+    assert got["over_blob_bound"] == 1.0 and got["over_memory_bound"] == 0.0
+    assert got["blob_mb_mean"] == 10.0
+
+
+def test_probe_reports_errors_instead_of_stopping(redis_url: str) -> None:
+    probe = RunProbe("redis://127.0.0.1:1/0", "pr", 0, 2**20, period_s=0.05)  # nothing listens on port 1
+    deadline = time.monotonic() + 10
+    while not probe.errors and time.monotonic() < deadline:
+        time.sleep(0.05)
+    probe.stop()
+    got = probe.summary()
+    assert got["samples"] == 0 and got["errors"] >= 1 and "ConnectionError" in got["first_error"]
