@@ -1,8 +1,12 @@
 """The ``Broker`` interface: streams, consumer groups, leases — and nothing about frames.
 
+Three small interfaces: ``Broker`` (streams and consumer groups), ``Leases`` (leases and
+member pools, what ``brokers.partitions`` needs) and ``KeyValue`` (small values: health
+records, last errors). ``Broker`` extends the other two, so one object serves all three,
+but a user that needs only leases or values types its argument with the small one.
 Implementations (``brokers.redis.RedisBroker``, ``brokers.memory.MemoryBroker``) fill in
-the primitives; the behaviour built on them (dead-lettering, backpressure, single
-publish) is written once here. Payloads are opaque bytes: the broker never decodes
+the primitives; the behaviour built on them (dead-lettering, claiming every page,
+backpressure, single publish, last errors) is written once here. Payloads are opaque bytes: the broker never decodes
 them, except that a dead letter is itself a ``stream.schemas.DeadLetter``.
 """
 
@@ -15,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from stream import codec
-from stream.names import DEFAULT_NAMESPACE, dead_letter_name
+from stream.names import DEFAULT_NAMESPACE, dead_letter_name, error_name, parse_entry_id
 from stream.schemas import DeadLetter
 from stream.settings import BrokerSettings
 
@@ -34,6 +38,12 @@ class Entry:
     data: bytes
     deliveries: int = 1
     problem: str | None = None
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """A key that sorts entries of one stream as the stream does (ids are ``ms-seq``),
+        so that nobody above the broker parses ids."""
+        return parse_entry_id(self.id)
 
 
 @dataclass(frozen=True)
@@ -74,8 +84,58 @@ class StreamStats:
         return self.length if stats is None else stats.lag + stats.pending
 
 
-class Broker(ABC):
-    """Streams with consumer groups, leases and a small key-value space.
+#: Entries taken per ``claim`` call while ``claim_all`` pages through a pending list.
+CLAIM_PAGE = 2048
+#: How long a failing entry's last error is kept (for its dead letter, and reports).
+ERROR_TTL_MS = 24 * 3600 * 1000
+
+
+class Leases(ABC):
+    """Leases (keys one owner holds for a while) and pools of live members."""
+
+    @abstractmethod
+    async def lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+        """Take or renew a lease; ``False`` when another owner holds it."""
+
+    @abstractmethod
+    async def release(self, name: str, owner: str) -> bool:
+        """Give a lease back; only its owner can."""
+
+    @abstractmethod
+    async def lease_owner(self, name: str) -> str | None:
+        """Who holds a lease now, if anyone."""
+
+    @abstractmethod
+    async def join(self, pool: str, member: str, ttl_ms: int) -> None:
+        """Say that ``member`` is alive in ``pool`` for the next ``ttl_ms``."""
+
+    @abstractmethod
+    async def leave(self, pool: str, member: str) -> None:
+        """Remove a member from a pool at once."""
+
+    @abstractmethod
+    async def members(self, pool: str) -> list[str]:
+        """Live members of a pool, sorted."""
+
+
+class KeyValue(ABC):
+    """A small key-value space with expiry."""
+
+    @abstractmethod
+    async def put_value(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
+        """Store a small value (health records, last errors)."""
+
+    @abstractmethod
+    async def get_value(self, key: str) -> bytes | None:
+        """Read a small value, ``None`` when absent or expired."""
+
+    @abstractmethod
+    async def keys(self, pattern: str) -> list[str]:
+        """Names of small values that match a glob pattern."""
+
+
+class Broker(Leases, KeyValue, ABC):
+    """Streams with consumer groups (and, inherited, leases and a small key-value space).
 
     Parameters:
         namespace: prefix of every key this broker writes.
@@ -125,8 +185,10 @@ class Broker(ABC):
         min_idle_ms: int,
         count: int,
         count_delivery: bool = True,
+        start: str = "0-0",
     ) -> list[Entry]:
-        """Take over entries pending longer than ``min_idle_ms`` (XAUTOCLAIM).
+        """Take over entries pending longer than ``min_idle_ms`` (XAUTOCLAIM), one page:
+        up to ``count`` entries from id ``start`` on, in id order (``claim_all`` pages).
 
         Returned entries carry their delivery count including this delivery; entries
         trimmed away while pending are dropped from the pending list. With
@@ -176,45 +238,8 @@ class Broker(ABC):
     async def delete_entries(self, stream: str, ids: Sequence[str]) -> int:
         """Delete entries by id (used by dead-letter requeue)."""
 
-    @abstractmethod
-    async def lease(self, name: str, owner: str, ttl_ms: int) -> bool:
-        """Take or renew a lease; ``False`` when another owner holds it."""
-
-    @abstractmethod
-    async def release(self, name: str, owner: str) -> bool:
-        """Give a lease back; only its owner can."""
-
-    @abstractmethod
-    async def lease_owner(self, name: str) -> str | None:
-        """Who holds a lease now, if anyone."""
-
-    @abstractmethod
-    async def join(self, pool: str, member: str, ttl_ms: int) -> None:
-        """Say that ``member`` is alive in ``pool`` for the next ``ttl_ms``."""
-
-    @abstractmethod
-    async def leave(self, pool: str, member: str) -> None:
-        """Remove a member from a pool at once."""
-
-    @abstractmethod
-    async def members(self, pool: str) -> list[str]:
-        """Live members of a pool, sorted."""
-
-    @abstractmethod
-    async def put_value(self, key: str, value: bytes, ttl_ms: int | None = None) -> None:
-        """Store a small value (health records, last errors)."""
-
-    @abstractmethod
-    async def get_value(self, key: str) -> bytes | None:
-        """Read a small value, ``None`` when absent or expired."""
-
-    @abstractmethod
-    async def keys(self, pattern: str) -> list[str]:
-        """Names of small values that match a glob pattern."""
-
-    @abstractmethod
     async def close(self) -> None:
-        """Release connections."""
+        """Release connections; nothing by default (an in-process broker holds none)."""
 
     async def used_memory(self) -> int | None:
         """Bytes the server uses (Redis ``used_memory``); ``None`` when it cannot say."""
@@ -255,6 +280,46 @@ class Broker(ABC):
         letter_id = await self.publish(self.dead_letter_stream, codec.encode(letter), dedupe_key=dedupe)
         await self.ack(group, [entry])
         return letter_id
+
+    async def claim_all(
+        self,
+        group: str,
+        consumer: str,
+        stream: str,
+        *,
+        min_idle_ms: int,
+        count_delivery: bool = True,
+        page: int = CLAIM_PAGE,
+    ) -> list[Entry]:
+        """Take over every entry pending longer than ``min_idle_ms``, page after page.
+
+        Each page starts after the last entry of the one before: with ``min_idle_ms=0``
+        (a take-over) a claimed entry is at once claimable again, so starting over from
+        the oldest would bring the first page back and stop there.
+
+        Returns:
+            The claimed entries in id order; see ``claim``.
+        """
+        claimed: list[Entry] = []
+        start = "0-0"
+        while True:
+            entries = await self.claim(
+                group, consumer, stream, min_idle_ms=min_idle_ms, count=page, count_delivery=count_delivery, start=start
+            )
+            claimed += entries
+            if len(entries) < page:
+                return claimed
+            ms, seq = entries[-1].order
+            start = f"{ms}-{seq + 1}"
+
+    async def record_error(self, group: str, entry: Entry, error: str) -> None:
+        """Keep why ``group`` failed on an entry left for redelivery (for its dead letter)."""
+        await self.put_value(error_name(group, entry.stream, entry.id, self.namespace), error.encode(), ERROR_TTL_MS)
+
+    async def last_error(self, group: str, entry: Entry) -> str | None:
+        """The error ``record_error`` kept for an entry, ``None`` when there is none (any more)."""
+        value = await self.get_value(error_name(group, entry.stream, entry.id, self.namespace))
+        return value.decode() if value is not None else None
 
     async def wait_for_room(
         self,

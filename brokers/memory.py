@@ -249,8 +249,10 @@ class MemoryBroker(Broker):
         min_idle_ms: int,
         count: int,
         count_delivery: bool = True,
+        start: str = "0-0",
     ) -> list[Entry]:
-        """Take over entries pending longer than ``min_idle_ms`` (like XAUTOCLAIM).
+        """Take over entries pending longer than ``min_idle_ms`` (like XAUTOCLAIM), in id
+        order from ``start`` on.
 
         Returned entries carry their delivery count including this delivery; entries
         deleted while pending are dropped from the pending list.
@@ -260,7 +262,10 @@ class MemoryBroker(Broker):
         state.consumers.add(consumer)
         now = time.monotonic()
         claimed = []
-        for entry_id, pending in list(state.pel.items()):
+        first = parse_entry_id(start)
+        for entry_id, pending in sorted(state.pel.items(), key=lambda item: item[0]):
+            if entry_id < first:
+                continue
             if len(claimed) >= count:
                 break
             if entry_id not in entries:

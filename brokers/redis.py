@@ -544,8 +544,9 @@ class RedisBroker(Broker):
         min_idle_ms: int,
         count: int,
         count_delivery: bool = True,
+        start: str = "0-0",
     ) -> list[Entry]:
-        """Take over entries pending longer than ``min_idle_ms`` (XAUTOCLAIM).
+        """Take over entries pending longer than ``min_idle_ms`` (XAUTOCLAIM), from ``start`` on.
 
         Returned entries carry their delivery count including this delivery; entries
         trimmed away while pending are dropped from the pending list (by Redis 7.0
@@ -553,7 +554,7 @@ class RedisBroker(Broker):
         """
         await self._ensure_groups(group, [stream])
         try:
-            claimed = await self._autoclaim(group, consumer, stream, min_idle_ms, count, count_delivery)
+            claimed = await self._autoclaim(group, consumer, stream, min_idle_ms, count, count_delivery, start)
         except rex.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -567,13 +568,20 @@ class RedisBroker(Broker):
         return [_entry(stream, i, fields, counts.get(i, 1)) for i, fields in claimed]
 
     async def _autoclaim(
-        self, group: str, consumer: str, stream: str, min_idle_ms: int, count: int, count_delivery: bool = True
+        self,
+        group: str,
+        consumer: str,
+        stream: str,
+        min_idle_ms: int,
+        count: int,
+        count_delivery: bool = True,
+        start: str = "0-0",
     ) -> list[tuple[str, dict[bytes, bytes]]]:
         if not count_delivery:
-            return await self._claim_uncounted(group, consumer, stream, min_idle_ms, count)
+            return await self._claim_uncounted(group, consumer, stream, min_idle_ms, count, start)
         # XAUTOCLAIM scans a bounded slice of the PEL per call: follow its cursor a while.
         claimed: list[tuple[str, dict[bytes, bytes]]] = []
-        cursor = "0-0"
+        cursor = start
         for _ in range(MAX_CLAIM_SCANS):
             reply = await self.client.xautoclaim(
                 stream,
@@ -592,11 +600,11 @@ class RedisBroker(Broker):
         return claimed
 
     async def _claim_uncounted(
-        self, group: str, consumer: str, stream: str, min_idle_ms: int, count: int
+        self, group: str, consumer: str, stream: str, min_idle_ms: int, count: int, start: str = "0-0"
     ) -> list[tuple[str, dict[bytes, bytes]]]:
         # XCLAIM … JUSTID keeps the counter; redis-py's XAUTOCLAIM JUSTID parser drops the
         # cursor, so the pending ids come from XPENDING instead.
-        rows = await self.client.xpending_range(stream, group, min="-", max="+", count=count, idle=min_idle_ms or None)
+        rows = await self.client.xpending_range(stream, group, min=start, max="+", count=count, idle=min_idle_ms or None)
         ids = [text(row["message_id"]) for row in rows]
         if not ids:
             return []

@@ -510,3 +510,32 @@ async def test_a_takeover_claim_leaves_the_delivery_count_alone(broker: Broker) 
     assert (taken.id, taken.data, taken.deliveries) == (first.id, b"x", 1)
     (again,) = await broker.claim("g", "third", stream, min_idle_ms=0, count=10)
     assert again.deliveries == 2
+
+
+@pytest.mark.parametrize("count_delivery", [True, False])
+async def test_claim_all_takes_every_page_of_a_takeover(broker: Broker, count_delivery: bool) -> None:
+    # Given seven entries pending with a consumer that went away
+    stream = stream_name("pages", ns=broker.namespace)
+    await broker.ensure_group(stream, "g")
+    ids = await broker.publish_many([Publish(stream, b"%d" % i) for i in range(7)])
+    await broker.read("g", "old-owner", [stream], count=10, block_ms=0)
+
+    # When a new owner claims them all at once (idle 0: each claimed one is claimable again)
+    claimed = await broker.claim_all("g", "new-owner", stream, min_idle_ms=0, count_delivery=count_delivery, page=3)
+
+    # Then it has every one, in order, each once
+    assert [e.id for e in claimed] == ids
+    assert [e.order for e in claimed] == sorted(e.order for e in claimed)
+
+
+async def test_a_failing_entrys_last_error_is_kept_by_the_broker(broker: Broker) -> None:
+    # Given an entry a group failed on
+    entry = Entry(STREAM, "5-1", b"x")
+    assert await broker.last_error(GROUP, entry) is None
+
+    # When the error is recorded
+    await broker.record_error(GROUP, entry, "ValueError: bad")
+
+    # Then the broker gives it back for that entry only
+    assert await broker.last_error(GROUP, entry) == "ValueError: bad"
+    assert await broker.last_error(GROUP, Entry(STREAM, "5-2", b"x")) is None

@@ -51,8 +51,6 @@ RECONNECT_DELAY_S = 1.0
 #: First and longest delay between tries to reach the broker at start.
 START_RETRY_S = 0.5
 START_RETRY_MAX_S = 5.0
-#: Entries taken over per XAUTOCLAIM call.
-CLAIM_BATCH = 2048
 
 
 def consumer_name(stage: str) -> str:
@@ -600,11 +598,8 @@ class Worker:
         log.info("worker %s: %s %s failed, left for redelivery: %s", self.consumer, entry.stream, entry.id, error, extra=context)
         # Left pending: redelivered with a higher count. Keep the reason for the dead
         # letter, in case the next try is the last.
-        await self.broker.put_value(self._error_key(entry), error.encode(), ttl_ms=24 * 3600 * 1000)
+        await self.broker.record_error(self.group, entry, error)
         return True
-
-    def _error_key(self, entry: Entry) -> str:
-        return names.error_name(self.group, entry.stream, entry.id, self.broker.namespace)
 
     def _context(self, entry: Entry, drive: str | None = None) -> dict[str, object]:
         """Log fields that say where a record comes from (JSON logs write them as keys)."""
@@ -717,7 +712,7 @@ class Worker:
                 claimed = await self._claim_all(stream, min_idle_ms=0, count_delivery=False)
                 if claimed:
                     metrics.RECLAIMED.labels(self.group).inc(len(claimed))
-                    self._replay += await self._accept(sorted(claimed, key=_entry_order), taking_over=True)
+                    self._replay += await self._accept(sorted(claimed, key=lambda e: e.order), taking_over=True)
         except BrokerConnectionError:
             # Half a replay would rebuild half a state: drop it, claim it all next beat.
             await self._drop_state(partition)
@@ -742,36 +737,25 @@ class Worker:
         await self.handler.assigned(partition)
         self._ready.add(partition)
         replay = []
-        for delivery in sorted(pending, key=lambda d: _entry_order(d.entry)):
+        for delivery in sorted(pending, key=lambda d: d.entry.order):
             fresh = Delivery(delivery.entry, delivery.message, partition)
             self._held[_key(fresh)] = fresh
             replay.append(fresh)
         self._replay = replay + self._replay
 
     async def _claim_all(self, stream: str, *, min_idle_ms: int, count_delivery: bool = True) -> list[Entry]:
-        # XAUTOCLAIM restarts at the oldest entry each call; stop when a call brings
-        # nothing new. Anything beyond the first calls is reclaimed by a later round.
-        claimed: dict[str, Entry] = {}
-        while True:
-            entries = await self.broker.claim(
-                self.group,
-                self.consumer,
-                stream,
-                min_idle_ms=min_idle_ms,
-                count=CLAIM_BATCH,
-                count_delivery=count_delivery,
-            )
-            fresh = [e for e in entries if e.id not in claimed and (e.stream, e.id) not in self._held]
-            claimed.update((e.id, e) for e in fresh)
-            if len(entries) < CLAIM_BATCH or not fresh:
-                return await self._dead_letter_exhausted(list(claimed.values()))
+        entries = await self.broker.claim_all(
+            self.group, self.consumer, stream, min_idle_ms=min_idle_ms, count_delivery=count_delivery
+        )
+        # An entry this worker still holds went idle (a touch came late): it stays held.
+        return await self._dead_letter_exhausted([e for e in entries if (e.stream, e.id) not in self._held])
 
     async def _dead_letter_exhausted(self, entries: list[Entry]) -> list[Entry]:
         keep = []
         for entry in entries:
             if entry.deliveries > self.settings.broker.max_deliveries:
-                last = await self.broker.get_value(self._error_key(entry))
-                reason = last.decode() if last else "no worker finished it (crashed or timed out)"
+                last = await self.broker.last_error(self.group, entry)
+                reason = last or "no worker finished it (crashed or timed out)"
                 await self._dead_letter(entry, f"failed {entry.deliveries - 1} deliveries; last: {reason}")
             else:
                 keep.append(entry)
@@ -792,7 +776,7 @@ class Worker:
             if claimed:
                 log.info("worker %s: reclaimed %d entries of %s", self.consumer, len(claimed), stream)
                 metrics.RECLAIMED.labels(self.group).inc(len(claimed))
-                accepted = await self._accept(sorted(claimed, key=_entry_order))
+                accepted = await self._accept(sorted(claimed, key=lambda e: e.order))
                 if self.handler.partitioned:
                     # Late entries of a partition must not reach its state out of order.
                     async with self._state_lock:
@@ -865,7 +849,3 @@ async def _cancel_all(tasks: list[asyncio.Task], consumer: str) -> None:
 
 def _key(delivery: Delivery) -> tuple[str, str]:
     return delivery.entry.stream, delivery.entry.id
-
-
-def _entry_order(entry: Entry) -> tuple[int, int]:
-    return names.parse_entry_id(entry.id)
