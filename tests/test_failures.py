@@ -780,15 +780,15 @@ async def test_entries_read_while_their_partition_is_rebuilt_go_behind_its_repla
     async def read_during_a_rebuild(*args: object, **kwargs: object) -> list:
         entries = await read(*args, **kwargs)
         if any(codec.decode(e.data).seq == 3 for e in entries):
-            async with worker._state_lock:  # what the heartbeat does, landing mid-read
-                await worker._rebuild(partition)
+            async with worker.own.lock:  # what the heartbeat does, landing mid-read
+                await worker.own.rebuild(partition)
         return entries
 
     broker.read = read_during_a_rebuild
     for seq in range(3):
         await broker.publish(stream, codec.encode(frame("d1", seq)))
     task = asyncio.create_task(worker.run())
-    while len(worker._held) < 3:
+    while len(worker.own.held) < 3:
         await asyncio.sleep(0.01)
 
     # When frames 3-9 arrive through that read

@@ -305,7 +305,7 @@ async def test_a_worker_that_stalled_past_its_leases_publishes_nothing_until_it_
     publish = worker.publish
 
     async def watched_publish(outputs: list) -> None:
-        if outputs and not worker._partitions.fresh():
+        if outputs and not worker.own.leases.fresh():
             stale_publishes.append(len(outputs))
         await publish(outputs)
 
