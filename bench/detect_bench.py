@@ -363,9 +363,9 @@ def instrument(handler: DetectHandler, worker: Worker) -> dict:
         span["first"] = span["first"] or time.monotonic()
         return await prepare(batch)
 
-    async def timed_handle(batch):
+    async def timed_handle(batch, prepared=None):
         span["first"] = span["first"] or time.monotonic()
-        result = await handle(batch)
+        result = await handle(batch, prepared)
         span["last"] = time.monotonic()
         span["done"].append((span["last"], handler.batch_sizes[-1] if handler.batch_sizes else 0))
         return result

@@ -136,10 +136,10 @@ def _time_handle(handler) -> list[float]:
     spent = [0.0]
     handle = handler.handle
 
-    async def timed(batch):
+    async def timed(batch, prepared=None):
         started = time.perf_counter()
         try:
-            return await handle(batch)
+            return await handle(batch, prepared)
         finally:
             spent[0] += time.perf_counter() - started
 

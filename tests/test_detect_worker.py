@@ -190,10 +190,10 @@ async def test_prepared_batch_is_not_fetched_again(detector: Detector) -> None:
     store = CountingBlobs()
     batch = (await staged(store))[:8]
     handler = await make_handler(detector, store)
-    await handler.prepare(batch)
+    prepared = await handler.prepare(batch)
 
     # When it is handled
-    await handler.handle(batch)
+    await handler.handle(batch, prepared)
 
     # Then the blobs were fetched once, by prepare
     assert store.get_calls == [8]

@@ -237,10 +237,10 @@ class GatedGroupingHandler(GroupingHandler):
         self.entered = asyncio.Event()
         self.gate = asyncio.Event()
 
-    async def handle(self, batch: list) -> object:
+    async def handle(self, batch: list, prepared: object = None) -> object:
         self.entered.set()
         await self.gate.wait()
-        return await super().handle(batch)
+        return await super().handle(batch, prepared)
 
 
 async def test_a_partition_moving_to_another_worker_is_released_only_after_its_batch_in_hand(
@@ -283,11 +283,11 @@ class StallingGroupingHandler(GroupingHandler):
         self.stall_s = stall_s
         self.stalled = False
 
-    async def handle(self, batch: list) -> object:
+    async def handle(self, batch: list, prepared: object = None) -> object:
         if not self.stalled:
             self.stalled = True
             time.sleep(self.stall_s)  # noqa: ASYNC251 - on purpose: the event loop stalls, no heartbeat renews the leases
-        return await super().handle(batch)
+        return await super().handle(batch, prepared)
 
 
 async def test_a_worker_that_stalled_past_its_leases_publishes_nothing_until_it_renewed_them(
@@ -357,10 +357,10 @@ class _Held(RelayHandler):
         self.release = asyncio.Event()
         self.started = 0
 
-    async def handle(self, batch):
+    async def handle(self, batch, prepared=None):
         self.started += 1
         await self.release.wait()
-        return await super().handle(batch)
+        return await super().handle(batch, prepared)
 
 
 @pytest.mark.parametrize(("prefetch", "second_gets"), [(0, 2), (4, 0)])

@@ -66,8 +66,7 @@ async def test_vera_scores_each_segment_to_its_drive_partition(tiny):
     handler = VeraHandler(settings(), store, backend=tiny, questions=QuestionSet(("Are there cones?",)))
     await handler.start()
     # When the runtime prepares and handles the batch
-    await handler.prepare(batch)
-    result = await handler.handle(batch)
+    result = await handler.handle(batch, await handler.prepare(batch))
     # Then the blobs came in one round trip and each segment has a score for fuse
     assert store.gets == 1 and not result.failed
     assert [o.message.index for o in result.outputs] == [0, 1, 2, 3, 4]

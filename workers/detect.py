@@ -57,6 +57,9 @@ if TYPE_CHECKING:
     from stages.detect import Detector, FrameResult, PendingBatch
     from stages.scorer import RoadworkScorer
 
+    #: A prepared frame: (launched batch, row in it), or the frame's ``InputError``.
+    Prepared = tuple[PendingBatch, int] | InputError
+
 Key = tuple[str, str]  # (stream, entry id)
 Camera = tuple[str, str]  # (drive, camera)
 
@@ -116,9 +119,6 @@ class DetectHandler(Handler):
         self.batch_sizes: list[int] = []  # frames per forward pass
         self.windows: dict[Camera, CameraWindows] = {}
         self._camera_partition: dict[Camera, int | None] = {}
-        # Per prepared frame: (partition, (launched batch, row) or the frame's InputError).
-        self._prepared: dict[Key, tuple[int | None, tuple[PendingBatch, int] | InputError]] = {}
-        self._generation: dict[int | None, int] = {}  # bumped when a partition is revoked
         self._config: WindowConfig | None = None
         # CPU inference runs in a thread of its own pool so the loop keeps reading (launches
         # are serialised by the detector anyway), and so that ``stop`` can drop the queued
@@ -229,12 +229,10 @@ class DetectHandler(Handler):
         return self._collect_now(pending)
 
     async def revoked(self, partition: int) -> None:
-        """Drop the partition's windows and prepared frames; its entries go to the next owner."""
-        self._generation[partition] = self._generation.get(partition, 0) + 1
+        """Drop the partition's windows; its entries go to the next owner."""
         for camera in [c for c, p in self._camera_partition.items() if p == partition]:
             self.windows.pop(camera, None)
             self._camera_partition.pop(camera, None)
-        self._prepared = {k: v for k, v in self._prepared.items() if v[0] != partition}
 
     async def assigned(self, partition: int) -> None:
         """A partition arrives: start it from nothing (its pending entries are replayed)."""
@@ -242,12 +240,15 @@ class DetectHandler(Handler):
 
     # -- the batch -------------------------------------------------------------------
 
-    async def prepare(self, batch: list[Delivery]) -> None:
-        """Fetch the batch's blobs in one round trip, decode them and launch detection."""
-        frames = [d for d in batch if isinstance(d.message, FrameRef) and _key(d) not in self._prepared]
+    async def prepare(self, batch: list[Delivery]) -> dict[Key, Prepared]:
+        """Fetch the batch's blobs in one round trip, decode them and launch detection.
+
+        Returns:
+            Per frame: its launched batch and row in it, or the frame's ``InputError``.
+        """
+        frames = [d for d in batch if isinstance(d.message, FrameRef)]
         if not frames:
-            return
-        generations = {d.partition: self._generation.get(d.partition, 0) for d in frames}
+            return {}
         started = time.perf_counter()
         blobs = await self.blobs.get_many([d.message.blob_key for d in frames])
         self.timings.add("fetch", time.perf_counter() - started)
@@ -256,19 +257,19 @@ class DetectHandler(Handler):
         good = [i for i, image in enumerate(decoded) if not isinstance(image, InputError)]
         pending = await self._launcher(self._launch_now, [decoded[i] for i in good]) if good else None
         rows = {i: row for row, i in enumerate(good)}
-        for i, delivery in enumerate(frames):
-            if self._generation.get(delivery.partition, 0) != generations[delivery.partition]:
-                continue  # revoked meanwhile
-            item = (pending, rows[i]) if i in rows else decoded[i]  # decoded or its InputError
-            self._prepared[_key(delivery)] = (delivery.partition, item)
+        # Launched, or the frame's InputError.
+        return {_key(d): (pending, rows[i]) if i in rows else decoded[i] for i, d in enumerate(frames)}
 
-    async def handle(self, batch: list[Delivery]) -> BatchResult:
-        """The batch's detections (launched by ``prepare``), then the windows in batch order."""
-        generations = {d.partition: self._generation.get(d.partition, 0) for d in batch}
-        await self.prepare(batch)
+    async def handle(self, batch: list[Delivery], prepared: dict[Key, Prepared] | None = None) -> BatchResult:
+        """The batch's detections (launched by ``prepare``), then the windows in batch order.
+
+        The runtime calls it under its state lock, so no partition is revoked meanwhile.
+        """
+        if prepared is None:
+            prepared = await self.prepare(batch)
         frames = [d for d in batch if isinstance(d.message, FrameRef)]
         self.batch_sizes.append(len(frames))
-        items = {_key(d): self._prepared.pop(_key(d), (None, None))[1] for d in frames}
+        items = {_key(d): prepared.get(_key(d)) for d in frames}
         collected: dict[int, tuple[list, list, dict[str, float]]] = {}
         for item in items.values():
             if isinstance(item, tuple) and id(item[0]) not in collected:
@@ -276,8 +277,6 @@ class DetectHandler(Handler):
         started = time.perf_counter()
         result = BatchResult(ack=[])
         for delivery in batch:
-            if self._generation.get(delivery.partition, 0) != generations[delivery.partition]:
-                continue  # revoked while we worked: the next owner does it again
             if isinstance(delivery.message, DriveMarker):
                 self._on_marker(delivery, result)
                 continue

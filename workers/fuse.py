@@ -81,7 +81,7 @@ class FuseHandler(Handler):
         self._held: dict[tuple[str, str], Delivery] = {}
         self._partition_of: dict[str, int | None] = {}
 
-    async def handle(self, batch: list[Delivery]) -> BatchResult:
+    async def handle(self, batch: list[Delivery], prepared: object = None) -> BatchResult:
         """Feed a batch to the fuser; publish, checkpoint and ack what it closed."""
         await self._restore([d.message.drive_id for d in batch])  # type: ignore[attr-defined]
         now = self.clock()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from brokers.base import Entry
 from stream.schemas import Message
@@ -93,15 +93,25 @@ class Handler:
     async def start(self) -> None:
         """Load models and open connections; raise to stop the worker with a message."""
 
-    async def prepare(self, batch: list[Delivery]) -> None:
+    async def prepare(self, batch: list[Delivery]) -> Any:
         """Fetch and decode a batch's inputs (blobs, JPEGs) ahead of ``handle``.
 
         The runtime calls it for the next batch while ``handle`` of the current one runs,
-        so IO overlaps compute. Stash what it makes on ``self``, keyed by entry id.
+        so IO overlaps compute, and hands what it returns to ``handle`` with that batch
+        (nothing is kept on the handler between the two). ``None`` by default.
         """
+        return None
 
-    async def handle(self, batch: list[Delivery]) -> BatchResult:
-        """Process one batch (entries from all owned partitions, each in order)."""
+    async def handle(self, batch: list[Delivery], prepared: Any = None) -> BatchResult:
+        """Process one batch (entries from all owned partitions, each in order).
+
+        Parameters:
+            batch: the deliveries still current (a partition revoked or rebuilt since the
+                read drops its deliveries from the batch).
+            prepared: what ``prepare`` returned for this batch (it may cover deliveries
+                dropped since); ``None`` when it was not prepared (a retry entry by
+                entry, a failed ``prepare``, a test): prepare it then.
+        """
         raise NotImplementedError
 
     async def tick(self) -> BatchResult:

@@ -166,7 +166,7 @@ class IngestHandler(Handler):
         if note is not None:  # asked for nvdec by name: worth a warning; auto: a note
             log.log(logging.WARNING if asked == "nvdec" else logging.INFO, note)
 
-    async def handle(self, batch: list[Delivery]) -> BatchResult:
+    async def handle(self, batch: list[Delivery], prepared: object = None) -> BatchResult:
         """Ingest each job of the batch; a job outside the footage roots fails alone."""
         result = BatchResult(ack=[])
         for delivery in batch:

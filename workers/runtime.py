@@ -268,7 +268,7 @@ class Worker:
             return
         started = time.perf_counter()
         try:
-            result = await self.handler.handle(batch)
+            result = await self.handler.handle(batch, prepared)
         except BrokerConnectionError:
             raise  # not the entries' fault: the whole batch is tried again (_recover)
         except Exception as exc:

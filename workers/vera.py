@@ -86,7 +86,6 @@ class VeraHandler(Handler):
         self.blobs = blobs
         self.backend = backend
         self.questions = questions
-        self._prepared: dict[Key, list[VlmImage] | InputError] = {}
 
     async def start(self) -> None:
         """Make the backend and load the questions; load the model now rather than on the first batch."""
@@ -98,17 +97,16 @@ class VeraHandler(Handler):
         if load is not None:
             await load()
 
-    async def prepare(self, batch: list[Delivery]) -> None:
-        """Fetch the batch's key frames in one ``get_many``."""
+    async def prepare(self, batch: list[Delivery]) -> dict[Key, list[VlmImage] | InputError]:
+        """Fetch the batch's key frames in one ``get_many``: per delivery, its images or the error."""
         wanted = {_key(d): self._frames(d.message) for d in batch if isinstance(d.message, Segment)}
-        self._prepared.update(await fetch_images(self.blobs, wanted))
+        return await fetch_images(self.blobs, wanted)
 
-    async def handle(self, batch: list[Delivery]) -> BatchResult:
+    async def handle(
+        self, batch: list[Delivery], prepared: dict[Key, list[VlmImage] | InputError] | None = None
+    ) -> BatchResult:
         """Score each segment; one output per segment, failures per delivery."""
-        missing = [d for d in batch if _key(d) not in self._prepared]
-        if missing:
-            await self.prepare(missing)
-        images = {_key(d): self._prepared.pop(_key(d)) for d in batch}
+        images = prepared if prepared is not None else await self.prepare(batch)
         result = BatchResult()
         ready = []
         for delivery in batch:

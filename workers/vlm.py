@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from stages.vlm.base import VlmBackend, VlmImage, make_backend, thin
 from stream import names
+from stream.errors import InputError
 from stream.ids import output_key
 from stream.schemas import CameraFrame, Escalation, VlmAnswer, VlmAnswerBody
 from stream.settings import Settings
@@ -71,7 +72,6 @@ class VlmHandler(Handler):
         self.settings = settings
         self.blobs = blobs
         self.backend = backend
-        self._prepared: dict[Key, list[VlmImage] | Exception] = {}
 
     async def start(self) -> None:
         """Make the backend and load its model."""
@@ -81,25 +81,26 @@ class VlmHandler(Handler):
         if load is not None:
             await load()
 
-    async def prepare(self, batch: list[Delivery]) -> None:
-        """Fetch the key frames of the batch's escalations in one ``get_many``."""
+    async def prepare(self, batch: list[Delivery]) -> dict[Key, list[VlmImage] | InputError]:
+        """Fetch the key frames of the batch's escalations in one ``get_many``: per
+        delivery, its images or the error."""
         limit = self.settings.vlm.max_images
         wanted = {
             _key(d): [(f.blob_key, f.camera) for f in select_frames(d.message.frames, limit)]
             for d in batch
             if isinstance(d.message, Escalation)
         }
-        self._prepared.update(await fetch_images(self.blobs, wanted))
+        return await fetch_images(self.blobs, wanted)
 
-    async def handle(self, batch: list[Delivery]) -> BatchResult:
+    async def handle(
+        self, batch: list[Delivery], prepared: dict[Key, list[VlmImage] | InputError] | None = None
+    ) -> BatchResult:
         """Answer each escalation; a failure stays with its own delivery."""
-        missing = [d for d in batch if _key(d) not in self._prepared]
-        if missing:
-            await self.prepare(missing)
+        prepared = prepared if prepared is not None else await self.prepare(batch)
         semaphore = asyncio.Semaphore(max(1, self.settings.vlm.max_concurrency))
 
         async def one(delivery: Delivery) -> Output:
-            images = self._prepared.pop(_key(delivery))
+            images = prepared[_key(delivery)]
             if isinstance(images, Exception):
                 raise images
             async with semaphore:
