@@ -58,6 +58,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from stages.step import Step
 from stream.ids import output_key
 from stream.schemas import (
     AnomalyScore,
@@ -235,23 +236,6 @@ class Drive:
     def expected_cameras(self) -> set[str]:
         """Cameras named by markers, plus cameras seen."""
         return self.cameras | set(self.watermark)
-
-
-@dataclass
-class Step:
-    """What one call of the fuser produced."""
-
-    outputs: list[Message] = field(default_factory=list)
-    release: list[Token] = field(default_factory=list)
-    #: Blob keys of frames of closed windows that no stage will read again: not the
-    #: verdict's (and escalation's) key frames, which the report and vlm show.
-    spent_blobs: list[str] = field(default_factory=list)
-
-    def extend(self, other: Step) -> None:
-        """Append another step's outputs, releases and spent blobs."""
-        self.outputs.extend(other.outputs)
-        self.release.extend(other.release)
-        self.spent_blobs.extend(other.spent_blobs)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from stages.step import Step
 from stream.schemas import Detection, KeyFrame, Segment, Telemetry
 from stream.settings import DetectSettings
 
@@ -83,24 +84,6 @@ class WindowFrame:
     utc: float | None = None
     telemetry: Telemetry | None = None
     roadwork_prob: float | None = None
-
-
-@dataclass
-class WindowUpdate:
-    """What adding a frame (or ending the drive) produced.
-
-    Attributes:
-        segments: windows that closed, in index order.
-        released: tokens of frames no longer needed (safe to acknowledge), in order.
-    """
-
-    segments: list[Segment] = field(default_factory=list)
-    released: list[Any] = field(default_factory=list)
-
-    def extend(self, other: WindowUpdate) -> None:
-        """Append another update's segments and releases."""
-        self.segments.extend(other.segments)
-        self.released.extend(other.released)
 
 
 @dataclass
@@ -180,12 +163,12 @@ class CameraWindows:
         """Indices of the windows still open."""
         return [w.index for w in self._open]
 
-    def add(self, frame: WindowFrame, token: Any = None) -> WindowUpdate:
+    def add(self, frame: WindowFrame, token: Any = None) -> Step[Segment]:
         """Add the camera's next frame.
 
         Parameters:
             frame: the frame, its detections and descriptor; frames come in ``seq`` order.
-            token: returned in ``WindowUpdate.released`` once the frame is no longer needed.
+            token: returned in ``Step.release`` once the frame is no longer needed.
 
         Returns:
             Windows this frame closed, and the frames now released.
@@ -198,7 +181,7 @@ class CameraWindows:
         stride, length = self.config.stride_s, self.config.length_s
         k = math.floor(frame.t / stride + EPSILON)
         if frame.t - k * stride >= length - EPSILON:  # in the gap between windows
-            update.released.append(token)
+            update.release.append(token)
             return update
         if not self._open or self._open[-1].index < k:
             self._open.append(_Window(k, k * stride, k * stride + length))
@@ -208,29 +191,29 @@ class CameraWindows:
         for window in holding:
             self._feed(window, frame, direction)
         if not holding:  # time went back into closed windows: nothing will hold it
-            update.released.append(token)
+            update.release.append(token)
             return update
         holding[-1].held.append(token)
         holding[-1].held_seqs.append(frame.seq)
         self._held.add(frame.seq)
         return update
 
-    def flush(self) -> WindowUpdate:
+    def flush(self) -> Step[Segment]:
         """The drive ended: close every open window and release every frame."""
-        update = WindowUpdate()
+        update = Step()
         while self._open:
             update.extend(self._close(self._open.pop(0)))
         return update
 
-    def _repeat(self, frame: WindowFrame, token: Any) -> WindowUpdate:
+    def _repeat(self, frame: WindowFrame, token: Any) -> Step[Segment]:
         # A redelivered frame: still held means its first delivery is acked with its
         # window; already released means it can be acked now.
         if frame.seq in self._held:
-            return WindowUpdate()
-        return WindowUpdate(released=[token])
+            return Step()
+        return Step(release=[token])
 
-    def _close_before(self, t: float) -> WindowUpdate:
-        update = WindowUpdate()
+    def _close_before(self, t: float) -> Step[Segment]:
+        update = Step()
         while self._open and self._open[0].end - EPSILON <= t:
             update.extend(self._close(self._open.pop(0)))
         return update
@@ -249,12 +232,12 @@ class CameraWindows:
         self.stats.detections_kept += len(kept)
         window.key_frames.append(_key_frame(frame, kept))
 
-    def _close(self, window: _Window) -> WindowUpdate:
+    def _close(self, window: _Window) -> Step[Segment]:
         self.stats.slots += window.frames_total
         self.stats.kept += len(window.key_frames)
         self.stats.segments += 1
         self._held.difference_update(window.held_seqs)
-        return WindowUpdate([self._segment(window)], list(window.held))
+        return Step([self._segment(window)], list(window.held))
 
     def _segment(self, window: _Window) -> Segment:
         mean = np.mean(window.descriptors, axis=0) if window.descriptors else np.zeros(0, np.float32)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.window import CameraWindows, WindowConfig, WindowFrame, WindowUpdate, importance
+from stages.step import Step
+from stages.window import CameraWindows, WindowConfig, WindowFrame, importance
 from stream.schemas import Detection
 
 CONFIG = WindowConfig(length_s=10.0, stride_s=5.0, similarity_threshold=0.9, per_frame_budget=3, model="m")
@@ -25,8 +26,8 @@ def frame(seq: int, t: float, descriptor: np.ndarray, detections: list[Detection
     return WindowFrame(seq, seq, t, f"d:front:{seq}", descriptor, detections or [])
 
 
-def feed(windows: CameraWindows, frames: list[WindowFrame], *, end: bool = True) -> WindowUpdate:
-    update = WindowUpdate()
+def feed(windows: CameraWindows, frames: list[WindowFrame], *, end: bool = True) -> Step:
+    update = Step()
     for f in frames:
         update.extend(windows.add(f, f.seq))
     if end:
@@ -42,10 +43,10 @@ def test_static_scene_collapses_to_one_key_frame_per_window() -> None:
     update = feed(CameraWindows("d", "front", CONFIG), frames)
 
     # Then each window kept only its first frame
-    assert [s.index for s in update.segments] == [0, 1]
-    assert [s.frames_kept for s in update.segments] == [1, 1]
-    assert [s.key_frames[0].seq for s in update.segments] == [0, 10]
-    assert update.segments[0].frames_total == 20
+    assert [s.index for s in update.outputs] == [0, 1]
+    assert [s.frames_kept for s in update.outputs] == [1, 1]
+    assert [s.key_frames[0].seq for s in update.outputs] == [0, 10]
+    assert update.outputs[0].frames_total == 20
 
 
 def test_changing_scene_keeps_each_change() -> None:
@@ -56,8 +57,8 @@ def test_changing_scene_keeps_each_change() -> None:
     update = feed(CameraWindows("d", "front", CONFIG), frames)
 
     # Then window 0 kept the first frame of each of the five scenes
-    assert [k.seq for k in update.segments[0].key_frames] == [0, 4, 8, 12, 16]
-    assert update.segments[0].frames_kept == 5
+    assert [k.seq for k in update.outputs[0].key_frames] == [0, 4, 8, 12, 16]
+    assert update.outputs[0].frames_kept == 5
 
 
 def test_small_drift_below_threshold_is_dropped_but_accumulated_drift_is_kept() -> None:
@@ -69,7 +70,7 @@ def test_small_drift_below_threshold_is_dropped_but_accumulated_drift_is_kept() 
     update = feed(CameraWindows("d", "front", CONFIG), frames)
 
     # Then a frame is kept only once it drifted far enough from the last kept one
-    kept = [k.seq for k in update.segments[0].key_frames]
+    kept = [k.seq for k in update.outputs[0].key_frames]
     assert kept == [0, 3, 6, 9]
 
 
@@ -82,7 +83,7 @@ def test_per_frame_detection_budget_keeps_the_most_important() -> None:
     update = feed(CameraWindows("d", "front", CONFIG), [frame(0, 0.0, scene(0), many)])
 
     # Then three detections remain, ordered by score weighted by box size
-    kept = update.segments[0].key_frames[0].detections
+    kept = update.outputs[0].key_frames[0].detections
     assert len(kept) == 3
     assert kept == sorted(many, key=importance, reverse=True)[:3]
     assert [d.type for d in kept] == ["worker", "cone", "drum"]
@@ -94,7 +95,7 @@ def test_segment_summarises_its_window() -> None:
 
     # When window 0 closes
     update = feed(CameraWindows("drive7", "left_repeater", CONFIG), frames)
-    seg = update.segments[0]
+    seg = update.outputs[0]
 
     # Then the segment names its window and counts its frames and objects
     assert (seg.drive_id, seg.camera, seg.index, seg.t_start, seg.t_end) == ("drive7", "left_repeater", 0, 0.0, 10.0)
@@ -110,14 +111,14 @@ def test_window_closes_when_a_frame_passes_its_end() -> None:
     # Given frames up to just before 10 s
     windows = CameraWindows("d", "front", CONFIG)
     update = feed(windows, [frame(i, i * 1.0, scene(0)) for i in range(10)], end=False)
-    assert update.segments == []
+    assert update.outputs == []
 
     # When the frame at 10 s arrives
     update = windows.add(frame(10, 10.0, scene(0)), 10)
 
     # Then window 0 closes, releasing frames 0-4 (held by window 0); 5-9 stay for window 1
-    assert [s.index for s in update.segments] == [0]
-    assert update.released == [0, 1, 2, 3, 4]
+    assert [s.index for s in update.outputs] == [0]
+    assert update.release == [0, 1, 2, 3, 4]
     assert windows.open_windows == [1, 2]
 
 
@@ -129,9 +130,9 @@ def test_overlapping_windows_share_frames_and_release_each_once() -> None:
     update = feed(CameraWindows("d", "front", CONFIG), frames)
 
     # Then every frame belongs to two windows (except the first stride) and is released once
-    assert [s.index for s in update.segments] == [0, 1, 2, 3]
-    assert [s.frames_total for s in update.segments] == [10, 10, 10, 5]
-    assert sorted(update.released) == list(range(20))
+    assert [s.index for s in update.outputs] == [0, 1, 2, 3]
+    assert [s.frames_total for s in update.outputs] == [10, 10, 10, 5]
+    assert sorted(update.release) == list(range(20))
 
 
 def test_replay_of_unreleased_frames_rebuilds_the_same_segments() -> None:
@@ -142,13 +143,13 @@ def test_replay_of_unreleased_frames_rebuilds_the_same_segments() -> None:
     before = feed(first, frames[:14], end=False)
 
     # When a new worker replays every frame not yet released, then the rest
-    released = set(before.released)
+    released = set(before.release)
     after = feed(CameraWindows("d", "front", CONFIG), [f for f in frames if f.seq not in released])
 
     # Then published segments together equal the single run's, none twice
-    assert [s.index for s in before.segments + after.segments] == [s.index for s in reference.segments]
-    assert before.segments + after.segments == reference.segments
-    assert sorted(before.released + after.released) == list(range(40))
+    assert [s.index for s in before.outputs + after.outputs] == [s.index for s in reference.outputs]
+    assert before.outputs + after.outputs == reference.outputs
+    assert sorted(before.release + after.release) == list(range(40))
 
 
 def test_redelivered_frame_is_not_counted_twice() -> None:
@@ -160,8 +161,8 @@ def test_redelivered_frame_is_not_counted_twice() -> None:
     update = windows.add(frame(1, 1.0, scene(5)), "again")
 
     # Then nothing changes: the first delivery is released with its window
-    assert update.segments == [] and update.released == []
-    assert windows.flush().segments[0].frames_total == 3
+    assert update.outputs == [] and update.release == []
+    assert windows.flush().outputs[0].frames_total == 3
 
 
 def test_frames_in_a_gap_between_windows_are_released_at_once() -> None:
@@ -173,5 +174,5 @@ def test_frames_in_a_gap_between_windows_are_released_at_once() -> None:
     update = windows.add(frame(1, 3.0, scene(0)), 1)
 
     # Then window 0 closed and both frames are released
-    assert [s.index for s in update.segments] == [0]
-    assert update.released == [0, 1]
+    assert [s.index for s in update.outputs] == [0]
+    assert update.release == [0, 1]

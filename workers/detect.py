@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.window import CameraWindows, WindowConfig, WindowFrame, WindowStats, WindowUpdate
+from stages.step import Step
+from stages.window import CameraWindows, WindowConfig, WindowFrame, WindowStats
 from stream import names
 from stream.errors import InputError, ModelError
 from stream.ids import output_key
-from stream.schemas import DriveMarker, FrameDetections, FrameRef, Message
+from stream.schemas import DriveMarker, FrameDetections, FrameRef, Message, Segment
 from stream.settings import Settings
 from workers.handler import BatchResult, Delivery, Handler, Output
 from workers.logs import STARTUP_LOGGER
@@ -356,11 +357,11 @@ class DetectHandler(Handler):
         result.outputs.append(self._to_fuse(marker, dedupe))
         result.ack.append(delivery)
 
-    def _apply(self, update: WindowUpdate, result: BatchResult) -> None:
-        for segment in update.segments:
+    def _apply(self, update: Step[Segment], result: BatchResult) -> None:
+        for segment in update.outputs:
             key = output_key("detect", "segment", segment.drive_id, segment.camera, segment.index)
             result.outputs.append(Output(names.SEGMENTS, segment, key))
-        result.ack.extend(update.released)
+        result.ack.extend(update.release)
 
     def _to_fuse(self, message: Message, dedupe_key: str) -> Output:
         partition = names.drive_partition(message.drive_id, self.settings.broker.fuse_partitions)

@@ -25,7 +25,8 @@ import msgpack
 
 from brokers.blobs import BlobStore
 from stages.calibration import load_coefficients
-from stages.fuse import Fuser, Smoother, Step, dedupe_key
+from stages.fuse import Fuser, Smoother, dedupe_key
+from stages.step import Step
 from stages.smoothing import smooth_drive
 from stream import names
 from stream.schemas import AnomalyScore, DriveMarker, Escalation, FrameDetections, Message, VlmAnswer
