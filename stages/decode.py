@@ -35,8 +35,10 @@ import av
 import numpy as np
 
 from stages import sei
+from stages.discover import STAMP_FORMAT
+from stages.frames import target_size
 from stream.errors import FootageError
-from stream.schemas import Telemetry
+from stream.schemas import Job, Telemetry
 
 #: Fewer decoded frames than the index promises, beyond this, means the file was cut.
 TRUNCATION_SLACK = 2
@@ -503,3 +505,51 @@ def sample_keyframes(
         # Only keyframes are decoded, so the index's frame count says nothing of a cut;
         # a clip with no frame at all is still said to be one.
         _check_complete(path, state["decoded"], 0, state["exhausted"])
+
+
+# -- the decode plan of a drive (what the ingest worker decodes, where each minute starts) --
+
+
+def minute_offsets(job: Job) -> list[float]:
+    """Seconds from the drive's first clip to each clip: from their UTC starts (MP4
+    ``creation_time``, set by discovery) when every minute has one, else from the names
+    (the car's local clock, which a clock change would break)."""
+    if all(clip.utc is not None for clip in job.clips):
+        return [clip.utc - job.clips[0].utc for clip in job.clips]
+    starts = [datetime.strptime(clip.start, STAMP_FORMAT) for clip in job.clips]
+    return [(s - starts[0]).total_seconds() for s in starts]
+
+
+def clip_notes(path: str, stats: ClipStats) -> list[str]:
+    """What a clip's sampling lost or worked around, in words, naming the file."""
+    notes = []
+    if stats.fallback:
+        notes.append(f"{path}: {stats.fallback}")
+    if stats.no_fix:
+        notes.append(f"{path}: telemetry of {stats.no_fix} sampled frame(s) has no GPS fix (latitude/longitude "
+                     "unset or impossible): no position taken from them")  # fmt: skip
+    if stats.missed:
+        at = ", ".join(f"{t:.1f}" for t in stats.missed[:5]) + (" …" if len(stats.missed) > 5 else "")
+        notes.append(f"{path}: {len(stats.missed)} tick(s) had no frame within half the local frame spacing "
+                     f"(at {at} s into the clip): a hole in the stream")  # fmt: skip
+    return notes
+
+
+def probe_creation_utc(path: str) -> float | None:
+    """A clip's MP4 ``creation_time`` (GPS-based UTC) as a Unix time, from its header only;
+    ``None`` when the clip cannot be opened or has none."""
+    try:
+        with open_container(Path(path)) as container:
+            return clip_info(container).creation_utc
+    except FootageError:
+        return None
+
+
+def decoded_size(path: str, long_side: int) -> tuple[int, int]:
+    """The (width, height) to ask decord for, so frames come out ``long_side`` on their
+    long side as shown (decord applies the display rotation itself)."""
+    with open_container(Path(path)) as container:
+        info = clip_info(container)
+        sideways = display_rotation(container) % 180 != 0
+    width, height = target_size(info.width, info.height, long_side)
+    return (height, width) if sideways else (width, height)

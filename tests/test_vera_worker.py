@@ -22,7 +22,8 @@ from stream.settings import Settings
 from workers.handler import Delivery
 from workers.runtime import Worker
 from workers.vera import VeraHandler
-from workers.vlm import VlmHandler, select_frames
+from stages.vlm.escalation import select_frames
+from workers.vlm import VlmHandler
 
 NS = "rsvera"
 

@@ -37,13 +37,21 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 from brokers.blobs import BlobStore
-from stages.decode import ClipStats, Sample, clip_info, display_rotation, open_container, sample_clip, sample_keyframes
-from stages.discover import STAMP_FORMAT, footage_name
-from stages.frames import Encoded, encode_frame, target_size
+from stages.decode import (
+    ClipStats,
+    Sample,
+    clip_notes,
+    decoded_size,
+    minute_offsets,
+    probe_creation_utc,
+    sample_clip,
+    sample_keyframes,
+)
+from stages.discover import footage_name
+from stages.frames import Encoded, encode_frame
 from stages import sei
 from stages.jobs import drive_cameras, job_cameras
 from stages.nvdec import NvdecSampler, choose_decoder, nvdec_refuses, nvdec_unavailable, timeline
@@ -121,16 +129,6 @@ class DriveProgress:
             lines.append(f"{camera}: no clip in {len(minutes)} of {self.minutes} minute(s) "
                          f"({', '.join(minutes)}): the camera did not record them")  # fmt: skip
         return lines
-
-
-def minute_offsets(job: Job) -> list[float]:
-    """Seconds from the drive's first clip to each clip: from their UTC starts (MP4
-    ``creation_time``, set by discovery) when every minute has one, else from the names
-    (the car's local clock, which a clock change would break)."""
-    if all(clip.utc is not None for clip in job.clips):
-        return [clip.utc - job.clips[0].utc for clip in job.clips]
-    starts = [datetime.strptime(clip.start, STAMP_FORMAT) for clip in job.clips]
-    return [(s - starts[0]).total_seconds() for s in starts]
 
 
 def estimate(event: dict[str, str] | None) -> Telemetry | None:
@@ -393,7 +391,7 @@ class IngestHandler(Handler):
     ) -> Iterator[_Piece]:
         ing = self.settings.ingest
         tick0 = round(offset_s * ing.sample_fps)
-        utc = pool.submit(_creation_utc, path)
+        utc = pool.submit(probe_creation_utc, path)
         shots: list[Future] = []
         stats = ClipStats()
         problems: list[str] = []
@@ -429,7 +427,7 @@ class IngestHandler(Handler):
         if self.decoder == "nvdec" and ing.encoding == "jpeg":
             return self._nvdec_or_pyav(path, limit_s, stats)
         decoder = "pyav" if self.decoder == "nvdec" else self.decoder
-        size = _decord_size(path, ing.long_side) if decoder == "decord" else None
+        size = decoded_size(path, ing.long_side) if decoder == "decord" else None
         return sample_clip(path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads,
                            decoder=decoder, size=size, stats=stats)  # fmt: skip
 
@@ -540,21 +538,6 @@ class _Encoders(ThreadPoolExecutor):
         return future
 
 
-def clip_notes(path: str, stats: ClipStats) -> list[str]:
-    """What a clip's sampling lost or worked around, in words, naming the file."""
-    notes = []
-    if stats.fallback:
-        notes.append(f"{path}: {stats.fallback}")
-    if stats.no_fix:
-        notes.append(f"{path}: telemetry of {stats.no_fix} sampled frame(s) has no GPS fix (latitude/longitude "
-                     "unset or impossible): no position taken from them")  # fmt: skip
-    if stats.missed:
-        at = ", ".join(f"{t:.1f}" for t in stats.missed[:5]) + (" …" if len(stats.missed) > 5 else "")
-        notes.append(f"{path}: {len(stats.missed)} tick(s) had no frame within half the local frame spacing "
-                     f"(at {at} s into the clip): a hole in the stream")  # fmt: skip
-    return notes
-
-
 def _camera_record(progress: DriveProgress, camera: str) -> CameraRecord:
     """One camera's share of a part's progress (a part may decode several cameras)."""
     problems = [(i, p) for (i, c), p in zip(progress.problem_at, progress.problems, strict=True) if c == camera]
@@ -575,27 +558,9 @@ def _add_car_absent(job: Job, progress: DriveProgress) -> None:
         progress.missing[camera] = [clip.start for clip in job.clips]
 
 
-def _creation_utc(path: str) -> float | None:
-    # The MP4 creation_time is GPS-based UTC; read once per clip, header only.
-    try:
-        with open_container(Path(path)) as container:
-            return clip_info(container).creation_utc
-    except FootageError:
-        return None
-
-
 async def _result(future: Future):
     """A thread pool future's result, without a loop round trip when it is already done."""
     return future.result() if future.done() else await asyncio.wrap_future(future)
-
-
-def _decord_size(path: str, long_side: int) -> tuple[int, int] | None:
-    # decord applies the display rotation: the size asked of it is the size shown.
-    with open_container(Path(path)) as container:
-        info = clip_info(container)
-        sideways = display_rotation(container) % 180 != 0
-    width, height = target_size(info.width, info.height, long_side)
-    return (height, width) if sideways else (width, height)
 
 
 async def _in_thread(make: callable, ahead: int) -> AsyncIterator:

@@ -11,47 +11,21 @@ the model's text (an ``InputError``). Escalations are answered concurrently, at 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections import defaultdict
 from typing import TYPE_CHECKING
 
-from stages.vlm.base import VlmBackend, VlmImage, make_backend, thin
+from stages.vlm.base import VlmBackend, VlmImage, make_backend
+from stages.vlm.escalation import escalation_prompt, select_frames
 from stream import names
 from stream.errors import InputError
 from stream.ids import output_key
-from stream.schemas import CameraFrame, Escalation, VlmAnswer, VlmAnswerBody
+from stream.schemas import Escalation, VlmAnswer, VlmAnswerBody
 from stream.settings import Settings
 from workers.handler import BatchResult, Delivery, Handler, Output
 from workers.vera import Key, _key, fetch_images
 
 if TYPE_CHECKING:
     from brokers.blobs import BlobStore
-
-
-def select_frames(frames: list[CameraFrame], limit: int) -> list[CameraFrame]:
-    """At most ``limit`` frames, shared evenly across cameras, in camera then time order."""
-    by_camera: dict[str, list[CameraFrame]] = defaultdict(list)
-    for frame in sorted(frames, key=lambda f: (f.camera, f.t)):
-        by_camera[frame.camera].append(frame)
-    if limit <= 0:
-        return [f for fs in by_camera.values() for f in fs]
-    cameras = thin(sorted(by_camera), limit)  # more cameras than images: spread the cameras
-    share = max(1, limit // len(cameras)) if cameras else 0
-    return [f for camera in cameras for f in thin(by_camera[camera], share)]
-
-
-def escalation_prompt(escalation: Escalation) -> str:
-    """The question for one escalated window, with fuse's evidence as context."""
-    evidence = json.dumps(escalation.evidence, sort_keys=True, default=str)[:1500]
-    return (
-        f"The images are key frames from a car's cameras (each labelled with its camera) between "
-        f"{escalation.t_start:.1f} s and {escalation.t_end:.1f} s of a drive. An automatic detector was unsure "
-        f"(confidence {escalation.confidence:.2f}) whether there is roadwork; its evidence: {evidence}.\n"
-        "Is there roadwork (a construction or work zone) in view? Report roadwork (true/false), your "
-        "confidence (0 to 1), the roadwork objects you see with the cameras that show them, how many lanes "
-        "are affected, and a one-sentence description."
-    )
 
 
 class VlmHandler(Handler):
