@@ -31,8 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from stages.step import Step
 from stages.window import CameraWindows, WindowConfig, WindowFrame, WindowStats
 from stream import names
@@ -56,6 +54,7 @@ async def _inline(func: Callable[..., Any], *args: Any) -> Any:
 if TYPE_CHECKING:
     from brokers.blobs import BlobStore
     from stages.detect import Detector, FrameResult, PendingBatch
+    from stages.detect.scoring import FrameScore
     from stages.scorer import RoadworkScorer
 
     #: A prepared frame: (launched batch, row in it), or the frame's ``InputError``.
@@ -67,14 +66,6 @@ Camera = tuple[str, str]  # (drive, camera)
 
 def _key(delivery: Delivery) -> Key:
     return delivery.entry.stream, delivery.entry.id
-
-
-@dataclass
-class FrameScore:
-    """The scorer's view of one frame."""
-
-    prob: float
-    descriptor: np.ndarray
 
 
 @dataclass
@@ -203,23 +194,16 @@ class DetectHandler(Handler):
         return self.detector.launch(images, self._score if self.scorer is not None else None)
 
     def _score(self, images: list) -> dict[str, Any]:
-        probs, pooled = self.scorer.score_frames(images)
-        heads = {"prob": probs}
-        if self.settings.detect.descriptor == "scorer":
-            heads["descriptor"] = torch_normalize(pooled)
-        return heads
+        from stages.detect.scoring import score_heads
+
+        return score_heads(self.scorer, images, scorer_descriptor=self.settings.detect.descriptor == "scorer")
 
     def _collect_now(self, pending: PendingBatch) -> tuple[list[FrameResult], list[FrameScore | None]]:
         """The launched batch's detections and scores (waits for the device)."""
+        from stages.detect.scoring import frame_scores  # torch loads only with the model
+
         found = self.detector.collect(pending)
-        if "prob" not in pending.extras:
-            return found, [None] * len(found)
-        probs = pending.extras["prob"].tolist()
-        if "descriptor" in pending.extras:
-            descriptors = list(pending.extras["descriptor"].numpy().astype(np.float32))
-        else:
-            descriptors = [r.descriptor for r in found]
-        return found, [FrameScore(p, d) for p, d in zip(probs, descriptors, strict=True)]
+        return found, frame_scores(found, pending.extras)
 
     async def _collect(self, pending: PendingBatch) -> tuple[list[FrameResult], list[FrameScore | None]]:
         if not pending.ready():
@@ -383,13 +367,6 @@ class DetectHandler(Handler):
         nbytes = sum(d.message.nbytes for d in acked if isinstance(d.message, FrameRef))
         if nbytes:
             await self.blobs.release(nbytes)
-
-
-def torch_normalize(features: Any) -> Any:
-    """L2-normalise pooled features row by row (as the detector's descriptor is)."""
-    from torch.nn import functional as F  # torch loads only with the model
-
-    return F.normalize(features, dim=1)
 
 
 def _per_frame_ms(pending: PendingBatch) -> dict[str, float]:
