@@ -402,17 +402,13 @@ def score(windows: dict, labels: dict[str, str], reference: dict | None = None) 
 # -- stages alone ------------------------------------------------------------------------------------
 
 
-def _entry_ms(entry_id: str) -> int:
-    return int(entry_id.split("-")[0])
-
-
 async def _span(broker, pattern: str, kind: str) -> tuple[int, float]:
     """(entries of ``kind``, seconds from the first to the last) over streams matching ``pattern``."""
     times = []
     for stream in await broker.streams(pattern):
         for entry in await broker.range(stream, count=10_000_000):
             if codec.decode(entry.data).KIND == kind:
-                times.append(_entry_ms(entry.id))
+                times.append(entry.order[0])  # the ms the entry was added
     return len(times), (max(times) - min(times)) / 1000 if len(times) > 1 else 0.0
 
 

@@ -41,8 +41,8 @@ class Entry:
 
     @property
     def order(self) -> tuple[int, int]:
-        """A key that sorts entries of one stream as the stream does (ids are ``ms-seq``),
-        so that nobody above the broker parses ids."""
+        """``(ms, seq)``: sorts entries of one stream as the stream does, its first element
+        the millisecond the entry was added; so that nobody above the broker parses ids."""
         return parse_entry_id(self.id)
 
 
