@@ -50,7 +50,8 @@ class Failures:
             except BrokerConnectionError:
                 raise
             except Exception as exc:
-                log.warning("worker %s: %s %s fails alone: %r", worker.consumer, delivery.entry.stream, delivery.entry.id, exc)
+                entry = delivery.entry
+                log.warning("worker %s: %s %s fails alone: %r", worker.consumer, entry.stream, entry.id, exc)
                 result.failed.append((delivery, exc))
                 continue
             result.outputs += alone.outputs
@@ -70,7 +71,8 @@ class Failures:
         if isinstance(exc, InputError) or entry.deliveries >= worker.settings.broker.max_deliveries:
             await self.dead_letter(entry, error, context)
             return False
-        log.info("worker %s: %s %s failed, left for redelivery: %s", worker.consumer, entry.stream, entry.id, error, extra=context)
+        log.info("worker %s: %s %s failed, left for redelivery: %s", worker.consumer, entry.stream, entry.id, error,
+                 extra=context)  # fmt: skip
         # Left pending: redelivered with a higher count. Keep the reason for the dead
         # letter, in case the next try is the last.
         await worker.broker.record_error(worker.group, entry, error)
@@ -79,7 +81,9 @@ class Failures:
     def context(self, entry: Entry, drive: str | None = None) -> dict[str, object]:
         """Log fields that say where a record comes from (JSON logs write them as keys)."""
         worker = self._worker
-        return {"stage": worker.group, "consumer": worker.consumer, "stream": entry.stream, "entry": entry.id, "drive": drive}
+        return {
+            "stage": worker.group, "consumer": worker.consumer, "stream": entry.stream, "entry": entry.id, "drive": drive,
+        }  # fmt: skip
 
     async def dead_letter(self, entry: Entry, error: str, context: dict[str, object] | None = None) -> None:
         """Move an entry to the dead-letter stream, then let the stage say what downstream
@@ -104,7 +108,8 @@ class Failures:
         try:
             await self.dead_letter(entry, error)
         except BrokerConnectionError as exc:
-            log.warning("worker %s: could not dead-letter %s %s (%s); left pending", self._worker.consumer, entry.stream, entry.id, exc)
+            log.warning("worker %s: could not dead-letter %s %s (%s); left pending", self._worker.consumer,
+                        entry.stream, entry.id, exc)  # fmt: skip
 
     async def dead_letter_exhausted(self, entries: list[Entry]) -> list[Entry]:
         """Dead-letter claimed entries past ``max_deliveries``; returns the others."""

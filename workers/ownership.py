@@ -41,7 +41,7 @@ Key = tuple[str, str]
 Claim = Callable[[str], Awaitable[list[Delivery]]]
 
 
-class Leases(Protocol):
+class PartitionLeases(Protocol):
     """What ``Ownership`` needs of ``brokers.partitions.PartitionManager``."""
 
     owned: set[int]
@@ -70,7 +70,9 @@ class Ownership:
             with ``own`` once the broker is reachable).
     """
 
-    def __init__(self, handler: Handler, stream: Callable[[str, int | None], str], leases: Leases | None = None) -> None:
+    def __init__(
+        self, handler: Handler, stream: Callable[[str, int | None], str], leases: PartitionLeases | None = None
+    ) -> None:
         self.handler = handler
         self.leases = leases
         self._stream = stream

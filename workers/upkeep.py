@@ -68,7 +68,9 @@ class Upkeep:
         if worker.own.leases is None:
             bounds = worker.settings.broker
             count = bounds.frame_partitions if names.FRAMES in worker.handler.inputs else bounds.fuse_partitions
-            worker.own.leases = PartitionManager(worker.broker, worker.group, worker.consumer, count, bounds.lease_ttl_ms)
+            worker.own.leases = PartitionManager(
+                worker.broker, worker.group, worker.consumer, count, bounds.lease_ttl_ms
+            )
         await self.refresh_partitions()
 
     async def refresh_partitions(self) -> None:
