@@ -554,7 +554,9 @@ class RedisBroker(Broker):
         """
         await self._ensure_groups(group, [stream])
         try:
-            claimed = await self._autoclaim(group, consumer, stream, min_idle_ms, count, count_delivery, start)
+            # XCLAIM … JUSTID keeps the counter: a take-over is no failed delivery.
+            claim = self._autoclaim if count_delivery else self._claim_uncounted
+            claimed = await claim(group, consumer, stream, min_idle_ms, count, start)
         except rex.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -568,17 +570,8 @@ class RedisBroker(Broker):
         return [_entry(stream, i, fields, counts.get(i, 1)) for i, fields in claimed]
 
     async def _autoclaim(
-        self,
-        group: str,
-        consumer: str,
-        stream: str,
-        min_idle_ms: int,
-        count: int,
-        count_delivery: bool = True,
-        start: str = "0-0",
+        self, group: str, consumer: str, stream: str, min_idle_ms: int, count: int, start: str
     ) -> list[tuple[str, dict[bytes, bytes]]]:
-        if not count_delivery:
-            return await self._claim_uncounted(group, consumer, stream, min_idle_ms, count, start)
         # XAUTOCLAIM scans a bounded slice of the PEL per call: follow its cursor a while.
         claimed: list[tuple[str, dict[bytes, bytes]]] = []
         cursor = start
@@ -600,7 +593,7 @@ class RedisBroker(Broker):
         return claimed
 
     async def _claim_uncounted(
-        self, group: str, consumer: str, stream: str, min_idle_ms: int, count: int, start: str = "0-0"
+        self, group: str, consumer: str, stream: str, min_idle_ms: int, count: int, start: str
     ) -> list[tuple[str, dict[bytes, bytes]]]:
         # XCLAIM … JUSTID keeps the counter; redis-py's XAUTOCLAIM JUSTID parser drops the
         # cursor, so the pending ids come from XPENDING instead.
