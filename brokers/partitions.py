@@ -1,7 +1,8 @@
 """Partition ownership over leases: who of a group's workers owns which partition.
 
-Written only against ``Broker`` primitives (``join``/``members`` and
-``lease``/``release``/``lease_owner``), so it works the same on Redis and in process.
+Written only against the ``Leases`` primitives of ``brokers.base`` (``join``/``members``
+and ``lease``/``release``/``lease_owner``; from the broker, its ``namespace`` and
+``settings``), so it works the same on Redis and in process.
 
 Why it works this way:
 
