@@ -211,3 +211,21 @@ async def test_reclaimed_entries_of_a_partition_go_through_a_rebuild_in_order() 
 
     # Then the partition replays both, oldest first
     assert [d.entry.id for d in own.take(10)] == ["10-0", "20-0"]
+
+
+async def test_replays_taken_while_a_takeover_claims_are_not_queued_again() -> None:
+    # Given a queued replay of partition 0, and leases that assign partition 1
+    own, _, leases = owning(0)
+    own.queue(hold(own, entry(0, 1)))
+    leases.next = ({1}, set())
+
+    async def claim(name: str) -> list[Delivery]:
+        # the reader takes the queued replay while the claim's round trips run
+        assert [d.entry.id for d in own.take(10)] == ["1-0"]
+        return hold(own, entry(1, 2))
+
+    # When partition 1 is taken over
+    await own.refresh(claim)
+
+    # Then only its claimed entry is queued: the taken one is not handed over twice
+    assert [d.entry.id for d in own.replay] == ["2-0"]

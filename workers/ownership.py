@@ -207,7 +207,11 @@ class Ownership:
         await self.handler.assigned(partition)
         try:
             for hop in self.handler.inputs:
-                self.replay += await claim(self._stream(hop, partition))
+                # Claim first, then queue: ``self.replay += await …`` would read the list
+                # before the claim's round trips and write it back after, undoing what
+                # the reader took from it meanwhile (replaying those entries twice).
+                claimed = await claim(self._stream(hop, partition))
+                self.replay += claimed
         except BrokerConnectionError:
             # Half a replay would rebuild half a state: drop it, claim it all next beat.
             await self.drop(partition)
