@@ -3,9 +3,27 @@ nested), and the bounds the private server records."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
-from workers.run import CGROUP_V1_UNLIMITED, available_memory_bytes, cgroup_memory_room
+import pytest
+import redis
+from click.testing import CliRunner
+
+from stream.settings import BrokerSettings
+from workers import run as run_module
+from workers.cli import cli
+from workers.cli.run import register
+from workers.run import (
+    CGROUP_V1_UNLIMITED,
+    available_memory_bytes,
+    cgroup_memory_room,
+    private_broker,
+    private_maxmemory,
+    private_redis,
+)
 
 GIB = 2**30
 V1_NONE = 9223372036854771712  # what cgroup v1 reports when no limit is set
@@ -69,3 +87,53 @@ def test_a_host_path_missing_under_the_mount_falls_back_to_the_mounted_root(tmp_
 
 def test_nothing_readable_is_none(tmp_path):
     assert available_memory_bytes(tmp_path / "no-proc", tmp_path / "no-cgroup") is None
+
+
+needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on the PATH")
+
+
+@needs_redis
+def test_the_private_server_records_the_bounds_it_runs_with():
+    # Given run's private server started with a blob bound and a used-memory bound
+    broker = BrokerSettings(max_blob_bytes=100 * 2**20, max_used_memory=300 * 2**20)
+    with private_redis(broker) as url:
+        recorded = private_broker(url)
+        # Then what it records is what the server itself says
+        config = redis.Redis.from_url(url).config_get("*")
+        assert recorded is not None and recorded.url == url
+        assert recorded.maxmemory == int(config["maxmemory"]) == private_maxmemory(broker)
+        assert (recorded.max_blob_bytes, recorded.max_used_memory) == (100 * 2**20, 300 * 2**20)
+        assert not recorded.persistence and config["save"] == "" and config["appendonly"] == "no"
+    # And once stopped, the URL is nobody's private server any more
+    assert private_broker(url) is None
+
+
+@needs_redis
+def test_a_users_own_unix_socket_redis_is_not_called_private(tmp_path, monkeypatch):
+    # Given the user's own redis-server on a Unix socket, named with --redis
+    socket = tmp_path / "own.sock"
+    server = subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--unixsocket", str(socket), "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        url = f"unix://{socket}?db=0"
+        assert private_broker(url) is None
+
+        def stops_after_the_broker_line(footage, settings, out_dir, *, url, on_broker, **_):
+            on_broker(url)
+            raise run_module.RunError("stopped by the test")
+
+        # When run names it (the run itself replaced: only the broker line matters here)
+        monkeypatch.setattr(run_module, "run_footage", stops_after_the_broker_line)
+        if "run" not in cli.commands:
+            register(cli)
+        result = CliRunner(env={"COLUMNS": "400", "ROADSTREAM_REDIS_URL": None}).invoke(
+            cli, ["run", str(tmp_path), "--redis", url])
+        # Then the broker line names it without calling it private or giving it our bound
+        assert "broker: unix://" in result.output, result.output
+        assert "private" not in result.output and "memory bound" not in result.output
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

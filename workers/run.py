@@ -173,23 +173,60 @@ def stages_for(settings: Settings) -> list[str]:
     return [*stages, names.FUSE]
 
 
+@dataclass(frozen=True)
+class PrivateBroker:
+    """The bounds ``private_redis`` started its server with, as started (not recomputed).
+
+    Attributes:
+        url: the server's ``unix://`` URL.
+        maxmemory: the server's ``maxmemory``, bytes (``noeviction``: writes past it fail).
+        max_blob_bytes: the producers' frame-blob bound it was sized for, bytes.
+        max_used_memory: the producers' ``used_memory`` bound, bytes (0: none given).
+        persistence: whether it writes anything to disk (never: no RDB, no AOF).
+    """
+
+    url: str
+    maxmemory: int
+    max_blob_bytes: int
+    max_used_memory: int
+    persistence: bool = False
+
+
+#: The servers ``private_redis`` is running now, by URL.
+_PRIVATE: dict[str, PrivateBroker] = {}
+
+
+def private_broker(url: str) -> PrivateBroker | None:
+    """The bounds of the server ``private_redis`` runs at ``url``; ``None`` for any other
+    URL (a user's own Redis, on a Unix socket or not, is never taken for a private one)."""
+    return _PRIVATE.get(url)
+
+
 @contextlib.contextmanager
 def private_redis(broker: BrokerSettings | None = None) -> Iterator[str | None]:
     """A throwaway ``redis-server`` on a Unix socket; yields its URL, or ``None`` without one.
 
+    While it runs, ``private_broker(url)`` gives the bounds it was started with.
+
     Parameters:
-        broker: transport bounds; the server's memory bound follows ``max_blob_bytes``.
+        broker: transport bounds; the server's memory bound follows ``max_blob_bytes``
+            (``private_maxmemory``), ``max_used_memory`` is recorded as given.
+
+    Raises:
+        RunError: the server did not accept connections within ``REDIS_START_S``.
     """
     binary = shutil.which("redis-server")
     if binary is None:
         yield None
         return
+    broker = broker or BrokerSettings()
     with tempfile.TemporaryDirectory(prefix="roadstream-") as folder:
         socket = Path(folder) / "redis.sock"
-        args = [binary, *private_redis_args(socket, Path(folder), broker or BrokerSettings())]
+        args = [binary, *private_redis_args(socket, Path(folder), broker)]
         # Its own session: a Ctrl-C at the terminal must not kill it under a run that is
         # still talking to it (the run stops it below).
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        url = f"unix://{socket}?db=0"
         try:
             deadline = time.monotonic() + REDIS_START_S
             while not socket.exists():
@@ -197,8 +234,12 @@ def private_redis(broker: BrokerSettings | None = None) -> Iterator[str | None]:
                     message = f"private redis-server did not start (see {folder}/redis.log)"
                     raise RunError(message)
                 time.sleep(0.02)
-            yield f"unix://{socket}?db=0"
+            # Recorded from the same settings the arguments were made from, so what the
+            # CLI and the benches report is what the server runs with.
+            _PRIVATE[url] = PrivateBroker(url, private_maxmemory(broker), broker.max_blob_bytes, broker.max_used_memory)
+            yield url
         finally:
+            _PRIVATE.pop(url, None)
             process.terminate()
             try:
                 process.wait(timeout=5)
@@ -651,10 +692,11 @@ def run_footage(
     options = {"progress": progress, "timeout_s": timeout_s, "save_frames": save_frames, "save_video": save_video}
     if url is not None:
         return _run(found, settings, url, out_dir, on_broker, _shown(plan, url, on_plan), options)
-    sized = sized_for_machine(settings)
-    with private_redis(sized.broker) as private:
+    # Bounded before the server starts, so that it records the bounds the run uses.
+    bounded = memory_bound(sized_for_machine(settings))
+    with private_redis(bounded.broker) as private:
         if private is not None:
-            settings = memory_bound(sized)
+            settings = bounded
             return _run(found, settings, private, out_dir, on_broker, _shown(plan, private, on_plan), options)
     name = f"run-{uuid.uuid4().hex[:8]}"
     try:
