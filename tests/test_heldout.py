@@ -159,3 +159,21 @@ def test_hard_negatives_train_the_detector_as_background_on_every_fold_but_their
     # The set's stamp knows the negatives: a rerun asking for none is refused.
     with pytest.raises(ValueError, match="negatives"):
         load_items(HeldoutSettings(pack=str(pack), out=settings.out, synthetic=10, procedural=2), log=lambda line: None)
+
+
+def test_an_old_stamp_without_the_later_counts_reads_them_as_zero(pack, tmp_path):
+    from stages.train.heldout import load_items
+
+    # Given a copy-paste set stamped before procedural, distractors and negatives existed
+    out = tmp_path / "out"
+    synth = out / "synthetic"
+    write_items(synth / "items.tsv", [], relative_to=synth)
+    (synth / "made.json").write_text(json.dumps({"synthetic": 20, "seed": 0}))
+    # When a run asks for the same set (none of the later counts)
+    _, synthetic = load_items(HeldoutSettings(pack=str(pack), out=str(out), synthetic=20), log=lambda line: None)
+    # Then the set is served, not refused
+    assert synthetic == []
+    # And a run asking for negatives the old set lacks is still refused
+    with pytest.raises(ValueError, match="negatives"):
+        load_items(HeldoutSettings(pack=str(pack), out=str(out), synthetic=20, distractors=2, negatives=3),
+                   log=lambda line: None)  # fmt: skip

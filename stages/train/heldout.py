@@ -120,7 +120,10 @@ def load_items(settings: HeldoutSettings, log: Log) -> tuple[list[Item], list[It
     made = {k: getattr(settings, k) for k in ("synthetic", "procedural", "distractors", "negatives", "seed")}
     stamp = synth_dir / "made.json"
     if (synth_dir / "items.tsv").is_file():
-        if stamp.is_file() and (was := json.loads(stamp.read_text())) != made:
+        # A stamp written before a count existed (procedural, distractors, negatives came
+        # later) lacks its key: that set was made with none, so a missing count is 0.
+        was = (dict.fromkeys(made, 0) | json.loads(stamp.read_text())) if stamp.is_file() else made
+        if was != made:
             message = (f"{synth_dir}: the copy-paste set there was made with {was}, this run asks for {made}; "
                        "use another --out (or delete that folder)")  # fmt: skip
             raise ValueError(message)
