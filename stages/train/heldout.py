@@ -400,7 +400,19 @@ def _add_validation(meta_path: Path, result: dict) -> None:
 
 
 def _scorer_share(synthetic: Sequence[Item], settings: HeldoutSettings) -> Sequence[Item]:
-    return synthetic[: settings.scorer_synthetic] if settings.scorer_synthetic else synthetic
+    """The synthesised frames the scorer trains on: all, or ``scorer_synthetic`` of them with
+    roadwork and hard-negative frames in the set's own proportions (the first of each).
+
+    ``generate`` lists the roadwork frames first and the negatives after them, so a plain
+    head of the list dropped every negative and left the scorer a roadwork-only share.
+    """
+    n = settings.scorer_synthetic
+    if not n or n >= len(synthetic):
+        return synthetic
+    roadwork = [i for i in synthetic if i.label == 1]
+    negatives = [i for i in synthetic if i.label != 1]
+    keep = round(n * len(negatives) / len(synthetic))
+    return [*roadwork[: n - keep], *negatives[:keep]]
 
 
 def scorer_cost_ms(archs: Sequence[str], device: str, batch: int = 32, reps: int = 50) -> dict[str, float]:
