@@ -48,6 +48,7 @@ from pathlib import Path
 from stages.classify import BOX_CONF, RULE_FEATURES, apply_rule, rule_features
 from stages.scorer import ARCHS
 from stages.train.sources import ROADWORK_CLASSES, Item, read_pack, source_folds
+from stream.errors import InputError
 
 Log = Callable[[str], None]
 
@@ -96,6 +97,19 @@ class HeldoutSettings:
     #: Detector weights trained on none of the scene sources, used instead of training
     #: fold detectors (e.g. the cone detector, trained on cone photos only).
     detector: str = ""
+
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot make a set, before any work (not after the
+        copy-paste frames are written).
+
+        Raises:
+            InputError: ``negatives`` without ``distractors``: hard-negative frames are
+                clear frames with distractors pasted, so there would be nothing to paste.
+        """
+        if self.negatives and not self.distractors:
+            message = (f"--negatives {self.negatives} needs distractors to paste into those frames: "
+                       "give --distractors N (look-alikes drawn per kind) too")  # fmt: skip
+            raise InputError(message)
 
 
 # --------------------------------------------------------------------------- data
@@ -647,7 +661,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[HeldoutSettings, int 
     parser.add_argument("--detector-fold", type=int, default=None, help=argparse.SUPPRESS)
     opts = vars(parser.parse_args(argv))
     fold, raw = opts.pop("detector_fold"), opts.pop("settings_json")
-    settings = HeldoutSettings(**json.loads(raw)) if raw else HeldoutSettings(**opts)
+    try:
+        settings = HeldoutSettings(**json.loads(raw)) if raw else HeldoutSettings(**opts)
+    except InputError as exc:
+        parser.error(str(exc))  # a usage error: one line and exit status 2, no traceback
     return settings, fold
 
 
