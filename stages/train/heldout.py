@@ -116,7 +116,18 @@ class HeldoutSettings:
 
 
 def load_items(settings: HeldoutSettings, log: Log) -> tuple[list[Item], list[Item]]:
-    """The pack's items and the synthesised ones (made once, then read back)."""
+    """The pack's items and the synthesised ones (made once under ``out/synthetic``, then
+    read back while its ``made.json`` stamp matches the settings; a count missing from an
+    older stamp is 0).
+
+    Returns:
+        (pack items, synthesised items: roadwork frames first, then hard negatives).
+
+    Raises:
+        ValueError: ``out/synthetic`` holds a set made with other settings.
+        InputError: copy-paste cannot make the set (``generate``).
+        FootageError: the pack's items file is missing or malformed.
+    """
     from stages.train.copypaste import cut_objects, generate
 
     items = read_pack(settings.pack)
