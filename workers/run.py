@@ -236,7 +236,8 @@ def private_redis(broker: BrokerSettings | None = None) -> Iterator[str | None]:
                 time.sleep(0.02)
             # Recorded from the same settings the arguments were made from, so what the
             # CLI and the benches report is what the server runs with.
-            _PRIVATE[url] = PrivateBroker(url, private_maxmemory(broker), broker.max_blob_bytes, broker.max_used_memory)
+            _PRIVATE[url] = PrivateBroker(url, private_maxmemory(broker), broker.max_blob_bytes,
+                                          broker.max_used_memory)
             yield url
         finally:
             _PRIVATE.pop(url, None)
@@ -260,7 +261,9 @@ RUN_MAX_BLOB_BYTES = 16 * 1024**3
 CGROUP_V1_UNLIMITED = 2**62
 
 
-def available_memory_bytes(proc: str | Path = "/proc", cgroup_root: str | Path = "/sys/fs/cgroup") -> int | None:
+def available_memory_bytes(
+    proc: str | Path = "/proc", cgroup_root: str | Path = "/sys/fs/cgroup"
+) -> int | None:
     """Bytes of memory available to this process: the smaller of Linux's ``MemAvailable``
     and the room left in its memory cgroup (``cgroup_memory_room``).
 
@@ -282,7 +285,9 @@ def available_memory_bytes(proc: str | Path = "/proc", cgroup_root: str | Path =
     return min(found) if found else None
 
 
-def cgroup_memory_room(proc: str | Path = "/proc", cgroup_root: str | Path = "/sys/fs/cgroup") -> int | None:
+def cgroup_memory_room(
+    proc: str | Path = "/proc", cgroup_root: str | Path = "/sys/fs/cgroup"
+) -> int | None:
     """Bytes this process's memory cgroup may still grow by: the smallest limit less usage
     over its cgroup and every ancestor (a parent's limit bounds its children too).
 
