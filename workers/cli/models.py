@@ -129,8 +129,8 @@ def train_heldout(archs, **options) -> None:
     """Train scorer, detector and the combined rule with sources held out whole (slow on a CPU)."""
     from stages.train.heldout import HeldoutSettings, run
 
-    settings = HeldoutSettings(archs=archs.split(","), det_workers=options["workers"], **options)
     try:
+        settings = HeldoutSettings(archs=archs.split(","), det_workers=options["workers"], **options)
         result = run(settings, log=_console_log())
     except RoadstreamError as exc:
         raise click.ClickException(str(exc)) from exc
