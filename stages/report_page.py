@@ -46,7 +46,9 @@ TILES_ATTRIBUTION = '&copy; <a href="https://www.openstreetmap.org/copyright">Op
 LOCAL_FORMAT = "%Y-%m-%d_%H-%M-%S"
 
 STYLE = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222;overflow-wrap:anywhere}
+svg.timeline{display:block;max-width:760px;height:auto}
+@media (max-width:600px){body{margin:.75em}figure{width:100%}figure img{width:100%;height:auto}}
 section{margin-bottom:3em;border-top:1px solid #ccc;padding-top:.5em}
 h2 small{font-weight:normal;color:#777;font-size:.6em;margin-left:.5em}
 .map{height:300px;margin:.5em 0;border:1px solid #bbb;background:#eef}
@@ -161,7 +163,10 @@ def timeline_svg(verdicts: Sequence[Verdict], threshold: float = 0.5, local_star
     plot_w, plot_h = SVG_WIDTH - SVG_LEFT - SVG_RIGHT, SVG_HEIGHT - SVG_TOP - SVG_BOTTOM
     x = lambda t: SVG_LEFT + plot_w * t / t_max  # noqa: E731
     y = lambda c: SVG_TOP + plot_h * (1 - c)  # noqa: E731
-    parts = [(f'<svg class="timeline" xmlns="http://www.w3.org/2000/svg" width="{SVG_WIDTH}" height="{SVG_HEIGHT}" '
+    # A viewBox and width 100% (CSS caps it at its own size) let the plot shrink to a
+    # phone's width instead of forcing the page to scroll sideways.
+    parts = [(f'<svg class="timeline" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {SVG_WIDTH} {SVG_HEIGHT}" '
+              'width="100%" preserveAspectRatio="xMinYMin meet" '
               'role="img" aria-label="roadwork confidence per window over time">')]  # fmt: skip
     for v in ordered:
         if v.roadwork:
@@ -347,7 +352,9 @@ def report_html(
     css = (VENDOR / "leaflet.css").read_text()
     js = (VENDOR / "leaflet.js").read_text()
     script = MAP_SCRIPT % {"tiles": json.dumps(TILES), "attribution": json.dumps(TILES_ATTRIBUTION)}
-    return (f"<!doctype html><html><head><meta charset=utf-8><title>roadstream report</title>"
+    # The viewport line makes phones lay the page out at their own width, not a desktop's.
+    return ("<!doctype html><html><head><meta charset=utf-8>"
+            '<meta name="viewport" content="width=device-width, initial-scale=1"><title>roadstream report</title>'
             f"<style>{css}</style><style>{STYLE}</style><script>{js}</script></head><body>"
             f"<h1>roadstream report</h1><p>{len(drives)} drive{'s' * (len(drives) != 1)} by time, "
             f"{len(verdicts)} windows.</p>"
