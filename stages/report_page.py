@@ -173,13 +173,19 @@ def timeline_svg(verdicts: Sequence[Verdict], threshold: float = 0.5, local_star
             parts.append(f'<rect x="{x(v.t_start):.1f}" y="{SVG_TOP}" width="{x(v.t_end) - x(v.t_start):.1f}" '
                          f'height="{plot_h}" fill="#ffd8a8"><title>window {v.window}: roadwork, '
                          f'{v.confidence:.2f}</title></rect>')  # fmt: skip
-    points = " ".join(f"{x((v.t_start + v.t_end) / 2):.1f},{y(v.confidence):.1f}" for v in ordered)
-    parts += [
-        (f'<line x1="{SVG_LEFT}" x2="{SVG_LEFT + plot_w}" y1="{y(threshold):.1f}" y2="{y(threshold):.1f}" '
-         'stroke="#999" stroke-dasharray="4 3"/>'),
-        f'<polyline fill="none" stroke="#d9480f" stroke-width="2" points="{points}"/>',
-        f'<rect x="{SVG_LEFT}" y="{SVG_TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>',
-    ]
+    parts.append(f'<line x1="{SVG_LEFT}" x2="{SVG_LEFT + plot_w}" y1="{y(threshold):.1f}" y2="{y(threshold):.1f}" '
+                 'stroke="#999" stroke-dasharray="4 3"/>')  # fmt: skip
+    # One line per run of consecutive windows: a window with no verdict had no frame, and a
+    # line across it would claim a confidence nobody measured. A lone window is a dot.
+    for run in _runs(ordered):
+        if len(run) == 1:
+            v = run[0]
+            parts.append(f'<circle class="point" cx="{x((v.t_start + v.t_end) / 2):.1f}" cy="{y(v.confidence):.1f}" '
+                         'r="3" fill="#d9480f"/>')  # fmt: skip
+            continue
+        points = " ".join(f"{x((v.t_start + v.t_end) / 2):.1f},{y(v.confidence):.1f}" for v in run)
+        parts.append(f'<polyline fill="none" stroke="#d9480f" stroke-width="2" points="{points}"/>')
+    parts.append(f'<rect x="{SVG_LEFT}" y="{SVG_TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>')
     for value, text in ((1.0, "1"), (threshold, f"{threshold:g}"), (0.0, "0")):
         parts.append(f'<text x="{SVG_LEFT - 6}" y="{y(value) + 4:.1f}" font-size="11" text-anchor="end">{text}</text>')
     start = _local(local_start)
@@ -196,6 +202,17 @@ def timeline_svg(verdicts: Sequence[Verdict], threshold: float = 0.5, local_star
     parts.append(f'<text x="{SVG_LEFT + plot_w / 2:.1f}" y="{SVG_HEIGHT - 2}" font-size="10" fill="#555" '
                  f'text-anchor="middle">{axis}</text></svg>')  # fmt: skip
     return "".join(parts)
+
+
+def _runs(ordered: Sequence[Verdict]) -> list[list[Verdict]]:
+    """``ordered`` (by window) cut where window indices skip: the gaps with no frame."""
+    runs: list[list[Verdict]] = []
+    for v in ordered:
+        if runs and v.window == runs[-1][-1].window + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return runs
 
 
 # -- the map ---------------------------------------------------------------------------------
