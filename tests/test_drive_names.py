@@ -96,6 +96,20 @@ def test_the_verdict_table_at_80_columns_keeps_drive_names_whole():
     assert "ROADWORK" in text and "0.90" in text and "cone×2" in text
 
 
+def test_the_verdict_table_on_a_narrower_terminal_keeps_every_column_and_the_name_whole():
+    # Given the same verdicts and summary, on a 60-column terminal (too narrow for the drive column)
+    items = [_verdict("d609982467024", "2024-05-01_10-00-00", 0.0, w) for w in range(3)]
+    items.append(_summary("d609982467024", "2024-05-01_10-00-00", 0.0))
+    console = Console(width=60, record=True)
+    console.print(verdict_table(items, title="3 verdicts", width=60))
+    text = console.export_text()
+    # Then no column is cropped off: the drive's name heads its own table, whole, and the
+    # objects column is still there
+    assert max(len(line) for line in text.splitlines()) <= 60
+    assert "…" not in text and "2024-05-01_10-00-00" in text and "d6099824" in text
+    assert "objects" in text and "cone×2" in text and text.count("ROADWORK") == 3
+
+
 def test_labels_keyed_by_event_folder_or_first_clip_match_drives_and_misses_are_named():
     # Given verdicts of two named drives and labels keyed by drive id, event folder and clip
     verdicts = [_verdict("aaa", "2024-06-03_17-00-00", 0.0), _verdict("zzz", "2024-06-02_08-15-30", 0.0)]

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 import click
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.markup import escape
 from rich.table import Table
 
@@ -29,18 +29,46 @@ DRIVE_MIN_WIDTH = 19
 
 
 def verdict_table(items: Sequence[Verdict | DriveSummary], title: str | None = None,
-                  width: int | None = None) -> Table:  # fmt: skip
+                  width: int | None = None) -> RenderableType:  # fmt: skip
     """A rich table of verdicts (drive summaries become one summary row each).
 
     A drive shows as its footage name over its short id. Below ``WIDE_COLUMNS``
     (``width``, the terminal's by default) only drive, window, time, roadwork, confidence
     and objects are shown; columns with nothing in them are left out; text folds, so a
-    drive's name is never cut.
+    drive's name is never cut. Where even that table is wider than ``width`` (a narrow
+    terminal), each drive gets a table of its own under its name, without the drive column.
     """
     width = width if width is not None else _out().width
+    table = _table(items, title, width, with_drive=True)
+    # Rich crops whole columns off a table wider than the terminal; drop the widest column
+    # (the drive, kept whole) into per-drive titles instead.
+    if _fits(_table(items, None, width, with_drive=True), width):
+        return table
+    by_drive: dict[str, list[Verdict | DriveSummary]] = {}
+    for item in items:
+        by_drive.setdefault(item.drive_id, []).append(item)
+    parts: list[RenderableType] = [title] if title else []
+    for drive_id, mine in by_drive.items():
+        named = next((i for i in mine if isinstance(i, DriveSummary) and i.drive_name), None)
+        name = named.label() if named else next((i.drive_name for i in mine if i.drive_name), "")
+        heading = f"{escape(name)} [dim]{drive_id[:8]}[/dim]" if name else drive_id
+        parts.append(_table(mine, heading, width, with_drive=False))
+    return Group(*parts)
+
+
+def _fits(table: Table, width: int) -> bool:
+    # Rich measures a table as at most the width it is given, then crops the columns that
+    # do not fit; its top-right corner is drawn only when the whole table fits.
+    console = Console(width=width)
+    top = console.render_lines(table, console.options, pad=False)[0]
+    return "".join(segment.text for segment in top).rstrip().endswith(("┓", "┐"))
+
+
+def _table(items: Sequence[Verdict | DriveSummary], title: str | None, width: int, *, with_drive: bool) -> Table:
     rows = [(_row(item), isinstance(item, DriveSummary)) for item in items]
     names = ["drive", "win", "time (s)", "roadwork", "conf", "objects", "cameras", "anomaly", "vlm", "gps"]
     keep = [i for i, name in enumerate(names) if i < 6 or (width >= WIDE_COLUMNS and any(r[i] for r, _ in rows))]
+    keep = keep if with_drive else keep[1:]
     table = Table(title=title)
     for i in keep:
         name = names[i]
