@@ -133,3 +133,15 @@ def test_eval_reads_an_event_label_csv_and_says_which_labels_matched_no_drive(tm
     assert result.exit_code == 0, result.output
     assert "drive level: 2 compared" in result.output
     assert "labels that matched no drive (1; keys are drive ids, event folders or first clips): nowhere" in result.output
+
+
+def test_a_summary_row_gives_its_spans_in_seconds_or_says_none():
+    from stream.schemas import RoadworkSpan
+    from workers.cli.verdicts import _row
+
+    # Given a drive summary without roadwork spans, and one with two
+    bare = _summary("d609982467024", "2024-05-01_10-00-00", 0.0)
+    spans = [RoadworkSpan(t_start=0.0, t_end=6.0, confidence=0.9), RoadworkSpan(t_start=10.0, t_end=12.0, confidence=0.8)]
+    # Then the first says "none" with no unit after it, the second its spans in seconds
+    assert "spans: none" in _row(bare) and not any("none s" in cell for cell in _row(bare))
+    assert "spans: 0–6, 10–12 s" in _row(bare.copy_with(spans=spans))

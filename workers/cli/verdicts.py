@@ -85,10 +85,12 @@ def _drive_cell(drive_id: str, name: str, label: str | None = None) -> str:
 
 def _row(item: Verdict | DriveSummary) -> list[str]:
     if isinstance(item, DriveSummary):
-        spans = ", ".join(f"{s.t_start:.0f}–{s.t_end:.0f}" for s in item.spans) or "none"
+        # The unit goes with the figures only: "spans: none", never "none s".
+        spans = ", ".join(f"{s.t_start:.0f}–{s.t_end:.0f}" for s in item.spans)
+        spans = f"{spans} s" if spans else "none"
         label = item.label() if item.drive_name else None
         return [_drive_cell(item.drive_id, item.drive_name, label), "", "summary",
-                f"{item.roadwork_windows}/{item.windows} windows", "", f"spans: {spans} s",
+                f"{item.roadwork_windows}/{item.windows} windows", "", f"spans: {spans}",
                 ", ".join(item.cameras), "", "", ""]  # fmt: skip
     objects = ", ".join(f"{k}×{n}" for k, n in item.objects.items())
     gps = f"{item.gps.lat:.5f},{item.gps.lon:.5f}{'~' if item.gps.estimated else ''}" if item.gps else ""
