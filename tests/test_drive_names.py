@@ -145,3 +145,34 @@ def test_a_summary_row_gives_its_spans_in_seconds_or_says_none():
     # Then the first says "none" with no unit after it, the second its spans in seconds
     assert "spans: none" in _row(bare) and not any("none s" in cell for cell in _row(bare))
     assert "spans: 0–6, 10–12 s" in _row(bare.copy_with(spans=spans))
+
+
+def test_eval_with_no_label_matching_any_verdict_says_so_and_fails(tmp_path):
+    # Given verdicts of one drive and labels that name only other drives
+    write_report(tmp_path, [_verdict("aaa", "2024-06-03_17-00-00", 0.0)], [], {})
+    (tmp_path / "labels.csv").write_text("event,label\nnowhere,1\nelsewhere,0\n")
+    _register_commands()
+    # When evaluated
+    result = CliRunner().invoke(cli, ["eval", "--labels", str(tmp_path / "labels.csv"),
+                                      "--verdicts", str(tmp_path / "verdicts.jsonl")])  # fmt: skip
+    # Then it names its source, says nothing was compared, and exits non-zero without figures
+    assert result.exit_code == 1, result.output
+    assert f"reading verdicts from verdicts file {tmp_path / 'verdicts.jsonl'}" in result.output.replace("\n", "")
+    assert "no label matched any verdict: nothing to compare (2 labels, 1 verdicts of 1 drive" in result.output
+    assert "MCC" not in result.output
+
+
+def test_eval_without_verdicts_file_says_it_reads_the_default_redis_stream(tmp_path, monkeypatch):
+    # Given no --verdicts and no Redis named (the stream read itself is stubbed out)
+    import workers.cli.verdicts as cli_verdicts
+
+    monkeypatch.delenv("ROADSTREAM_REDIS_URL", raising=False)
+    monkeypatch.setattr(cli_verdicts, "_load_verdicts", lambda *a: [_verdict("aaa", "2024-06-03_17-00-00", 0.0)])
+    (tmp_path / "labels.csv").write_text("event,label\n2024-06-03_17-00-00,1\n")
+    _register_commands()
+    result = CliRunner().invoke(cli, ["eval", "--labels", str(tmp_path / "labels.csv"), "--level", "drive"])
+    # Then it says which stream it reads, that the URL is the default, and how to name another
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "using Redis at redis://127.0.0.1:6379/0 (the default;" in text
+    assert "eval: reading verdicts from the verdicts stream at redis://127.0.0.1:6379/0 (--verdicts FILE" in text

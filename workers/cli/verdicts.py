@@ -208,7 +208,16 @@ def register(cli: click.Group) -> None:
         """Compare verdicts with labels: MCC, accuracy, precision, recall, confusion matrix."""
         from stages.evaluate import evaluate, load_labels, match_labels
 
+        from workers.cli import console, masked
+
         settings = settings_from(ctx, redis, uses_redis=verdicts_file is None)
+        # Say where the verdicts come from (stderr; in --json, a "source" key): without
+        # --verdicts they are a Redis stream's, maybe of another run than the user thinks.
+        source = (f"verdicts file {verdicts_file}" if verdicts_file else
+                  f"the verdicts stream at {masked(settings.redis_url)}")  # fmt: skip
+        if not as_json:
+            hint = "" if verdicts_file else " (--verdicts FILE reads a verdicts.jsonl instead)"
+            console.print(f"eval: reading verdicts from {escape(source)}{hint}", highlight=False)
         try:
             labels = load_labels(labels_file)
             verdicts_ = _load_verdicts(verdicts_file, settings.redis_url, settings.namespace)
@@ -216,14 +225,21 @@ def register(cli: click.Group) -> None:
             raise  # the root group names the URL
         except (InputError, RoadstreamError) as exc:
             raise click.ClickException(str(exc)) from exc
+        n_labels = len(labels)
         labels, unmatched = match_labels(labels, verdicts_)
         if unmatched:
             click.echo(f"labels that matched no drive ({len(unmatched)}; keys are drive ids, event folders or "
                        f"first clips): {', '.join(unmatched)}", err=True)  # fmt: skip
         levels = ["window", "drive"] if level == "both" else [level]
         results = {lv: evaluate(verdicts_, labels, lv, min_overlap) for lv in levels}
+        if not any(m.n for m in results.values()):
+            # All-zero figures would read as a result; nothing was compared, which is an error.
+            drives = len({v.drive_id for v in verdicts_})
+            message = (f"no label matched any verdict: nothing to compare ({n_labels} labels, "
+                       f"{len(verdicts_)} verdicts of {drives} drive{'s' * (drives != 1)} from {source})")  # fmt: skip
+            raise click.ClickException(message)
         if as_json:
-            print(json.dumps({**{lv: m.as_dict() for lv, m in results.items()}, "unmatched_labels": unmatched}))
+            print(json.dumps({**{lv: m.as_dict() for lv, m in results.items()}, "unmatched_labels": unmatched, "source": source}))
         else:
             for lv, m in results.items():
                 _out().print(_metrics_table(lv, m))
