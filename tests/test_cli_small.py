@@ -82,4 +82,4 @@ def test_the_readme_sample_of_run_shows_the_broker_line_run_prints():
     source = (Path(__file__).parent.parent / "workers" / "cli" / "run.py").read_text()
     assert "(private redis-server, memory bound" in source
     assert re.search(r"broker: unix:///tmp/roadstream-…/redis\.sock\?db=0 \(private redis-server,\s+memory bound "
-                     r"[0-9.]+ GiB\)", readme)  # fmt: skip
+                     r"[0-9.]+ GiB, no persistence\)", readme)  # fmt: skip
