@@ -67,12 +67,11 @@ from workers.plan import Plan
 from workers.run import (
     choose_plan,
     footage_roots,
-    memory_bound,
     one_shot,
+    private_broker,
     private_redis,
     run_footage,
     shipped_models,
-    sized_for_machine,
     submit,
 )
 
@@ -365,9 +364,9 @@ def bench_run(
     probes: list[RunProbe] = []
 
     def start_probe(url: str) -> None:
-        if probe and not url.startswith("memory://"):
-            bound = memory_bound(sized_for_machine(settings)).broker
-            probes.append(RunProbe(url, settings.namespace, bound.max_used_memory, bound.max_blob_bytes))
+        # The bounds run's private server was started with (recorded, not recomputed).
+        if probe and (private := private_broker(url)) is not None:
+            probes.append(RunProbe(url, settings.namespace, private.max_used_memory, private.max_blob_bytes))
 
     with tempfile.TemporaryDirectory(prefix="run-bench-out-") as out, Busy() as busy:
         try:

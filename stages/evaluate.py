@@ -2,10 +2,13 @@
 
 Labels file, CSV (header required) or JSON (a list of objects with the same keys)::
 
+    # d3f1…: roadwork somewhere in the drive; d0a9…: from 12 s to 30.5 s of the drive clock
     drive_id,t_start,t_end,label
-    d3f1c2a9b0e7,,,1             # the whole drive: roadwork somewhere
-    d0a9e1b2c3d4,12.0,30.5,1     # roadwork from 12 s to 30.5 s of the drive clock
+    d3f1c2a9b0e7,,,1
+    d0a9e1b2c3d4,12.0,30.5,1
     d0a9e1b2c3d4,30.5,60,0
+
+(A ``#`` starts a comment only at the start of a line: after a value it is part of it.)
 
 Instead of ``drive_id``, a column ``event`` may name the drive by its footage: its event
 folder (``2024-05-01_10-00-00``) or its first clip (``2024-05-01_10-00-00-front.mp4``),

@@ -52,6 +52,7 @@ answer's with its window; an anomaly score's when every window it overlaps is pu
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Callable, Hashable, Sequence
@@ -656,14 +657,15 @@ class Fuser:
         if not track:
             track, estimated = self._estimate(drive), True
         offset = _utc_offset(frames, drive)
+        t_end = self._footage_end(drive, window)
         verdict = Verdict(
             drive_id=drive.drive_id,
             drive_name=_name(drive),
             window=window.index,
             t_start=window.t_start,
-            t_end=window.t_end,
+            t_end=t_end,
             start_utc=None if offset is None else window.t_start + offset,
-            end_utc=None if offset is None else window.t_end + offset,
+            end_utc=None if offset is None else t_end + offset,
             roadwork=conf >= self.settings.threshold,
             confidence=conf,
             cameras=evidence.cameras,
@@ -680,7 +682,7 @@ class Fuser:
             frames=key_frames(window),
         )
         drive.closed[window.index] = ClosedWindow(
-            window.index, window.t_start, window.t_end, verdict.start_utc, verdict.end_utc,
+            window.index, window.t_start, t_end, verdict.start_utc, verdict.end_utc,
             verdict.roadwork, conf, track, estimated,
         )  # fmt: skip
         del drive.windows[window.index]
@@ -689,6 +691,24 @@ class Fuser:
         drive.answers.pop(window.index, None)
         release = window.tokens + drive.answer_tokens.pop(window.index, []) + self._free_anomaly(drive, window)
         return Step(outputs=[verdict], release=release, spent_blobs=self._spent(frames, verdict))
+
+    @staticmethod
+    def _footage_end(drive: Drive, window: Window) -> float:
+        """The window's end, or the footage's where the footage ends inside it.
+
+        The last window of a 5 s drive cut in 2 s windows is 4–5 s, not 4–6 s: a verdict,
+        and the spans built from it, claim no time past the footage. The footage ends one
+        sampling step (the window's smallest frame spacing) after the drive's last frame;
+        known only once every camera ended (none given up), so no later frame can come.
+        """
+        if not drive.ended_all or drive.given_up or not drive.watermark:
+            return window.t_end
+        steps = [b.t - a.t for fs in window.frames.values()
+                 for a, b in itertools.pairwise(sorted(fs, key=lambda f: f.t)) if b.t - a.t > 1e-9]  # fmt: skip
+        if not steps:
+            return window.t_end
+        end = round(max(drive.watermark.values()) + min(steps), 6)
+        return end if window.t_start < end < window.t_end else window.t_end
 
     def _spent(self, frames: list[FrameDetections], verdict: Verdict) -> list[str]:
         # With vera on, its segments' key frames may still be read after this window

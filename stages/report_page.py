@@ -46,7 +46,9 @@ TILES_ATTRIBUTION = '&copy; <a href="https://www.openstreetmap.org/copyright">Op
 LOCAL_FORMAT = "%Y-%m-%d_%H-%M-%S"
 
 STYLE = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222;overflow-wrap:anywhere}
+svg.timeline{display:block;max-width:760px;height:auto}
+@media (max-width:600px){body{margin:.75em}figure{width:100%}figure img{width:100%;height:auto}}
 section{margin-bottom:3em;border-top:1px solid #ccc;padding-top:.5em}
 h2 small{font-weight:normal;color:#777;font-size:.6em;margin-left:.5em}
 .map{height:300px;margin:.5em 0;border:1px solid #bbb;background:#eef}
@@ -161,20 +163,29 @@ def timeline_svg(verdicts: Sequence[Verdict], threshold: float = 0.5, local_star
     plot_w, plot_h = SVG_WIDTH - SVG_LEFT - SVG_RIGHT, SVG_HEIGHT - SVG_TOP - SVG_BOTTOM
     x = lambda t: SVG_LEFT + plot_w * t / t_max  # noqa: E731
     y = lambda c: SVG_TOP + plot_h * (1 - c)  # noqa: E731
-    parts = [(f'<svg class="timeline" xmlns="http://www.w3.org/2000/svg" width="{SVG_WIDTH}" height="{SVG_HEIGHT}" '
+    # A viewBox and width 100% (CSS caps it at its own size) let the plot shrink to a
+    # phone's width instead of forcing the page to scroll sideways.
+    parts = [(f'<svg class="timeline" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {SVG_WIDTH} {SVG_HEIGHT}" '
+              'width="100%" preserveAspectRatio="xMinYMin meet" '
               'role="img" aria-label="roadwork confidence per window over time">')]  # fmt: skip
     for v in ordered:
         if v.roadwork:
             parts.append(f'<rect x="{x(v.t_start):.1f}" y="{SVG_TOP}" width="{x(v.t_end) - x(v.t_start):.1f}" '
                          f'height="{plot_h}" fill="#ffd8a8"><title>window {v.window}: roadwork, '
                          f'{v.confidence:.2f}</title></rect>')  # fmt: skip
-    points = " ".join(f"{x((v.t_start + v.t_end) / 2):.1f},{y(v.confidence):.1f}" for v in ordered)
-    parts += [
-        (f'<line x1="{SVG_LEFT}" x2="{SVG_LEFT + plot_w}" y1="{y(threshold):.1f}" y2="{y(threshold):.1f}" '
-         'stroke="#999" stroke-dasharray="4 3"/>'),
-        f'<polyline fill="none" stroke="#d9480f" stroke-width="2" points="{points}"/>',
-        f'<rect x="{SVG_LEFT}" y="{SVG_TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>',
-    ]
+    parts.append(f'<line x1="{SVG_LEFT}" x2="{SVG_LEFT + plot_w}" y1="{y(threshold):.1f}" y2="{y(threshold):.1f}" '
+                 'stroke="#999" stroke-dasharray="4 3"/>')  # fmt: skip
+    # One line per run of consecutive windows: a window with no verdict had no frame, and a
+    # line across it would claim a confidence nobody measured. A lone window is a dot.
+    for run in _runs(ordered):
+        if len(run) == 1:
+            v = run[0]
+            parts.append(f'<circle class="point" cx="{x((v.t_start + v.t_end) / 2):.1f}" cy="{y(v.confidence):.1f}" '
+                         'r="3" fill="#d9480f"/>')  # fmt: skip
+            continue
+        points = " ".join(f"{x((v.t_start + v.t_end) / 2):.1f},{y(v.confidence):.1f}" for v in run)
+        parts.append(f'<polyline fill="none" stroke="#d9480f" stroke-width="2" points="{points}"/>')
+    parts.append(f'<rect x="{SVG_LEFT}" y="{SVG_TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>')
     for value, text in ((1.0, "1"), (threshold, f"{threshold:g}"), (0.0, "0")):
         parts.append(f'<text x="{SVG_LEFT - 6}" y="{y(value) + 4:.1f}" font-size="11" text-anchor="end">{text}</text>')
     start = _local(local_start)
@@ -191,6 +202,17 @@ def timeline_svg(verdicts: Sequence[Verdict], threshold: float = 0.5, local_star
     parts.append(f'<text x="{SVG_LEFT + plot_w / 2:.1f}" y="{SVG_HEIGHT - 2}" font-size="10" fill="#555" '
                  f'text-anchor="middle">{axis}</text></svg>')  # fmt: skip
     return "".join(parts)
+
+
+def _runs(ordered: Sequence[Verdict]) -> list[list[Verdict]]:
+    """``ordered`` (by window) cut where window indices skip: the gaps with no frame."""
+    runs: list[list[Verdict]] = []
+    for v in ordered:
+        if runs and v.window == runs[-1][-1].window + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return runs
 
 
 # -- the map ---------------------------------------------------------------------------------
@@ -347,7 +369,9 @@ def report_html(
     css = (VENDOR / "leaflet.css").read_text()
     js = (VENDOR / "leaflet.js").read_text()
     script = MAP_SCRIPT % {"tiles": json.dumps(TILES), "attribution": json.dumps(TILES_ATTRIBUTION)}
-    return (f"<!doctype html><html><head><meta charset=utf-8><title>roadstream report</title>"
+    # The viewport line makes phones lay the page out at their own width, not a desktop's.
+    return ("<!doctype html><html><head><meta charset=utf-8>"
+            '<meta name="viewport" content="width=device-width, initial-scale=1"><title>roadstream report</title>'
             f"<style>{css}</style><style>{STYLE}</style><script>{js}</script></head><body>"
             f"<h1>roadstream report</h1><p>{len(drives)} drive{'s' * (len(drives) != 1)} by time, "
             f"{len(verdicts)} windows.</p>"

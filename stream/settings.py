@@ -129,12 +129,22 @@ class IngestSettings(BaseModel):
     encoding: str = "jpeg"  # jpeg | raw
     jpeg_quality: int = 85
     decoder_threads: int = 0  # 0: the decoder's own choice
-    #: Clips of one job decoded at once (PyAV; NVDEC runs one). Above 1 a long drive's
-    #: camera job uses more than one decoder's worth of cores. 0: one at a time in a bare
-    #: worker, two in each PyAV ingest process of ``roadstream run``.
+    #: Clips of one job decoded at once (PyAV threads, or NVDEC sessions). Above 1 a long
+    #: drive's camera job uses more than one decoder's worth of cores. 0: one at a time in
+    #: a bare worker; in ``roadstream run`` two per PyAV ingest process, four per NVDEC one.
     parallel_clips: int = Field(default=0, ge=0)
     #: The GPU an NVDEC ingest worker decodes on (``roadstream run`` spreads them).
     nvdec_device: str = "cuda:0"
+    #: NVDEC decode sessions (camera jobs at once) in each NVDEC ingest process of
+    #: ``roadstream run``: NVDEC's rate grows with sessions up to the GPU's decoder engines
+    #: (bench/nvdec_bench.py on an H200: 1 session 740 frames/s, 4: 2,330, 8: 3,620).
+    nvdec_sessions: int = Field(default=8, ge=1)
+    #: NVDEC ingest processes per GPU under ``roadstream run`` (``decoder`` auto or nvdec).
+    nvdec_processes: int = Field(default=1, ge=0)
+    #: ``roadstream run`` on a GPU box with NVDEC: also start PyAV ingest processes on the
+    #: other cores. Off: on the H200 they took the long drive's camera jobs and became the
+    #: tail (ingest alone: NVDEC process alone 13.5x real time, with 11 PyAV ones 10.1x).
+    pyav_beside_nvdec: bool = False
     #: ``roadstream submit``'s jobs: ``drive``, one per drive; ``camera``, one per (drive,
     #: camera), so several ingest processes share a drive (each partition still gets its
     #: frames in order; the drive ends when all its jobs did) — then raise

@@ -70,3 +70,16 @@ def test_status_hides_empty_streams_unless_all(redis_url):
     # When --all / Then both
     every = invoke("status", "--all", "--redis", redis_url)
     assert "rs:jobs" in every.output and "rs:verdicts" in every.output
+
+
+def test_the_readme_sample_of_run_shows_the_broker_line_run_prints():
+    import re
+    from pathlib import Path
+
+    # run prints its private server's memory bound beside the broker (workers/cli/run.py);
+    # the README's sample output (wrapped at 80 columns there) must show it too
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    source = (Path(__file__).parent.parent / "workers" / "cli" / "run.py").read_text()
+    assert "(private redis-server, memory bound" in source
+    assert re.search(r"broker: unix:///tmp/roadstream-…/redis\.sock\?db=0 \(private redis-server,\s+memory bound "
+                     r"[0-9.]+ GiB, no persistence\)", readme)  # fmt: skip

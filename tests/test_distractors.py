@@ -83,3 +83,17 @@ def test_negative_frames_are_clear_without_boxes_and_roadwork_boxes_stay_the_sam
 def test_negatives_without_distractors_are_refused(roads, tmp_path):
     with pytest.raises(InputError, match="distractors"):
         generate(roads, draw_objects(1, seed=0, classes=["cone"]), 2, tmp_path / "x", negatives=3)
+    # refused up front: no roadwork frame was made first
+    assert not (tmp_path / "x").exists() or not list((tmp_path / "x").rglob("*.jpg"))
+
+
+def test_heldout_refuses_negatives_without_distractors_before_any_work(capsys):
+    from stages.train.heldout import HeldoutSettings, parse_args
+
+    with pytest.raises(InputError, match="--negatives 3 needs distractors"):
+        HeldoutSettings(negatives=3)
+    # The command line: a usage error naming the problem, exit status 2
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--negatives", "3"])
+    assert exit_info.value.code == 2 and "needs distractors" in capsys.readouterr().err
+    assert HeldoutSettings(negatives=3, distractors=2).negatives == 3

@@ -96,6 +96,20 @@ def test_the_verdict_table_at_80_columns_keeps_drive_names_whole():
     assert "ROADWORK" in text and "0.90" in text and "cone×2" in text
 
 
+def test_the_verdict_table_on_a_narrower_terminal_keeps_every_column_and_the_name_whole():
+    # Given the same verdicts and summary, on a 60-column terminal (too narrow for the drive column)
+    items = [_verdict("d609982467024", "2024-05-01_10-00-00", 0.0, w) for w in range(3)]
+    items.append(_summary("d609982467024", "2024-05-01_10-00-00", 0.0))
+    console = Console(width=60, record=True)
+    console.print(verdict_table(items, title="3 verdicts", width=60))
+    text = console.export_text()
+    # Then no column is cropped off: the drive's name heads its own table, whole, and the
+    # objects column is still there
+    assert max(len(line) for line in text.splitlines()) <= 60
+    assert "…" not in text and "2024-05-01_10-00-00" in text and "d6099824" in text
+    assert "objects" in text and "cone×2" in text and text.count("ROADWORK") == 3
+
+
 def test_labels_keyed_by_event_folder_or_first_clip_match_drives_and_misses_are_named():
     # Given verdicts of two named drives and labels keyed by drive id, event folder and clip
     verdicts = [_verdict("aaa", "2024-06-03_17-00-00", 0.0), _verdict("zzz", "2024-06-02_08-15-30", 0.0)]
@@ -119,3 +133,46 @@ def test_eval_reads_an_event_label_csv_and_says_which_labels_matched_no_drive(tm
     assert result.exit_code == 0, result.output
     assert "drive level: 2 compared" in result.output
     assert "labels that matched no drive (1; keys are drive ids, event folders or first clips): nowhere" in result.output
+
+
+def test_a_summary_row_gives_its_spans_in_seconds_or_says_none():
+    from stream.schemas import RoadworkSpan
+    from workers.cli.verdicts import _row
+
+    # Given a drive summary without roadwork spans, and one with two
+    bare = _summary("d609982467024", "2024-05-01_10-00-00", 0.0)
+    spans = [RoadworkSpan(t_start=0.0, t_end=6.0, confidence=0.9), RoadworkSpan(t_start=10.0, t_end=12.0, confidence=0.8)]
+    # Then the first says "none" with no unit after it, the second its spans in seconds
+    assert "spans: none" in _row(bare) and not any("none s" in cell for cell in _row(bare))
+    assert "spans: 0–6, 10–12 s" in _row(bare.copy_with(spans=spans))
+
+
+def test_eval_with_no_label_matching_any_verdict_says_so_and_fails(tmp_path):
+    # Given verdicts of one drive and labels that name only other drives
+    write_report(tmp_path, [_verdict("aaa", "2024-06-03_17-00-00", 0.0)], [], {})
+    (tmp_path / "labels.csv").write_text("event,label\nnowhere,1\nelsewhere,0\n")
+    _register_commands()
+    # When evaluated
+    result = CliRunner().invoke(cli, ["eval", "--labels", str(tmp_path / "labels.csv"),
+                                      "--verdicts", str(tmp_path / "verdicts.jsonl")])  # fmt: skip
+    # Then it names its source, says nothing was compared, and exits non-zero without figures
+    assert result.exit_code == 1, result.output
+    assert f"reading verdicts from verdicts file {tmp_path / 'verdicts.jsonl'}" in result.output.replace("\n", "")
+    assert "no label matched any verdict: nothing to compare (2 labels, 1 verdicts of 1 drive" in result.output
+    assert "MCC" not in result.output
+
+
+def test_eval_without_verdicts_file_says_it_reads_the_default_redis_stream(tmp_path, monkeypatch):
+    # Given no --verdicts and no Redis named (the stream read itself is stubbed out)
+    import workers.cli.verdicts as cli_verdicts
+
+    monkeypatch.delenv("ROADSTREAM_REDIS_URL", raising=False)
+    monkeypatch.setattr(cli_verdicts, "_load_verdicts", lambda *a: [_verdict("aaa", "2024-06-03_17-00-00", 0.0)])
+    (tmp_path / "labels.csv").write_text("event,label\n2024-06-03_17-00-00,1\n")
+    _register_commands()
+    result = CliRunner().invoke(cli, ["eval", "--labels", str(tmp_path / "labels.csv"), "--level", "drive"])
+    # Then it says which stream it reads, that the URL is the default, and how to name another
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "using Redis at redis://127.0.0.1:6379/0 (the default;" in text
+    assert "eval: reading verdicts from the verdicts stream at redis://127.0.0.1:6379/0 (--verdicts FILE" in text

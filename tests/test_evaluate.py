@@ -145,3 +145,20 @@ def test_eval_command_names_a_missing_labels_file(tmp_path):
         register(cli)
     result = CliRunner().invoke(cli, ["eval", "--labels", str(tmp_path / "nope.csv"), "--verdicts", str(tmp_path / "v.jsonl")])
     assert result.exit_code == 1 and "nope.csv" in result.output and "Traceback" not in result.output
+
+
+def test_the_labels_example_in_the_operating_notes_reads_as_documented(tmp_path):
+    from pathlib import Path
+
+    # Given the labels example of docs/operating.md, copied into a file
+    doc = (Path(__file__).parent.parent / "docs" / "operating.md").read_text()
+    section = doc.split("## Scoring verdicts against labels", 1)[1]
+    example = section.split("```\n", 2)[1]
+    (tmp_path / "labels.csv").write_text(example)
+    # Then it reads: a drive-wide label and two intervals, keyed by event folder
+    labels = load_labels(tmp_path / "labels.csv")
+    assert [(lab.drive_id, lab.label, lab.t_start, lab.t_end) for lab in labels] == [
+        ("2024-05-01_10-00-00", True, None, None),
+        ("2024-05-02_08-30-00", True, 12.0, 30.5),
+        ("2024-05-02_08-30-00", False, 30.5, 60.0),
+    ]

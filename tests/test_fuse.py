@@ -349,3 +349,26 @@ def test_one_box_on_one_camera_is_not_a_verdict_by_itself_under_the_shipped_coef
     # while the scorer's agreement, or boxes on several cameras, make it roadwork
     assert _one_window({"left_pillar": 1}, 0.8).roadwork
     assert _one_window({"front": 2, "left_repeater": 2, "right_repeater": 1}, None).roadwork
+
+
+def test_the_last_window_ends_where_the_footage_ends_not_past_it():
+    # Given a 3 s drive (frames every 0.5 s up to 2.5 s) cut in 2 s windows, roadwork throughout
+    fuser = Fuser(FuseSettings(window_s=2.0))
+    msgs = [frame(c, t, dets=[cone()] * 3, lat=1.0) for t in range(6) for c in CAMS]
+    # When every camera ended
+    out, _ = feed(fuser, started() + msgs + [ended("front", start_utc=100.0), ended("back", start_utc=100.0)])
+    # Then the last window is 2-3 s, not 2-4 s, and so is the span: nothing claims time past the footage
+    assert [(v.window, v.t_start, v.t_end) for v in verdicts(out)] == [(0, 0.0, 2.0), (1, 2.0, 3.0)]
+    (summary,) = [o for o in out if isinstance(o, DriveSummary)]
+    assert [(s.t_start, s.t_end) for s in summary.spans] == [(0.0, 3.0)]
+
+
+def test_a_window_closed_before_the_drive_ended_keeps_its_length():
+    # Given the same drive whose back camera stalls and is given up (so its end is unknown)
+    fuser = Fuser(FuseSettings(window_s=2.0, watermark_timeout_s=1.0))
+    msgs = [frame("front", t, dets=[cone()] * 3) for t in range(6)] + [frame("back", t) for t in range(5)]
+    feed(fuser, started() + msgs + [ended("front")], now=0.0)
+    # When the stall gives the back camera up
+    step = fuser.tick(10_000.0)
+    # Then the last window keeps its full length
+    assert [(v.window, v.t_end) for v in verdicts(step.outputs)][-1] == (1, 4.0)

@@ -159,3 +159,36 @@ def test_hard_negatives_train_the_detector_as_background_on_every_fold_but_their
     # The set's stamp knows the negatives: a rerun asking for none is refused.
     with pytest.raises(ValueError, match="negatives"):
         load_items(HeldoutSettings(pack=str(pack), out=settings.out, synthetic=10, procedural=2), log=lambda line: None)
+
+
+def test_the_scorers_synthetic_share_keeps_the_hard_negatives_in_proportion(tmp_path):
+    from stages.train.heldout import _scorer_share
+
+    # Given a set as generate lists it: 8 roadwork frames, then 4 hard negatives
+    synthetic = [Item(tmp_path / f"synth_{i}.jpg", 1, "camA", "synthetic") for i in range(8)]
+    synthetic += [Item(tmp_path / f"neg_{j}.jpg", 0, "camA", "synthetic") for j in range(4)]
+    # When the scorer takes 6 of them
+    share = _scorer_share(synthetic, HeldoutSettings(scorer_synthetic=6))
+    # Then a third are negatives, as in the whole set (a head of the list had none)
+    assert len(share) == 6 and sum(i.label == 0 for i in share) == 2
+    # And 0, or more than the set holds, takes all
+    assert _scorer_share(synthetic, HeldoutSettings(scorer_synthetic=0)) == synthetic
+    assert _scorer_share(synthetic, HeldoutSettings(scorer_synthetic=50)) == synthetic
+
+
+def test_an_old_stamp_without_the_later_counts_reads_them_as_zero(pack, tmp_path):
+    from stages.train.heldout import load_items
+
+    # Given a copy-paste set stamped before procedural, distractors and negatives existed
+    out = tmp_path / "out"
+    synth = out / "synthetic"
+    write_items(synth / "items.tsv", [], relative_to=synth)
+    (synth / "made.json").write_text(json.dumps({"synthetic": 20, "seed": 0}))
+    # When a run asks for the same set (none of the later counts)
+    _, synthetic = load_items(HeldoutSettings(pack=str(pack), out=str(out), synthetic=20), log=lambda line: None)
+    # Then the set is served, not refused
+    assert synthetic == []
+    # And a run asking for negatives the old set lacks is still refused
+    with pytest.raises(ValueError, match="negatives"):
+        load_items(HeldoutSettings(pack=str(pack), out=str(out), synthetic=20, distractors=2, negatives=3),
+                   log=lambda line: None)  # fmt: skip

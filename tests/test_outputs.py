@@ -106,3 +106,27 @@ def test_save_video_cuts_each_roadwork_span_from_the_footage_with_its_verdicts(t
     with av.open(str(done.paths[0])) as video:
         assert sum(1 for _ in video.decode(video=0)) == 20
     assert done.notes == [f"{drive.name}_span1: no UTC time for the span; no video"]
+
+
+def test_classify_names_a_bad_image_and_goes_on_with_the_others(tmp_path):
+    # Given a folder of two images and, between them, a file named .jpg that is no image
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.full((120, 160, 3), 128, np.uint8))
+    (folder / "b.jpg").write_bytes(b"not a picture at all")
+    cv2.imwrite(str(folder / "c.png"), np.full((120, 160, 3), 30, np.uint8))
+    _register_commands()
+    # When classified as JSON
+    result = CliRunner().invoke(cli, ["classify", "--detector", "", "--json", str(folder)])
+    # Then both images are classified, the bad file is an error entry in its place and named
+    # on stderr, and the exit code says something failed
+    assert result.exit_code == 1, result.output
+    rows = json.loads(result.stdout)
+    assert [r["image"].rsplit("/", 1)[1] for r in rows] == ["a.png", "b.jpg", "c.png"]
+    assert "roadwork_probability" in rows[0] and "roadwork_probability" in rows[2]
+    assert "not a readable image" in rows[1]["error"] and "roadwork_probability" not in rows[1]
+    assert "b.jpg: not a readable image" in result.stderr and "1 of 3 files could not be classified" in result.stderr
+    # When printed as a table / Then the two good ones are rows, the bad one named on stderr
+    table = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["classify", "--detector", "", str(folder)])
+    assert table.exit_code == 1 and "2 pictures" in table.stdout and "c.png" in table.stdout
+    assert "b.jpg: not a readable image" in table.stderr

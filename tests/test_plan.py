@@ -28,11 +28,28 @@ def test_one_gpu_and_16_cores_put_ingest_on_the_cores_left() -> None:
 
 def test_each_gpu_gets_a_detect_worker_of_its_own() -> None:
     # Given 32 cores, two GPUs and a VLM backend / When planned with NVDEC allowed
-    plan = plan_workers(32, 2, VLM_STAGES, nvdec=True)
+    plan = plan_workers(32, 2, VLM_STAGES, nvdec=True, pyav_beside_nvdec=True)
     # Then two detect workers on cuda:0 and cuda:1, one vera and one vlm, two NVDEC ingest
+    # beside 23 PyAV ones
     assert plan.workers == {"ingest": 25, "detect": 2, "vera": 1, "vlm": 1, "fuse": 2}
     assert plan.detect_devices == ["cuda:0", "cuda:1"]
     assert plan.nvdec_ingest == 2
+    assert plan.describe() == ("plan (32 cores, 2 GPUs): ingest=25 (2 nvdec) detect=2 [cuda:0,cuda:1] "
+                               "vera=1 vlm=1 fuse=2")  # fmt: skip
+
+
+def test_with_nvdec_ingest_is_the_nvdec_processes_alone_by_default() -> None:
+    # Given 16 cores and one GPU with NVDEC / When planned with the default settings
+    plan = machine_plan(Settings(), STAGES, cores=16, gpus=1, nvdec=True)
+    # Then ingest is one NVDEC process (the PyAV ones beside it only made the tail longer)
+    assert plan.workers == {"ingest": 1, "detect": 1, "fuse": 2} and plan.nvdec_ingest == 1
+    # and two per GPU on two GPUs when the settings ask, or PyAV beside them when asked
+    two = Settings(ingest=IngestSettings(nvdec_processes=2))
+    assert machine_plan(two, STAGES, cores=16, gpus=2, nvdec=True).workers["ingest"] == 4
+    beside = Settings(ingest=IngestSettings(pyav_beside_nvdec=True))
+    assert machine_plan(beside, STAGES, cores=16, gpus=1, nvdec=True).workers["ingest"] == 12
+    # and without NVDEC the cores decode as before
+    assert machine_plan(Settings(), STAGES, cores=16, gpus=1, nvdec=False).workers["ingest"] == 12
 
 
 def test_without_gpus_detect_runs_on_the_cpu_beside_half_the_cores_of_ingest() -> None:
@@ -114,11 +131,29 @@ def test_children_get_their_device_and_decoder() -> None:
     assert all("ROADSTREAM_WORKER__PREFETCH" not in env for stage, env in envs if stage == "detect")
     # and the decoder threads of the three ingest processes share the 16 cores
     assert {env["ROADSTREAM_INGEST__DECODER_THREADS"] for env in ingest} == {"6"}
-    # and each decodes two clips of a job at once (a long drive's camera job is the tail)
-    assert {env["ROADSTREAM_INGEST__PARALLEL_CLIPS"] for env in ingest} == {"2"}
+    # and each decodes two clips of a job at once (a long drive's camera job is the tail),
+    # an NVDEC one four (a session each)
+    assert [env["ROADSTREAM_INGEST__PARALLEL_CLIPS"] for env in ingest] == ["4", "4", "2"]
     # unless the settings name a count
     chosen = Settings(ingest=IngestSettings(decoder="auto", parallel_clips=1))
     assert not any("ROADSTREAM_INGEST__PARALLEL_CLIPS" in env for _, env in child_envs(plan, chosen))
+
+
+def test_nvdec_processes_and_sessions_come_from_the_settings() -> None:
+    # Given two GPUs, NVDEC allowed, two NVDEC processes per GPU with 6 sessions each
+    settings = Settings(ingest=IngestSettings(decoder="auto", nvdec_processes=2, nvdec_sessions=6))
+    plan = plan_workers(16, 2, STAGES, nvdec=True, nvdec_per_gpu=settings.ingest.nvdec_processes)
+    # When the children's environments are made
+    ingest = [env for stage, env in child_envs(plan, settings) if stage == "ingest"]
+    # Then four ingest children decode with NVDEC, spread over both GPUs, 6 jobs at once each
+    nvdec = [env for env in ingest if env["ROADSTREAM_INGEST__DECODER"] == "nvdec"]
+    assert plan.nvdec_ingest == 4 and len(nvdec) == 4
+    assert [env["ROADSTREAM_INGEST__NVDEC_DEVICE"] for env in nvdec] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert {env["ROADSTREAM_WORKER__CONCURRENCY"] for env in nvdec} == {"6"}
+    # and the PyAV children keep one job at a time
+    assert all("ROADSTREAM_WORKER__CONCURRENCY" not in env for env in ingest if env not in nvdec)
+    # and no NVDEC process at all with nvdec_processes=0
+    assert plan_workers(16, 2, STAGES, nvdec=True, nvdec_per_gpu=0).nvdec_ingest == 0
 
 
 def test_the_private_redis_keeps_nothing_on_disk_and_bounds_its_memory(tmp_path: Path) -> None:

@@ -41,3 +41,32 @@ def test_piped_progress_logs_each_finished_drive_and_every_30_seconds():
         progress.update([], drives)
     lines = out.getvalue().splitlines()
     assert lines[1:] == ["drive 1/2 finished: 2024-05-02_09-00-00 · 1 camera · 30 s (b), 2/15 roadwork windows"]
+
+
+def test_a_log_line_while_the_bar_shows_prints_above_it_not_on_its_line():
+    import logging
+    import re
+
+    # Given the progress bar on a terminal, and the root logger writing to that terminal
+    out = io.StringIO()
+    console = Console(file=out, width=120, force_terminal=True, color_system=None)
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    drives = {"a": state("a", "2024-05-01_10-00-00", ("front",))}
+    try:
+        with RunProgress(console, 5.0, footage_s={"a": 60.0}) as progress:
+            progress.update([], drives)
+            progress._bar.refresh()  # the bar is on the line now
+            # When a worker logs its start-up line
+            logging.getLogger("roadstream.startup").warning("detect: model m on cpu")
+            progress._bar.refresh()
+        after = handler.stream
+    finally:
+        root.removeHandler(handler)
+    # Then the line stands on a line of its own (the bar's line erased first), not after the bar's text
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "\n", out.getvalue()).replace("\r", "\n")
+    assert "WARNING roadstream.startup: detect: model m on cpu" in text.splitlines()
+    # And once the bar is gone the handler writes to its stream again
+    assert after is out

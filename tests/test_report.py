@@ -102,3 +102,15 @@ def test_the_report_names_skipped_files_and_windows_decided_without_a_camera(tmp
     assert skipped in page and "/f/x-back.mp4: holds no frames" in page
     assert "back: no frame in 2 of 3 windows (1–2)" in page
     assert DriveSummary.model_validate_json(paths["drives"].read_text()) == summary
+
+
+def test_the_timeline_leaves_gaps_without_frames_undrawn():
+    from stages.report_page import timeline_svg
+
+    # Given windows 0-2 and 5-6 of a drive (no frame, hence no verdict, in windows 3 and 4) and a lone window 9
+    svg = timeline_svg([verdict(i, False) for i in (0, 1, 2, 5, 6, 9)])
+    # Then each run of windows is its own line, none across the gaps, and the lone window a dot
+    lines = [[float(p.split(",")[0]) for p in pts.split()] for pts in re.findall(r'<polyline[^>]*points="([^"]*)"', svg)]
+    assert [len(line) for line in lines] == [3, 2]
+    assert lines[0][-1] < lines[1][0]
+    assert len(re.findall(r'<circle class="point"', svg)) == 1

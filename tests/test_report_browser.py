@@ -2,7 +2,8 @@
 downloaded browser). Skipped where Chromium or Playwright is absent; ``.ci/run`` installs both.
 
 The page must load without console errors, draw a map of each drive with GPS (its track and
-roadwork span as paths, with or without map tiles), and show every key frame.
+roadwork span as paths, with or without map tiles), show every key frame, and fit a phone's
+width (no sideways scrolling).
 """
 
 from __future__ import annotations
@@ -86,6 +87,30 @@ def open_page(html: Path, tiles: str, shot: Path | None = None) -> tuple[dict, l
     return found, errors
 
 
+#: An iPhone-sized screen; ``is_mobile`` makes Chromium honour (or, without it, ignore) the
+#: page's viewport line as a phone does: without one, it lays the page out 980 px wide.
+PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True, "device_scale_factor": 3}
+
+
+def open_on_phone(html: Path) -> dict:
+    """Load the page offline at a phone's size; its layout width and the timelines' boxes."""
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_context(**PHONE).new_page()
+        page.route(TILES, lambda route: route.abort())
+        page.goto(html.as_uri())
+        page.wait_for_load_state("load")
+        found = page.evaluate("""() => ({
+            inner: window.innerWidth,
+            scroll: document.documentElement.scrollWidth,
+            timelines: Array.from(document.querySelectorAll('svg.timeline')).map(s => {
+                const r = s.getBoundingClientRect(); return {left: r.left, right: r.right, height: r.height};
+            }),
+        })""")  # fmt: skip
+        browser.close()
+    return found
+
+
 def test_the_report_loads_without_errors_with_its_map_and_every_key_frame(tmp_path):
     # Given a report of a drive with GPS and one without
     html, key_frames = report(tmp_path)
@@ -112,3 +137,16 @@ def test_without_map_tiles_the_track_still_draws(tmp_path):
     # Then the only errors are the tiles', and the track and span are drawn all the same
     assert all("tile.openstreetmap.org" in e for e in errors)
     assert found["paths"][0] >= 2
+
+
+def test_on_a_phone_the_timeline_fits_without_sideways_scrolling(tmp_path):
+    # Given the report, opened on a 390 px wide phone
+    html, _ = report(tmp_path)
+    found = open_on_phone(html)
+    # Then the page is laid out at the phone's width (the viewport line), not a desktop's
+    assert found["inner"] == 390
+    # And nothing scrolls sideways: each timeline shrinks into the screen, still drawn
+    assert found["scroll"] <= found["inner"]
+    assert len(found["timelines"]) == 2
+    for box in found["timelines"]:
+        assert 0 <= box["left"] and box["right"] <= found["inner"] and box["height"] > 50

@@ -38,6 +38,8 @@ def test_run_starts_a_private_redis_and_writes_the_output_folder(tmp_path):
     # Then it ran on a private server's socket, one verdict per window, with a summary
     assert result.exit_code == 0, result.output
     assert "unix://" in result.output and "vera and vlm are off" in result.output
+    # labelled with the bounds its server was started with (private_broker's record)
+    assert "private redis-server, memory bound" in result.output and "no persistence" in result.output
     windows = drive_windows(tmp_path / "out")
     assert windows and len(windows) == len(set(windows))
     assert "summary" in result.output

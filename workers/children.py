@@ -29,8 +29,8 @@ from workers.plan import Plan
 STOP_SLACK_S = 5.0
 #: Lines of a dead child's log quoted in the error.
 LOG_TAIL = 15
-#: NVDEC decode sessions (concurrent ingest jobs) in one NVDEC ingest process.
-NVDEC_SESSIONS = 4
+#: Clips of one job an NVDEC ingest process of ``run`` decodes at once (sessions per job).
+NVDEC_PARALLEL_CLIPS = 4
 #: Kept from the parent's environment although it has the settings prefix (not a setting).
 KEEP_ENV = ("ROADSTREAM_LOG_FORMAT",)
 
@@ -78,13 +78,16 @@ def child_envs(plan: Plan, settings: Settings) -> list[tuple[str, dict[str, str]
                     # Two clips of a job at once: a long drive's camera jobs outlast the
                     # rest and would otherwise each hold one decoder's worth of cores
                     # (1.44x on one 6-clip camera job, 2 cores: bench/ingest_bench.py).
-                    env[f"{ENV_PREFIX}INGEST__PARALLEL_CLIPS"] = "2"
+                    # NVDEC: four, a session each (one session decodes 740 frames/s on
+                    # an H200, four 2,330: bench/nvdec_bench.py).
+                    clips = NVDEC_PARALLEL_CLIPS if i < plan.nvdec_ingest else 2
+                    env[f"{ENV_PREFIX}INGEST__PARALLEL_CLIPS"] = str(clips)
             if stage == names.INGEST and settings.ingest.decoder == "auto":
                 env[f"{ENV_PREFIX}INGEST__DECODER"] = "nvdec" if i < plan.nvdec_ingest else "pyav"
             if stage == names.INGEST and i < plan.nvdec_ingest:
                 # Several NVDEC sessions per process: one job (camera) per session.
                 env[f"{ENV_PREFIX}INGEST__NVDEC_DEVICE"] = f"cuda:{i % max(1, plan.gpus)}"
-                env[f"{ENV_PREFIX}WORKER__CONCURRENCY"] = str(NVDEC_SESSIONS)
+                env[f"{ENV_PREFIX}WORKER__CONCURRENCY"] = str(settings.ingest.nvdec_sessions)
             out.append((stage, env))
     return out
 

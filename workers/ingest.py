@@ -336,7 +336,7 @@ class IngestHandler(Handler):
     def _decode_drive(self, job: Job, cameras: list[str], pool: _Encoders) -> Iterator[_Piece]:
         """Every camera minute of the drive in publishing order (runs in the decoding thread).
 
-        With ``ingest.parallel_clips`` above 1 (PyAV only), that many clips decode at once in
+        With ``ingest.parallel_clips`` above 1, that many clips decode at once in
         threads of their own and their pieces come out in the same order: one long drive's
         camera job is the critical path of a run once the short drives are done (on the
         H200, the 10-minute drive's six camera jobs held six of twelve processes to the end).
@@ -346,7 +346,7 @@ class IngestHandler(Handler):
         for index, clip in enumerate(job.clips):
             limit = offsets[index + 1] - offsets[index] if index + 1 < len(job.clips) else float("inf")
             units.extend((index, camera, clip.files.get(camera), offsets[index], limit) for camera in cameras)
-        parallel = (self.settings.ingest.parallel_clips or 1) if self.decoder != "nvdec" else 1
+        parallel = self.settings.ingest.parallel_clips or 1  # NVDEC: one session per clip at once
         if parallel <= 1:
             for index, camera, path, offset, limit in units:
                 if path is None:

@@ -9,8 +9,10 @@
 * ingest: every core left after one each for the detect processes (their host side:
   fetch, JPEG decode, windows), fuse, vera/vlm and the Redis server; half the cores
   when detect runs on the CPU (it needs the rest). At least one.
-* with ``ingest.decoder = auto`` on a GPU box, one ingest process per GPU decodes with
-  NVDEC (several sessions inside); the others decode on the CPU.
+* with ``ingest.decoder = auto`` on a GPU box with NVDEC, ingest is
+  ``ingest.nvdec_processes`` NVDEC processes per GPU (default 1; ``ingest.nvdec_sessions``
+  jobs at once each); with ``ingest.pyav_beside_nvdec`` the other cores also get PyAV
+  ingest processes (slower on the H200: they take the long jobs and become the tail).
 * fewer than ``PROCESSES_FROM_CORES`` cores and no GPU: one process (``--workers 1``).
 """
 
@@ -70,7 +72,8 @@ class Plan:
         return f"plan ({self.cores} cores, {gpus}): {' '.join(parts)}"
 
 
-def plan_workers(cores: int, gpus: int, stages: Sequence[str], *, nvdec: bool = False) -> Plan:
+def plan_workers(cores: int, gpus: int, stages: Sequence[str], *, nvdec: bool = False,
+                 nvdec_per_gpu: int = 1, pyav_beside_nvdec: bool = False) -> Plan:  # fmt: skip
     """Worker processes per stage for a machine.
 
     Parameters:
@@ -78,6 +81,9 @@ def plan_workers(cores: int, gpus: int, stages: Sequence[str], *, nvdec: bool = 
         gpus: CUDA devices the detector may use (0: detect on the CPU).
         stages: the stages of the run (``workers.run.stages_for``).
         nvdec: ingest may decode with NVDEC (``ingest.decoder`` is ``auto`` or ``nvdec``).
+        nvdec_per_gpu: NVDEC ingest processes per GPU (``ingest.nvdec_processes``).
+        pyav_beside_nvdec: also PyAV ingest processes on the cores beside the NVDEC ones
+            (``ingest.pyav_beside_nvdec``); without, ingest is the NVDEC processes alone.
 
     Returns:
         The plan; its ``workers`` follow the order of ``stages``.
@@ -92,10 +98,16 @@ def plan_workers(cores: int, gpus: int, stages: Sequence[str], *, nvdec: bool = 
         ingest = cores - detect - fuse - sum(extras.values()) - 1  # the last one: redis-server
     else:
         ingest = cores // 2
+    nvdec_total = gpus * max(0, nvdec_per_gpu) if nvdec else 0
+    if nvdec_total and not pyav_beside_nvdec:
+        # NVDEC alone: on the H200, one NVDEC process decoded faster than it did beside
+        # eleven PyAV ones, which took the long drive's camera jobs and became the tail
+        # (ingest alone 13.5x against 10.1x; twelve PyAV processes 11.5x: bench/run_bench.py).
+        ingest = nvdec_total
     counts = {names.INGEST: max(1, ingest), names.DETECT: detect, names.FUSE: fuse, **extras}
     workers = {s: counts[s] for s in stages if s in counts}
     devices = [f"cuda:{i}" for i in range(gpus)] if gpus else ["cpu"]
-    nvdec_ingest = min(gpus, workers.get(names.INGEST, 0)) if nvdec else 0
+    nvdec_ingest = min(nvdec_total, workers.get(names.INGEST, 0))
     return Plan(workers, devices, nvdec_ingest, cores, gpus)
 
 
@@ -139,7 +151,7 @@ def usable_cores() -> int:
 
 
 def machine_plan(settings: Settings, stages: Sequence[str], *, cores: int | None = None,
-                 gpus: int | None = None) -> Plan:  # fmt: skip
+                 gpus: int | None = None, nvdec: bool | None = None) -> Plan:  # fmt: skip
     """The plan for this machine and these settings.
 
     GPUs count only when ``detect.device`` is ``auto``; an explicit device (``cpu``,
@@ -150,12 +162,16 @@ def machine_plan(settings: Settings, stages: Sequence[str], *, cores: int | None
         stages: the run's stages.
         cores: override the cores found (tests, benchmarks).
         gpus: override the GPUs found.
+        nvdec: override whether NVDEC is usable here (the library and a CUDA device).
     """
     cores = usable_cores() if cores is None else cores
     found = cuda_device_count() if gpus is None else gpus
     device = settings.detect.device.strip().lower()
-    nvdec = settings.ingest.decoder in ("auto", "nvdec") and found > 0 and nvdec_unavailable() is None
+    usable = nvdec if nvdec is not None else nvdec_unavailable() is None
+    nvdec = settings.ingest.decoder in ("auto", "nvdec") and found > 0 and usable
+    ing = settings.ingest
+    nvdec_options = {"nvdec_per_gpu": ing.nvdec_processes, "pyav_beside_nvdec": ing.pyav_beside_nvdec}
     if device == AUTO:
-        return plan_workers(cores, found, stages, nvdec=nvdec)
-    plan = plan_workers(cores, 1 if device.startswith("cuda") else 0, stages, nvdec=nvdec)
+        return plan_workers(cores, found, stages, nvdec=nvdec, **nvdec_options)
+    plan = plan_workers(cores, 1 if device.startswith("cuda") else 0, stages, nvdec=nvdec, **nvdec_options)
     return replace(plan, detect_devices=[settings.detect.device], gpus=found)

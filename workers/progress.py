@@ -9,6 +9,7 @@ finished, and one line every ``LOG_EVERY_S`` says where the run stands.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -52,6 +53,7 @@ class RunProgress:
         self._logged_at = self.started
         self._bar: Progress | None = None
         self._task: Any = None
+        self._rerouted: list[tuple[logging.StreamHandler, Any]] = []
 
     def __enter__(self) -> RunProgress:
         if self.console.is_terminal:
@@ -63,9 +65,18 @@ class RunProgress:
             )  # fmt: skip
             self._bar.__enter__()
             self._task = self._bar.add_task("run", total=None, frames="0/?", fps="", footage="")
+            # Log handlers that write where the bar draws would land on the bar's line (the
+            # detect worker's start-up line did): while it shows, they print through the
+            # console, which draws them above the bar.
+            self._rerouted = [(h, h.setStream(_ConsoleStream(self.console)))
+                              for h in logging.getLogger().handlers
+                              if isinstance(h, logging.StreamHandler) and h.stream is self.console.file]  # fmt: skip
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for handler, stream in self._rerouted:
+            handler.setStream(stream)
+        self._rerouted = []
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
 
@@ -114,6 +125,23 @@ class RunProgress:
         if self._bar is None and self.now() - self._logged_at >= LOG_EVERY_S:
             self._logged_at = self.now()
             self.console.print(self.line(figures), highlight=False)
+
+
+class _ConsoleStream:
+    """A text stream for a log handler that prints each line through a rich console."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            self.console.print(line, markup=False, highlight=False, emoji=False, soft_wrap=True)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 def _finished_line(drive_id: str, state: Any, count: int, total: int) -> str:

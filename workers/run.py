@@ -173,23 +173,60 @@ def stages_for(settings: Settings) -> list[str]:
     return [*stages, names.FUSE]
 
 
+@dataclass(frozen=True)
+class PrivateBroker:
+    """The bounds ``private_redis`` started its server with, as started (not recomputed).
+
+    Attributes:
+        url: the server's ``unix://`` URL.
+        maxmemory: the server's ``maxmemory``, bytes (``noeviction``: writes past it fail).
+        max_blob_bytes: the producers' frame-blob bound it was sized for, bytes.
+        max_used_memory: the producers' ``used_memory`` bound, bytes (0: none given).
+        persistence: whether it writes anything to disk (never: no RDB, no AOF).
+    """
+
+    url: str
+    maxmemory: int
+    max_blob_bytes: int
+    max_used_memory: int
+    persistence: bool = False
+
+
+#: The servers ``private_redis`` is running now, by URL.
+_PRIVATE: dict[str, PrivateBroker] = {}
+
+
+def private_broker(url: str) -> PrivateBroker | None:
+    """The bounds of the server ``private_redis`` runs at ``url``; ``None`` for any other
+    URL (a user's own Redis, on a Unix socket or not, is never taken for a private one)."""
+    return _PRIVATE.get(url)
+
+
 @contextlib.contextmanager
 def private_redis(broker: BrokerSettings | None = None) -> Iterator[str | None]:
     """A throwaway ``redis-server`` on a Unix socket; yields its URL, or ``None`` without one.
 
+    While it runs, ``private_broker(url)`` gives the bounds it was started with.
+
     Parameters:
-        broker: transport bounds; the server's memory bound follows ``max_blob_bytes``.
+        broker: transport bounds; the server's memory bound follows ``max_blob_bytes``
+            (``private_maxmemory``), ``max_used_memory`` is recorded as given.
+
+    Raises:
+        RunError: the server did not accept connections within ``REDIS_START_S``.
     """
     binary = shutil.which("redis-server")
     if binary is None:
         yield None
         return
+    broker = broker or BrokerSettings()
     with tempfile.TemporaryDirectory(prefix="roadstream-") as folder:
         socket = Path(folder) / "redis.sock"
-        args = [binary, *private_redis_args(socket, Path(folder), broker or BrokerSettings())]
+        args = [binary, *private_redis_args(socket, Path(folder), broker)]
         # Its own session: a Ctrl-C at the terminal must not kill it under a run that is
         # still talking to it (the run stops it below).
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        url = f"unix://{socket}?db=0"
         try:
             deadline = time.monotonic() + REDIS_START_S
             while not socket.exists():
@@ -197,8 +234,13 @@ def private_redis(broker: BrokerSettings | None = None) -> Iterator[str | None]:
                     message = f"private redis-server did not start (see {folder}/redis.log)"
                     raise RunError(message)
                 time.sleep(0.02)
-            yield f"unix://{socket}?db=0"
+            # Recorded from the same settings the arguments were made from, so what the
+            # CLI and the benches report is what the server runs with.
+            _PRIVATE[url] = PrivateBroker(url, private_maxmemory(broker), broker.max_blob_bytes,
+                                          broker.max_used_memory)
+            yield url
         finally:
+            _PRIVATE.pop(url, None)
             process.terminate()
             try:
                 process.wait(timeout=5)
@@ -214,21 +256,85 @@ RUN_MEMORY_SHARE = 0.25
 RUN_MAX_BLOB_BYTES = 16 * 1024**3
 
 
-def available_memory_bytes() -> int | None:
-    """Memory available to this process: Linux's ``MemAvailable``, under the cgroup's
-    ``memory.max`` less its ``memory.current`` when a container sets one; ``None`` where
-    neither can be read."""
+#: A cgroup v1 ``memory.limit_in_bytes`` at or above this means no limit (v1 writes
+#: ``PAGE_COUNTER_MAX`` pages, 2**63 rounded down to a page, when none is set).
+CGROUP_V1_UNLIMITED = 2**62
+
+
+def available_memory_bytes(
+    proc: str | Path = "/proc", cgroup_root: str | Path = "/sys/fs/cgroup"
+) -> int | None:
+    """Bytes of memory available to this process: the smaller of Linux's ``MemAvailable``
+    and the room left in its memory cgroup (``cgroup_memory_room``).
+
+    Parameters:
+        proc: the proc file system (``meminfo``, ``self/cgroup``); tests point it at a tree.
+        cgroup_root: where the cgroup file systems are mounted.
+
+    Returns:
+        Bytes, or ``None`` where neither can be read (not Linux). Never raises.
+    """
     found = []
     with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in (Path(proc) / "meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                found.append(int(line.split()[1]) * 1024)
-    with contextlib.suppress(OSError, ValueError):
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-            found.append(max(0, int(limit) - used))
+                found.append(int(line.split()[1]) * 1024)  # the file says kB (KiB)
+    room = cgroup_memory_room(proc, cgroup_root)
+    if room is not None:
+        found.append(room)
     return min(found) if found else None
+
+
+def cgroup_memory_room(
+    proc: str | Path = "/proc", cgroup_root: str | Path = "/sys/fs/cgroup"
+) -> int | None:
+    """Bytes this process's memory cgroup may still grow by: the smallest limit less usage
+    over its cgroup and every ancestor (a parent's limit bounds its children too).
+
+    cgroup v1 (a ``memory`` controller line in ``self/cgroup``, mounted at
+    ``cgroup_root/memory``): ``memory.limit_in_bytes`` less ``memory.usage_in_bytes``, a
+    limit of ``CGROUP_V1_UNLIMITED`` or more meaning none. cgroup v2 (the ``0::PATH`` line,
+    ``cgroup_root/cgroup.controllers`` present): ``memory.max`` less ``memory.current``,
+    ``max`` meaning none. Levels of the path missing under the mount (a container that
+    sees the host's path but has its own cgroup mounted at the root) are skipped.
+
+    Returns:
+        Bytes (0 when over the limit), or ``None`` when no level sets a limit or nothing
+        can be read. Never raises.
+    """
+    v1, v2 = _cgroup_paths(Path(proc))
+    root = Path(cgroup_root)
+    if v1 is not None and (root / "memory").is_dir():
+        base, path, files = root / "memory", v1, ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    elif v2 is not None and (root / "cgroup.controllers").is_file():
+        base, path, files = root, v2, ("memory.max", "memory.current")
+    else:
+        return None
+    parts = [p for p in path.split("/") if p not in ("", ".", "..")]
+    rooms = []
+    for depth in range(len(parts), -1, -1):  # the process's own cgroup, then each parent
+        level = base.joinpath(*parts[:depth])
+        with contextlib.suppress(OSError, ValueError):
+            limit = (level / files[0]).read_text().strip()
+            if limit == "max" or int(limit) >= CGROUP_V1_UNLIMITED:
+                continue
+            used = int((level / files[1]).read_text().strip())
+            rooms.append(max(0, int(limit) - used))
+    return min(rooms) if rooms else None
+
+
+def _cgroup_paths(proc: Path) -> tuple[str | None, str | None]:
+    """(the v1 memory controller's cgroup path, the v2 path) from ``proc/self/cgroup``."""
+    v1 = v2 = None
+    with contextlib.suppress(OSError):
+        for line in (proc / "self" / "cgroup").read_text().splitlines():
+            hierarchy, _, rest = line.partition(":")
+            controllers, _, path = rest.partition(":")
+            if hierarchy == "0" and controllers == "":
+                v2 = path
+            elif "memory" in controllers.split(","):
+                v1 = path
+    return v1, v2
 
 
 def sized_for_machine(settings: Settings, available: int | None = None) -> Settings:
@@ -591,10 +697,11 @@ def run_footage(
     options = {"progress": progress, "timeout_s": timeout_s, "save_frames": save_frames, "save_video": save_video}
     if url is not None:
         return _run(found, settings, url, out_dir, on_broker, _shown(plan, url, on_plan), options)
-    sized = sized_for_machine(settings)
-    with private_redis(sized.broker) as private:
+    # Bounded before the server starts, so that it records the bounds the run uses.
+    bounded = memory_bound(sized_for_machine(settings))
+    with private_redis(bounded.broker) as private:
         if private is not None:
-            settings = memory_bound(sized)
+            settings = bounded
             return _run(found, settings, private, out_dir, on_broker, _shown(plan, private, on_plan), options)
     name = f"run-{uuid.uuid4().hex[:8]}"
     try:

@@ -364,12 +364,18 @@ def generate(
         boxes, then the negatives, label 0 without boxes.
 
     Raises:
-        InputError: no backgrounds or no cutouts, or a background does not read.
+        InputError: no backgrounds or no cutouts, ``negatives`` without ``distractors``
+            (before anything is written), or a background does not read.
     """
     import cv2
 
     if not backgrounds or not cutouts:
         message = f"copy-paste needs backgrounds and cutouts (got {len(backgrounds)} and {len(cutouts)})"
+        raise InputError(message)
+    # Before any frame is written: refused after the roadwork frames, the run had spent
+    # their time and left a half-made set behind.
+    if negatives and not distractors:
+        message = f"{negatives} hard-negative frames asked for, but no distractors to paste (draw some: distractors)"
         raise InputError(message)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -396,9 +402,6 @@ def generate(
         note = f"background {bg.path.name} ({bg.origin}); objects {objects}"
         contains = tuple(sorted({cutouts[p.cutout].source for p in placements} - {bg.source}))
         items.append(Item(out / "images" / f"{stem}.jpg", 1, bg.source, "synthetic", "", tuple(boxes), note, contains))
-    if negatives and not distractors:
-        message = f"{negatives} hard-negative frames asked for, but no distractors to paste"
-        raise InputError(message)
     for j in range(negatives):
         rng = np.random.default_rng((seed, j, 2))
         bg = backgrounds[int(rng.integers(len(backgrounds)))]

@@ -48,6 +48,7 @@ from pathlib import Path
 from stages.classify import BOX_CONF, RULE_FEATURES, apply_rule, rule_features
 from stages.scorer import ARCHS
 from stages.train.sources import ROADWORK_CLASSES, Item, read_pack, source_folds
+from stream.errors import InputError
 
 Log = Callable[[str], None]
 
@@ -97,12 +98,36 @@ class HeldoutSettings:
     #: fold detectors (e.g. the cone detector, trained on cone photos only).
     detector: str = ""
 
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot make a set, before any work (not after the
+        copy-paste frames are written).
+
+        Raises:
+            InputError: ``negatives`` without ``distractors``: hard-negative frames are
+                clear frames with distractors pasted, so there would be nothing to paste.
+        """
+        if self.negatives and not self.distractors:
+            message = (f"--negatives {self.negatives} needs distractors to paste into those frames: "
+                       "give --distractors N (look-alikes drawn per kind) too")  # fmt: skip
+            raise InputError(message)
+
 
 # --------------------------------------------------------------------------- data
 
 
 def load_items(settings: HeldoutSettings, log: Log) -> tuple[list[Item], list[Item]]:
-    """The pack's items and the synthesised ones (made once, then read back)."""
+    """The pack's items and the synthesised ones (made once under ``out/synthetic``, then
+    read back while its ``made.json`` stamp matches the settings; a count missing from an
+    older stamp is 0).
+
+    Returns:
+        (pack items, synthesised items: roadwork frames first, then hard negatives).
+
+    Raises:
+        ValueError: ``out/synthetic`` holds a set made with other settings.
+        InputError: copy-paste cannot make the set (``generate``).
+        FootageError: the pack's items file is missing or malformed.
+    """
     from stages.train.copypaste import cut_objects, generate
 
     items = read_pack(settings.pack)
@@ -120,7 +145,10 @@ def load_items(settings: HeldoutSettings, log: Log) -> tuple[list[Item], list[It
     made = {k: getattr(settings, k) for k in ("synthetic", "procedural", "distractors", "negatives", "seed")}
     stamp = synth_dir / "made.json"
     if (synth_dir / "items.tsv").is_file():
-        if stamp.is_file() and (was := json.loads(stamp.read_text())) != made:
+        # A stamp written before a count existed (procedural, distractors, negatives came
+        # later) lacks its key: that set was made with none, so a missing count is 0.
+        was = (dict.fromkeys(made, 0) | json.loads(stamp.read_text())) if stamp.is_file() else made
+        if was != made:
             message = (f"{synth_dir}: the copy-paste set there was made with {was}, this run asks for {made}; "
                        "use another --out (or delete that folder)")  # fmt: skip
             raise ValueError(message)
@@ -397,7 +425,19 @@ def _add_validation(meta_path: Path, result: dict) -> None:
 
 
 def _scorer_share(synthetic: Sequence[Item], settings: HeldoutSettings) -> Sequence[Item]:
-    return synthetic[: settings.scorer_synthetic] if settings.scorer_synthetic else synthetic
+    """The synthesised frames the scorer trains on: all, or ``scorer_synthetic`` of them with
+    roadwork and hard-negative frames in the set's own proportions (the first of each).
+
+    ``generate`` lists the roadwork frames first and the negatives after them, so a plain
+    head of the list dropped every negative and left the scorer a roadwork-only share.
+    """
+    n = settings.scorer_synthetic
+    if not n or n >= len(synthetic):
+        return synthetic
+    roadwork = [i for i in synthetic if i.label == 1]
+    negatives = [i for i in synthetic if i.label != 1]
+    keep = round(n * len(negatives) / len(synthetic))
+    return [*roadwork[: n - keep], *negatives[:keep]]
 
 
 def scorer_cost_ms(archs: Sequence[str], device: str, batch: int = 32, reps: int = 50) -> dict[str, float]:
@@ -632,7 +672,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[HeldoutSettings, int 
     parser.add_argument("--detector-fold", type=int, default=None, help=argparse.SUPPRESS)
     opts = vars(parser.parse_args(argv))
     fold, raw = opts.pop("detector_fold"), opts.pop("settings_json")
-    settings = HeldoutSettings(**json.loads(raw)) if raw else HeldoutSettings(**opts)
+    try:
+        settings = HeldoutSettings(**json.loads(raw)) if raw else HeldoutSettings(**opts)
+    except InputError as exc:
+        parser.error(str(exc))  # a usage error: one line and exit status 2, no traceback
     return settings, fold
 
 

@@ -6,6 +6,7 @@ Heavy imports (torch, ultralytics) happen inside the commands, so the CLI starts
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -129,8 +130,8 @@ def train_heldout(archs, **options) -> None:
     """Train scorer, detector and the combined rule with sources held out whole (slow on a CPU)."""
     from stages.train.heldout import HeldoutSettings, run
 
-    settings = HeldoutSettings(archs=archs.split(","), det_workers=options["workers"], **options)
     try:
+        settings = HeldoutSettings(archs=archs.split(","), det_workers=options["workers"], **options)
         result = run(settings, log=_console_log())
     except RoadstreamError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -165,21 +166,43 @@ def classify(inputs, weights, detector, rule, device, every_s, as_json) -> None:
     try:
         files = expand_inputs(inputs)
         classifier = FrameClassifier.load(weights or DEFAULT_WEIGHTS, detector, rule, device)
-        results = []
-        batch: list = []
-        for picture in [*pictures(files, every_s), None]:
-            if picture is not None:
-                batch.append(picture)
-            if batch and (picture is None or len(batch) == 16):
-                images = [read_image(p.pixels if p.pixels is not None else p.path) for p in batch]
-                results += zip(batch, classifier.classify(images), strict=True)
-                batch = []
     except RoadstreamError as exc:
         raise click.ClickException(str(exc)) from exc
+    # One bad file must not cost the others: each is read on its own, its error named on
+    # stderr (and as an entry in --json), and the exit code says at the end that some failed.
+    entries: list = []  # (picture, verdict) or (path, error message), in input order
+    batch: list = []  # (index into entries, picture, image tensor)
+    failed = 0
+
+    def flush() -> None:
+        verdicts = classifier.classify([image for _, _, image in batch])
+        for (index, picture, _), v in zip(batch, verdicts, strict=True):
+            entries[index] = (picture, v)
+        batch.clear()
+
+    for path in files:
+        try:
+            for picture in pictures([path], every_s):
+                image = read_image(picture.pixels if picture.pixels is not None else picture.path)
+                entries.append(None)
+                batch.append((len(entries) - 1, picture, image))
+                if len(batch) == 16:
+                    flush()
+        except RoadstreamError as exc:
+            failed += 1
+            entries.append((path, str(exc)))
+            click.echo(f"error: {exc}", err=True)
+    if batch:
+        flush()
+    results = [e for e in entries if not isinstance(e[0], Path)]
     if as_json:
-        click.echo(json.dumps([_classify_row(p, v) for p, v in results]))
-        return
-    _classify_table(results)
+        click.echo(json.dumps([_classify_row(*e) if not isinstance(e[0], Path) else {"image": str(e[0]), "error": e[1]}
+                               for e in entries]))  # fmt: skip
+    else:
+        _classify_table(results)
+    if failed:
+        click.echo(f"{failed} of {len(files)} file{'s' * (len(files) != 1)} could not be classified", err=True)
+        sys.exit(1)
 
 
 def _classify_row(picture, v) -> dict:

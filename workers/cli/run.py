@@ -91,10 +91,9 @@ def register(cli: click.Group) -> None:
         from workers.run import (
             NoFootage,
             RunInterrupted,
-            private_maxmemory,
+            private_broker,
             run_footage,
             shipped_models,
-            sized_for_machine,
         )
 
         signal.signal(signal.SIGTERM, _sigterm_as_sigint)
@@ -115,9 +114,11 @@ def register(cli: click.Group) -> None:
 
         def on_broker(used: str) -> None:
             line = f"broker: {masked(used)}"
-            if used.startswith("unix://"):  # run's own server: say how large it may grow
-                gib = private_maxmemory(sized_for_machine(settings).broker) / 2**30
-                line += f" (private redis-server, memory bound {gib:.1f} GiB)"
+            # run's own server only (a --redis unix:// URL is the user's): the bounds it was
+            # started with, not recomputed (the machine's free memory moves meanwhile).
+            if (private := private_broker(used)) is not None:
+                gib = private.maxmemory / 2**30
+                line += f" (private redis-server, memory bound {gib:.1f} GiB, no persistence)"
             console.print(escape(line))
 
         try:

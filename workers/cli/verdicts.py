@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 import click
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.markup import escape
 from rich.table import Table
 
@@ -29,18 +29,46 @@ DRIVE_MIN_WIDTH = 19
 
 
 def verdict_table(items: Sequence[Verdict | DriveSummary], title: str | None = None,
-                  width: int | None = None) -> Table:  # fmt: skip
+                  width: int | None = None) -> RenderableType:  # fmt: skip
     """A rich table of verdicts (drive summaries become one summary row each).
 
     A drive shows as its footage name over its short id. Below ``WIDE_COLUMNS``
     (``width``, the terminal's by default) only drive, window, time, roadwork, confidence
     and objects are shown; columns with nothing in them are left out; text folds, so a
-    drive's name is never cut.
+    drive's name is never cut. Where even that table is wider than ``width`` (a narrow
+    terminal), each drive gets a table of its own under its name, without the drive column.
     """
     width = width if width is not None else _out().width
+    table = _table(items, title, width, with_drive=True)
+    # Rich crops whole columns off a table wider than the terminal; drop the widest column
+    # (the drive, kept whole) into per-drive titles instead.
+    if _fits(_table(items, None, width, with_drive=True), width):
+        return table
+    by_drive: dict[str, list[Verdict | DriveSummary]] = {}
+    for item in items:
+        by_drive.setdefault(item.drive_id, []).append(item)
+    parts: list[RenderableType] = [title] if title else []
+    for drive_id, mine in by_drive.items():
+        named = next((i for i in mine if isinstance(i, DriveSummary) and i.drive_name), None)
+        name = named.label() if named else next((i.drive_name for i in mine if i.drive_name), "")
+        heading = f"{escape(name)} [dim]{drive_id[:8]}[/dim]" if name else drive_id
+        parts.append(_table(mine, heading, width, with_drive=False))
+    return Group(*parts)
+
+
+def _fits(table: Table, width: int) -> bool:
+    # Rich measures a table as at most the width it is given, then crops the columns that
+    # do not fit; its top-right corner is drawn only when the whole table fits.
+    console = Console(width=width)
+    top = console.render_lines(table, console.options, pad=False)[0]
+    return "".join(segment.text for segment in top).rstrip().endswith(("┓", "┐"))
+
+
+def _table(items: Sequence[Verdict | DriveSummary], title: str | None, width: int, *, with_drive: bool) -> Table:
     rows = [(_row(item), isinstance(item, DriveSummary)) for item in items]
     names = ["drive", "win", "time (s)", "roadwork", "conf", "objects", "cameras", "anomaly", "vlm", "gps"]
     keep = [i for i, name in enumerate(names) if i < 6 or (width >= WIDE_COLUMNS and any(r[i] for r, _ in rows))]
+    keep = keep if with_drive else keep[1:]
     table = Table(title=title)
     for i in keep:
         name = names[i]
@@ -57,10 +85,12 @@ def _drive_cell(drive_id: str, name: str, label: str | None = None) -> str:
 
 def _row(item: Verdict | DriveSummary) -> list[str]:
     if isinstance(item, DriveSummary):
-        spans = ", ".join(f"{s.t_start:.0f}–{s.t_end:.0f}" for s in item.spans) or "none"
+        # The unit goes with the figures only: "spans: none", never "none s".
+        spans = ", ".join(f"{s.t_start:.0f}–{s.t_end:.0f}" for s in item.spans)
+        spans = f"{spans} s" if spans else "none"
         label = item.label() if item.drive_name else None
         return [_drive_cell(item.drive_id, item.drive_name, label), "", "summary",
-                f"{item.roadwork_windows}/{item.windows} windows", "", f"spans: {spans} s",
+                f"{item.roadwork_windows}/{item.windows} windows", "", f"spans: {spans}",
                 ", ".join(item.cameras), "", "", ""]  # fmt: skip
     objects = ", ".join(f"{k}×{n}" for k, n in item.objects.items())
     gps = f"{item.gps.lat:.5f},{item.gps.lon:.5f}{'~' if item.gps.estimated else ''}" if item.gps else ""
@@ -178,7 +208,16 @@ def register(cli: click.Group) -> None:
         """Compare verdicts with labels: MCC, accuracy, precision, recall, confusion matrix."""
         from stages.evaluate import evaluate, load_labels, match_labels
 
+        from workers.cli import console, masked
+
         settings = settings_from(ctx, redis, uses_redis=verdicts_file is None)
+        # Say where the verdicts come from (stderr; in --json, a "source" key): without
+        # --verdicts they are a Redis stream's, maybe of another run than the user thinks.
+        source = (f"verdicts file {verdicts_file}" if verdicts_file else
+                  f"the verdicts stream at {masked(settings.redis_url)}")  # fmt: skip
+        if not as_json:
+            hint = "" if verdicts_file else " (--verdicts FILE reads a verdicts.jsonl instead)"
+            console.print(f"eval: reading verdicts from {escape(source)}{hint}", highlight=False)
         try:
             labels = load_labels(labels_file)
             verdicts_ = _load_verdicts(verdicts_file, settings.redis_url, settings.namespace)
@@ -186,14 +225,21 @@ def register(cli: click.Group) -> None:
             raise  # the root group names the URL
         except (InputError, RoadstreamError) as exc:
             raise click.ClickException(str(exc)) from exc
+        n_labels = len(labels)
         labels, unmatched = match_labels(labels, verdicts_)
         if unmatched:
             click.echo(f"labels that matched no drive ({len(unmatched)}; keys are drive ids, event folders or "
                        f"first clips): {', '.join(unmatched)}", err=True)  # fmt: skip
         levels = ["window", "drive"] if level == "both" else [level]
         results = {lv: evaluate(verdicts_, labels, lv, min_overlap) for lv in levels}
+        if not any(m.n for m in results.values()):
+            # All-zero figures would read as a result; nothing was compared, which is an error.
+            drives = len({v.drive_id for v in verdicts_})
+            message = (f"no label matched any verdict: nothing to compare ({n_labels} labels, "
+                       f"{len(verdicts_)} verdicts of {drives} drive{'s' * (drives != 1)} from {source})")  # fmt: skip
+            raise click.ClickException(message)
         if as_json:
-            print(json.dumps({**{lv: m.as_dict() for lv, m in results.items()}, "unmatched_labels": unmatched}))
+            print(json.dumps({**{lv: m.as_dict() for lv, m in results.items()}, "unmatched_labels": unmatched, "source": source}))
         else:
             for lv, m in results.items():
                 _out().print(_metrics_table(lv, m))
