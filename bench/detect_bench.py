@@ -13,7 +13,7 @@ which times the model but not the detections' path):
 * (b) ``worker``: frames as JPEG blobs in a real Redis (a ``redis-server`` started on a free
   port from ``--redis-server PATH``, or ``--redis URL``), FrameRefs on the partitions of
   several drives and cameras, drive-ended markers, and the real runtime
-  (``workers.runtime.Worker``) running ``workers.detect.DetectHandler``: batching,
+  (``workers.runtime.Worker``) running ``workers.handlers.detect.DetectHandler``: batching,
   prefetch, nvJPEG decode, one forward pass, NMS, windows, publishing, acks. Run twice:
   once for throughput, once with the device synchronised between steps for the time
   breakdown.
@@ -69,7 +69,7 @@ from stages.detect import Detector  # noqa: E402
 from stream import codec, names  # noqa: E402
 from stream.schemas import DriveMarker, FrameRef  # noqa: E402
 from stream.settings import Settings, load_settings  # noqa: E402
-from workers.detect import DetectHandler  # noqa: E402
+from workers.handlers.detect import DetectHandler  # noqa: E402
 from workers.runtime import Worker  # noqa: E402
 
 CAMERAS = ("front", "back", "left_repeater", "right_repeater", "left_pillar", "right_pillar")

@@ -35,7 +35,7 @@ from bench import detect_bench
 from bench.private_redis import HELP, redis_server
 from brokers.redis import RedisBlobStore, RedisBroker
 from stages.detect import Detector, Letterbox, PendingBatch
-from workers.detect import DetectHandler
+from workers.handlers.detect import DetectHandler
 from workers.runtime import Worker
 
 

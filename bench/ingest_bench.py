@@ -79,7 +79,7 @@ async def _full_path(root: Path, url: str, threads: int, namespace: str, paralle
     from brokers.redis import RedisBlobStore, RedisBroker
     from stream import codec, names
     from stream.settings import BrokerSettings, IngestSettings, Settings
-    from workers.ingest import build
+    from workers.handlers.ingest import build
     from workers.runtime import Worker
 
     # Nobody consumes the frames here: lift the backpressure bounds so they do not stall.

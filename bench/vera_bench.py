@@ -3,7 +3,7 @@
 Two figures, one run:
 
 1. segments scored per second by the real runtime (``workers.runtime.Worker`` running
-   ``workers.vera.VeraHandler``) reading segments from Redis, fetching key frames from the
+   ``workers.handlers.vera.VeraHandler``) reading segments from Redis, fetching key frames from the
    Redis blob store and publishing scores — against ``p_yes_many`` called directly on the
    same prompts in chunks of the same size, on the same loaded model (goal: >= 80 %);
 2. images per segment prompt: the key frames the temporal windows (``stages.window``)
@@ -135,7 +135,7 @@ async def worker_rate(backend, questions, segments, blobs, settings, url: str) -
     from brokers.redis import RedisBlobStore, RedisBroker
     from stream import codec, names
     from workers.runtime import Worker
-    from workers.vera import VeraHandler
+    from workers.handlers.vera import VeraHandler
 
     broker = RedisBroker(url=url, namespace=NS, settings=settings.broker)
     store = RedisBlobStore(url, namespace=NS)

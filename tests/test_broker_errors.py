@@ -131,7 +131,7 @@ async def test_a_producer_waits_while_redis_memory_is_over_the_bound(tmp_path: P
     from fixtures import teslacam as tc
     from stages.discover import discover
     from brokers.redis import RedisBlobStore
-    from workers.ingest import build
+    from workers.handlers.ingest import build
 
     footage = tmp_path / "footage"
     tc.make_drive(footage, minutes=1, cameras=("front",), spec=tc.ClipSpec(duration_s=1.0))

@@ -23,7 +23,7 @@ from stream import codec, names
 from stream.errors import ModelError
 from stream.schemas import DriveMarker, FrameDetections, FrameRef, Message, Segment
 from stream.settings import DetectSettings, Settings, load_settings
-from workers.detect import DetectHandler
+from workers.handlers.detect import DetectHandler
 from workers.handler import Delivery
 from workers.run import shipped_models
 

@@ -25,7 +25,7 @@ from stream.errors import InputError
 from stream.ids import output_key
 from stream.schemas import DriveMarker, FrameDetections, FrameRef, Message, Segment
 from stream.settings import DetectSettings, Settings, load_settings
-from workers.detect import DetectHandler
+from workers.handlers.detect import DetectHandler
 from workers.handler import BatchResult, Delivery
 from workers.runtime import Worker
 

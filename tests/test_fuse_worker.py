@@ -16,7 +16,7 @@ from stream import codec, names
 from stream.schemas import Detection, DriveMarker, DriveSummary, Escalation, FrameDetections, Verdict
 from stream.settings import Settings, load_settings
 from tests.conftest import FAST_SETTINGS, TEST_NAMESPACE
-from workers.fuse import FuseHandler, checkpoint_key
+from workers.handlers.fuse import FuseHandler, checkpoint_key
 from workers.registry import builder
 from workers.runtime import Worker
 

@@ -18,8 +18,8 @@ from stages.jobs import split_job
 from stream import codec, names
 from stream.schemas import FrameRef, Job
 from stream.settings import IngestSettings, Settings
-from workers.ingest import build
-from workers.ingest_parts import CameraRecord, merge
+from workers.handlers.ingest import build
+from workers.handlers.ingest_parts import CameraRecord, merge
 from workers.runtime import Worker
 
 pytestmark = pytest.mark.redis

@@ -19,7 +19,7 @@ from stages.sei import to_telemetry
 from stream import codec, names
 from stream.schemas import DriveMarker, FrameRef, Job
 from stream.settings import IngestSettings, Settings
-from workers.ingest import build
+from workers.handlers.ingest import build
 from workers.runtime import Worker
 
 pytestmark = pytest.mark.redis

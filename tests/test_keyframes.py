@@ -58,7 +58,7 @@ def test_the_ingest_worker_in_keyframe_mode_publishes_keyframes_only(tmp_path: P
     from stream import codec, names
     from stream.schemas import FrameRef
     from stream.settings import IngestSettings, Settings
-    from workers.ingest import build
+    from workers.handlers.ingest import build
     from workers.runtime import Worker
 
     # Given a two-camera drive of 3 s clips with a keyframe every second

@@ -18,7 +18,7 @@ from stages.frames import decode_jpeg, target_size
 from stages.nvdec import choose_decoder, nvdec_refuses, nvdec_unavailable, timeline, wanted
 from stream.errors import FootageError
 from stream.settings import IngestSettings, Settings
-from workers.ingest import IngestHandler
+from workers.handlers.ingest import IngestHandler
 
 
 def _info(codec: str = "h264", width: int = 1280, height: int = 960) -> ClipInfo:

@@ -33,7 +33,7 @@ from stream.errors import (
 from stream.names import JOBS, stream_name
 from stream.schemas import ClipRef, Job
 from stream.settings import IngestSettings, Settings
-from workers.ingest import build as build_ingest
+from workers.handlers.ingest import build as build_ingest
 
 pytestmark = [
     pytest.mark.redis,

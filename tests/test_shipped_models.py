@@ -20,7 +20,7 @@ from stages.detect import Detector
 from stream.errors import ModelError
 from stream.settings import DetectSettings, load_settings
 from workers.cli import _register_commands, cli
-from workers.detect import DetectHandler
+from workers.handlers.detect import DetectHandler
 from workers.logs import STARTUP_LOGGER
 
 

@@ -21,9 +21,9 @@ from stream.schemas import AnomalyScore, CameraFrame, DeadLetter, Escalation, Vl
 from stream.settings import Settings
 from workers.handler import Delivery
 from workers.runtime import Worker
-from workers.vera import VeraHandler
+from workers.handlers.vera import VeraHandler
 from stages.vlm.escalation import select_frames
-from workers.vlm import VlmHandler
+from workers.handlers.vlm import VlmHandler
 
 NS = "rsvera"
 

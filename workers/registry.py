@@ -16,11 +16,11 @@ if TYPE_CHECKING:
     from workers.handler import Handler
 
 BUILDERS: dict[str, str] = {
-    "ingest": "workers.ingest:build",
-    "detect": "workers.detect:build",
-    "vera": "workers.vera:build",
-    "vlm": "workers.vlm:build",
-    "fuse": "workers.fuse:build",
+    "ingest": "workers.handlers.ingest:build",
+    "detect": "workers.handlers.detect:build",
+    "vera": "workers.handlers.vera:build",
+    "vlm": "workers.handlers.vlm:build",
+    "fuse": "workers.handlers.fuse:build",
 }
 
 

@@ -1,6 +1,6 @@
 """What the vlm stage asks about an escalated window: which key frames, and the question.
 
-Pure: no backend, no broker. ``workers.vlm`` fetches the frames chosen here and sends the
+Pure: no backend, no broker. ``workers.handlers.vlm`` fetches the frames chosen here and sends the
 prompt to the backend.
 """
 

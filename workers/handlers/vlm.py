@@ -22,7 +22,7 @@ from stream.ids import output_key
 from stream.schemas import Escalation, VlmAnswer, VlmAnswerBody
 from stream.settings import Settings
 from workers.handler import BatchResult, Delivery, Handler, Output
-from workers.vera import Key, _key, fetch_images
+from workers.handlers.vera import Key, _key, fetch_images
 
 if TYPE_CHECKING:
     from brokers.blobs import BlobStore

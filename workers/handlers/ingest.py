@@ -19,7 +19,7 @@ its drive (``dead_lettered``). Minutes are placed by their UTC starts (``minute_
 
 A drive split into per-camera jobs (``Job.cameras``, ``stages.jobs``) decodes only its
 cameras; each part stores their records and the part that completes the drive publishes
-the merged "ended" markers (``workers.ingest_parts``), which say what one whole-drive job
+the merged "ended" markers (``workers.handlers.ingest_parts``), which say what one whole-drive job
 would: problems, missing and absent minutes, missed ticks, the car's absent cameras. A
 dead-lettered part ends only its own cameras and stores failed records, so the drive
 still ends once every part has finished or failed.
@@ -61,7 +61,7 @@ from stream.names import DRIVES, FRAMES, INGEST, JOBS, frame_partition
 from stream.schemas import DriveMarker, FrameRef, Job, Telemetry
 from stream.settings import Settings
 from workers.handler import BatchResult, Delivery, Handler, Output
-from workers.ingest_parts import RECORD_TTL_MS, CameraRecord, merge, record_key
+from workers.handlers.ingest_parts import RECORD_TTL_MS, CameraRecord, merge, record_key
 
 log = logging.getLogger("roadstream.ingest")
 
@@ -113,7 +113,7 @@ class DriveProgress:
     last_utc: float | None = None
     minutes: int = 0
     # Where problems and the first/last UTC came from, (minute index, camera): what a
-    # drive split into per-camera jobs needs to merge its markers (``workers.ingest_parts``).
+    # drive split into per-camera jobs needs to merge its markers (``workers.handlers.ingest_parts``).
     problem_at: list[tuple[int, str]] = field(default_factory=list)
     first_at: tuple[int, str] | None = None
     last_at: tuple[int, str] | None = None
@@ -601,5 +601,5 @@ async def _in_thread(make: callable, ahead: int) -> AsyncIterator:
 
 
 def build(settings: Settings, blobs: BlobStore) -> IngestHandler:
-    """The ingest handler (registered as ``workers.ingest:build``)."""
+    """The ingest handler (registered as ``workers.handlers.ingest:build``)."""
     return IngestHandler(settings, blobs)
