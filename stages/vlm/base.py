@@ -269,6 +269,20 @@ async def gather_bounded(coros: Sequence[Any], limit: int) -> list[Any]:
     return list(await asyncio.gather(*(one(c) for c in coros)))
 
 
+async def loaded_backend(backend: VlmBackend | None, settings: VlmSettings) -> VlmBackend:
+    """``backend``, or the one ``settings`` names (``make_backend``), with its model loaded
+    now (a backend with a ``load`` coroutine) rather than on the first batch.
+
+    Raises:
+        ConfigError: as ``make_backend``, when ``backend`` is ``None``.
+    """
+    backend = backend if backend is not None else make_backend(settings)
+    load = getattr(backend, "load", None)
+    if load is not None:
+        await load()
+    return backend
+
+
 def make_backend(settings: VlmSettings) -> VlmBackend:
     """The backend that ``settings.backend`` names, configured from ``settings``.
 

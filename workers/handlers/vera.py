@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from stages.vera import QuestionSet, load_questions, score_segments
-from stages.vlm.base import VlmBackend, VlmImage, make_backend
+from stages.vlm.base import VlmBackend, VlmImage, loaded_backend
 from stream import names
 from stream.errors import InputError
 from stream.ids import output_key
@@ -91,11 +91,7 @@ class VeraHandler(Handler):
         """Make the backend and load the questions; load the model now rather than on the first batch."""
         if self.questions is None:
             self.questions = load_questions(self.settings.vlm.questions or None)
-        if self.backend is None:
-            self.backend = make_backend(self.settings.vlm)
-        load = getattr(self.backend, "load", None)
-        if load is not None:
-            await load()
+        self.backend = await loaded_backend(self.backend, self.settings.vlm)
 
     async def prepare(self, batch: list[Delivery]) -> dict[Key, list[VlmImage] | InputError]:
         """Fetch the batch's key frames in one ``get_many``: per delivery, its images or the error."""

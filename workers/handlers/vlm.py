@@ -14,7 +14,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from stages.vlm.base import VlmBackend, VlmImage, make_backend
+from stages.vlm.base import VlmBackend, VlmImage, loaded_backend
 from stages.vlm.escalation import escalation_prompt, select_frames
 from stream import names
 from stream.errors import InputError
@@ -49,11 +49,7 @@ class VlmHandler(Handler):
 
     async def start(self) -> None:
         """Make the backend and load its model."""
-        if self.backend is None:
-            self.backend = make_backend(self.settings.vlm)
-        load = getattr(self.backend, "load", None)
-        if load is not None:
-            await load()
+        self.backend = await loaded_backend(self.backend, self.settings.vlm)
 
     async def prepare(self, batch: list[Delivery]) -> dict[Key, list[VlmImage] | InputError]:
         """Fetch the key frames of the batch's escalations in one ``get_many``: per
