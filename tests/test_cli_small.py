@@ -83,3 +83,21 @@ def test_the_readme_sample_of_run_shows_the_broker_line_run_prints():
     assert "(private redis-server, memory bound" in source
     assert re.search(r"broker: unix:///tmp/roadstream-…/redis\.sock\?db=0 \(private redis-server,\s+memory bound "
                      r"[0-9.]+ GiB, no persistence\)", readme)  # fmt: skip
+
+
+def test_status_shows_a_worker_record_that_lacks_a_count_as_zero():
+    from rich.console import Console
+
+    from workers.cli import status_tables
+
+    # Given a worker's health record without "dead" and "failed" (another version wrote it)
+    old = {"group": "detect", "consumer": "detect-a", "at": 10.0, "counts": {"in": 5, "out": 5}, "partitions": [0]}
+    new = {**old, "at": 12.0, "counts": {"in": 9, "out": 8}}
+    status = {"streams": [], "workers": [new], "owners": {}, "dead_letters": 0}
+    # When the status tables are drawn against the previous snapshot
+    console = Console(width=200, record=True)
+    console.print(status_tables(status, {"workers": [old]}))
+    text = console.export_text()
+    # Then the row shows the counts it has, the missing ones as 0, and the rate from "in"
+    row = next(line for line in text.splitlines() if "detect-a" in line)
+    assert [cell.strip() for cell in row.split("│")[3:8]] == ["9", "8", "0", "0", "2.0"], row

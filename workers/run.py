@@ -561,7 +561,6 @@ async def run_drives(
         timeout_s: give up after this long (``None``: wait as long as it takes).
         save_frames: also write the key frames with their boxes (``frames/``).
         save_video: also write an annotated video of each roadwork span (``videos/``).
-        save_video: also write an annotated video of each roadwork span (``videos/``).
 
     Returns:
         The result, with the written paths.

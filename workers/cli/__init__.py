@@ -283,11 +283,13 @@ def status_tables(status: dict[str, Any], previous: dict[str, Any] | None, show_
     for w in status["workers"]:
         rate = "-"
         old = before.get(w["consumer"])
+        # A record from another version of the worker may lack a count: shown as 0, not a crash.
+        counts = w.get("counts") or {}
         if old and w["at"] > old["at"]:
-            rate = f"{(w['counts']['in'] - old['counts']['in']) / (w['at'] - old['at']):.1f}"
-        counts = w["counts"]
+            rate = f"{(counts.get('in', 0) - (old.get('counts') or {}).get('in', 0)) / (w['at'] - old['at']):.1f}"
         parts = ",".join(map(str, w["partitions"])) if w.get("partitions") is not None else "-"
-        workers.add_row(w["group"], w["consumer"], *(str(counts[k]) for k in ("in", "out", "failed", "dead")), rate, parts)
+        cells = (str(counts.get(k, 0)) for k in ("in", "out", "failed", "dead"))
+        workers.add_row(w["group"], w["consumer"], *cells, rate, parts)
     outer = Table.grid()
     outer.add_row(table)
     outer.add_row(workers)
