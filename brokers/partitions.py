@@ -111,6 +111,10 @@ class PartitionManager:
         """
         return time.monotonic() < self._refreshed_at + 2 * self.ttl_ms / 3000
 
+    def fresh_s(self) -> float:
+        """Seconds ``fresh`` stays true (0 or less: not fresh)."""
+        return self._refreshed_at + 2 * self.ttl_ms / 3000 - time.monotonic()
+
     @property
     def interval_s(self) -> float:
         """How often to call ``refresh``: a third of the TTL, so one late beat loses nothing."""

@@ -275,6 +275,47 @@ async def test_a_partition_moving_to_another_worker_is_released_only_after_its_b
     await task
 
 
+
+async def test_a_partition_given_to_another_worker_gets_no_entry_through_a_read_still_in_flight(
+    broker: Broker,
+) -> None:
+    # Given a worker that owns every partition and waits in a blocking read (nothing to read yet)
+    partitions = broker.settings.frame_partitions
+    p = names.frame_partition("d1", "front", partitions)
+    settings = fast_settings(broker, batch_size=5)
+    settings = settings.model_copy(update={"broker": broker.settings.model_copy(update={"lease_ttl_ms": 3000})})
+    delivered: list[tuple[str, str]] = []
+    read = broker.read
+
+    async def watched_read(group: str, consumer: str, streams: list[str], **kwargs: object) -> list:
+        entries = await read(group, consumer, streams, **kwargs)
+        delivered.extend((consumer, e.stream) for e in entries)
+        return entries
+
+    broker.read = watched_read
+    old, old_task = start(GroupingHandler(size=5), broker, settings, "w1")
+    await wait_until(lambda: _ready(old, set(range(partitions))))
+
+    # When a member that should own p joins and takes p over, and p's frames come right after
+    newcomer = next(m for m in (f"n{i}" for i in range(100)) if balanced_owners("grouping", partitions, {"w1", m})[p] == m)
+    new, new_task = start(GroupingHandler(size=5), broker, settings, newcomer)
+    await wait_until(lambda: _ready(new, {p}))
+    await publish_frames(broker, names.FRAMES, [frame("d1", i) for i in range(10)], partitions)
+    await wait_until(lambda: _count(broker, 2))
+    for worker, task in ((old, old_task), (new, new_task)):
+        worker.stop()
+        await task
+
+    # Then no frame of p reached the old owner (a read it started while p was its own
+    # would take frames the new owner then reads past: it would group them out of order)
+    stream = names.stream_name(names.FRAMES, p, broker.namespace)
+    assert [c for c, s in delivered if s == stream and c == "w1"] == []
+    assert sorted((m.seq, m.tick) for m in await outputs(broker)) == [(0, 10), (1, 35)]
+
+
+async def _ready(worker: Worker, partitions: set[int]) -> bool:
+    return worker.started and partitions <= worker.own.ready
+
 class StallingGroupingHandler(GroupingHandler):
     """A grouping stage whose first batch freezes the whole process (a long GC, SIGSTOP)."""
 

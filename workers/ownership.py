@@ -48,6 +48,8 @@ class PartitionLeases(Protocol):
 
     def fresh(self) -> bool: ...
 
+    def fresh_s(self) -> float: ...
+
     async def refresh(self, *, release_surplus: bool = True) -> tuple[set[int], set[int]]: ...
 
     async def release(self, partitions: set[int]) -> None: ...
@@ -84,6 +86,8 @@ class Ownership:
         # Bumped each time a partition's state is dropped (revoked, rebuilt, taken over).
         self.generation: dict[int | None, int] = {}
         self._stream_partition: dict[str, int | None] = {}
+        # Partitions each read in flight may deliver entries of (see ``settle_reads``).
+        self._reads: dict[object, set[int | None]] = {}
         # Handler state changes one at a time: a batch being handled never sees its
         # partition revoked or rebuilt under it by the heartbeat.
         self.lock = asyncio.Lock()
@@ -103,6 +107,41 @@ class Ownership:
         if not self.fresh():
             return []
         return [self._stream(hop, p) for p in sorted(self.ready) for hop in self.handler.inputs]
+
+    def block_ms(self, block_ms: int) -> int:
+        """How long a read may block: never past the time the leases are fresh, so a read
+        of a worker that stalls cannot deliver entries after its leases expired and a new
+        owner claimed the partition (the new owner would read past them: out of order)."""
+        if not self.handler.partitioned or self.leases is None:
+            return block_ms
+        return max(1, min(block_ms, int(self.leases.fresh_s() * 1000)))
+
+    def reading(self, streams: Sequence[str]) -> object:
+        """Note a read of ``streams`` starting; pass the token to ``read_done``."""
+        token = object()
+        self._reads[token] = {self.partition_of(s) for s in streams}
+        return token
+
+    def read_done(self, token: object) -> None:
+        """Note a read ended (with or without entries)."""
+        self._reads.pop(token, None)
+
+    async def settle_reads(self, partitions: set[int], timeout_s: float = 5.0) -> bool:
+        """Wait until no read in flight may still deliver entries of ``partitions``.
+
+        A blocked read issued while they were ours would take entries published after a
+        new owner claimed the partition's pending ones; the new owner would read past them
+        and get them only when they were reclaimed, after later entries (out of order).
+
+        Returns:
+            False when reads were still in flight after ``timeout_s``.
+        """
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while any(covered & partitions for covered in self._reads.values()):
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     def partition_of(self, stream: str) -> int | None:
         """The partition a stream belongs to (``None`` when not partitioned)."""
@@ -197,7 +236,10 @@ class Ownership:
         async with self.lock:
             for partition in sorted(revoked):
                 await self.drop(partition)
-            await self.leases.release(revoked)  # lost ones are another's: left alone
+            # Released while a read of them is in flight, they could be claimed by the next
+            # owner before that read takes new entries; left to expire if it never ends.
+            if revoked and await self.settle_reads(revoked):
+                await self.leases.release(revoked)  # lost ones are another's: left alone
             for partition in sorted(assigned | unready):
                 await self.take_over(partition, claim)
         return revoked

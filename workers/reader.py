@@ -60,9 +60,14 @@ class BatchReader:
                     break
                 block_ms = max(1, int(remaining * 1000))
             generations = worker.own.generations()
-            entries = await worker.broker.read(
-                worker.group, worker.consumer, streams, count=size - len(batch), block_ms=block_ms
-            )
+            reading = worker.own.reading(streams)
+            try:
+                entries = await worker.broker.read(
+                    worker.group, worker.consumer, streams, count=size - len(batch),
+                    block_ms=worker.own.block_ms(block_ms),
+                )
+            finally:
+                worker.own.read_done(reading)
             if not entries:
                 if deadline is None:
                     break  # nothing came within a poll: let the loop tick
