@@ -444,7 +444,9 @@ async def stages_alone(folder: Path, settings: Settings, plan: Plan, timeout_s: 
                     children.start()
                     try:
                         if stage == "ingest":
-                            await submit(broker, found.drives, settings)
+                            # As run splits with several ingest processes (ingest.split names another)
+                            split = settings.ingest.split if "split" in settings.ingest.model_fields_set else "span"
+                            await submit(broker, found.drives, settings, split=split)
                         finished = await _wait(lambda s=stage, d=done: d(broker, ns, drives, children), timeout_s)
                     finally:
                         await asyncio.to_thread(children.stop)

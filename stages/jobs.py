@@ -1,15 +1,21 @@
-"""Ingest jobs finer than a drive: one per camera.
+"""Ingest jobs finer than a drive: one per camera, and for long drives one per span of minutes.
 
 Each part keeps the drive's whole clip list (so it knows every camera of the drive and
-where each minute starts) and names the cameras it decodes in ``Job.cameras``.
+where each minute starts) and names the cameras it decodes in ``Job.cameras``; a span
+part also names its minutes in ``Job.span``.
 """
 
 from __future__ import annotations
 
+from stages.decode import minute_offsets
 from stages.discover import CAMERAS
-from stream.schemas import Job
+from stream.schemas import Job, Span
 
-SPLITS = ("camera", "drive")
+SPLITS = ("span", "camera", "drive")
+#: Footage seconds per span job: long enough that a span's start (open, probe, first
+#: keyframe) is a small share of its work, short enough that a 10-minute drive's six
+#: cameras become 30 jobs for 16 processes.
+SPAN_S = 120.0
 
 
 def drive_cameras(job: Job) -> list[str]:
@@ -23,28 +29,64 @@ def job_cameras(job: Job) -> list[str]:
     return [c for c in cameras if c in job.cameras] if job.cameras else cameras
 
 
-def split_job(job: Job, split: str = "camera") -> list[Job]:
+def span_bounds(job: Job, span_s: float) -> list[tuple[int, int]]:
+    """The drive's minutes cut into spans of at least ``span_s`` footage seconds.
+
+    A span is whole minutes (clips), from the minutes' UTC offsets (``minute_offsets``):
+    a new span starts at the first minute ``span_s`` or more after the current span's
+    start. The last span may be shorter.
+
+    Returns:
+        ``(first, end)`` clip index ranges in time order; one range for a short drive.
+    """
+    offsets = minute_offsets(job)
+    bounds, first = [], 0
+    for index, offset in enumerate(offsets):
+        if offset - offsets[first] >= span_s:
+            bounds.append((first, index))
+            first = index
+    bounds.append((first, len(offsets)))
+    return bounds
+
+
+def split_job(job: Job, split: str = "camera", span_s: float = SPAN_S) -> list[Job]:
     """The jobs one drive becomes.
 
     Parameters:
         job: a whole drive's job.
-        split: ``camera`` (one job per camera that has a clip) or ``drive`` (the job itself).
+        split: ``camera`` (one job per camera that has a clip), ``span`` (per camera, and
+            per span of ``span_s`` footage seconds for a longer drive) or ``drive`` (the
+            job itself).
+        span_s: footage seconds per span (``split="span"``).
 
     Returns:
-        The jobs, in camera order; a one-camera drive stays one whole job.
+        The jobs: per camera in camera order; with spans, span by span (each span's
+        cameras in camera order), so a drive's cameras advance together and earlier spans
+        start first. A one-camera drive of one span stays one whole job.
 
     Raises:
-        ValueError: ``split`` is not one of ``SPLITS``.
+        ValueError: ``split`` is not one of ``SPLITS``, or ``span_s`` is not positive.
     """
     if split not in SPLITS:
         message = f"split must be one of {', '.join(SPLITS)}, got {split!r}"
         raise ValueError(message)
+    if span_s <= 0:
+        message = f"span_s must be positive, got {span_s}"
+        raise ValueError(message)
     cameras = drive_cameras(job)
-    if split == "drive" or len(cameras) < 2:
+    bounds = span_bounds(job, span_s) if split == "span" else [(0, len(job.clips))]
+    if split == "drive" or (len(cameras) < 2 and len(bounds) < 2):
         return [job]
-    return [job.copy_with(cameras=[camera]) for camera in cameras]
+    if len(bounds) < 2:
+        return [job.copy_with(cameras=[camera]) for camera in cameras]
+    return [
+        job.copy_with(cameras=[camera], span=Span(index=k, count=len(bounds), first=first, end=end))
+        for k, (first, end) in enumerate(bounds)
+        for camera in cameras  # a camera with no clip in a span still gets it: it reports the gap
+    ]
 
 
 def part_name(job: Job) -> str:
     """What distinguishes the job among its drive's parts (for dedupe keys); "" for a whole drive."""
-    return ",".join(job_cameras(job)) if job.cameras else ""
+    name = ",".join(job_cameras(job)) if job.cameras else ""
+    return f"{name}#{job.span.index}" if job.span is not None else name

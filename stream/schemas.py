@@ -68,6 +68,20 @@ class ClipRef(Model):
     utc: float | None = None
 
 
+class Span(Model):
+    """Which clips of a drive's camera one ingest job decodes (``stages.jobs.split_job``).
+
+    A long drive's camera is split into spans of consecutive minutes, so several ingest
+    processes share it; span k's frames reach the camera's partition only after span
+    k-1's (``workers.handlers.ingest_spans``).
+    """
+
+    index: int = Field(ge=0)  # 0, 1, … in time order
+    count: int = Field(ge=1)  # spans of the camera
+    first: int = Field(ge=0)  # index in ``Job.clips`` of the span's first minute
+    end: int = Field(ge=1)  # one past its last minute
+
+
 class Job(Message):
     """A drive for ingest to decode: put on the jobs stream by ``roadstream submit``."""
 
@@ -84,6 +98,8 @@ class Job(Message):
     #: per-camera jobs (``stages.jobs.split_job``) keeps every clip in each job, so each
     #: knows the whole drive; the last job to finish publishes the drive's "ended" markers.
     cameras: list[str] = Field(default_factory=list)
+    #: The minutes this job decodes (of its one camera); ``None``: all of them.
+    span: Span | None = None
 
 
 class FrameRef(Message):

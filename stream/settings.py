@@ -147,10 +147,14 @@ class IngestSettings(BaseModel):
     pyav_beside_nvdec: bool = False
     #: ``roadstream submit``'s jobs: ``drive``, one per drive; ``camera``, one per (drive,
     #: camera), so several ingest processes share a drive (each partition still gets its
-    #: frames in order; the drive ends when all its jobs did) — then raise
-    #: ``fuse.watermark_timeout_s`` to cover how far apart a drive's cameras may run.
-    #: ``roadstream run`` splits by camera whenever it has several ingest processes.
-    split: Literal["camera", "drive"] = "drive"
+    #: frames in order; the drive ends when all its jobs did); ``span``, per camera and, for
+    #: a drive longer than ``span_s``, per span of minutes, so many processes share one long
+    #: drive (spans publish in time order, ``workers.handlers.ingest_spans``). Split jobs:
+    #: raise ``fuse.watermark_timeout_s`` to cover how far apart a drive's cameras may run.
+    #: ``roadstream run`` splits by span whenever it has several ingest processes.
+    split: Literal["span", "camera", "drive"] = "drive"
+    #: Footage seconds per span job (``split = span``); whole minutes, at least this long.
+    span_s: float = Field(default=120.0, gt=0)
     roots: list[str] = Field(default_factory=list)  # footage paths must lie under these
 
 

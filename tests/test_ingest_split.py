@@ -7,6 +7,7 @@ namespace gets its own streams, so the two ingests can be compared entry by entr
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,9 @@ import pytest
 from brokers.redis import RedisBlobStore, RedisBroker
 from fixtures import teslacam as tc
 from stages.discover import discover
-from stages.jobs import split_job
+from stages.jobs import part_name, span_bounds, split_job
 from stream import codec, names
-from stream.schemas import FrameRef, Job
+from stream.schemas import ClipRef, FrameRef, Job
 from stream.settings import IngestSettings, Settings
 from workers.handlers.ingest import build
 from workers.handlers.ingest_parts import CameraRecord, merge
@@ -48,8 +49,11 @@ async def _ingest(
             for entry in await broker.range(stream, count=100_000):
                 message = codec.decode(entry.data)
                 # The publishing time differs between runs; everything else must not.
+                # Blob keys may differ (a span's name it); the pixels they hold must not.
                 if isinstance(message, FrameRef):
-                    message = message.copy_with(ingested_utc=None)
+                    pixels = await blobs.get(message.blob_key)
+                    assert pixels is not None, message.blob_key
+                    message = message.copy_with(ingested_utc=None, blob_key=hashlib.sha256(pixels).hexdigest())
                 # Cameras may share a partition; the order promised is per (drive, camera).
                 out.setdefault((stream.removeprefix(ns), message.camera), []).append(message)
         out["dead"] = await broker.range(broker.dead_letter_stream, count=10)
@@ -218,3 +222,89 @@ async def test_submit_with_split_camera_queues_one_job_per_camera_once(tmp_path:
     await broker.close()
     assert sorted(j.cameras[0] for j in jobs) == sorted(tc.THREE)
     assert all(len(j.clips[0].files) == 3 for j in jobs)
+
+
+@pytest.mark.parametrize("order", ["in-order", "last-span-first"])
+async def test_a_drive_split_per_span_yields_the_frames_order_and_markers_of_the_whole_drive(
+    tmp_path: Path, redis_url: str, order: str
+) -> None:
+    # Given a five-minute three-camera drive with a missing camera minute, a zero-byte clip
+    # and a truncated one, split into spans of two minutes per camera (3 spans x 3 cameras)
+    drive = tc.make_drive(tmp_path, minutes=5, cameras=tc.THREE, spec=SHORT, missing={(2, "front")})
+    tc.zero_byte(drive.clip(1, "left_repeater"))
+    tc.truncate(drive.clip(4, "right_repeater"), 0.5)
+    (whole,) = [d.to_job() for d in discover(tmp_path).drives]
+    spans = split_job(whole, "span", span_s=120)
+    assert [(j.span.index, j.span.first, j.span.end) for j in spans[::3]] == [(0, 0, 2), (1, 2, 4), (2, 4, 5)]
+    assert [j.cameras[0] for j in spans[:3]] == list(tc.THREE)
+    # When ingested as one job, and as span jobs by two workers; in the second case the
+    # later spans are queued first, so they finish first and wait for the earlier ones
+    one = await _ingest(redis_url, f"rswholespan{order}", [whole], workers=1)
+    jobs = spans if order == "in-order" else spans[::-1]
+    split = await _ingest(redis_url, f"rsspan{order}", jobs, workers=2, parallel_clips=2)
+    # Then every partition and the drives hop hold the same entries in the same order
+    # (seq renumbered across spans, markers included)
+    assert one["dead"] == split["dead"] == []
+    assert sorted(one, key=str) == sorted(split, key=str)
+    for stream in one:
+        assert split[stream] == one[stream], stream
+    ended = one[(":drives", None)][-1]
+    assert [m.event for m in split[(":drives", None)]] == ["started", "ended"]
+    assert ended.problems and ended.missing["front"] == [drive.minutes[2]]
+
+
+async def test_a_dead_lettered_span_leaves_a_gap_the_chain_moves_past_and_the_drive_ends(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # Given a three-minute two-camera drive split into one-minute spans, where front's
+    # middle span fails for good (its clip's name is no time and it has no UTC)
+    tc.make_drive(tmp_path, minutes=3, cameras=("front", "back"), spec=SHORT)
+    (whole,) = [d.to_job() for d in discover(tmp_path).drives]
+    spans = split_job(whole, "span", span_s=60)
+    assert len(spans) == 6
+
+    def broken(job: Job) -> Job:
+        clips = [c.model_copy(update={"start": "no-time", "utc": None}) if i == 1 else c
+                 for i, c in enumerate(job.clips)]  # fmt: skip
+        return job.copy_with(clips=clips)
+
+    jobs = [broken(j) if (j.cameras, j.span.index) == (["front"], 1) else j for j in spans]
+    # When ingested by one worker that allows one delivery
+    out = await _ingest(redis_url, "rsspandead", jobs, workers=1, max_deliveries=1)
+    # Then the span is a dead letter, front's partition carries minutes 0 and 2 numbered
+    # without a gap, then one "ended"; back's carries all three minutes
+    (letter,) = out["dead"]
+    assert "no-time" in codec.decode(letter.data).error
+    for camera in ("front", "back"):
+        (stream,) = [k for k in out if k != "dead" and k[0].startswith(":frames:") and k[1] == camera]
+        frames = [m for m in out[stream] if isinstance(m, FrameRef)]
+        kinds = [getattr(m, "event", "frame") for m in out[stream]]
+        assert kinds[0] == "started" and kinds[-1] == "ended" and kinds.count("ended") == 1, camera
+        assert [f.seq for f in frames] == list(range(len(frames)))
+        assert sorted({f.clip for f in frames}) == sorted(whole.clips[i].start for i in ((0, 2) if camera == "front"
+                                                                                      else (0, 1, 2)))  # fmt: skip
+        assert [f.tick for f in frames] == sorted(f.tick for f in frames)
+    # and the drives hop's one "ended" names the failed minutes and counts what was published
+    (ended,) = [m for m in out[(":drives", None)] if m.event == "ended"]
+    assert any("ingest of camera front, minutes" in p and "dead-lettered" in p for p in ended.problems)
+    front = [m for k, v in out.items() if k != "dead" and k[1] == "front" for m in v if isinstance(m, FrameRef)]
+    assert ended.frame_counts["front"] == len(front) > 0
+
+
+def test_spans_cut_whole_minutes_of_at_least_the_span_length() -> None:
+    # Given a job of seven minutes 60 s apart, one 30 s after its predecessor
+    clips = [ClipRef(start=f"m{i}", files={"front": f"/f{i}.mp4", "back": f"/b{i}.mp4"}, utc=u)
+             for i, u in enumerate([0, 60, 120, 150, 210, 270, 330])]  # fmt: skip
+    job = Job(drive_id="d", root="/", clips=clips)
+    # When cut into spans of 120 s / Then spans start at the first minute 120 s on
+    assert span_bounds(job, 120) == [(0, 2), (2, 5), (5, 7)]
+    assert span_bounds(job, 1000) == [(0, 7)]
+    # and the jobs go span by span, cameras in camera order, each named apart
+    jobs = split_job(job, "span", span_s=120)
+    assert [(j.span.index, j.cameras[0]) for j in jobs] == [(k, c) for k in range(3) for c in ("front", "back")]
+    assert len({part_name(j) for j in jobs}) == 6 and all(j.span.count == 3 for j in jobs)
+    # and a drive shorter than a span is split per camera only; split "camera" never spans
+    assert [j.span for j in split_job(job, "span", span_s=1000)] == [None, None]
+    assert all(j.span is None for j in split_job(job, "camera"))
+    with pytest.raises(ValueError, match="span_s"):
+        split_job(job, "span", span_s=0)

@@ -42,3 +42,37 @@ def test_run_with_worker_processes_gives_the_single_process_verdicts(tmp_path: P
     verdicts = _comparable(tmp_path / "single")
     assert verdicts and _comparable(tmp_path / "many") == verdicts
     assert any(v[2] for v in verdicts)  # the sample drive has roadwork windows
+
+
+ROADWORK = Path("/work/shared/footage/roadwork")
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on the PATH")
+def test_run_with_a_drive_split_into_spans_gives_the_single_process_verdicts(tmp_path: Path) -> None:
+    from fixtures import teslacam as tc
+
+    # Given a drive of three back-to-back 5 s minutes on three cameras: real work-zone
+    # clips as content where ../shared/footage is mounted, else the fixture's pictures
+    clips = sorted(ROADWORK.glob("*.mp4"))[:3] if ROADWORK.is_dir() else []
+    sources = dict(zip(tc.THREE, clips, strict=False)) or None
+    spec = tc.ClipSpec(duration_s=5.0, fps=36.0, size=(320, 240))
+    tc.make_drive(tmp_path / "footage", minutes=3, cameras=tc.THREE, spec=spec, sources=sources, step_s=5)
+    if "run" not in cli.commands:
+        register(cli)
+    runner = CliRunner(env={"COLUMNS": "200", "ROADSTREAM_REDIS_URL": None})
+
+    def run(out: str, workers: str):
+        # Spans of 5 s: each minute of each camera is its own job (9 jobs)
+        args = ["--set", "ingest.span_s=5", "run", str(tmp_path / "footage"), "--out", str(tmp_path / out),
+                "--timeout", "300", "--workers", workers]  # fmt: skip
+        return runner.invoke(cli, args)
+
+    # When run in one process (one job for the drive), and with three ingest processes
+    # sharing the drive's nine span jobs
+    single = run("single", "1")
+    assert single.exit_code == 0, single.output
+    many = run("many", "ingest=3,detect=1,fuse=1")
+    # Then both write the same verdicts over the drive's 15 s
+    assert many.exit_code == 0, many.output
+    verdicts = _comparable(tmp_path / "single")
+    assert len(verdicts) >= 2 and _comparable(tmp_path / "many") == verdicts

@@ -69,8 +69,10 @@ class Publisher(Protocol):
     async def get_value(self, key: str) -> bytes | None:
         """Read a small value; ``None`` when absent or expired."""
 
-    async def wait_for_room(self, hop: str, partition: int | None = None) -> None:
-        """Backpressure: wait while that hop's backlog or the blob bytes in flight are too high."""
+    async def wait_for_room(self, hop: str, partition: int | None = None, *, backlog: bool = True,
+                            memory: bool = True) -> None:  # fmt: skip
+        """Backpressure: wait while that hop's backlog (``backlog``) or the blob bytes in
+        flight and the server's memory (``memory``) are too high."""
 
 
 class Handler:

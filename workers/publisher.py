@@ -34,12 +34,15 @@ class WorkerPublisher:
     async def get_value(self, key: str) -> bytes | None:
         return await self._worker.broker.get_value(key)
 
-    async def wait_for_room(self, hop: str, partition: int | None = None) -> None:
+    async def wait_for_room(self, hop: str, partition: int | None = None, *, backlog: bool = True,
+                            memory: bool = True) -> None:  # fmt: skip
         worker = self._worker
         group = HOP_CONSUMER.get(hop)
-        if group is not None:
+        if group is not None and backlog:
             stream = worker.stream(hop, partition)
             await worker.broker.wait_for_room(stream, group)
+        if not memory:
+            return
         bound = worker.settings.broker.max_blob_bytes
         while await worker.blobs.bytes_in_flight() > bound and not worker.stopping:
             await asyncio.sleep(0.05)

@@ -35,7 +35,7 @@ from brokers.blobs import BlobStore
 from brokers.connect import connect, forget_memory
 from stages import shipped
 from stages.discover import Discovery, FoundDrive, discover
-from stages.jobs import part_name, split_job
+from stages.jobs import SPAN_S, part_name, split_job
 from stages.report import thumbnail_keys, write_report
 from stream import codec, ids, names
 from stream.errors import ConfigError, DecodeError, RoadstreamError
@@ -397,25 +397,27 @@ def private_redis_args(socket: Path, folder: Path, broker: BrokerSettings) -> li
 
 async def submit(broker: Broker, drives: list[FoundDrive], settings: Settings | None = None,
                  split: str | None = None) -> None:  # fmt: skip
-    """Queue the drives' ingest jobs: one per camera (``ingest.split``) or one per drive.
+    """Queue the drives' ingest jobs: one per drive, per camera, or per camera and span
+    (``ingest.split``, ``ingest.span_s``).
 
-    Deduplicated as ``roadstream submit`` does: by drive id, and camera for a part.
+    Deduplicated as ``roadstream submit`` does: by drive id, and camera and span for a part.
 
     Parameters:
         split: overrides ``settings.ingest.split`` (``drive`` without settings).
     """
     split = split or (settings.ingest.split if settings is not None else "drive")
+    span_s = settings.ingest.span_s if settings is not None else SPAN_S
     stream = names.stream_name(names.JOBS, ns=broker.namespace)
     await broker.ensure_group(stream, names.INGEST)
     # Longest drives first: their camera jobs start together (in step) and the short
     # drives fill the processes that free up (longest-job-first scheduling).
     for drive in sorted(drives, key=lambda d: -len(d.minutes)):
-        for job in split_job(drive.to_job(submitted_utc=time.time()), split):
+        for job in split_job(drive.to_job(submitted_utc=time.time()), split, span_s):
             await broker.publish(stream, codec.encode(job), dedupe_key=submit_key(job))
 
 
 def submit_key(job: Job) -> str:
-    """Dedupe key of a submitted job: the drive, and the cameras of a part."""
+    """Dedupe key of a submitted job: the drive, and the cameras (and span) of a part."""
     part = part_name(job)
     return ids.output_key("submit", job.drive_id, part) if part else ids.output_key("submit", job.drive_id)
 
@@ -619,10 +621,11 @@ async def _in_children(plan, settings, url, broker, found, watcher, progress,
         children = Children(plan, settings, url, Path(folder))
         try:
             children.start()
-            # Several ingest processes share a drive through per-camera jobs; one_shot has
-            # raised fuse's watermark timeout for the unevenness that brings.
+            # Several ingest processes share a drive through per-camera (and, for a long
+            # drive, per-span) jobs; one_shot has raised fuse's watermark timeout for the
+            # unevenness that brings.
             single_ingest = plan.workers.get(names.INGEST, 1) < 2 and not plan.nvdec_ingest
-            await submit(broker, found.drives, settings, split="drive" if single_ingest else "camera")
+            await submit(broker, found.drives, settings, split="drive" if single_ingest else "span")
             try:
                 await _wait(watcher, children.check, [], progress, timeout_s)
             except ChildFailed as exc:

@@ -23,11 +23,12 @@ console = Console(stderr=True)
 
 
 async def submit_jobs(url: str, namespace: str, drives: list, broker_settings, progress=None,
-                      split: str = "drive") -> list[str]:  # fmt: skip
-    """Publish each drive's jobs (``split``: one per drive, or per camera, ``stages.jobs``);
-    returns the entry id of each (the old one for a repeat)."""
+                      split: str = "drive", span_s: float | None = None) -> list[str]:  # fmt: skip
+    """Publish each drive's jobs (``split``: one per drive, per camera, or per camera and
+    span of ``span_s`` footage seconds, ``stages.jobs``); returns the entry id of each (the
+    old one for a repeat)."""
     from brokers.connect import connect
-    from stages.jobs import split_job
+    from stages.jobs import SPAN_S, split_job
     from stream import codec, names
     from workers.run import submit_key
 
@@ -37,7 +38,7 @@ async def submit_jobs(url: str, namespace: str, drives: list, broker_settings, p
     try:
         await broker.ensure_group(stream, names.INGEST)
         for drive in drives:
-            for job in split_job(drive.to_job(submitted_utc=time.time()), split):
+            for job in split_job(drive.to_job(submitted_utc=time.time()), split, span_s or SPAN_S):
                 entry_ids.append(await broker.publish(stream, codec.encode(job), dedupe_key=submit_key(job)))
             if progress is not None:
                 progress()
@@ -67,7 +68,7 @@ def register(cli: click.Group) -> None:
     @click.option("--dry-run", is_flag=True, help="Only list the drives found.")
     @click.pass_context
     def submit(ctx: click.Context, footage: str, redis: str | None, dry_run: bool) -> None:
-        """Find the drives in FOOTAGE and queue their ingest jobs (per drive, or per camera: ``ingest.split``)."""
+        """Find the drives in FOOTAGE and queue their ingest jobs (per drive, camera or span: ``ingest.split``)."""
         from stages.discover import discover
         from stream.errors import FootageError
         from workers.cli import check_reachable, settings_from
@@ -98,7 +99,8 @@ def register(cli: click.Group) -> None:
 
 def _submit_with_progress(settings, drives: list) -> list[str]:
     run = lambda step: asyncio.run(  # noqa: E731 - one place for both branches
-        submit_jobs(settings.redis_url, settings.namespace, drives, settings.broker, step, settings.ingest.split)
+        submit_jobs(settings.redis_url, settings.namespace, drives, settings.broker, step, settings.ingest.split,
+                    settings.ingest.span_s)
     )
     if not console.is_terminal:
         return run(None)

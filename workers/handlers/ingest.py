@@ -23,6 +23,11 @@ the merged "ended" markers (``workers.handlers.ingest_parts``), which say what o
 would: problems, missing and absent minutes, missed ticks, the car's absent cameras. A
 dead-lettered part ends only its own cameras and stores failed records, so the drive
 still ends once every part has finished or failed.
+
+A long drive's camera split into spans of minutes (``Job.span``) decodes only its
+minutes, stores its frames' pixels and a record of them, and publishes them in time order
+through the camera's chain (``workers.handlers.ingest_spans``); the chain's end stores
+the camera's record, and the drive ends as above.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ from stream.schemas import DriveMarker, FrameRef, Job, Telemetry
 from stream.settings import Settings
 from workers.handler import BatchResult, Delivery, Handler, Output
 from workers.handlers.ingest_parts import RECORD_TTL_MS, CameraRecord, merge, record_key
+from workers.handlers.ingest_spans import PUBLISHED, Cursor, SpanRecord, chain_key, join, span_key
 
 log = logging.getLogger("roadstream.ingest")
 
@@ -73,6 +79,11 @@ AHEAD = 4
 ENCODERS = 2
 #: Sampled frames decoded but not yet encoded; the decoder waits beyond this (memory).
 BACKLOG = 8
+#: Frames per publish round trip when a span's frames go out at its turn.
+SPAN_CHUNK = 256
+#: A held span's pixels may wait for earlier spans behind a slow detect stage: they keep
+#: a day, and get ``broker.blob_ttl_s`` from when they are published.
+HELD_BLOB_TTL_S = 24 * 3600
 
 
 @dataclass
@@ -117,6 +128,8 @@ class DriveProgress:
     problem_at: list[tuple[int, str]] = field(default_factory=list)
     first_at: tuple[int, str] | None = None
     last_at: tuple[int, str] | None = None
+    #: A span job's frames, stored but held back until the span's turn (``None``: published at once).
+    held: list[FrameRef] | None = None
 
     def lacks(self, camera: str, minute: str) -> None:
         """Note a camera minute that gave no frame."""
@@ -190,6 +203,11 @@ class IngestHandler(Handler):
         mine = job_cameras(job)  # all of them unless the drive was split into parts
         progress = DriveProgress(cameras, {c: 0 for c in cameras}, minutes=len(job.clips))
         await self._publish_markers(job, self._marker(job, "started", progress), mine)
+        if job.span is not None:
+            key = span_key(self.settings.namespace, job.drive_id, mine[0], job.span.index)
+            if await self.publisher.get_value(key) is not None:  # redelivered after its record was stored
+                return await self._advance_chain(job)
+            progress.held = []
         pool = _Encoders()
         try:
             taken = 0  # frames of the current camera minute
@@ -206,6 +224,8 @@ class IngestHandler(Handler):
                         taken = 0
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+        if job.span is not None:
+            return await self._finish_span(job, progress)
         if job.cameras:
             return await self._finish_part(job, mine, progress)
         _add_car_absent(job, progress)
@@ -233,6 +253,9 @@ class IngestHandler(Handler):
                                      "frames after the failure were not published")  # fmt: skip
             return self._marker_outputs(message, self._marker(message, "ended", progress))
         mine = job_cameras(message)
+        if message.span is not None:
+            await self._span_failed(message, error)
+            return []
         problem = (f"{message.root}: ingest of camera(s) {', '.join(mine)} of this drive failed and was "
                    f"dead-lettered ({error}); frames after the failure were not published")  # fmt: skip
         ns = self.settings.namespace
@@ -259,12 +282,103 @@ class IngestHandler(Handler):
         for camera in mine:
             record = _camera_record(progress, camera)
             await self.publisher.put_value(record_key(ns, job.drive_id, camera), record.encode(), RECORD_TTL_MS)
+        return await self._end_if_complete(job)
+
+    async def _end_if_complete(self, job: Job) -> DriveMarker | None:
+        """Publish the drive's merged "ended" markers once every camera has its record.
+
+        Returns:
+            The "ended" marker when published, else ``None`` (another part will end the drive).
+        """
         whole = await self._merged(job)
         if whole is None:
-            return None  # another part is still running: it will end the drive
+            return None
         ended = self._marker(job, "ended", whole)
         await self._publish_markers(job, ended)
         return ended
+
+    async def _finish_span(self, job: Job, progress: DriveProgress) -> DriveMarker | None:
+        """Store the span's record (its held frames and its share of the camera's record),
+        then advance the camera's chain."""
+        camera = job.cameras[0]
+        record = SpanRecord(_camera_record(progress, camera), progress.held or [])
+        key = span_key(self.settings.namespace, job.drive_id, camera, job.span.index)
+        await self.publisher.put_value(key, record.encode(), RECORD_TTL_MS)
+        return await self._advance_chain(job)
+
+    async def _span_failed(self, job: Job, error: str) -> None:
+        """A span dead-lettered for good: an empty record with the failure as its problem,
+        so the chain moves past it and the camera and drive still end."""
+        camera, span = job.cameras[0], job.span
+        key = span_key(self.settings.namespace, job.drive_id, camera, span.index)
+        if await self.publisher.get_value(key) is not None:  # it stored its record before failing
+            await self._advance_chain(job)
+            return
+        minutes = f"{job.clips[span.first].start} to {job.clips[span.end - 1].start}"
+        problem = (f"{job.root}: ingest of camera {camera}, minutes {minutes}, of this drive failed and was "
+                   f"dead-lettered ({error}); none of their frames were published")  # fmt: skip
+        record = SpanRecord(CameraRecord(problems=[(span.first, problem)]), [])
+        await self.publisher.put_value(key, record.encode(), RECORD_TTL_MS)
+        await self._advance_chain(job)
+
+    async def _advance_chain(self, job: Job) -> DriveMarker | None:
+        """Publish the camera's stored spans in order from the chain's cursor; the job that
+        publishes the last span stores the camera's record and may end the drive
+        (``workers.handlers.ingest_spans``).
+
+        Returns:
+            The "ended" marker when this job published it, else ``None``.
+        """
+        ns, camera, count = self.settings.namespace, job.cameras[0], job.span.count
+        while True:
+            cursor = Cursor.decode(await self.publisher.get_value(chain_key(ns, job.drive_id, camera)))
+            if cursor.next >= count:
+                break
+            data = await self.publisher.get_value(span_key(ns, job.drive_id, camera, cursor.next))
+            if data is None:
+                return None  # that span still decodes: its job goes on from here
+            if data == PUBLISHED:
+                break  # another job published them all, and stored the camera's record
+            refs = SpanRecord.decode(data).refs
+            await self._publish_held(job, camera, refs, cursor.frames)
+            after = Cursor(cursor.next + 1, cursor.frames + len(refs))
+            await self.publisher.put_value(chain_key(ns, job.drive_id, camera), after.encode(), RECORD_TTL_MS)
+        await self._store_camera_record(job, camera)
+        return await self._end_if_complete(job)
+
+    async def _store_camera_record(self, job: Job, camera: str) -> None:
+        """The camera's record joined from its spans' (once), then the spans become tombstones."""
+        ns = self.settings.namespace
+        if await self.publisher.get_value(record_key(ns, job.drive_id, camera)) is not None:
+            return
+        keys = [span_key(ns, job.drive_id, camera, k) for k in range(job.span.count)]
+        spans = []
+        for key in keys:
+            data = await self.publisher.get_value(key)
+            if data is None or data == PUBLISHED:
+                return  # another job stored the record and is clearing the spans
+            spans.append(SpanRecord.decode(data).record)
+        await self.publisher.put_value(record_key(ns, job.drive_id, camera), join(spans).encode(), RECORD_TTL_MS)
+        for key in keys:
+            await self.publisher.put_value(key, PUBLISHED, RECORD_TTL_MS)
+
+    async def _publish_held(self, job: Job, camera: str, refs: list[FrameRef], first_seq: int) -> None:
+        """A span's frames, numbered on from ``first_seq``, with the dedupe keys of those numbers.
+
+        Only the hop's backlog is waited for: the pixels are stored already, and the spans
+        held back behind this one must not keep it from publishing.
+        """
+        partition = frame_partition(job.drive_id, camera, self.settings.broker.frame_partitions)
+        for start in range(0, len(refs), SPAN_CHUNK):
+            await self.publisher.wait_for_room(FRAMES, partition, memory=False)
+            chunk = refs[start:start + SPAN_CHUNK]
+            await self.blobs.expire_many([ref.blob_key for ref in chunk], self.settings.broker.blob_ttl_s)
+            outputs = []
+            for i, ref in enumerate(chunk, first_seq + start):
+                key = ids.output_key(INGEST, job.drive_id, camera, i)
+                outputs.append(Output(FRAMES, ref.copy_with(seq=i), key, partition))
+            await self.publisher.publish(outputs)
+            self.frames_published += len(outputs)
 
     async def _merged(self, job: Job) -> DriveProgress | None:
         """The whole drive's progress from its cameras' records; ``None`` while one lacks.
@@ -343,7 +457,8 @@ class IngestHandler(Handler):
         """
         offsets = minute_offsets(job)
         units = []  # (clip index, camera, path or None, offset, limit) in publishing order
-        for index, clip in enumerate(job.clips):
+        first, end = (job.span.first, job.span.end) if job.span is not None else (0, len(job.clips))
+        for index, clip in enumerate(job.clips[first:end], first):
             limit = offsets[index + 1] - offsets[index] if index + 1 < len(job.clips) else float("inf")
             units.extend((index, camera, clip.files.get(camera), offsets[index], limit) for camera in cameras)
         parallel = self.settings.ingest.parallel_clips or 1  # NVDEC: one session per clip at once
@@ -468,14 +583,19 @@ class IngestHandler(Handler):
         progress: DriveProgress,
     ) -> None:
         partition = frame_partition(job.drive_id, camera, self.settings.broker.frame_partitions)
-        await self.publisher.wait_for_room(FRAMES, partition)
+        held = progress.held is not None
+        if not held:
+            await self.publisher.wait_for_room(FRAMES, partition)
+        elif not await self._next_to_publish(job, camera):  # the next one to publish never waits (see ingest_spans)
+            await self.publisher.wait_for_room(FRAMES, partition, backlog=False)
         fallback = estimate(job.event)
         refs, blobs = [], {}
         now = time.time()
         for shot in shots:
             seq = progress.frame_counts[camera]
             progress.frame_counts[camera] = seq + 1
-            key = ids.blob_key(job.drive_id, camera, seq)
+            # A held span's seq is its own (renumbered when published): its pixels' key names the span.
+            key = ids.blob_key(job.drive_id, f"{camera}.{job.span.index}" if held else camera, seq)
             blobs[key] = shot.pixels.data
             utc = created + shot.pts_s if created is not None else None
             progress.ticks.add(shot.tick)
@@ -489,9 +609,18 @@ class IngestHandler(Handler):
                 ingested_utc=now,
             )
             refs.append(Output(FRAMES, ref, ids.output_key(INGEST, job.drive_id, camera, seq), partition))
-        await self.blobs.put_many(blobs, ttl_s=self.settings.broker.blob_ttl_s)
+        ttl = max(HELD_BLOB_TTL_S, self.settings.broker.blob_ttl_s) if held else self.settings.broker.blob_ttl_s
+        await self.blobs.put_many(blobs, ttl_s=ttl)
+        if held:
+            progress.held.extend(output.message for output in refs)
+            return
         await self.publisher.publish(refs)
         self.frames_published += len(refs)
+
+    async def _next_to_publish(self, job: Job, camera: str) -> bool:
+        """Whether every span before this one is published (this span's turn is next)."""
+        data = await self.publisher.get_value(chain_key(self.settings.namespace, job.drive_id, camera))
+        return Cursor.decode(data).next >= job.span.index
 
     def _marker(self, job: Job, event: str, progress: DriveProgress) -> DriveMarker:
         position = estimate(job.event)
