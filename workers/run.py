@@ -625,7 +625,10 @@ async def _in_children(plan, settings, url, broker, found, watcher, progress,
             # drive, per-span) jobs; one_shot has raised fuse's watermark timeout for the
             # unevenness that brings.
             single_ingest = plan.workers.get(names.INGEST, 1) < 2 and not plan.nvdec_ingest
-            await submit(broker, found.drives, settings, split="drive" if single_ingest else "span")
+            split = "drive" if single_ingest else "span"
+            if "split" in settings.ingest.model_fields_set:  # the user's choice stands
+                split = settings.ingest.split
+            await submit(broker, found.drives, settings, split=split)
             try:
                 await _wait(watcher, children.check, [], progress, timeout_s)
             except ChildFailed as exc:
