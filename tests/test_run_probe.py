@@ -44,3 +44,34 @@ def test_probe_reports_errors_instead_of_stopping(redis_url: str) -> None:
     probe.stop()
     got = probe.summary()
     assert got["samples"] == 0 and got["errors"] >= 1 and "ConnectionError" in got["first_error"]
+
+
+def test_probe_timeline_says_when_frames_began_reached_half_and_ended(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.xadd("tl:frames:{0}", {"i": 0})
+    client.xgroup_create("tl:frames:{0}", "g", id="0")
+    client.xadd("tl:detections:{0}", {"i": 0})
+    client.xgroup_create("tl:detections:{0}", "g", id="0")
+    probe = RunProbe(redis_url, "tl", 0, 2**30, period_s=0.05)
+
+    def wait_samples(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(probe.samples) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    # Given a frames hop with 1 entry, then 3 more about 0.5 s later, then 6 more and a
+    # detection about 0.5 s after that
+    wait_samples(10)
+    for _ in range(3):
+        client.xadd("tl:frames:{0}", {"i": 1})
+    wait_samples(20)
+    for _ in range(6):
+        client.xadd("tl:frames:{0}", {"i": 2})
+    client.xadd("tl:detections:{0}", {"i": 1})
+    wait_samples(30)
+    probe.stop()
+    # When summarised / Then half the frames (5 of 10) came at the third step, after the
+    # first and with the last, and the last detection with them
+    line = probe.summary()["timeline_s"]
+    assert line["first_frame"] < line["half_frames"] == line["last_frame"]
+    assert line["last_detection"] == line["last_frame"]
