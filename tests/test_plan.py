@@ -38,16 +38,16 @@ def test_each_gpu_gets_a_detect_worker_of_its_own() -> None:
                                "vera=1 vlm=1 fuse=2")  # fmt: skip
 
 
-def test_with_nvdec_ingest_is_the_nvdec_processes_alone_by_default() -> None:
+def test_with_nvdec_ingest_is_one_nvdec_process_beside_pyav_ones_by_default() -> None:
     # Given 16 cores and one GPU with NVDEC / When planned with the default settings
     plan = machine_plan(Settings(), STAGES, cores=16, gpus=1, nvdec=True)
-    # Then ingest is one NVDEC process (the PyAV ones beside it only made the tail longer)
-    assert plan.workers == {"ingest": 1, "detect": 1, "fuse": 2} and plan.nvdec_ingest == 1
-    # and two per GPU on two GPUs when the settings ask, or PyAV beside them when asked
-    two = Settings(ingest=IngestSettings(nvdec_processes=2))
+    # Then one of the twelve ingest processes decodes with NVDEC, the rest with PyAV
+    assert plan.workers == {"ingest": 12, "detect": 1, "fuse": 2} and plan.nvdec_ingest == 1
+    # and two NVDEC per GPU on two GPUs when the settings ask, or NVDEC alone when asked
+    two = Settings(ingest=IngestSettings(nvdec_processes=2, pyav_beside_nvdec=False))
     assert machine_plan(two, STAGES, cores=16, gpus=2, nvdec=True).workers["ingest"] == 4
-    beside = Settings(ingest=IngestSettings(pyav_beside_nvdec=True))
-    assert machine_plan(beside, STAGES, cores=16, gpus=1, nvdec=True).workers["ingest"] == 12
+    alone = Settings(ingest=IngestSettings(pyav_beside_nvdec=False))
+    assert machine_plan(alone, STAGES, cores=16, gpus=1, nvdec=True).workers == {"ingest": 1, "detect": 1, "fuse": 2}
     # and without NVDEC the cores decode as before
     assert machine_plan(Settings(), STAGES, cores=16, gpus=1, nvdec=False).workers["ingest"] == 12
 

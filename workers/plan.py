@@ -9,10 +9,10 @@
 * ingest: every core left after one each for the detect processes (their host side:
   fetch, JPEG decode, windows), fuse, vera/vlm and the Redis server; half the cores
   when detect runs on the CPU (it needs the rest). At least one.
-* with ``ingest.decoder = auto`` on a GPU box with NVDEC, ingest is
-  ``ingest.nvdec_processes`` NVDEC processes per GPU (default 1; ``ingest.nvdec_sessions``
-  jobs at once each); with ``ingest.pyav_beside_nvdec`` the other cores also get PyAV
-  ingest processes (slower on the H200: they take the long jobs and become the tail).
+* with ``ingest.decoder = auto`` on a GPU box with NVDEC, ``ingest.nvdec_processes`` of
+  the ingest processes per GPU decode with NVDEC (default 1; ``ingest.nvdec_sessions``
+  jobs at once each) and, with ``ingest.pyav_beside_nvdec`` (the default), the other
+  cores' ingest processes with PyAV; without it, ingest is the NVDEC processes alone.
 * fewer than ``PROCESSES_FROM_CORES`` cores and no GPU: one process (``--workers 1``).
 """
 
@@ -73,7 +73,7 @@ class Plan:
 
 
 def plan_workers(cores: int, gpus: int, stages: Sequence[str], *, nvdec: bool = False,
-                 nvdec_per_gpu: int = 1, pyav_beside_nvdec: bool = False) -> Plan:  # fmt: skip
+                 nvdec_per_gpu: int = 1, pyav_beside_nvdec: bool = True) -> Plan:  # fmt: skip
     """Worker processes per stage for a machine.
 
     Parameters:
@@ -100,9 +100,8 @@ def plan_workers(cores: int, gpus: int, stages: Sequence[str], *, nvdec: bool = 
         ingest = cores // 2
     nvdec_total = gpus * max(0, nvdec_per_gpu) if nvdec else 0
     if nvdec_total and not pyav_beside_nvdec:
-        # NVDEC alone: on the H200, one NVDEC process decoded faster than it did beside
-        # eleven PyAV ones, which took the long drive's camera jobs and became the tail
-        # (ingest alone 13.5x against 10.1x; twelve PyAV processes 11.5x: bench/run_bench.py).
+        # NVDEC alone: before spans, the PyAV processes beside it took the long drive's
+        # camera jobs and became the tail (ingest alone 13.5x against 10.1x on the H200).
         ingest = nvdec_total
     counts = {names.INGEST: max(1, ingest), names.DETECT: detect, names.FUSE: fuse, **extras}
     workers = {s: counts[s] for s in stages if s in counts}
