@@ -70,13 +70,17 @@ class RunProbe:
                 sample = {"t": time.monotonic(), "used_memory": float(self.client.info("memory")["used_memory"]),
                           "blob_bytes": float(self.client.get(f"{self.ns}:blob-bytes-in-flight") or 0)}  # fmt: skip
                 for hop, streams in self._streams.items():
-                    backlog = added = 0
+                    backlog = added = unknown = 0
                     for stream in streams:
                         for group in self.client.xinfo_groups(stream):
+                            # Redis gives no lag after deletions inside the group's range:
+                            # counted apart, not taken for an empty hop.
+                            unknown += group.get("lag") is None
                             backlog += int(group.get("lag") or 0) + int(group.get("pending") or 0)
                         added += int(self.client.xinfo_stream(stream).get("entries-added") or 0)
                     sample[f"backlog_{hop}"] = float(backlog)
                     sample[f"added_{hop}"] = float(added)
+                    sample[f"lag_unknown_{hop}"] = float(unknown > 0)
                 self.samples.append(sample)
             except Exception as exc:  # noqa: BLE001 - the run goes on; a gap in samples is reported
                 self.errors.append(f"{type(exc).__name__}: {exc}")
@@ -118,6 +122,8 @@ class RunProbe:
         out["timeline_s"] = self.timeline()
         for hop in HOPS:
             values = [s.get(f"backlog_{hop}", 0.0) for s in good]
+            unknown = sum(s.get(f"lag_unknown_{hop}", 0.0) for s in good) / len(good)
             out[f"backlog_{hop}"] = {"mean": round(statistics.fmean(values), 1), "median": statistics.median(values),
-                                     "max": max(values), "zero_share": round(sum(v == 0 for v in values) / len(values), 3)}  # fmt: skip
+                                     "max": max(values), "zero_share": round(sum(v == 0 for v in values) / len(values), 3),
+                                     "lag_unknown_share": round(unknown, 3)}  # fmt: skip
         return out

@@ -34,6 +34,24 @@ def test_probe_reports_bounds_and_backlogs_of_a_real_server(redis_url: str) -> N
     assert got["backlog_jobs"]["max"] == 0
     assert got["over_blob_bound"] == 1.0 and got["over_memory_bound"] == 0.0
     assert got["blob_mb_mean"] == 10.0
+    assert got["backlog_frames"]["lag_unknown_share"] == 0.0
+
+
+def test_probe_counts_a_lag_redis_cannot_give_as_unknown(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    # Given a frames partition with a group that read nothing, and an entry deleted inside
+    # its range (Redis then reports no lag for the group)
+    ids = [client.xadd("lu:frames:{0}", {"i": i}) for i in range(3)]
+    client.xgroup_create("lu:frames:{0}", "g", id="0")
+    client.xdel("lu:frames:{0}", ids[1])
+    assert client.xinfo_groups("lu:frames:{0}")[0]["lag"] is None
+    # When sampled / Then every sample says the lag was unknown
+    probe = RunProbe(redis_url, "lu", 0, 2**30, period_s=0.05)
+    deadline = time.monotonic() + 10
+    while len(probe.samples) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    probe.stop()
+    assert probe.summary()["backlog_frames"]["lag_unknown_share"] == 1.0
 
 
 def test_probe_reports_errors_instead_of_stopping(redis_url: str) -> None:
