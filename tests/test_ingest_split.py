@@ -308,3 +308,44 @@ def test_spans_cut_whole_minutes_of_at_least_the_span_length() -> None:
     assert all(j.span is None for j in split_job(job, "camera"))
     with pytest.raises(ValueError, match="span_s"):
         split_job(job, "span", span_s=0)
+
+
+async def test_a_held_span_whose_chain_is_stuck_stops_waiting_for_memory(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import workers.handlers.ingest as ingest_module
+
+    # Given a two-minute one-camera drive in one-minute spans of 40 frames (two chunks),
+    # and a blob bound of one byte (every held chunk after the first would wait for
+    # memory room for ever), and a short stuck limit
+    tc.make_drive(tmp_path, minutes=2, cameras=("front",), spec=tc.ClipSpec(duration_s=8.0))
+    (whole,) = [d.to_job() for d in discover(tmp_path).drives]
+    first, second = split_job(whole, "span", span_s=60)
+    monkeypatch.setattr(ingest_module, "HELD_STUCK_S", 1.0)
+    ns = "rsstuck"
+    broker = RedisBroker(url=redis_url, namespace=ns)
+    blobs = RedisBlobStore(redis_url, namespace=ns)
+    roots = [str(Path(p).resolve().parent) for p in whole.clips[0].files.values()]
+    settings = Settings(namespace=ns, ingest=IngestSettings(roots=roots))
+    settings.broker.max_blob_bytes = 1
+    jobs = names.stream_name(names.JOBS, ns=ns)
+    try:
+        # When only the second span is queued (the first one's worker "died"), then the first
+        await broker.publish(jobs, codec.encode(second))
+        worker = Worker(build(settings, blobs), broker, blobs, settings, burst=True)
+        await asyncio.wait_for(worker.run(), 60)
+        frames = [s for s in await broker.streams(f"{ns}:frames:*")]
+        published = [m for st in frames for e in await broker.range(st) if isinstance(m := codec.decode(e.data), FrameRef)]
+        # Then the second span stored its frames over the bound, saying so, and published none
+        assert "has not moved for 1 s" in caplog.text and published == []
+        await broker.publish(jobs, codec.encode(first))
+        worker = Worker(build(settings, blobs), broker, blobs, settings, burst=True)
+        await asyncio.wait_for(worker.run(), 60)
+        # and the first span, next to publish, never waits: both spans' frames go out in order
+        frames = [s for s in await broker.streams(f"{ns}:frames:*")]
+        published = [m for st in frames for e in await broker.range(st) if isinstance(m := codec.decode(e.data), FrameRef)]
+        assert [f.seq for f in published] == list(range(len(published)))
+        assert {f.clip for f in published} == {c.start for c in whole.clips}
+    finally:
+        await broker.close()
+        await blobs.close()

@@ -84,6 +84,10 @@ SPAN_CHUNK = 256
 #: A held span's pixels may wait for earlier spans behind a slow detect stage: they keep
 #: a day, and get ``broker.blob_ttl_s`` from when they are published.
 HELD_BLOB_TTL_S = 24 * 3600
+#: A held span waits for memory room only while its camera's chain moves; after this
+#: long without a move (the span before it is not running: its worker died and its job
+#: waits to be claimed, perhaps by this very process) it goes on over the bound.
+HELD_STUCK_S = 60.0
 
 
 @dataclass
@@ -130,6 +134,8 @@ class DriveProgress:
     last_at: tuple[int, str] | None = None
     #: A span job's frames, stored but held back until the span's turn (``None``: published at once).
     held: list[FrameRef] | None = None
+    #: The chain cursor at which the held span stopped waiting for memory (``_wait_held``).
+    stuck_at: bytes | None = None
 
     def lacks(self, camera: str, minute: str) -> None:
         """Note a camera minute that gave no frame."""
@@ -587,7 +593,7 @@ class IngestHandler(Handler):
         if not held:
             await self.publisher.wait_for_room(FRAMES, partition)
         elif not await self._next_to_publish(job, camera):  # the next one to publish never waits (see ingest_spans)
-            await self.publisher.wait_for_room(FRAMES, partition, backlog=False)
+            await self._wait_held(job, camera, partition, progress)
         fallback = estimate(job.event)
         refs, blobs = [], {}
         now = time.time()
@@ -616,6 +622,32 @@ class IngestHandler(Handler):
             return
         await self.publisher.publish(refs)
         self.frames_published += len(refs)
+
+    async def _wait_held(self, job: Job, camera: str, partition: int, progress: DriveProgress) -> None:
+        """Wait for memory room (``broker.max_blob_bytes``, ``max_used_memory``) while the
+        camera's chain moves; go on when it has not moved for ``HELD_STUCK_S``.
+
+        Without that limit, held spans filling every ingest process could wait for ever
+        on the span before them, whose job waits for a free process after its worker died.
+        """
+        key = chain_key(self.settings.namespace, job.drive_id, camera)
+        seen, since = await self.publisher.get_value(key), time.monotonic()
+        if progress.stuck_at is not None and (seen or b"") == progress.stuck_at:
+            return  # still stuck where it gave up: no new wait per chunk
+        while True:
+            try:
+                await asyncio.wait_for(self.publisher.wait_for_room(FRAMES, partition, backlog=False), 1.0)
+                return
+            except TimeoutError:
+                pass
+            now = await self.publisher.get_value(key)
+            if now != seen:
+                seen, since = now, time.monotonic()
+            elif time.monotonic() - since > HELD_STUCK_S:
+                log.warning("%s %s: the span before span %d has not moved for %.0f s; storing its frames over "
+                            "the memory bound", job.drive_id, camera, job.span.index, HELD_STUCK_S)  # fmt: skip
+                progress.stuck_at = seen or b""  # b"": no cursor yet
+                return
 
     async def _next_to_publish(self, job: Job, camera: str) -> bool:
         """Whether every span before this one is published (this span's turn is next)."""

@@ -21,7 +21,9 @@ tombstone: the frames it listed are published, and the broker keeps no copy of t
 
 A span's pixels wait in the blob store until its turn. Only spans that are not next to
 publish wait for memory room (``broker.max_blob_bytes``), so spans held back by an
-earlier one can never starve it of room.
+earlier one can never starve it of room; and they wait only while their camera's chain
+moves (``HELD_STUCK_S`` in the handler), so spans holding every ingest process cannot
+wait for ever on an earlier span whose job waits for a process after its worker died.
 """
 
 from __future__ import annotations
