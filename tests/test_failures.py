@@ -244,12 +244,13 @@ class Pipeline:
         self.extra_env: dict[str, str] = {}
         logs.mkdir(parents=True, exist_ok=True)
 
-    def run(self, drives: list, per_stage: int = 1) -> None:
-        """Start ``per_stage`` workers of each stage, wait until they are ready, submit ``drives``."""
+    def run(self, drives: list, per_stage: int = 1, split: str = "drive") -> None:
+        """Start ``per_stage`` workers of each stage, wait until they are ready, submit
+        ``drives`` (one job each, or ``split`` as ``ingest.split`` does)."""
         for stage in (names.INGEST, names.DETECT, names.FUSE):
             self.start(stage, per_stage)
         self.wait_ready()
-        submit(self.url, drives)
+        submit(self.url, drives, split)
 
     def start(self, stage: str, count: int = 1) -> None:
         """Start ``count`` workers of ``stage``."""
@@ -383,13 +384,14 @@ def consumer_pid(name: bytes | str) -> int:
     return int(text.rsplit("-", 2)[1])
 
 
-def submit(url: str, drives: list) -> None:
-    """Queue one ingest job per drive, as ``roadstream submit`` does."""
+def submit(url: str, drives: list, split: str = "drive") -> None:
+    """Queue ingest jobs as ``roadstream submit`` does: one per drive, or ``split``, with
+    spans of one 5 s clip (each camera minute of the drives here its own job)."""
     from stream.settings import load_settings
     from workers.cli.ingest import submit_jobs
 
     settings = load_settings(environ={})
-    asyncio.run(submit_jobs(url, NAMESPACE, drives, settings.broker))
+    asyncio.run(submit_jobs(url, NAMESPACE, drives, settings.broker, split=split, span_s=5.0))
 
 
 @pytest.fixture
@@ -471,15 +473,17 @@ def server_url(request: pytest.FixtureRequest) -> str:
 def test_workers_of_every_stage_sigkilled_mid_run_lose_and_double_no_verdict(
     setup, reference, server_url, pipeline_factory
 ):
-    # Given two workers of each stage on the two drives (on one server, then on a cluster)
+    # Given two workers of each stage on the two drives (on one server, then on a cluster),
+    # each drive's cameras split into spans of one clip (12 ingest jobs that publish in order)
     pipeline = pipeline_factory(server_url)
-    pipeline.run(setup.drives, per_stage=2)
+    pipeline.run(setup.drives, per_stage=2, split="span")
 
     # When workers of every stage are SIGKILLed while they hold entries, and restarted
     killer = Killer(pipeline, per_stage=2)
     outcome = pipeline.wait_for_summaries(setup.drive_ids, on_poll=killer)
 
-    # Then every stage was hit mid-work, and each drive has all its verdicts, once
+    # Then every stage was hit mid-work, and each drive has all its verdicts, once: the
+    # verdicts of one unsplit job per drive without faults
     assert {kill[0] for kill in killer.kills} == {names.INGEST, names.DETECT, names.FUSE}, killer.kills
     assert_complete(outcome, reference, setup.drive_ids)
 
