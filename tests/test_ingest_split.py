@@ -63,6 +63,18 @@ async def _ingest(
         await blobs.close()
 
 
+def assert_same(one: dict, split: dict) -> object:
+    """Both ingests published the same entries in the same order on every partition and
+    the drives hop, none dead-lettered, and the drives hop one "started" and one "ended";
+    returns that "ended" marker."""
+    assert one["dead"] == split["dead"] == []
+    assert sorted(one, key=str) == sorted(split, key=str)
+    for stream in one:
+        assert split[stream] == one[stream], stream
+    assert [m.event for m in split[(":drives", None)]] == ["started", "ended"]
+    return one[(":drives", None)][-1]
+
+
 async def test_a_drive_split_per_camera_yields_the_frames_order_and_markers_of_the_whole_drive(
     tmp_path: Path, redis_url: str
 ) -> None:
@@ -78,12 +90,7 @@ async def test_a_drive_split_per_camera_yields_the_frames_order_and_markers_of_t
     split = await _ingest(redis_url, "rssplit", parts, workers=2)
     # Then every partition holds the same entries in the same order, markers included,
     # and the drives hop holds one "started" and one "ended", equal to the whole drive's
-    assert one["dead"] == split["dead"] == []
-    assert sorted(one, key=str) == sorted(split, key=str)
-    for stream in one:
-        assert split[stream] == one[stream], stream
-    ended = one[(":drives", None)][-1]
-    assert [m.event for m in split[(":drives", None)]] == ["started", "ended"]
+    ended = assert_same(one, split)
     assert ended.problems and ended.missing and sum(ended.frame_counts.values()) > 0
 
 
@@ -244,12 +251,7 @@ async def test_a_drive_split_per_span_yields_the_frames_order_and_markers_of_the
     split = await _ingest(redis_url, f"rsspan{order}", jobs, workers=2, parallel_clips=2)
     # Then every partition and the drives hop hold the same entries in the same order
     # (seq renumbered across spans, markers included)
-    assert one["dead"] == split["dead"] == []
-    assert sorted(one, key=str) == sorted(split, key=str)
-    for stream in one:
-        assert split[stream] == one[stream], stream
-    ended = one[(":drives", None)][-1]
-    assert [m.event for m in split[(":drives", None)]] == ["started", "ended"]
+    ended = assert_same(one, split)
     assert ended.problems and ended.missing["front"] == [drive.minutes[2]]
 
 
