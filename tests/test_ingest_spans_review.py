@@ -1,0 +1,89 @@
+"""Span jobs of a long drive's camera under redelivery, concurrency and memory pressure.
+
+Real Redis (the tests' private server) and the real ingest handler; the handler's
+``ingest`` and ``dead_lettered`` are called directly to place a crash or a race exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from brokers.redis import RedisBlobStore, RedisBroker
+from fixtures import teslacam as tc
+from stages.discover import discover
+from stages.jobs import split_job
+from stream import codec
+from stream.schemas import DriveMarker, FrameRef
+from stream.settings import IngestSettings, Settings
+from workers.handlers.ingest import IngestHandler, build
+from workers.publisher import WorkerPublisher
+from workers.runtime import Worker
+
+pytestmark = pytest.mark.redis
+
+
+class _Env:
+    """A namespace of the test server, with handlers bound to real (unstarted) workers."""
+
+    def __init__(self, redis_url: str, ns: str, whole) -> None:
+        self.ns = ns
+        self.broker = RedisBroker(url=redis_url, namespace=ns)
+        self.blobs = RedisBlobStore(redis_url, namespace=ns)
+        roots = sorted({str(Path(p).resolve().parent) for c in whole.clips for p in c.files.values()})
+        self.settings = Settings(namespace=ns, ingest=IngestSettings(roots=roots))
+
+    def handler(self) -> IngestHandler:
+        worker = Worker(build(self.settings, self.blobs), self.broker, self.blobs, self.settings)
+        worker.handler.publisher = WorkerPublisher(worker)
+        return worker.handler
+
+    async def entries(self) -> dict:
+        out: dict = {}
+        for stream in [*await self.broker.streams(f"{self.ns}:frames:*"), f"{self.ns}:drives"]:
+            for entry in await self.broker.range(stream, count=100_000):
+                message = codec.decode(entry.data)
+                out.setdefault(message.camera, []).append(message)
+        return out
+
+    async def close(self) -> None:
+        await self.broker.close()
+        await self.blobs.close()
+
+
+def _drive(tmp_path: Path, minutes: int, cameras: tuple[str, ...], duration_s: float = 1.0):
+    tc.make_drive(tmp_path, minutes=minutes, cameras=cameras, spec=tc.ClipSpec(duration_s=duration_s))
+    (whole,) = [d.to_job() for d in discover(tmp_path).drives]
+    return whole
+
+
+async def test_a_held_span_that_becomes_next_while_waiting_for_memory_stops_waiting(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import workers.handlers.ingest as ingest_module
+
+    # Given a two-minute one-camera drive in one-minute spans of 40 frames (two chunks),
+    # a blob bound of one byte, and a stuck limit far beyond the test's patience
+    whole = _drive(tmp_path, 2, ("front",), duration_s=8.0)
+    first, second = split_job(whole, "span", span_s=60)
+    monkeypatch.setattr(ingest_module, "HELD_STUCK_S", 60.0)
+    env = _Env(redis_url, "rvnext", whole)
+    env.settings.broker.max_blob_bytes = 1
+    try:
+        # When the second span waits for memory room (its first chunk is stored)
+        held = asyncio.create_task(env.handler().ingest(second))
+        while await env.blobs.bytes_in_flight() == 0 and not held.done():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)
+        assert not held.done()
+        # and the first span is ingested and published: the second is now next to publish
+        await env.handler().ingest(first)
+        # Then the second stops waiting (nothing it waits for can free memory: only its own
+        # publication can) and publishes, well before the stuck limit
+        await asyncio.wait_for(held, 10)
+        frames = [m for m in (await env.entries())["front"] if isinstance(m, FrameRef)]
+        assert [f.seq for f in frames] == list(range(80))
+    finally:
+        await env.close()
