@@ -87,3 +87,44 @@ async def test_a_held_span_that_becomes_next_while_waiting_for_memory_stops_wait
         assert [f.seq for f in frames] == list(range(80))
     finally:
         await env.close()
+
+
+async def test_a_drive_submitted_again_with_other_spans_publishes_nothing_twice(tmp_path: Path, redis_url: str) -> None:
+    from stream import names
+    from stream.settings import BrokerSettings
+    from workers.cli.ingest import submit_jobs
+
+    # Given a three-minute one-camera drive submitted in spans of 120 s (two spans), then
+    # again in spans of 60 s (three spans; an operator changed ingest.span_s); each minute's
+    # pictures differ (their sizes)
+    sizes = [(160, 120), (192, 144), (224, 168)]
+    specs = {(i, "front"): tc.ClipSpec(duration_s=1.0, size=size) for i, size in enumerate(sizes)}
+    tc.make_drive(tmp_path, minutes=3, cameras=("front",), specs=specs)
+    found = discover(tmp_path)
+    (whole,) = [d.to_job() for d in found.drives]
+    env = _Env(redis_url, "rvresubmit", whole)
+    try:
+        await submit_jobs(redis_url, env.ns, found.drives, BrokerSettings(), split="span", span_s=120)
+        await submit_jobs(redis_url, env.ns, found.drives, BrokerSettings(), split="span", span_s=60)
+        assert await env.broker.range(names.stream_name(names.JOBS, ns=env.ns), count=10)
+        # When one worker ingests whatever was queued
+        worker = Worker(build(env.settings, env.blobs), env.broker, env.blobs, env.settings, burst=True)
+        await asyncio.wait_for(worker.run(), 60)
+        # Then the partition holds the drive's frames once, numbered without a gap, between
+        # one "started" and one "ended", each frame's blob holding that frame's pixels
+        entries = (await env.entries())["front"]
+        kinds = [m.event if isinstance(m, DriveMarker) else "frame" for m in entries]
+        frames = [m for m in entries if isinstance(m, FrameRef)]
+        assert kinds == ["started", *["frame"] * len(frames), "ended"]
+        assert [f.seq for f in frames] == list(range(len(frames)))
+        assert len({(f.clip, f.tick) for f in frames}) == len(frames)
+        # and each frame's blob holds the pixels one whole-drive job stores for that seq
+        one = _Env(redis_url, "rvresubmitwhole", whole)
+        try:
+            await one.handler().ingest(whole)
+            expected = [m for m in (await one.entries())["front"] if isinstance(m, FrameRef)]
+            assert [await env.blobs.get(f.blob_key) for f in frames] == [await one.blobs.get(f.blob_key) for f in expected]
+        finally:
+            await one.close()
+    finally:
+        await env.close()
