@@ -128,3 +128,35 @@ async def test_a_drive_submitted_again_with_other_spans_publishes_nothing_twice(
             await one.close()
     finally:
         await env.close()
+
+
+async def test_a_dead_lettered_span_leaves_the_chain_to_a_job_instead_of_publishing_in_the_hook(
+    tmp_path: Path, redis_url: str
+) -> None:
+    from stream import names
+
+    # Given a three-minute one-camera drive in one-minute spans whose last two spans are
+    # stored, waiting for the first, and a frames hop whose backlog is full (detect is behind)
+    whole = _drive(tmp_path, 3, ("front",))
+    first, second, third = split_job(whole, "span", span_s=60)
+    env = _Env(redis_url, "rvdeadhook", whole)
+    backlog = env.broker.settings
+    env.broker.settings = backlog.model_copy(update={"max_lag": 0})
+    try:
+        await env.handler().ingest(second)
+        await env.handler().ingest(third)
+        (stream,) = await env.broker.streams(f"{env.ns}:frames:*")
+        await env.broker.ensure_group(stream, names.DETECT)  # it holds "started", unread
+        # When the first span is dead-lettered (the hook may run in the heartbeat's reclaim)
+        outputs = await asyncio.wait_for(env.handler().dead_lettered(first, "boom"), 5)
+        # Then the hook returns at once, with the span's job queued again to move the chain
+        assert [o.hop for o in outputs] == [names.JOBS]
+        assert not [m for m in (await env.entries())["front"] if isinstance(m, FrameRef)]
+        # and that job, once detect has room, publishes the other spans and ends the drive
+        env.broker.settings = backlog
+        ended = await env.handler().ingest(outputs[0].message)
+        assert ended is not None and any("dead-lettered (boom)" in p for p in ended.problems)
+        frames = [m for m in (await env.entries())["front"] if isinstance(m, FrameRef)]
+        assert [f.seq for f in frames] == list(range(10)) and frames[0].clip == whole.clips[1].start
+    finally:
+        await env.close()

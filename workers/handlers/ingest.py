@@ -260,8 +260,7 @@ class IngestHandler(Handler):
             return self._marker_outputs(message, self._marker(message, "ended", progress))
         mine = job_cameras(message)
         if message.span is not None:
-            await self._span_failed(message, error)
-            return []
+            return await self._span_failed(message, error)
         problem = (f"{message.root}: ingest of camera(s) {', '.join(mine)} of this drive failed and was "
                    f"dead-lettered ({error}); frames after the failure were not published")  # fmt: skip
         ns = self.settings.namespace
@@ -312,20 +311,26 @@ class IngestHandler(Handler):
         await self.publisher.put_value(key, record.encode(), RECORD_TTL_MS)
         return await self._advance_chain(job)
 
-    async def _span_failed(self, job: Job, error: str) -> None:
+    async def _span_failed(self, job: Job, error: str) -> list[Output]:
         """A span dead-lettered for good: an empty record with the failure as its problem,
-        so the chain moves past it and the camera and drive still end."""
+        so the chain moves past it and the camera and drive still end.
+
+        Returns:
+            The span's job queued again (once): finding its record, it advances the chain
+            as any redelivered span job does. Not here: this hook may run in the heartbeat
+            (reclaim), and the chain's spans wait for detect's room as they publish; and
+            the dead letter is acked already, so a crash here would leave the chain stuck.
+        """
         camera, span = job.cameras[0], job.span
         key = span_key(self.settings.namespace, job.drive_id, camera, span.index, span.count)
-        if await self.publisher.get_value(key) is not None:  # it stored its record before failing
-            await self._advance_chain(job)
-            return
-        minutes = f"{job.clips[span.first].start} to {job.clips[span.end - 1].start}"
-        problem = (f"{job.root}: ingest of camera {camera}, minutes {minutes}, of this drive failed and was "
-                   f"dead-lettered ({error}); none of their frames were published")  # fmt: skip
-        record = SpanRecord(CameraRecord(problems=[(span.first, problem)]), [])
-        await self.publisher.put_value(key, record.encode(), RECORD_TTL_MS)
-        await self._advance_chain(job)
+        if await self.publisher.get_value(key) is None:  # else it stored its record before failing
+            minutes = f"{job.clips[span.first].start} to {job.clips[span.end - 1].start}"
+            problem = (f"{job.root}: ingest of camera {camera}, minutes {minutes}, of this drive failed and was "
+                       f"dead-lettered ({error}); none of their frames were published")  # fmt: skip
+            record = SpanRecord(CameraRecord(problems=[(span.first, problem)]), [])
+            await self.publisher.put_value(key, record.encode(), RECORD_TTL_MS)
+        again = ids.output_key(INGEST, job.drive_id, "advance", camera, f"{span.index}/{span.count}")
+        return [Output(JOBS, job, again)]
 
     async def _advance_chain(self, job: Job) -> DriveMarker | None:
         """Publish the camera's stored spans in order from the chain's cursor; the job that
