@@ -123,7 +123,9 @@ class RunProbe:
         for hop in HOPS:
             values = [s.get(f"backlog_{hop}", 0.0) for s in good]
             unknown = sum(s.get(f"lag_unknown_{hop}", 0.0) for s in good) / len(good)
+            # A sample whose lag Redis could not give is not an empty hop (``lag_unknown_share``).
+            empty = sum(s.get(f"backlog_{hop}", 0.0) == 0 and not s.get(f"lag_unknown_{hop}") for s in good)
             out[f"backlog_{hop}"] = {"mean": round(statistics.fmean(values), 1), "median": statistics.median(values),
-                                     "max": max(values), "zero_share": round(sum(v == 0 for v in values) / len(values), 3),
+                                     "max": max(values), "zero_share": round(empty / len(values), 3),
                                      "lag_unknown_share": round(unknown, 3)}  # fmt: skip
         return out

@@ -87,6 +87,11 @@ def split_job(job: Job, split: str = "camera", span_s: float = SPAN_S) -> list[J
 
 
 def part_name(job: Job) -> str:
-    """What distinguishes the job among its drive's parts (for dedupe keys); "" for a whole drive."""
+    """What distinguishes the job among its drive's parts (for dedupe keys); "" for a whole drive.
+
+    A span is named with its index and the count of its camera's spans: the same drive cut
+    otherwise (another ``span_s``) is another chain (``workers.handlers.ingest_spans``), not
+    spans that would join this one's.
+    """
     name = ",".join(job_cameras(job)) if job.cameras else ""
-    return f"{name}#{job.span.index}" if job.span is not None else name
+    return f"{name}#{job.span.index}/{job.span.count}" if job.span is not None else name

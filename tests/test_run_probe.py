@@ -93,3 +93,21 @@ def test_probe_timeline_says_when_frames_began_reached_half_and_ended(redis_url:
     line = probe.summary()["timeline_s"]
     assert line["first_frame"] < line["half_frames"] == line["last_frame"]
     assert line["last_detection"] == line["last_frame"]
+
+
+def test_probe_does_not_take_a_hop_of_unknown_lag_for_an_empty_one(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    # Given a frames partition whose group read nothing, with an entry deleted inside its
+    # range: two entries wait, but Redis reports no lag (and nothing is pending)
+    ids = [client.xadd("uz:frames:{0}", {"i": i}) for i in range(3)]
+    client.xgroup_create("uz:frames:{0}", "g", id="0")
+    client.xdel("uz:frames:{0}", ids[1])
+    probe = RunProbe(redis_url, "uz", 0, 2**30, period_s=0.05)
+    deadline = time.monotonic() + 10
+    while len(probe.samples) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    probe.stop()
+    # When summarised / Then no sample counts the hop as empty: its lag is unknown
+    got = probe.summary()["backlog_frames"]
+    assert got["lag_unknown_share"] == 1.0
+    assert got["zero_share"] == 0.0

@@ -210,7 +210,7 @@ class IngestHandler(Handler):
         progress = DriveProgress(cameras, {c: 0 for c in cameras}, minutes=len(job.clips))
         await self._publish_markers(job, self._marker(job, "started", progress), mine)
         if job.span is not None:
-            key = span_key(self.settings.namespace, job.drive_id, mine[0], job.span.index)
+            key = span_key(self.settings.namespace, job.drive_id, mine[0], job.span.index, job.span.count)
             if await self.publisher.get_value(key) is not None:  # redelivered after its record was stored
                 return await self._advance_chain(job)
             progress.held = []
@@ -260,8 +260,7 @@ class IngestHandler(Handler):
             return self._marker_outputs(message, self._marker(message, "ended", progress))
         mine = job_cameras(message)
         if message.span is not None:
-            await self._span_failed(message, error)
-            return []
+            return await self._span_failed(message, error)
         problem = (f"{message.root}: ingest of camera(s) {', '.join(mine)} of this drive failed and was "
                    f"dead-lettered ({error}); frames after the failure were not published")  # fmt: skip
         ns = self.settings.namespace
@@ -308,24 +307,30 @@ class IngestHandler(Handler):
         then advance the camera's chain."""
         camera = job.cameras[0]
         record = SpanRecord(_camera_record(progress, camera), progress.held or [])
-        key = span_key(self.settings.namespace, job.drive_id, camera, job.span.index)
+        key = span_key(self.settings.namespace, job.drive_id, camera, job.span.index, job.span.count)
         await self.publisher.put_value(key, record.encode(), RECORD_TTL_MS)
         return await self._advance_chain(job)
 
-    async def _span_failed(self, job: Job, error: str) -> None:
+    async def _span_failed(self, job: Job, error: str) -> list[Output]:
         """A span dead-lettered for good: an empty record with the failure as its problem,
-        so the chain moves past it and the camera and drive still end."""
+        so the chain moves past it and the camera and drive still end.
+
+        Returns:
+            The span's job queued again (once): finding its record, it advances the chain
+            as any redelivered span job does. Not here: this hook may run in the heartbeat
+            (reclaim), and the chain's spans wait for detect's room as they publish; and
+            the dead letter is acked already, so a crash here would leave the chain stuck.
+        """
         camera, span = job.cameras[0], job.span
-        key = span_key(self.settings.namespace, job.drive_id, camera, span.index)
-        if await self.publisher.get_value(key) is not None:  # it stored its record before failing
-            await self._advance_chain(job)
-            return
-        minutes = f"{job.clips[span.first].start} to {job.clips[span.end - 1].start}"
-        problem = (f"{job.root}: ingest of camera {camera}, minutes {minutes}, of this drive failed and was "
-                   f"dead-lettered ({error}); none of their frames were published")  # fmt: skip
-        record = SpanRecord(CameraRecord(problems=[(span.first, problem)]), [])
-        await self.publisher.put_value(key, record.encode(), RECORD_TTL_MS)
-        await self._advance_chain(job)
+        key = span_key(self.settings.namespace, job.drive_id, camera, span.index, span.count)
+        if await self.publisher.get_value(key) is None:  # else it stored its record before failing
+            minutes = f"{job.clips[span.first].start} to {job.clips[span.end - 1].start}"
+            problem = (f"{job.root}: ingest of camera {camera}, minutes {minutes}, of this drive failed and was "
+                       f"dead-lettered ({error}); none of their frames were published")  # fmt: skip
+            record = SpanRecord(CameraRecord(problems=[(span.first, problem)]), [])
+            await self.publisher.put_value(key, record.encode(), RECORD_TTL_MS)
+        again = ids.output_key(INGEST, job.drive_id, "advance", camera, f"{span.index}/{span.count}")
+        return [Output(JOBS, job, again)]
 
     async def _advance_chain(self, job: Job) -> DriveMarker | None:
         """Publish the camera's stored spans in order from the chain's cursor; the job that
@@ -337,10 +342,10 @@ class IngestHandler(Handler):
         """
         ns, camera, count = self.settings.namespace, job.cameras[0], job.span.count
         while True:
-            cursor = Cursor.decode(await self.publisher.get_value(chain_key(ns, job.drive_id, camera)))
+            cursor = Cursor.decode(await self.publisher.get_value(chain_key(ns, job.drive_id, camera, count)))
             if cursor.next >= count:
                 break
-            data = await self.publisher.get_value(span_key(ns, job.drive_id, camera, cursor.next))
+            data = await self.publisher.get_value(span_key(ns, job.drive_id, camera, cursor.next, count))
             if data is None:
                 return None  # that span still decodes: its job goes on from here
             if data == PUBLISHED:
@@ -348,7 +353,7 @@ class IngestHandler(Handler):
             refs = SpanRecord.decode(data).refs
             await self._publish_held(job, camera, refs, cursor.frames)
             after = Cursor(cursor.next + 1, cursor.frames + len(refs))
-            await self.publisher.put_value(chain_key(ns, job.drive_id, camera), after.encode(), RECORD_TTL_MS)
+            await self.publisher.put_value(chain_key(ns, job.drive_id, camera, count), after.encode(), RECORD_TTL_MS)
         await self._store_camera_record(job, camera)
         return await self._end_if_complete(job)
 
@@ -357,7 +362,7 @@ class IngestHandler(Handler):
         ns = self.settings.namespace
         if await self.publisher.get_value(record_key(ns, job.drive_id, camera)) is not None:
             return
-        keys = [span_key(ns, job.drive_id, camera, k) for k in range(job.span.count)]
+        keys = [span_key(ns, job.drive_id, camera, k, job.span.count) for k in range(job.span.count)]
         spans = []
         for key in keys:
             data = await self.publisher.get_value(key)
@@ -600,8 +605,8 @@ class IngestHandler(Handler):
         for shot in shots:
             seq = progress.frame_counts[camera]
             progress.frame_counts[camera] = seq + 1
-            # A held span's seq is its own (renumbered when published): its pixels' key names the span.
-            key = ids.blob_key(job.drive_id, f"{camera}.{job.span.index}" if held else camera, seq)
+            # A held span's seq is its own (renumbered when published): its pixels' key names the span (and the cut).
+            key = ids.blob_key(job.drive_id, f"{camera}.{job.span.index}.{job.span.count}" if held else camera, seq)
             blobs[key] = shot.pixels.data
             utc = created + shot.pts_s if created is not None else None
             progress.ticks.add(shot.tick)
@@ -630,7 +635,7 @@ class IngestHandler(Handler):
         Without that limit, held spans filling every ingest process could wait for ever
         on the span before them, whose job waits for a free process after its worker died.
         """
-        key = chain_key(self.settings.namespace, job.drive_id, camera)
+        key = chain_key(self.settings.namespace, job.drive_id, camera, job.span.count)
         seen, since = await self.publisher.get_value(key), time.monotonic()
         if progress.stuck_at is not None and (seen or b"") == progress.stuck_at:
             return  # still stuck where it gave up: no new wait per chunk
@@ -641,6 +646,8 @@ class IngestHandler(Handler):
             except TimeoutError:
                 pass
             now = await self.publisher.get_value(key)
+            if Cursor.decode(now).next >= job.span.index:
+                return  # it became next to publish while waiting: it never waits (see ingest_spans)
             if now != seen:
                 seen, since = now, time.monotonic()
             elif time.monotonic() - since > HELD_STUCK_S:
@@ -651,7 +658,7 @@ class IngestHandler(Handler):
 
     async def _next_to_publish(self, job: Job, camera: str) -> bool:
         """Whether every span before this one is published (this span's turn is next)."""
-        data = await self.publisher.get_value(chain_key(self.settings.namespace, job.drive_id, camera))
+        data = await self.publisher.get_value(chain_key(self.settings.namespace, job.drive_id, camera, job.span.count))
         return Cursor.decode(data).next >= job.span.index
 
     def _marker(self, job: Job, event: str, progress: DriveProgress) -> DriveMarker:
