@@ -7,6 +7,8 @@ part also names its minutes in ``Job.span``.
 
 from __future__ import annotations
 
+import hashlib
+
 from stages.decode import minute_offsets
 from stages.discover import CAMERAS
 from stream.schemas import Job, Span
@@ -79,8 +81,9 @@ def split_job(job: Job, split: str = "camera", span_s: float = SPAN_S) -> list[J
         return [job]
     if len(bounds) < 2:
         return [job.copy_with(cameras=[camera]) for camera in cameras]
+    cut = hashlib.blake2b(repr(bounds).encode(), digest_size=4).hexdigest()
     return [
-        job.copy_with(cameras=[camera], span=Span(index=k, count=len(bounds), first=first, end=end))
+        job.copy_with(cameras=[camera], span=Span(index=k, count=len(bounds), first=first, end=end, cut=cut))
         for k, (first, end) in enumerate(bounds)
         for camera in cameras  # a camera with no clip in a span still gets it: it reports the gap
     ]
@@ -89,9 +92,9 @@ def split_job(job: Job, split: str = "camera", span_s: float = SPAN_S) -> list[J
 def part_name(job: Job) -> str:
     """What distinguishes the job among its drive's parts (for dedupe keys); "" for a whole drive.
 
-    A span is named with its index and the count of its camera's spans: the same drive cut
-    otherwise (another ``span_s``) is another chain (``workers.handlers.ingest_spans``), not
-    spans that would join this one's.
+    A span is named with its index and its cut (``Span.cut``): the same drive cut otherwise
+    (another ``span_s``) is another chain (``workers.handlers.ingest_spans``), not spans
+    that would join this one's.
     """
     name = ",".join(job_cameras(job)) if job.cameras else ""
-    return f"{name}#{job.span.index}/{job.span.count}" if job.span is not None else name
+    return f"{name}#{job.span.index}@{job.span.cut}" if job.span is not None else name

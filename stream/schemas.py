@@ -80,6 +80,9 @@ class Span(Model):
     count: int = Field(ge=1)  # spans of the camera
     first: int = Field(ge=0)  # index in ``Job.clips`` of the span's first minute
     end: int = Field(ge=1)  # one past its last minute
+    #: Names the cut (every span's bounds): spans of one cut share a chain; the same
+    #: drive cut otherwise (another ``span_s``, more minutes) is another chain.
+    cut: str = Field(min_length=1)
 
 
 class Job(Message):

@@ -89,23 +89,27 @@ async def test_a_held_span_that_becomes_next_while_waiting_for_memory_stops_wait
         await env.close()
 
 
-async def test_a_drive_submitted_again_with_other_spans_publishes_nothing_twice(tmp_path: Path, redis_url: str) -> None:
+@pytest.mark.parametrize(("minutes", "span_s", "again_s"), [(3, 120, 60), (5, 180, 240)],
+                         ids=["other-count", "same-count-other-bounds"])  # fmt: skip
+async def test_a_drive_submitted_again_with_other_spans_publishes_nothing_twice(
+    tmp_path: Path, redis_url: str, minutes: int, span_s: float, again_s: float
+) -> None:
     from stream import names
     from stream.settings import BrokerSettings
     from workers.cli.ingest import submit_jobs
 
-    # Given a three-minute one-camera drive submitted in spans of 120 s (two spans), then
-    # again in spans of 60 s (three spans; an operator changed ingest.span_s); each minute's
-    # pictures differ (their sizes)
-    sizes = [(160, 120), (192, 144), (224, 168)]
+    # Given a one-camera drive submitted in spans of span_s, then again in spans of again_s
+    # (an operator changed ingest.span_s): 3 minutes in 2 spans then 3; or 5 minutes in two
+    # spans of 3 + 2 minutes, then two of 4 + 1; each minute's pictures differ (their sizes)
+    sizes = [(160 + 32 * i, 120 + 24 * i) for i in range(minutes)]
     specs = {(i, "front"): tc.ClipSpec(duration_s=1.0, size=size) for i, size in enumerate(sizes)}
-    tc.make_drive(tmp_path, minutes=3, cameras=("front",), specs=specs)
+    tc.make_drive(tmp_path, minutes=minutes, cameras=("front",), specs=specs)
     found = discover(tmp_path)
     (whole,) = [d.to_job() for d in found.drives]
-    env = _Env(redis_url, "rvresubmit", whole)
+    env = _Env(redis_url, f"rvresubmit{minutes}", whole)
     try:
-        await submit_jobs(redis_url, env.ns, found.drives, BrokerSettings(), split="span", span_s=120)
-        await submit_jobs(redis_url, env.ns, found.drives, BrokerSettings(), split="span", span_s=60)
+        await submit_jobs(redis_url, env.ns, found.drives, BrokerSettings(), split="span", span_s=span_s)
+        await submit_jobs(redis_url, env.ns, found.drives, BrokerSettings(), split="span", span_s=again_s)
         assert await env.broker.range(names.stream_name(names.JOBS, ns=env.ns), count=10)
         # When one worker ingests whatever was queued
         worker = Worker(build(env.settings, env.blobs), env.broker, env.blobs, env.settings, burst=True)
@@ -119,7 +123,7 @@ async def test_a_drive_submitted_again_with_other_spans_publishes_nothing_twice(
         assert [f.seq for f in frames] == list(range(len(frames)))
         assert len({(f.clip, f.tick) for f in frames}) == len(frames)
         # and each frame's blob holds the pixels one whole-drive job stores for that seq
-        one = _Env(redis_url, "rvresubmitwhole", whole)
+        one = _Env(redis_url, f"rvresubmitwhole{minutes}", whole)
         try:
             await one.handler().ingest(whole)
             expected = [m for m in (await one.entries())["front"] if isinstance(m, FrameRef)]

@@ -210,7 +210,7 @@ class IngestHandler(Handler):
         progress = DriveProgress(cameras, {c: 0 for c in cameras}, minutes=len(job.clips))
         await self._publish_markers(job, self._marker(job, "started", progress), mine)
         if job.span is not None:
-            key = span_key(self.settings.namespace, job.drive_id, mine[0], job.span.index, job.span.count)
+            key = span_key(self.settings.namespace, job.drive_id, mine[0], job.span.index, job.span.cut)
             if await self.publisher.get_value(key) is not None:  # redelivered after its record was stored
                 return await self._advance_chain(job)
             progress.held = []
@@ -307,7 +307,7 @@ class IngestHandler(Handler):
         then advance the camera's chain."""
         camera = job.cameras[0]
         record = SpanRecord(_camera_record(progress, camera), progress.held or [])
-        key = span_key(self.settings.namespace, job.drive_id, camera, job.span.index, job.span.count)
+        key = span_key(self.settings.namespace, job.drive_id, camera, job.span.index, job.span.cut)
         await self.publisher.put_value(key, record.encode(), RECORD_TTL_MS)
         return await self._advance_chain(job)
 
@@ -322,14 +322,14 @@ class IngestHandler(Handler):
             the dead letter is acked already, so a crash here would leave the chain stuck.
         """
         camera, span = job.cameras[0], job.span
-        key = span_key(self.settings.namespace, job.drive_id, camera, span.index, span.count)
+        key = span_key(self.settings.namespace, job.drive_id, camera, span.index, span.cut)
         if await self.publisher.get_value(key) is None:  # else it stored its record before failing
             minutes = f"{job.clips[span.first].start} to {job.clips[span.end - 1].start}"
             problem = (f"{job.root}: ingest of camera {camera}, minutes {minutes}, of this drive failed and was "
                        f"dead-lettered ({error}); none of their frames were published")  # fmt: skip
             record = SpanRecord(CameraRecord(problems=[(span.first, problem)]), [])
             await self.publisher.put_value(key, record.encode(), RECORD_TTL_MS)
-        again = ids.output_key(INGEST, job.drive_id, "advance", camera, f"{span.index}/{span.count}")
+        again = ids.output_key(INGEST, job.drive_id, "advance", camera, f"{span.index}@{span.cut}")
         return [Output(JOBS, job, again)]
 
     async def _advance_chain(self, job: Job) -> DriveMarker | None:
@@ -342,10 +342,10 @@ class IngestHandler(Handler):
         """
         ns, camera, count = self.settings.namespace, job.cameras[0], job.span.count
         while True:
-            cursor = Cursor.decode(await self.publisher.get_value(chain_key(ns, job.drive_id, camera, count)))
+            cursor = Cursor.decode(await self.publisher.get_value(chain_key(ns, job.drive_id, camera, job.span.cut)))
             if cursor.next >= count:
                 break
-            data = await self.publisher.get_value(span_key(ns, job.drive_id, camera, cursor.next, count))
+            data = await self.publisher.get_value(span_key(ns, job.drive_id, camera, cursor.next, job.span.cut))
             if data is None:
                 return None  # that span still decodes: its job goes on from here
             if data == PUBLISHED:
@@ -353,7 +353,7 @@ class IngestHandler(Handler):
             refs = SpanRecord.decode(data).refs
             await self._publish_held(job, camera, refs, cursor.frames)
             after = Cursor(cursor.next + 1, cursor.frames + len(refs))
-            await self.publisher.put_value(chain_key(ns, job.drive_id, camera, count), after.encode(), RECORD_TTL_MS)
+            await self.publisher.put_value(chain_key(ns, job.drive_id, camera, job.span.cut), after.encode(), RECORD_TTL_MS)
         await self._store_camera_record(job, camera)
         return await self._end_if_complete(job)
 
@@ -362,7 +362,7 @@ class IngestHandler(Handler):
         ns = self.settings.namespace
         if await self.publisher.get_value(record_key(ns, job.drive_id, camera)) is not None:
             return
-        keys = [span_key(ns, job.drive_id, camera, k, job.span.count) for k in range(job.span.count)]
+        keys = [span_key(ns, job.drive_id, camera, k, job.span.cut) for k in range(job.span.count)]
         spans = []
         for key in keys:
             data = await self.publisher.get_value(key)
@@ -606,7 +606,7 @@ class IngestHandler(Handler):
             seq = progress.frame_counts[camera]
             progress.frame_counts[camera] = seq + 1
             # A held span's seq is its own (renumbered when published): its pixels' key names the span (and the cut).
-            key = ids.blob_key(job.drive_id, f"{camera}.{job.span.index}.{job.span.count}" if held else camera, seq)
+            key = ids.blob_key(job.drive_id, f"{camera}.{job.span.index}.{job.span.cut}" if held else camera, seq)
             blobs[key] = shot.pixels.data
             utc = created + shot.pts_s if created is not None else None
             progress.ticks.add(shot.tick)
@@ -635,7 +635,7 @@ class IngestHandler(Handler):
         Without that limit, held spans filling every ingest process could wait for ever
         on the span before them, whose job waits for a free process after its worker died.
         """
-        key = chain_key(self.settings.namespace, job.drive_id, camera, job.span.count)
+        key = chain_key(self.settings.namespace, job.drive_id, camera, job.span.cut)
         seen, since = await self.publisher.get_value(key), time.monotonic()
         if progress.stuck_at is not None and (seen or b"") == progress.stuck_at:
             return  # still stuck where it gave up: no new wait per chunk
@@ -658,7 +658,7 @@ class IngestHandler(Handler):
 
     async def _next_to_publish(self, job: Job, camera: str) -> bool:
         """Whether every span before this one is published (this span's turn is next)."""
-        data = await self.publisher.get_value(chain_key(self.settings.namespace, job.drive_id, camera, job.span.count))
+        data = await self.publisher.get_value(chain_key(self.settings.namespace, job.drive_id, camera, job.span.cut))
         return Cursor.decode(data).next >= job.span.index
 
     def _marker(self, job: Job, event: str, progress: DriveProgress) -> DriveMarker:

@@ -41,19 +41,19 @@ from workers.handlers.ingest_parts import CameraRecord
 PUBLISHED = b"published"
 
 
-def span_key(namespace: str, drive_id: str, camera: str, index: int, count: int) -> str:
-    """Broker value key of one span's record (span ``index`` of ``count``).
+def span_key(namespace: str, drive_id: str, camera: str, index: int, cut: str) -> str:
+    """Broker value key of one span's record (span ``index`` of the cut ``Span.cut``).
 
-    The count names the cut: a drive submitted again with other spans (another
-    ``ingest.span_s``) is a chain of its own, whose frames, numbered alike, are
+    The cut names how the drive was split: a drive submitted again with other spans
+    (another ``ingest.span_s``) is a chain of its own, whose frames, numbered alike, are
     deduplicated, instead of spans of another cut that publish minutes twice.
     """
-    return f"{namespace}:ingest-span:{drive_id}:{camera}:{count}:{index}"
+    return f"{namespace}:ingest-span:{drive_id}:{camera}:{cut}:{index}"
 
 
-def chain_key(namespace: str, drive_id: str, camera: str, count: int) -> str:
-    """Broker value key of a camera's chain cursor (of its cut into ``count`` spans)."""
-    return f"{namespace}:ingest-chain:{drive_id}:{camera}:{count}"
+def chain_key(namespace: str, drive_id: str, camera: str, cut: str) -> str:
+    """Broker value key of a camera's chain cursor (of the cut ``Span.cut``)."""
+    return f"{namespace}:ingest-chain:{drive_id}:{camera}:{cut}"
 
 
 @dataclass
