@@ -164,3 +164,32 @@ async def test_a_dead_lettered_span_leaves_the_chain_to_a_job_instead_of_publish
         assert [f.seq for f in frames] == list(range(10)) and frames[0].clip == whole.clips[1].start
     finally:
         await env.close()
+
+
+async def test_a_job_passing_a_finished_chain_clears_the_span_records_a_dead_job_left(
+    tmp_path: Path, redis_url: str
+) -> None:
+    from workers.handlers.ingest_parts import record_key
+    from workers.handlers.ingest_spans import PUBLISHED, span_key
+
+    # Given a two-minute one-camera drive in one-minute spans, ingested, whose span records
+    # were then put back as a job that stored the camera's record and died before clearing
+    # them would leave them
+    whole = _drive(tmp_path, 2, ("front",))
+    first, second = split_job(whole, "span", span_s=60)
+    env = _Env(redis_url, "rvtomb", whole)
+    try:
+        await env.handler().ingest(first)
+        await env.handler().ingest(second)
+        keys = [span_key(env.ns, whole.drive_id, "front", k, first.span.cut) for k in range(2)]
+        assert [await env.broker.get_value(k) for k in keys] == [PUBLISHED, PUBLISHED]
+        assert await env.broker.get_value(record_key(env.ns, whole.drive_id, "front")) is not None
+        await env.broker.put_value(keys[1], b"a full record")
+        # When the span's job is delivered again
+        await env.handler().ingest(second)
+        # Then the records are tombstones again, and nothing was published twice
+        assert [await env.broker.get_value(k) for k in keys] == [PUBLISHED, PUBLISHED]
+        frames = [m for m in (await env.entries())["front"] if isinstance(m, FrameRef)]
+        assert [f.seq for f in frames] == list(range(len(frames))) and frames
+    finally:
+        await env.close()

@@ -288,7 +288,7 @@ async def test_a_dead_lettered_span_leaves_a_gap_the_chain_moves_past_and_the_dr
         assert [f.tick for f in frames] == sorted(f.tick for f in frames)
     # and the drives hop's one "ended" names the failed minutes and counts what was published
     (ended,) = [m for m in out[(":drives", None)] if m.event == "ended"]
-    assert any("ingest of camera front, minutes" in p and "dead-lettered" in p for p in ended.problems)
+    assert any("ingest of camera front, minute no-time," in p and "dead-lettered" in p for p in ended.problems)
     front = [m for k, v in out.items() if k != "dead" and k[1] == "front" for m in v if isinstance(m, FrameRef)]
     assert ended.frame_counts["front"] == len(front) > 0
 

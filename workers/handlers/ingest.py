@@ -308,7 +308,10 @@ class IngestHandler(Handler):
         camera = job.cameras[0]
         record = SpanRecord(_camera_record(progress, camera), progress.held or [])
         key = span_key(self.settings.namespace, job.drive_id, camera, job.span.index, job.span.cut)
-        await self.publisher.put_value(key, record.encode(), RECORD_TTL_MS)
+        # Another delivery of this span (a worker paused past its claim) may have stored its
+        # record first, and the chain published from it: that one stands.
+        if await self.publisher.get_value(key) is None:
+            await self.publisher.put_value(key, record.encode(), RECORD_TTL_MS)
         return await self._advance_chain(job)
 
     async def _span_failed(self, job: Job, error: str) -> list[Output]:
@@ -324,8 +327,9 @@ class IngestHandler(Handler):
         camera, span = job.cameras[0], job.span
         key = span_key(self.settings.namespace, job.drive_id, camera, span.index, span.cut)
         if await self.publisher.get_value(key) is None:  # else it stored its record before failing
-            minutes = f"{job.clips[span.first].start} to {job.clips[span.end - 1].start}"
-            problem = (f"{job.root}: ingest of camera {camera}, minutes {minutes}, of this drive failed and was "
+            first, last = job.clips[span.first].start, job.clips[span.end - 1].start
+            minutes = f"minute {first}" if first == last else f"minutes {first} to {last}"
+            problem = (f"{job.root}: ingest of camera {camera}, {minutes}, of this drive failed and was "
                        f"dead-lettered ({error}); none of their frames were published")  # fmt: skip
             record = SpanRecord(CameraRecord(problems=[(span.first, problem)]), [])
             await self.publisher.put_value(key, record.encode(), RECORD_TTL_MS)
@@ -358,18 +362,19 @@ class IngestHandler(Handler):
         return await self._end_if_complete(job)
 
     async def _store_camera_record(self, job: Job, camera: str) -> None:
-        """The camera's record joined from its spans' (once), then the spans become tombstones."""
+        """The camera's record joined from its spans' (once), then the spans become
+        tombstones (again by every job that passes: one that stored the record may have
+        died before it cleared them)."""
         ns = self.settings.namespace
-        if await self.publisher.get_value(record_key(ns, job.drive_id, camera)) is not None:
-            return
         keys = [span_key(ns, job.drive_id, camera, k, job.span.cut) for k in range(job.span.count)]
-        spans = []
-        for key in keys:
-            data = await self.publisher.get_value(key)
-            if data is None or data == PUBLISHED:
-                return  # another job stored the record and is clearing the spans
-            spans.append(SpanRecord.decode(data).record)
-        await self.publisher.put_value(record_key(ns, job.drive_id, camera), join(spans).encode(), RECORD_TTL_MS)
+        if await self.publisher.get_value(record_key(ns, job.drive_id, camera)) is None:
+            spans = []
+            for key in keys:
+                data = await self.publisher.get_value(key)
+                if data is None or data == PUBLISHED:
+                    return  # another job stored the record and is clearing the spans
+                spans.append(SpanRecord.decode(data).record)
+            await self.publisher.put_value(record_key(ns, job.drive_id, camera), join(spans).encode(), RECORD_TTL_MS)
         for key in keys:
             await self.publisher.put_value(key, PUBLISHED, RECORD_TTL_MS)
 
