@@ -18,6 +18,8 @@ published again (deduplicated) by the job that moved it back. The job that moves
 cursor past the last span stores the camera's record (``workers.handlers.ingest_parts``),
 and the drive ends as a drive split per camera does. Then each span record becomes a
 tombstone: the frames it listed are published, and the broker keeps no copy of them.
+A span dead-lettered for good stores an empty record naming its minutes and queues its
+job once more, which finds the record and moves the chain past the gap.
 
 A span's pixels wait in the blob store until its turn. Only spans that are not next to
 publish wait for memory room (``broker.max_blob_bytes``), so spans held back by an
