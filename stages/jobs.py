@@ -39,9 +39,14 @@ def span_bounds(job: Job, span_s: float) -> list[tuple[int, int]]:
     start. The last span may be shorter.
 
     Returns:
-        ``(first, end)`` clip index ranges in time order; one range for a short drive.
+        ``(first, end)`` clip index ranges in time order; one range for a short drive, and
+        for one whose minutes cannot be placed in time (its ingest job then fails and
+        says why, as an unsplit one does).
     """
-    offsets = minute_offsets(job)
+    try:
+        offsets = minute_offsets(job)
+    except ValueError:  # a clip name that is no time, without a UTC start
+        return [(0, len(job.clips))]
     bounds, first = [], 0
     for index, offset in enumerate(offsets):
         if offset - offsets[first] >= span_s:

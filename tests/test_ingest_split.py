@@ -310,6 +310,9 @@ def test_spans_cut_whole_minutes_of_at_least_the_span_length() -> None:
     assert all(j.span is None for j in split_job(job, "camera"))
     with pytest.raises(ValueError, match="span_s"):
         split_job(job, "span", span_s=0)
+    # and a drive whose minutes cannot be placed in time is one span (its ingest says why)
+    unplaced = job.copy_with(clips=[c.model_copy(update={"start": "no-time", "utc": None}) for c in clips])
+    assert span_bounds(unplaced, 120) == [(0, 7)]
 
 
 async def test_a_held_span_whose_chain_is_stuck_stops_waiting_for_memory(
