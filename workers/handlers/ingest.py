@@ -210,8 +210,8 @@ class IngestHandler(Handler):
         progress = DriveProgress(cameras, {c: 0 for c in cameras}, minutes=len(job.clips))
         await self._publish_markers(job, self._marker(job, "started", progress), mine)
         if job.span is not None:
-            key = span_key(self.settings.namespace, job.drive_id, mine[0], job.span.index, job.span.cut)
-            if await self.publisher.get_value(key) is not None:  # redelivered after its record was stored
+            # Redelivered after it stored its record: only the chain is left to move.
+            if await self.publisher.get_value(self._span_key(job, job.span.index)) is not None:
                 return await self._advance_chain(job)
             progress.held = []
         pool = _Encoders()
@@ -307,7 +307,7 @@ class IngestHandler(Handler):
         then advance the camera's chain."""
         camera = job.cameras[0]
         record = SpanRecord(_camera_record(progress, camera), progress.held or [])
-        key = span_key(self.settings.namespace, job.drive_id, camera, job.span.index, job.span.cut)
+        key = self._span_key(job, job.span.index)
         # Another delivery of this span (a worker paused past its claim) may have stored its
         # record first, and the chain published from it: that one stands.
         if await self.publisher.get_value(key) is None:
@@ -325,7 +325,7 @@ class IngestHandler(Handler):
             the dead letter is acked already, so a crash here would leave the chain stuck.
         """
         camera, span = job.cameras[0], job.span
-        key = span_key(self.settings.namespace, job.drive_id, camera, span.index, span.cut)
+        key = self._span_key(job, span.index)
         if await self.publisher.get_value(key) is None:  # else it stored its record before failing
             first, last = job.clips[span.first].start, job.clips[span.end - 1].start
             minutes = f"minute {first}" if first == last else f"minutes {first} to {last}"
@@ -344,12 +344,12 @@ class IngestHandler(Handler):
         Returns:
             The "ended" marker when this job published it, else ``None``.
         """
-        ns, camera, count = self.settings.namespace, job.cameras[0], job.span.count
+        camera, count = job.cameras[0], job.span.count
         while True:
-            cursor = Cursor.decode(await self.publisher.get_value(chain_key(ns, job.drive_id, camera, job.span.cut)))
+            cursor = Cursor.decode(await self.publisher.get_value(self._chain_key(job)))
             if cursor.next >= count:
                 break
-            data = await self.publisher.get_value(span_key(ns, job.drive_id, camera, cursor.next, job.span.cut))
+            data = await self.publisher.get_value(self._span_key(job, cursor.next))
             if data is None:
                 return None  # that span still decodes: its job goes on from here
             if data == PUBLISHED:
@@ -357,7 +357,7 @@ class IngestHandler(Handler):
             refs = SpanRecord.decode(data).refs
             await self._publish_held(job, camera, refs, cursor.frames)
             after = Cursor(cursor.next + 1, cursor.frames + len(refs))
-            await self.publisher.put_value(chain_key(ns, job.drive_id, camera, job.span.cut), after.encode(), RECORD_TTL_MS)
+            await self.publisher.put_value(self._chain_key(job), after.encode(), RECORD_TTL_MS)
         await self._store_camera_record(job, camera)
         return await self._end_if_complete(job)
 
@@ -366,7 +366,7 @@ class IngestHandler(Handler):
         tombstones (again by every job that passes: one that stored the record may have
         died before it cleared them)."""
         ns = self.settings.namespace
-        keys = [span_key(ns, job.drive_id, camera, k, job.span.cut) for k in range(job.span.count)]
+        keys = [self._span_key(job, k) for k in range(job.span.count)]
         if await self.publisher.get_value(record_key(ns, job.drive_id, camera)) is None:
             spans = []
             for key in keys:
@@ -602,8 +602,8 @@ class IngestHandler(Handler):
         held = progress.held is not None
         if not held:
             await self.publisher.wait_for_room(FRAMES, partition)
-        elif not await self._next_to_publish(job, camera):  # the next one to publish never waits (see ingest_spans)
-            await self._wait_held(job, camera, partition, progress)
+        else:
+            await self._wait_held(job, partition, progress)
         fallback = estimate(job.event)
         refs, blobs = [], {}
         now = time.time()
@@ -633,15 +633,18 @@ class IngestHandler(Handler):
         await self.publisher.publish(refs)
         self.frames_published += len(refs)
 
-    async def _wait_held(self, job: Job, camera: str, partition: int, progress: DriveProgress) -> None:
+    async def _wait_held(self, job: Job, partition: int, progress: DriveProgress) -> None:
         """Wait for memory room (``broker.max_blob_bytes``, ``max_used_memory``) while the
-        camera's chain moves; go on when it has not moved for ``HELD_STUCK_S``.
+        camera's chain moves; go on when it has not moved for ``HELD_STUCK_S``. The span
+        next to publish never waits (see ``ingest_spans``), nor one that becomes next.
 
         Without that limit, held spans filling every ingest process could wait for ever
         on the span before them, whose job waits for a free process after its worker died.
         """
-        key = chain_key(self.settings.namespace, job.drive_id, camera, job.span.cut)
+        key = self._chain_key(job)
         seen, since = await self.publisher.get_value(key), time.monotonic()
+        if Cursor.decode(seen).next >= job.span.index:
+            return
         if progress.stuck_at is not None and (seen or b"") == progress.stuck_at:
             return  # still stuck where it gave up: no new wait per chunk
         while True:
@@ -657,14 +660,17 @@ class IngestHandler(Handler):
                 seen, since = now, time.monotonic()
             elif time.monotonic() - since > HELD_STUCK_S:
                 log.warning("%s %s: the span before span %d has not moved for %.0f s; storing its frames over "
-                            "the memory bound", job.drive_id, camera, job.span.index, HELD_STUCK_S)  # fmt: skip
+                            "the memory bound", job.drive_id, job.cameras[0], job.span.index, HELD_STUCK_S)  # fmt: skip
                 progress.stuck_at = seen or b""  # b"": no cursor yet
                 return
 
-    async def _next_to_publish(self, job: Job, camera: str) -> bool:
-        """Whether every span before this one is published (this span's turn is next)."""
-        data = await self.publisher.get_value(chain_key(self.settings.namespace, job.drive_id, camera, job.span.cut))
-        return Cursor.decode(data).next >= job.span.index
+    def _span_key(self, job: Job, index: int) -> str:
+        """Key of the record of span ``index`` of a span job's camera and cut."""
+        return span_key(self.settings.namespace, job.drive_id, job.cameras[0], index, job.span.cut)
+
+    def _chain_key(self, job: Job) -> str:
+        """Key of the chain cursor of a span job's camera and cut."""
+        return chain_key(self.settings.namespace, job.drive_id, job.cameras[0], job.span.cut)
 
     def _marker(self, job: Job, event: str, progress: DriveProgress) -> DriveMarker:
         position = estimate(job.event)
