@@ -48,6 +48,9 @@ class _Env:
                 out.setdefault(message.camera, []).append(message)
         return out
 
+    async def frames(self, camera: str = "front") -> list[FrameRef]:
+        return [m for m in (await self.entries())[camera] if isinstance(m, FrameRef)]
+
     async def close(self) -> None:
         await self.broker.close()
         await self.blobs.close()
@@ -83,7 +86,7 @@ async def test_a_held_span_that_becomes_next_while_waiting_for_memory_stops_wait
         # Then the second stops waiting (nothing it waits for can free memory: only its own
         # publication can) and publishes, well before the stuck limit
         await asyncio.wait_for(held, 10)
-        frames = [m for m in (await env.entries())["front"] if isinstance(m, FrameRef)]
+        frames = await env.frames()
         assert [f.seq for f in frames] == list(range(80))
     finally:
         await env.close()
@@ -126,7 +129,7 @@ async def test_a_drive_submitted_again_with_other_spans_publishes_nothing_twice(
         one = _Env(redis_url, f"rvresubmitwhole{minutes}", whole)
         try:
             await one.handler().ingest(whole)
-            expected = [m for m in (await one.entries())["front"] if isinstance(m, FrameRef)]
+            expected = await one.frames()
             assert [await env.blobs.get(f.blob_key) for f in frames] == [await one.blobs.get(f.blob_key) for f in expected]
         finally:
             await one.close()
@@ -155,12 +158,12 @@ async def test_a_dead_lettered_span_leaves_the_chain_to_a_job_instead_of_publish
         outputs = await asyncio.wait_for(env.handler().dead_lettered(first, "boom"), 5)
         # Then the hook returns at once, with the span's job queued again to move the chain
         assert [o.hop for o in outputs] == [names.JOBS]
-        assert not [m for m in (await env.entries())["front"] if isinstance(m, FrameRef)]
+        assert not await env.frames()
         # and that job, once detect has room, publishes the other spans and ends the drive
         env.broker.settings = backlog
         ended = await env.handler().ingest(outputs[0].message)
         assert ended is not None and any("dead-lettered (boom)" in p for p in ended.problems)
-        frames = [m for m in (await env.entries())["front"] if isinstance(m, FrameRef)]
+        frames = await env.frames()
         assert [f.seq for f in frames] == list(range(10)) and frames[0].clip == whole.clips[1].start
     finally:
         await env.close()
@@ -189,7 +192,7 @@ async def test_a_job_passing_a_finished_chain_clears_the_span_records_a_dead_job
         await env.handler().ingest(second)
         # Then the records are tombstones again, and nothing was published twice
         assert [await env.broker.get_value(k) for k in keys] == [PUBLISHED, PUBLISHED]
-        frames = [m for m in (await env.entries())["front"] if isinstance(m, FrameRef)]
+        frames = await env.frames()
         assert [f.seq for f in frames] == list(range(len(frames))) and frames
     finally:
         await env.close()
