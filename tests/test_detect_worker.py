@@ -91,7 +91,8 @@ def drive_messages(blobs: dict[str, bytes], bad: frozenset[tuple[str, str, int]]
     for seq in range(FRAMES_PER_CAMERA):
         for drive, camera in itertools.product(DRIVES, CAMERAS):
             key = f"{drive}:{camera}:{seq}"
-            scene = hash((drive, camera, seq // 6)) % 1000  # a new scene every 1.5 s
+            # a new scene every 1.5 s; numbered, not hash()ed: str hashes change per process (PYTHONHASHSEED)
+            scene = 100 * DRIVES.index(drive) + 10 * CAMERAS.index(camera) + seq // 6
             blobs[key] = b"corrupt" if (drive, camera, seq) in bad else scene_jpeg(scene)
             messages.append(
                 FrameRef(drive_id=drive, camera=camera, clip="c", seq=seq, tick=seq, t=seq / FPS, pts=seq / FPS,
