@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from stages.devices import CPU_FORWARD_ROWS, in_row_chunks, keep_freed_heap
 from stream.errors import InputError, ModelError
 
 ARCH = "efficientnet-lite0"
@@ -138,6 +139,8 @@ class RoadworkScorer:
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        if self.device.type == "cpu":
+            keep_freed_heap()
         self.metadata = metadata or {}
         # fp16 on GPUs halves the time; the CPU stays in fp32, where half is slow.
         self.half = self.device.type == "cuda"
@@ -247,12 +250,15 @@ class RoadworkScorer:
         return torch.sigmoid(logits.float()), pooled.float()
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward_features`` of a ``(N, 3, 224, 224)`` batch; on CUDA, a graph replay.
+        """``forward_features`` of a ``(N, 3, 224, 224)`` batch; on CUDA, a graph replay; on
+        the CPU, in passes of ``CPU_FORWARD_ROWS`` frames.
 
         The outputs are fresh tensors (a replay's own outputs are overwritten by the next).
         """
         n = x.shape[0]
         rows = -(-n // GRAPH_ROWS) * GRAPH_ROWS
+        if self.device.type == "cpu":
+            return in_row_chunks(lambda part: forward_features(self.model, part), x, CPU_FORWARD_ROWS)
         if not self.cuda_graphs or (rows not in self._graphs and len(self._graphs) >= MAX_GRAPHS):
             return forward_features(self.model, x)
         if rows not in self._graphs:

@@ -202,3 +202,38 @@ def test_launches_from_several_threads_keep_their_own_results(detector: Detector
     for g, w in zip(got, want * 3, strict=True):
         assert len(g) == len(w)
         assert all(np.allclose(a, b, atol=1e-4) for a, b in zip(g, w, strict=True))
+
+
+def test_cpu_passes_of_a_few_frames_give_the_boxes_and_descriptors_of_one_pass(monkeypatch) -> None:
+    # Given ten different frames, detected in one forward pass
+    import stages.detect.graphs as graphs
+
+    detector = make_detector()
+    images = detector.decode([jpeg(20 + i) for i in range(10)])
+    monkeypatch.setattr(graphs, "CPU_FORWARD_ROWS", 100)
+    whole = detector.launch(images)
+    # When the CPU runs them in passes of three (the last one of one frame)
+    monkeypatch.setattr(graphs, "CPU_FORWARD_ROWS", 3)
+    passes = detector.launch(images)
+    # Then candidates and each frame's own descriptor are those of the single pass
+    assert torch.allclose(passes.candidates, whole.candidates, atol=1e-4)
+    assert torch.allclose(passes.features, whole.features, atol=1e-5)
+    assert not torch.allclose(whole.features[0], whole.features[-1])  # the frames do differ
+
+
+def test_cpu_scorer_passes_give_the_scores_and_features_of_one_pass(monkeypatch) -> None:
+    # Given a scorer (ImageNet weights, from the installed package) and seven frames of
+    # different brightness
+    import stages.scorer as scorer_module
+    from stages.scorer import RoadworkScorer, build_model
+
+    scorer = RoadworkScorer(build_model(pretrained=True), "cpu")
+    images = [torch.full((3, 96, 128), 30 * i, dtype=torch.uint8) for i in range(7)]
+    monkeypatch.setattr(scorer_module, "CPU_FORWARD_ROWS", 100)
+    probs, pooled = scorer.score_frames(images)
+    # When the CPU scores them in passes of two
+    monkeypatch.setattr(scorer_module, "CPU_FORWARD_ROWS", 2)
+    probs2, pooled2 = scorer.score_frames(images)
+    # Then every frame keeps its own score and features
+    assert torch.allclose(probs2, probs, atol=1e-5) and torch.allclose(pooled2, pooled, rtol=1e-4, atol=1e-5)
+    assert (pooled[0] - pooled[-1]).abs().max() > 0.1

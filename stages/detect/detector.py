@@ -25,7 +25,7 @@ from stages import shipped
 from stages.detect.decode import JpegDecoding
 from stages.detect.graphs import CudaGraphs, Letterbox, _Graph
 from stages.detect.weights import load_yolo, metadata_labels
-from stages.devices import resolve_device
+from stages.devices import keep_freed_heap, resolve_device
 from stream.errors import InputError, ModelError
 from stream.schemas import Detection
 from stream.settings import DetectSettings
@@ -130,6 +130,8 @@ class Detector(JpegDecoding, CudaGraphs):
         self.profile = profile
         self.device = torch.device(resolve_device(settings.device))
         self.cuda = self.device.type == "cuda"
+        if self.device.type == "cpu":
+            keep_freed_heap()
         self.half = settings.half and self.cuda
         self.dtype = torch.float16 if self.half else torch.float32
         self.timings = Timings()

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from stages.devices import CPU_FORWARD_ROWS, in_row_chunks
+
 #: Grey of ultralytics' letterbox padding.
 PAD_VALUE = 114 / 255
 #: The stride every YOLO input side must be a multiple of.
@@ -106,7 +108,7 @@ class CudaGraphs:
                 im.record_stream(torch.cuda.current_stream(self.device))
 
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward pass.
+        """One forward pass (on the CPU, in passes of ``CPU_FORWARD_ROWS`` frames).
 
         Returns:
             Raw predictions ``(B, 4 + nc, anchors)`` (xywh, scores), or ``(B, N, 6)`` from
@@ -117,7 +119,10 @@ class CudaGraphs:
             graph.input.copy_(batch)
             graph.graph.replay()
             return graph.output, graph.features
-        return self._predictions(self.net(batch)), self._features
+        if self.cuda:
+            return self._predictions(self.net(batch)), self._features
+        # Each pass leaves its own descriptors in _features: take them per pass.
+        return in_row_chunks(lambda rows: (self._predictions(self.net(rows)), self._features), batch, CPU_FORWARD_ROWS)
 
     def _predictions(self, out: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         preds = out[0] if isinstance(out, (list, tuple)) else out
