@@ -13,13 +13,16 @@ from workers.cli import cli
 from workers.cli.run import register
 
 SAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "sample"
+#: The shipped models on the CPU take seconds a frame at their own size: fewer, smaller
+#: frames keep these runs short (what is compared is the two modes, not the models).
+FAST = ["--set", "detect.imgsz=320", "--set", "ingest.sample_fps=2"]
 
 
 def _run(out: Path, workers: str):
     if "run" not in cli.commands:
         register(cli)
     runner = CliRunner(env={"COLUMNS": "200", "ROADSTREAM_REDIS_URL": None})
-    return runner.invoke(cli, ["run", str(SAMPLE), "--out", str(out), "--timeout", "300", "--workers", workers])
+    return runner.invoke(cli, [*FAST, "run", str(SAMPLE), "--out", str(out), "--timeout", "300", "--workers", workers])
 
 
 def _comparable(out: Path) -> list[tuple]:
@@ -63,7 +66,7 @@ def test_run_with_a_drive_split_into_spans_gives_the_single_process_verdicts(tmp
 
     def run(out: str, workers: str):
         # Spans of 5 s: each minute of each camera is its own job (9 jobs)
-        args = ["--set", "ingest.span_s=5", "run", str(tmp_path / "footage"), "--out", str(tmp_path / out),
+        args = [*FAST, "--set", "ingest.span_s=5", "run", str(tmp_path / "footage"), "--out", str(tmp_path / out),
                 "--timeout", "300", "--workers", workers]  # fmt: skip
         return runner.invoke(cli, args)
 
