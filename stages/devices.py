@@ -45,10 +45,10 @@ def cuda_device_count() -> int:
 
 
 #: Frames per forward pass on the CPU. glibc serves a block over 32 MB (its largest mmap
-#: threshold) with fresh pages every time, and a batch's activations are such blocks: in
-#: batches of 32, page faults took 40 % of the CPU of `roadstream run` on the 2-core dev
-#: machine. There, on 640×480 frames, YOLO11n at 640 ran 3.9 frames/s in batches of 32
-#: and 8.4 in passes of 4; the EfficientNet-Lite0 scorer 8.8 and 27.
+#: threshold) with fresh pages every time, and a batch's activations are such blocks. On
+#: 32-frame batches of 640×480, 2-core dev machine (``bench/cpu_forward_bench.py``): one
+#: pass with glibc's defaults ran YOLO11n (at 640) 6.1 frames/s and the EfficientNet-Lite0
+#: scorer 12.6; passes of 4 ran them 8.4 and 23.9, and 11.0 and 25.3 with ``keep_freed_heap``.
 CPU_FORWARD_ROWS = 4
 #: glibc ``mallopt`` parameters (``malloc.h``).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -58,10 +58,11 @@ def keep_freed_heap() -> bool:
     """Have glibc keep freed heap memory for reuse instead of handing it back to the kernel.
 
     A CPU forward pass frees and reallocates the same tens of MB every batch; glibc's
-    defaults trim the heap and mmap large blocks afresh, so each pass faults its pages in
-    again (YOLO11n, passes of 4 frames, 2 cores: 13,000 page faults and 6.5 frames/s, with
-    this 110 and 10.4). Blocks up to 32 MB (glibc's largest mmap threshold) then come from
-    the heap; the process keeps its peak heap. Process-wide; called by models on the CPU.
+    defaults trim the heap and map large blocks afresh, so each pass faults its pages in
+    again. Blocks up to 32 MB (glibc's largest mmap threshold) then come from the heap;
+    the process keeps its peak heap. With passes of 4 frames (``bench/cpu_forward_bench.py``,
+    2 cores), YOLO11n went from 9,400 page faults a frame and 8.4 frames/s to 1,800 and
+    11.0. Process-wide; called by models placed on the CPU.
 
     Returns:
         Whether it took effect (``False`` where the C library is not glibc).
