@@ -52,6 +52,18 @@ def test_with_nvdec_ingest_is_one_nvdec_process_beside_pyav_ones_by_default() ->
     assert machine_plan(Settings(), STAGES, cores=16, gpus=1, nvdec=False).workers["ingest"] == 12
 
 
+def test_keyframe_sampling_plans_no_nvdec_process() -> None:
+    # Given 16 cores and one GPU with NVDEC, sampling keyframes (PyAV decodes only those)
+    keyframes = Settings(ingest=IngestSettings(sample="keyframes"))
+    plan = machine_plan(keyframes, STAGES, cores=16, gpus=1, nvdec=True)
+    # Then all twelve ingest processes are PyAV ones, one job each
+    assert plan.workers == {"ingest": 12, "detect": 1, "fuse": 2} and plan.nvdec_ingest == 0
+    ingest_envs = [env for stage, env in child_envs(plan, keyframes) if stage == "ingest"]
+    assert len(ingest_envs) == 12
+    assert all(env["ROADSTREAM_INGEST__DECODER"] == "pyav" and "ROADSTREAM_WORKER__CONCURRENCY" not in env
+               for env in ingest_envs)  # fmt: skip
+
+
 def test_without_gpus_detect_runs_on_the_cpu_beside_half_the_cores_of_ingest() -> None:
     # Given 8 cores and no GPU / When planned
     plan = plan_workers(8, 0, STAGES)

@@ -162,12 +162,16 @@ def machine_plan(settings: Settings, stages: Sequence[str], *, cores: int | None
         cores: override the cores found (tests, benchmarks).
         gpus: override the GPUs found.
         nvdec: override whether NVDEC is usable here (the library and a CUDA device).
+            With ``ingest.sample = keyframes`` no ingest process is an NVDEC one.
     """
     cores = usable_cores() if cores is None else cores
     found = cuda_device_count() if gpus is None else gpus
     device = settings.detect.device.strip().lower()
     usable = nvdec if nvdec is not None else nvdec_unavailable() is None
-    nvdec = settings.ingest.decoder in ("auto", "nvdec") and found > 0 and usable
+    # Keyframe sampling decodes with PyAV everywhere (FFmpeg skips the non-key frames;
+    # NVDEC would decode them all): an NVDEC process would only take 8 jobs at once.
+    keyframes = settings.ingest.sample == "keyframes"
+    nvdec = settings.ingest.decoder in ("auto", "nvdec") and found > 0 and usable and not keyframes
     ing = settings.ingest
     nvdec_options = {"nvdec_per_gpu": ing.nvdec_processes, "pyav_beside_nvdec": ing.pyav_beside_nvdec}
     if device == AUTO:
