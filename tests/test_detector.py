@@ -69,19 +69,26 @@ def test_unmapped_model_classes_yield_no_detections() -> None:
     assert result.descriptor.shape == (256,)
 
 
-def test_one_forward_pass_serves_the_whole_batch(detector: Detector) -> None:
+def test_one_forward_pass_serves_the_whole_batch(detector: Detector, monkeypatch) -> None:
     # Given a hook counting calls of the model's first layer
+    from stages.detect import graphs
+
     calls: list[int] = []
     handle = detector.net.model[0].register_forward_hook(lambda _m, i, _o: calls.append(i[0].shape[0]))
+    batch = [jpeg(i, 120, 160) for i in range(3)] + [jpeg(9, 64, 64), jpeg(10, 64, 64)]
 
-    # When a batch of five frames of two sizes is detected
+    # When a batch of five frames of two sizes is detected, with passes of up to 8 frames
+    # on the CPU, then with the shipped passes of 4
     try:
-        detector.detect_jpegs([jpeg(i, 120, 160) for i in range(3)] + [jpeg(9, 64, 64), jpeg(10, 64, 64)])
+        monkeypatch.setattr(graphs, "CPU_FORWARD_ROWS", 8)
+        detector.detect_jpegs(batch)
+        monkeypatch.setattr(graphs, "CPU_FORWARD_ROWS", 4)
+        detector.detect_jpegs(batch)
     finally:
         handle.remove()
 
-    # Then the model ran once, on all five
-    assert calls == [5]
+    # Then the model ran once on all five, then in a pass of four and one of one
+    assert calls == [5, 4, 1]
 
 
 def test_descriptor_is_unit_length_and_independent_of_batch_mates(detector: Detector) -> None:
@@ -206,7 +213,7 @@ def test_launches_from_several_threads_keep_their_own_results(detector: Detector
 
 def test_cpu_passes_of_a_few_frames_give_the_boxes_and_descriptors_of_one_pass(monkeypatch) -> None:
     # Given ten different frames, detected in one forward pass
-    import stages.detect.graphs as graphs
+    from stages.detect import graphs
 
     detector = make_detector()
     images = detector.decode([jpeg(20 + i) for i in range(10)])

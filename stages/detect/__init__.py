@@ -2,8 +2,9 @@
 
 The hot path is built for throughput. One batched JPEG decode (nvJPEG on CUDA), then
 letterbox + resize + normalise as tensor ops, ONE forward pass of the underlying
-``DetectionModel`` (never ``YOLO.predict``, whose per-image pre- and post-processing is
-what a batch is meant to avoid), and a fixed-shape top-k of candidate boxes per image, all
+``DetectionModel`` (on the CPU, passes of 4 frames: ``stages.devices.CPU_FORWARD_ROWS``;
+never ``YOLO.predict``, whose per-image pre- and post-processing is what a batch is
+meant to avoid), and a fixed-shape top-k of candidate boxes per image, all
 queued on the device without waiting (``launch``): the caller gets a ``PendingBatch``
 whose candidates and descriptors land in pinned host memory behind the forward pass. On
 the host (``collect``), the few candidates above the threshold go through class-aware NMS

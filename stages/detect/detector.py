@@ -253,7 +253,8 @@ class Detector(JpegDecoding, CudaGraphs):
         return results
 
     def detect(self, images: Sequence[torch.Tensor]) -> list[FrameResult]:
-        """Detect objects in decoded frames with one forward pass (``launch`` + ``collect``)."""
+        """Detect objects in decoded frames with one forward pass, passes of a few frames on
+        the CPU (``launch`` + ``collect``)."""
         if not images:
             return []
         return self.collect(self.launch(images))
