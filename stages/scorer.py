@@ -217,10 +217,11 @@ class RoadworkScorer:
 
     @torch.inference_mode()
     def score_frames(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score decoded frames of any sizes with one forward pass.
+        """Score decoded frames of any sizes with one forward pass (on the CPU, passes of
+        ``CPU_FORWARD_ROWS`` frames).
 
         Frames of one size are resized to 224 together (one ``interpolate`` per size),
-        then the whole batch goes through the model at once.
+        then the whole batch goes through the model at once (on the CPU, in passes).
 
         Parameters:
             images: ``uint8`` RGB tensors ``(3, H, W)``, e.g. from ``Detector.decode``.

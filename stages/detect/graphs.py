@@ -119,7 +119,7 @@ class CudaGraphs:
             graph.input.copy_(batch)
             graph.graph.replay()
             return graph.output, graph.features
-        if self.cuda:
+        if self.device.type != "cpu":
             return self._predictions(self.net(batch)), self._features
         # Each pass leaves its own descriptors in _features: take them per pass.
         return in_row_chunks(lambda rows: (self._predictions(self.net(rows)), self._features), batch, CPU_FORWARD_ROWS)
