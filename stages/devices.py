@@ -7,6 +7,7 @@ On the CPU, models run a batch in passes of a few frames (``in_row_chunks``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,7 @@ CPU_FORWARD_ROWS = 4
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
+@functools.cache
 def keep_freed_heap() -> bool:
     """Have glibc keep freed heap memory for reuse instead of handing it back to the kernel.
 
@@ -62,17 +64,16 @@ def keep_freed_heap() -> bool:
     again. Blocks up to 32 MB (glibc's largest mmap threshold) then come from the heap;
     the process keeps its peak heap. With passes of 4 frames (``bench/cpu_forward_bench.py``,
     2 cores), YOLO11n went from 9,400 page faults a frame and 8.4 frames/s to 1,800 and
-    11.0. Process-wide; called by models placed on the CPU.
+    11.0. Process-wide, once; called by models placed on the CPU.
 
     Returns:
         Whether it took effect (``False`` where the C library is not glibc).
     """
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        # The process's own symbols: libc's, without find_library's ldconfig subprocess.
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30)) and bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20))
