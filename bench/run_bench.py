@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -421,8 +422,10 @@ async def _wait(check, timeout_s: float) -> bool:
     return True
 
 
-async def stages_alone(folder: Path, settings: Settings, plan: Plan, timeout_s: float) -> dict[str, dict[str, Any]]:
-    """Ingest, then detect, then fuse, each alone on one private redis-server."""
+async def stages_alone(folder: Path, settings: Settings, plan: Plan, timeout_s: float,
+                       stages: Sequence[str] = ("ingest", "detect", "fuse")) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Ingest, then detect, then fuse (those of ``stages``, a prefix of the three), each
+    alone on one private redis-server."""
     from brokers.connect import connect
 
     # Nothing consumes while a stage runs alone: no backpressure bound may stop it.
@@ -437,6 +440,8 @@ async def stages_alone(folder: Path, settings: Settings, plan: Plan, timeout_s: 
         broker, blobs = connect(url, namespace=ns, settings=settings.broker)
         try:
             for stage, done in (("ingest", _ingest_done), ("detect", _detect_done), ("fuse", _fuse_done)):
+                if stage not in stages:
+                    continue
                 alone = Plan({stage: plan.workers[stage]}, plan.detect_devices, plan.nvdec_ingest, plan.cores, plan.gpus)
                 children = Children(alone, settings, url, Path(work) / stage)
                 (Path(work) / stage).mkdir()
@@ -517,6 +522,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         choices=("run", "single", "keyframes", "long", "ceilings", "stages"),
                         help="Leave a section out (repeatable).")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=3600.0, help="Seconds a stage alone may take.")
+    parser.add_argument("--stages", default="ingest,detect,fuse",
+                        help="Which stages run alone in the stages section (comma-separated; detect and fuse read "
+                             "what the stages before them wrote).")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("run-bench.json"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -595,8 +603,9 @@ def sections(root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
             frames, seconds, busy = ceiling_nvdec(clips, args.nvdec_sessions)
             rows.append(section("ceiling_nvdec", seconds, total_s, frames, busy, sessions=args.nvdec_sessions))
     if "stages" not in args.skip:
-        alone = asyncio.run(stages_alone(root, footage_roots(settings, root), plan, args.timeout))
-        frames = alone["ingest"]["outputs"]
+        wanted = [s for s in ("ingest", "detect", "fuse") if s in args.stages.split(",")]
+        alone = asyncio.run(stages_alone(root, footage_roots(settings, root), plan, args.timeout, wanted))
+        frames = alone["ingest"]["outputs"] if "ingest" in alone else 0
         for stage, figures in alone.items():
             rows.append(section(f"stage_{stage}", max(figures["span_s"], 1e-6), total_s, frames, figures["busy"],
                                 processes=figures["processes"], outputs=figures["outputs"],

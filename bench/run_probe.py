@@ -87,8 +87,9 @@ class RunProbe:
 
     def timeline(self) -> dict[str, float | None]:
         """Seconds since the probe started at which the frames hop got its first entry,
-        half of its entries and the last, and the detections hop its last (within a
-        sample period; markers count as entries)."""
+        half of its entries and the last, and the detections hop its first (detect is
+        up: its models loaded) and its last (within a sample period; markers count as
+        entries)."""
 
         def first_at(key: str, share: float) -> float | None:
             final = max((s.get(key, 0.0) for s in self.samples), default=0.0)
@@ -99,7 +100,8 @@ class RunProbe:
 
         frames, detections = f"added_{names.FRAMES}", f"added_{names.DETECTIONS}"
         return {"first_frame": first_at(frames, 0.0), "half_frames": first_at(frames, 0.5),
-                "last_frame": first_at(frames, 1.0), "last_detection": first_at(detections, 1.0)}  # fmt: skip
+                "last_frame": first_at(frames, 1.0), "first_detection": first_at(detections, 0.0),
+                "last_detection": first_at(detections, 1.0)}  # fmt: skip
 
     def stop(self) -> None:
         """Stop sampling (the thread ends within one period)."""
