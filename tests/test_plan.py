@@ -20,46 +20,46 @@ VLM_STAGES = ["ingest", "detect", "vera", "vlm", "fuse"]
 def test_one_gpu_and_16_cores_put_ingest_on_the_cores_left() -> None:
     # Given 16 cores and one GPU / When planned
     plan = plan_workers(16, 1, STAGES)
-    # Then one detect on the GPU, two fuse, and ingest on the rest (one core for redis)
-    assert plan.workers == {"ingest": 12, "detect": 1, "fuse": 2}
+    # Then one detect on the GPU, two fuse, and ingest on the rest (fuse and redis share a core)
+    assert plan.workers == {"ingest": 14, "detect": 1, "fuse": 2}
     assert plan.detect_devices == ["cuda:0"]
-    assert plan.describe() == "plan (16 cores, 1 GPU): ingest=12 detect=1 [cuda:0] fuse=2"
+    assert plan.describe() == "plan (16 cores, 1 GPU): ingest=14 detect=1 [cuda:0] fuse=2"
 
 
 def test_each_gpu_gets_a_detect_worker_of_its_own() -> None:
     # Given 32 cores, two GPUs and a VLM backend / When planned with NVDEC allowed
     plan = plan_workers(32, 2, VLM_STAGES, nvdec=True, pyav_beside_nvdec=True)
     # Then two detect workers on cuda:0 and cuda:1, one vera and one vlm, two NVDEC ingest
-    # beside 23 PyAV ones
-    assert plan.workers == {"ingest": 25, "detect": 2, "vera": 1, "vlm": 1, "fuse": 2}
+    # beside 25 PyAV ones
+    assert plan.workers == {"ingest": 27, "detect": 2, "vera": 1, "vlm": 1, "fuse": 2}
     assert plan.detect_devices == ["cuda:0", "cuda:1"]
     assert plan.nvdec_ingest == 2
-    assert plan.describe() == ("plan (32 cores, 2 GPUs): ingest=25 (2 nvdec) detect=2 [cuda:0,cuda:1] "
+    assert plan.describe() == ("plan (32 cores, 2 GPUs): ingest=27 (2 nvdec) detect=2 [cuda:0,cuda:1] "
                                "vera=1 vlm=1 fuse=2")  # fmt: skip
 
 
 def test_with_nvdec_ingest_is_one_nvdec_process_beside_pyav_ones_by_default() -> None:
     # Given 16 cores and one GPU with NVDEC / When planned with the default settings
     plan = machine_plan(Settings(), STAGES, cores=16, gpus=1, nvdec=True)
-    # Then one of the twelve ingest processes decodes with NVDEC, the rest with PyAV
-    assert plan.workers == {"ingest": 12, "detect": 1, "fuse": 2} and plan.nvdec_ingest == 1
+    # Then one of the fourteen ingest processes decodes with NVDEC, the rest with PyAV
+    assert plan.workers == {"ingest": 14, "detect": 1, "fuse": 2} and plan.nvdec_ingest == 1
     # and two NVDEC per GPU on two GPUs when the settings ask, or NVDEC alone when asked
     two = Settings(ingest=IngestSettings(nvdec_processes=2, pyav_beside_nvdec=False))
     assert machine_plan(two, STAGES, cores=16, gpus=2, nvdec=True).workers["ingest"] == 4
     alone = Settings(ingest=IngestSettings(pyav_beside_nvdec=False))
     assert machine_plan(alone, STAGES, cores=16, gpus=1, nvdec=True).workers == {"ingest": 1, "detect": 1, "fuse": 2}
     # and without NVDEC the cores decode as before
-    assert machine_plan(Settings(), STAGES, cores=16, gpus=1, nvdec=False).workers["ingest"] == 12
+    assert machine_plan(Settings(), STAGES, cores=16, gpus=1, nvdec=False).workers["ingest"] == 14
 
 
 def test_keyframe_sampling_plans_no_nvdec_process() -> None:
     # Given 16 cores and one GPU with NVDEC, sampling keyframes (PyAV decodes only those)
     keyframes = Settings(ingest=IngestSettings(sample="keyframes"))
     plan = machine_plan(keyframes, STAGES, cores=16, gpus=1, nvdec=True)
-    # Then all twelve ingest processes are PyAV ones, one job each
-    assert plan.workers == {"ingest": 12, "detect": 1, "fuse": 2} and plan.nvdec_ingest == 0
+    # Then all fourteen ingest processes are PyAV ones, one job each
+    assert plan.workers == {"ingest": 14, "detect": 1, "fuse": 2} and plan.nvdec_ingest == 0
     ingest_envs = [env for stage, env in child_envs(plan, keyframes) if stage == "ingest"]
-    assert len(ingest_envs) == 12
+    assert len(ingest_envs) == 14
     assert all(env["ROADSTREAM_INGEST__DECODER"] == "pyav" and "ROADSTREAM_WORKER__CONCURRENCY" not in env
                for env in ingest_envs)  # fmt: skip
 
@@ -142,13 +142,32 @@ def test_children_get_their_device_and_decoder() -> None:
                for env in ingest)  # fmt: skip
     assert all("ROADSTREAM_WORKER__PREFETCH" not in env for stage, env in envs if stage == "detect")
     # and the decoder threads of the three ingest processes share the 16 cores
-    assert {env["ROADSTREAM_INGEST__DECODER_THREADS"] for env in ingest} == {"6"}
+    assert {env["ROADSTREAM_INGEST__DECODER_THREADS"] for env in ingest} == {"5"}
     # and each decodes two clips of a job at once (a long drive's camera job is the tail),
     # an NVDEC one four (a session each)
     assert [env["ROADSTREAM_INGEST__PARALLEL_CLIPS"] for env in ingest] == ["4", "4", "2"]
     # unless the settings name a count
     chosen = Settings(ingest=IngestSettings(decoder="auto", parallel_clips=1))
     assert not any("ROADSTREAM_INGEST__PARALLEL_CLIPS" in env for _, env in child_envs(plan, chosen))
+
+
+def test_a_pyav_process_per_core_decodes_one_clip_with_one_thread() -> None:
+    # Given the plan of a 16-core box with a GPU and NVDEC: 14 ingest processes, one NVDEC
+    settings = Settings(ingest=IngestSettings(decoder="auto"))
+    plan = machine_plan(settings, STAGES, cores=16, gpus=1, nvdec=True)
+    # When the children's environments are made
+    ingest = [env for stage, env in child_envs(plan, settings) if stage == "ingest"]
+    # Then each PyAV process decodes one clip at a time with one decoder thread (its core),
+    pyav = [env for env in ingest if env["ROADSTREAM_INGEST__DECODER"] == "pyav"]
+    assert len(pyav) == 13
+    assert {(env["ROADSTREAM_INGEST__DECODER_THREADS"], env["ROADSTREAM_INGEST__PARALLEL_CLIPS"]) for env in pyav} \
+        == {("1", "1")}
+    # while the NVDEC one keeps four clips of a job at once (a session each)
+    (nvdec,) = [env for env in ingest if env["ROADSTREAM_INGEST__DECODER"] == "nvdec"]
+    assert nvdec["ROADSTREAM_INGEST__PARALLEL_CLIPS"] == "4"
+    # and settings that name the threads win
+    named = Settings(ingest=IngestSettings(decoder="auto", decoder_threads=3))
+    assert not any("ROADSTREAM_INGEST__DECODER_THREADS" in env for _, env in child_envs(plan, named))
 
 
 def test_nvdec_processes_and_sessions_come_from_the_settings() -> None:

@@ -68,19 +68,22 @@ def child_envs(plan: Plan, settings: Settings) -> list[tuple[str, dict[str, str]
                 # H200, read-ahead let one process of twelve hold every camera's job: 8.6x).
                 env[f"{ENV_PREFIX}WORKER__BATCH_SIZE"] = "1"
                 env[f"{ENV_PREFIX}WORKER__PREFETCH"] = "0"
+                # A PyAV process's share of the cores: FFmpeg's own choice is a thread per
+                # core in every process, and oversubscribed frame threads only queue more
+                # frames. With a process per core (run's plan on a GPU box) that is one
+                # decoder thread and one clip at a time: on an H200 box with 16 cores such
+                # processes used 14.3 cores in ingest alone, each of 2 threads and 2 clips
+                # under one, and run went 13.1x -> 14.7x (README, "where the cores went").
+                share = max(1, plan.cores // max(1, count))
                 if settings.ingest.decoder_threads == 0:
-                    # FFmpeg's own choice is a thread per core in every process: the
-                    # processes' share of the cores instead (oversubscribed frame threads
-                    # only queue more frames).
-                    share = -(-plan.cores // max(1, count))
                     env[f"{ENV_PREFIX}INGEST__DECODER_THREADS"] = str(share)
                 if settings.ingest.parallel_clips == 0:
-                    # Two clips of a job at once: a long drive's camera jobs outlast the
-                    # rest and would otherwise each hold one decoder's worth of cores
-                    # (1.44x on one 6-clip camera job, 2 cores: bench/ingest_bench.py).
-                    # NVDEC: four, a session each (one session decodes 740 frames/s on
-                    # an H200, four 2,330: bench/nvdec_bench.py).
-                    clips = NVDEC_PARALLEL_CLIPS if i < plan.nvdec_ingest else 2
+                    # With two cores or more a process decodes two clips of a job at once: a
+                    # long camera job would otherwise hold one decoder's worth of cores (1.44x
+                    # on one 6-clip camera job, 2 cores: bench/ingest_bench.py). NVDEC: four,
+                    # a session each (one session decodes 740 frames/s on an H200, four
+                    # 2,330: bench/nvdec_bench.py).
+                    clips = NVDEC_PARALLEL_CLIPS if i < plan.nvdec_ingest else min(2, share)
                     env[f"{ENV_PREFIX}INGEST__PARALLEL_CLIPS"] = str(clips)
             if stage == names.INGEST and settings.ingest.decoder == "auto":
                 env[f"{ENV_PREFIX}INGEST__DECODER"] = "nvdec" if i < plan.nvdec_ingest else "pyav"

@@ -7,8 +7,8 @@
 * fuse: one, two from 16 cores (it is light: one window per camera and 2 s of drive).
 * vera, vlm: one each when a VLM backend is configured (the engine batches inside).
 * ingest: every core left after one each for the detect processes (their host side:
-  fetch, JPEG decode, windows), fuse, vera/vlm and the Redis server; half the cores
-  when detect runs on the CPU (it needs the rest). At least one.
+  fetch, JPEG decode, windows) and vera/vlm, and one that fuse and the Redis server
+  share; half the cores when detect runs on the CPU (it needs the rest). At least one.
 * with ``ingest.decoder = auto`` on a GPU box with NVDEC, ``ingest.nvdec_processes`` of
   the ingest processes per GPU decode with NVDEC (default 1; ``ingest.nvdec_sessions``
   jobs at once each) and, with ``ingest.pyav_beside_nvdec`` (the default), the other
@@ -95,7 +95,9 @@ def plan_workers(cores: int, gpus: int, stages: Sequence[str], *, nvdec: bool = 
     fuse = 2 if cores >= FUSE_SECOND_AT else 1
     extras = {s: 1 for s in stages if s in (names.VERA, names.VLM)}
     if gpus:
-        ingest = cores - detect - fuse - sum(extras.values()) - 1  # the last one: redis-server
+        # Fuse and redis-server share one core: on an H200 box with 16 cores two fuse
+        # processes used 0.2 of a core and the server 0.07 (bench/run_bench.py).
+        ingest = cores - detect - sum(extras.values()) - 1
     else:
         ingest = cores // 2
     nvdec_total = gpus * max(0, nvdec_per_gpu) if nvdec else 0
