@@ -34,10 +34,10 @@ IMAGE_SIZE = 224
 MEAN = 0.5
 STD = 0.5
 FEATURE_DIM = 1280
-#: On CUDA, batches are padded to a multiple of this many frames so that a few captured
-#: graphs (one per padded size) serve every batch size.
+#: On CUDA, batches are padded to a multiple of this many frames by default so that a few
+#: captured graphs (one per padded size) serve every batch size.
 GRAPH_ROWS = 8
-#: Captured graphs kept; batches past ``MAX_GRAPHS * GRAPH_ROWS`` frames run eagerly.
+#: Captured graphs kept; batches of a padded size past these run eagerly.
 MAX_GRAPHS = 16
 #: Where the shipped weights live.
 DEFAULT_WEIGHTS = Path(__file__).parent / "models" / "scorer.pt"
@@ -135,7 +135,7 @@ class RoadworkScorer:
 
     def __init__(
         self, model: nn.Module, device: str | torch.device = "cpu", metadata: dict | None = None,
-        cuda_graphs: bool = True,
+        cuda_graphs: bool = True, graph_rows: int = GRAPH_ROWS,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -150,11 +150,13 @@ class RoadworkScorer:
         # on an H200 they took 55% of the detect process's event loop (py-spy), the GPU
         # idle. One captured graph per padded batch size replays them in one launch.
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graph_rows = max(1, graph_rows)
         self._graphs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] = {}
 
     @classmethod
     def load(
-        cls, path: str | Path = DEFAULT_WEIGHTS, device: str | torch.device = "cpu", cuda_graphs: bool = True
+        cls, path: str | Path = DEFAULT_WEIGHTS, device: str | torch.device = "cpu", cuda_graphs: bool = True,
+        graph_rows: int = GRAPH_ROWS,
     ) -> RoadworkScorer:
         """Load weights written by ``stages.train.scorer``.
 
@@ -162,6 +164,9 @@ class RoadworkScorer:
             path: the ``.pt`` state dict; its ``.json`` metadata is read when present.
             device: ``cpu``, ``cuda``, ``cuda:1``…
             cuda_graphs: on CUDA, replay the forward pass as captured graphs.
+            graph_rows: on CUDA, batches are padded to a multiple of this many frames
+                (the detect worker passes ``detect.pad_batch_to``): each padded size is
+                captured once, and costs seconds the first time (cuDNN's plans).
 
         Returns:
             The scorer.
@@ -192,7 +197,7 @@ class RoadworkScorer:
         except (RuntimeError, AttributeError) as exc:
             message = f"{path}: not an {arch} roadwork scorer: {exc}"
             raise ModelError(message) from exc
-        return cls(model, device, metadata, cuda_graphs=cuda_graphs)
+        return cls(model, device, metadata, cuda_graphs=cuda_graphs, graph_rows=graph_rows)
 
     @torch.inference_mode()
     def score(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,7 +262,7 @@ class RoadworkScorer:
         The outputs are fresh tensors (a replay's own outputs are overwritten by the next).
         """
         n = x.shape[0]
-        rows = -(-n // GRAPH_ROWS) * GRAPH_ROWS
+        rows = -(-n // self.graph_rows) * self.graph_rows
         if self.device.type == "cpu":
             return in_row_chunks(lambda part: forward_features(self.model, part), x, CPU_FORWARD_ROWS)
         if not self.cuda_graphs or (rows not in self._graphs and len(self._graphs) >= MAX_GRAPHS):

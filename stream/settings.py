@@ -183,10 +183,19 @@ class DetectSettings(BaseModel):
     conf: float = 0.25
     iou: float = 0.45
     max_det: int = 100
-    #: On CUDA, pad each batch with blank frames up to a multiple of this many, so the
-    #: model sees a few batch shapes: each is autotuned (cuDNN) and captured (CUDA graph)
-    #: once instead of per batch size. 1 pads nothing.
-    pad_batch_to: int = Field(default=8, ge=1)
+    #: On CUDA, pad each batch with blank frames up to a multiple of this many (the
+    #: detector's and the scorer's), so the models see few batch shapes: each costs
+    #: seconds when first seen (cuDNN's plans, the CUDA graph capture: 2.3-4.6 s on an
+    #: H200, bench/detect_startup.py) and is captured once. The default, the batch size,
+    #: makes one shape per frame size; the padding's GPU time is small beside that on a
+    #: GPU the small models leave mostly idle. 1 pads nothing.
+    pad_batch_to: int = Field(default=32, ge=1)
+    #: On CUDA, let cuDNN time every convolution algorithm for each new batch shape
+    #: (``torch.backends.cudnn.benchmark``). Off by default: the timing costs seconds per
+    #: shape at start while frames wait (on an H200 inside ``roadstream run`` the first
+    #: detection came 44 s after the start in keyframe mode), and the small models
+    #: leave the GPU mostly idle anyway.
+    cudnn_benchmark: bool = False
     #: On CUDA, run the detector's and the scorer's forward passes as captured CUDA graphs
     #: per input shape (one launch instead of hundreds: the launches, not the GPU, bound
     #: small models).

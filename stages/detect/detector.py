@@ -149,7 +149,7 @@ class Detector(JpegDecoding, CudaGraphs):
             self.net.half()
         for p in self.net.parameters():
             p.requires_grad_(False)
-        if self.cuda:
+        if self.cuda and settings.cudnn_benchmark:
             # Batches come in a few fixed shapes (pad_batch_to): autotune each once.
             torch.backends.cudnn.benchmark = True
         names = {int(k): str(v) for k, v in self.net.names.items()}

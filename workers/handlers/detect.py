@@ -149,32 +149,19 @@ class DetectHandler(Handler):
             # kernels, so inline calls hold the loop for milliseconds, not a batch's time.
             self._launcher = _inline
             sys.setswitchinterval(GPU_SWITCH_INTERVAL_S)
-            self._warm_up()
+        # No warm-up: a batch shape costs seconds when first seen (cuDNN's plans, the graph
+        # capture: 2.3-4.6 s each on an H200, bench/detect_startup.py), and warming shapes
+        # the footage may not have (640x360 where Tesla's frames are 640x480) only delayed
+        # the first detection. The first real batch of each shape pays instead.
         self._config = WindowConfig.from_settings(self.settings.detect, model=self.detector.name)
-
-    def _warm_up(self) -> None:
-        """Run each padded batch size through decode and detect once, before the first real one.
-
-        The first batch of a shape pays for cuDNN autotuning and its CUDA graph capture, and
-        the first of the process for nvJPEG and allocator set-up.
-        """
-        import numpy as np
-        import simplejpeg
-
-        grey = simplejpeg.encode_jpeg(np.full((360, 640, 3), 114, dtype=np.uint8))
-        size = self.settings.worker.batch_size
-        step = self.settings.detect.pad_batch_to
-        for frames in sorted({*range(step, size + 1, step), size}):
-            images = [im for im in self.detector.decode([grey] * frames) if not isinstance(im, Exception)]
-            self._collect_now(self._launch_now(images))
-        self.detector.timings = type(self.detector.timings)()
 
     def _load_scorer(self) -> RoadworkScorer:
         """The scorer of ``detect.scorer``, on the detector's device (it reads the same pixels)."""
         from stages.scorer import RoadworkScorer
 
         detect = self.settings.detect
-        return RoadworkScorer.load(detect.scorer, device=self.detector.device, cuda_graphs=detect.cuda_graphs)
+        return RoadworkScorer.load(detect.scorer, device=self.detector.device, cuda_graphs=detect.cuda_graphs,
+                                   graph_rows=detect.pad_batch_to)  # fmt: skip
 
     async def stop(self) -> None:
         """Drop launches still queued for the inference thread: on the CPU a forward pass
