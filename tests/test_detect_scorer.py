@@ -144,6 +144,23 @@ async def test_a_scorer_descriptor_without_a_scorer_is_refused(detector):
         await handler.start()
 
 
+async def test_batches_pad_to_the_worker_batch_at_most_for_detector_and_scorer(detector):
+    # Given the default padding (32 frames) and a worker reading batches of 8, with the
+    # shipped scorer loaded by the worker itself
+    base = settings(scorer="shipped")
+    small = base.model_copy(update={"worker": base.worker.model_copy(update={"batch_size": 8})})
+    handler = DetectHandler(small, MemoryBlobStore(), detector=detector)
+    # When it starts
+    await handler.start()
+    # Then its batches pad to 8 frames, the scorer's too (no blank frames past a full batch)
+    assert handler.settings.detect.pad_batch_to == 8 and handler.scorer.graph_rows == 8
+    # and a worker of 64-frame batches keeps the configured 32
+    large = base.model_copy(update={"worker": base.worker.model_copy(update={"batch_size": 64})})
+    started = DetectHandler(large, MemoryBlobStore(), detector=detector)
+    await started.start()
+    assert started.settings.detect.pad_batch_to == 32 and started.scorer.graph_rows == 32
+
+
 def test_run_uses_the_shipped_models_from_the_package_unless_others_are_named(tmp_path, monkeypatch):
     # Given a current folder far from the package
     monkeypatch.chdir(tmp_path)

@@ -131,6 +131,8 @@ class DetectHandler(Handler):
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="detect-launch")
             self._stopped = False
         detect = shipped.resolve(self.settings.detect)
+        # No batch is larger than the worker's: padding past it would only add blank frames.
+        detect = detect.model_copy(update={"pad_batch_to": min(detect.pad_batch_to, self.settings.worker.batch_size)})
         self.settings = self.settings.model_copy(update={"detect": detect})
         if self.detector is None:
             self.detector = await asyncio.to_thread(Detector, detect)
