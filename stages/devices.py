@@ -56,6 +56,18 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 @functools.cache
+def padded_rows(frames: int, step: int, cap: int | None = None) -> int:
+    """Rows of a batch of ``frames`` padded up to a multiple of ``step``, but never past
+    ``cap`` (the largest batch the worker reads) unless the batch itself is larger.
+
+    On CUDA each padded size is one shape: cuDNN's plans and a captured graph, seconds
+    at its first sight (bench/detect_startup.py). ``padded_rows(5, 32, 8) == 8``,
+    ``padded_rows(40, 32, 48) == 48``, ``padded_rows(40, 32) == 64``.
+    """
+    rows = -(-frames // max(1, step)) * max(1, step)
+    return min(rows, max(frames, cap)) if cap else rows
+
+
 def keep_freed_heap() -> bool:
     """Have glibc keep freed heap memory for reuse instead of handing it back to the kernel.
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from stages.devices import CPU_FORWARD_ROWS, in_row_chunks, keep_freed_heap
+from stages.devices import CPU_FORWARD_ROWS, in_row_chunks, keep_freed_heap, padded_rows
 from stream.errors import InputError, ModelError
 
 ARCH = "efficientnet-lite0"
@@ -151,6 +151,8 @@ class RoadworkScorer:
         # idle. One captured graph per padded batch size replays them in one launch.
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.graph_rows = max(1, graph_rows)
+        #: The largest batch the caller forms (the detect worker's ``batch_size``): padding stops there.
+        self.max_rows: int | None = None
         self._graphs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] = {}
 
     @classmethod
@@ -262,7 +264,7 @@ class RoadworkScorer:
         The outputs are fresh tensors (a replay's own outputs are overwritten by the next).
         """
         n = x.shape[0]
-        rows = -(-n // self.graph_rows) * self.graph_rows
+        rows = padded_rows(n, self.graph_rows, self.max_rows)
         if self.device.type == "cpu":
             return in_row_chunks(lambda part: forward_features(self.model, part), x, CPU_FORWARD_ROWS)
         if not self.cuda_graphs or (rows not in self._graphs and len(self._graphs) >= MAX_GRAPHS):

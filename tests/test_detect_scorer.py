@@ -23,7 +23,7 @@ from stream import codec, names
 from stream.errors import ModelError
 from stream.schemas import DriveMarker, FrameDetections, FrameRef, Message, Segment
 from stream.settings import DetectSettings, Settings, load_settings
-from workers.handlers.detect import DetectHandler
+from workers.handlers.detect import DetectHandler, warm_up_size
 from workers.handler import Delivery
 from workers.run import shipped_models
 
@@ -144,21 +144,30 @@ async def test_a_scorer_descriptor_without_a_scorer_is_refused(detector):
         await handler.start()
 
 
-async def test_batches_pad_to_the_worker_batch_at_most_for_detector_and_scorer(detector):
-    # Given the default padding (32 frames) and a worker reading batches of 8, with the
-    # shipped scorer loaded by the worker itself
+async def test_padding_stops_at_the_worker_batch_for_detector_and_scorer():
+    # Given a worker reading batches of 8, with the detector and the shipped scorer loaded
+    # by the worker itself
     base = settings(scorer="shipped")
     small = base.model_copy(update={"worker": base.worker.model_copy(update={"batch_size": 8})})
-    handler = DetectHandler(small, MemoryBlobStore(), detector=detector)
+    handler = DetectHandler(small, MemoryBlobStore())
     # When it starts
     await handler.start()
-    # Then its batches pad to 8 frames, the scorer's too (no blank frames past a full batch)
-    assert handler.settings.detect.pad_batch_to == 8 and handler.scorer.graph_rows == 8
-    # and a worker of 64-frame batches keeps the configured 32
-    large = base.model_copy(update={"worker": base.worker.model_copy(update={"batch_size": 64})})
-    started = DetectHandler(large, MemoryBlobStore(), detector=detector)
-    await started.start()
-    assert started.settings.detect.pad_batch_to == 32 and started.scorer.graph_rows == 32
+    # Then detector and scorer pad no batch past 8 frames (the default pads to 32)
+    assert handler.settings.detect.pad_batch_to == 32
+    assert handler.detector.max_rows == 8 and handler.scorer.max_rows == 8
+    assert handler.scorer.graph_rows == 32
+    # and injected models get the worker's bound too
+    injected = DetectHandler(small, MemoryBlobStore(), detector=Detector(DetectSettings(**DETECT)),
+                             scorer=RoadworkScorer.load(DEFAULT_WEIGHTS))  # fmt: skip
+    await injected.start()
+    assert injected.detector.max_rows == 8 and injected.scorer.max_rows == 8
+
+
+def test_the_warm_up_prepares_the_frames_ingest_makes_of_a_tesla_camera():
+    # Given the default settings / Then the warm-up's frames are a HW3 camera's after ingest
+    assert warm_up_size(Settings()) == (640, 480)
+    # and they follow ingest's long side
+    assert warm_up_size(load_settings(environ={}, ingest={"long_side": 320})) == (320, 240)
 
 
 def test_run_uses_the_shipped_models_from_the_package_unless_others_are_named(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import simplejpeg
 import torch
 
 from stages.detect import Detector, load_yolo, normalise_name
+from stages.devices import padded_rows
 from stream.errors import InputError, ModelError
 from stream.settings import DetectSettings
 
@@ -89,6 +90,25 @@ def test_one_forward_pass_serves_the_whole_batch(detector: Detector, monkeypatch
 
     # Then the model ran once on all five, then in a pass of four and one of one
     assert calls == [5, 4, 1]
+
+
+@pytest.mark.parametrize(("frames", "step", "cap", "rows"), [
+    (5, 8, None, 8), (13, 8, None, 16), (5, 32, None, 32),  # a multiple of the step
+    (5, 32, 8, 8), (40, 32, 48, 48), (32, 32, 32, 32),  # not past the worker's batch
+    (70, 32, 64, 70),  # a batch larger than the bound is never cut
+])  # fmt: skip
+def test_padding_rounds_up_to_the_step_and_stops_at_the_cap(frames, step, cap, rows) -> None:
+    assert padded_rows(frames, step, cap) == rows
+
+
+def test_the_detector_pads_on_cuda_only_and_not_past_its_max_rows(detector: Detector, monkeypatch) -> None:
+    # Given the detector's padding of 32 rows, bounded by a worker's batch of 8
+    monkeypatch.setattr(detector, "settings", detector.settings.model_copy(update={"pad_batch_to": 32}))
+    monkeypatch.setattr(detector, "max_rows", 8)
+    # Then the CPU pads nothing, and CUDA pads five frames to eight, not 32
+    assert detector.padded_size(5) == 5
+    monkeypatch.setattr(detector, "cuda", True)
+    assert detector.padded_size(5) == 8
 
 
 def test_descriptor_is_unit_length_and_independent_of_batch_mates(detector: Detector) -> None:

@@ -57,7 +57,7 @@ class Plan:
     single: bool = False
 
     def describe(self) -> str:
-        """The plan in one line, e.g. ``plan (16 cores, 1 GPU): ingest=12 (1 nvdec) detect=1 [cuda:0] fuse=2``."""
+        """The plan in one line, e.g. ``plan (16 cores, 1 GPU): ingest=14 (1 nvdec) detect=1 [cuda:0] fuse=2``."""
         gpus = f"{self.gpus} GPU{'s' if self.gpus != 1 else ''}"
         if self.single:
             return f"plan ({self.cores} cores, {gpus}): one process, one worker per stage"

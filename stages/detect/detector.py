@@ -163,6 +163,8 @@ class Detector(JpegDecoding, CudaGraphs):
         self._decode_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._decode_pool: ThreadPoolExecutor | None = None  # decode == "cpu": made on first use
         self._graphs: dict[tuple, _Graph] = {}  # by batch shape
+        #: The largest batch the caller forms (the worker's ``batch_size``): padding stops there.
+        self.max_rows: int | None = None
         # Held by decode and by graph capture: no other thread's CUDA work during a capture.
         self._device_lock = threading.Lock()
         # One launch at a time: a pass leaves its descriptors in ``_features`` (and the

@@ -3,7 +3,7 @@ the batch's letterbox + resize + normalise as tensor ops, and each batch shape's
 captured once as a CUDA graph, cached (up to ``MAX_GRAPHS``) and replayed.
 
 ``CudaGraphs`` is a part of ``Detector`` (a mixin): it uses the detector's ``settings``,
-``net``, ``device``, ``dtype``, ``cuda``, ``_features``, ``_graphs``, ``_device_lock``,
+``net``, ``device``, ``dtype``, ``cuda``, ``max_rows``, ``_features``, ``_graphs``, ``_device_lock``,
 ``_decode_stream`` and ``candidates``.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from stages.devices import CPU_FORWARD_ROWS, in_row_chunks
+from stages.devices import CPU_FORWARD_ROWS, in_row_chunks, padded_rows
 
 #: Grey of ultralytics' letterbox padding.
 PAD_VALUE = 114 / 255
@@ -69,9 +69,11 @@ class CudaGraphs:
         return h, w
 
     def padded_size(self, frames: int) -> int:
-        """Rows of the model input for a batch of ``frames`` (padded on CUDA only)."""
-        step = self.settings.pad_batch_to if self.cuda else 1
-        return -(-frames // step) * step
+        """Rows of the model input for a batch of ``frames`` (padded on CUDA only, to a
+        multiple of ``pad_batch_to`` but not past ``max_rows``, the worker's batch)."""
+        if not self.cuda:
+            return frames
+        return padded_rows(frames, self.settings.pad_batch_to, self.max_rows)
 
     def preprocess(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Letterbox]:
         """Letterbox, resize and normalise a batch on the device.

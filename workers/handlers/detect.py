@@ -45,6 +45,8 @@ startup = logging.getLogger(STARTUP_LOGGER)
 
 #: GIL switch interval of a detect worker on CUDA (Python's default is 5 ms).
 GPU_SWITCH_INTERVAL_S = 1e-4
+#: A Tesla HW3 camera's frame (width, height): the size the warm-up prepares for.
+TESLA_CAMERA = (1280, 960)
 
 
 async def _inline(func: Callable[..., Any], *args: Any) -> Any:
@@ -131,8 +133,6 @@ class DetectHandler(Handler):
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="detect-launch")
             self._stopped = False
         detect = shipped.resolve(self.settings.detect)
-        # No batch is larger than the worker's: padding past it would only add blank frames.
-        detect = detect.model_copy(update={"pad_batch_to": min(detect.pad_batch_to, self.settings.worker.batch_size)})
         self.settings = self.settings.model_copy(update={"detect": detect})
         if self.detector is None:
             self.detector = await asyncio.to_thread(Detector, detect)
@@ -141,6 +141,10 @@ class DetectHandler(Handler):
         startup.info("detect: model %s (classes %s) on %s; frame scorer %s", self.detector.settings.model,
                     ", ".join(sorted(set(self.detector.class_types.values()))) or "none of the class map",
                     self.detector.device, detect.scorer or "off")  # fmt: skip
+        # No batch is larger than the worker's: padding stops there (no blank frames past it).
+        self.detector.max_rows = self.settings.worker.batch_size
+        if self.scorer is not None:
+            self.scorer.max_rows = self.settings.worker.batch_size
         if self.settings.detect.descriptor == "scorer" and self.scorer is None:
             message = "detect.descriptor is 'scorer' but no scorer is configured (detect.scorer)"
             raise ModelError(message)
@@ -151,11 +155,30 @@ class DetectHandler(Handler):
             # kernels, so inline calls hold the loop for milliseconds, not a batch's time.
             self._launcher = _inline
             sys.setswitchinterval(GPU_SWITCH_INTERVAL_S)
-        # No warm-up: a batch shape costs seconds when first seen (cuDNN's plans, the graph
-        # capture: 2.3-4.6 s each on an H200, bench/detect_startup.py), and warming shapes
-        # the footage may not have (640x360 where Tesla's frames are 640x480) only delayed
-        # the first detection. The first real batch of each shape pays instead.
+            self._warm_up()
         self._config = WindowConfig.from_settings(self.settings.detect, model=self.detector.name)
+
+    def _warm_up(self) -> None:
+        """Run one full batch of the frames ingest makes of Tesla's cameras through decode,
+        detector and scorer before the worker joins its partitions.
+
+        A batch shape costs seconds when first seen (cuDNN's plans and the CUDA graph
+        capture: 2.3-4.6 s each on an H200, bench/detect_startup.py). Paid here, it holds
+        no lease and no frame; paid by a first real batch, it would stall the event loop
+        past a heartbeat. One shape: batches pad to the worker's batch (``pad_batch_to``
+        32, the default batch), and frames of another size capture on their first batch.
+        Until 2026-12-02 every padded size was warmed at 640x360, a shape Tesla's 4:3
+        frames never have: 12 s of start for nothing.
+        """
+        import numpy as np
+        import simplejpeg
+
+        width, height = warm_up_size(self.settings)
+        grey = simplejpeg.encode_jpeg(np.full((height, width, 3), 114, dtype=np.uint8))
+        frames = self.settings.worker.batch_size
+        images = [im for im in self.detector.decode([grey] * frames) if not isinstance(im, Exception)]
+        self._collect_now(self._launch_now(images))
+        self.detector.timings = type(self.detector.timings)()
 
     def _load_scorer(self) -> RoadworkScorer:
         """The scorer of ``detect.scorer``, on the detector's device (it reads the same pixels)."""
@@ -365,6 +388,14 @@ def _per_frame_ms(pending: PendingBatch) -> dict[str, float]:
 
 def _frame_name(ref: FrameRef) -> str:
     return f"frame {ref.drive_id}/{ref.camera}#{ref.seq} (blob {ref.blob_key})"
+
+
+def warm_up_size(settings: Settings) -> tuple[int, int]:
+    """(width, height) of the frames ingest makes of a Tesla HW3 camera (1280×960, 4:3)
+    with these settings: 640×480 at the default ``ingest.long_side``."""
+    from stages.frames import target_size
+
+    return target_size(*TESLA_CAMERA, settings.ingest.long_side)
 
 
 def build(settings: Settings, blobs: BlobStore) -> DetectHandler:
