@@ -296,7 +296,7 @@ async def _child_worker(model: str, url: str, ns: str, args: argparse.Namespace,
     consumer = f"bench-detect-{index}"
     worker = Worker(handler, broker, blobs, conf, consumer=consumer, burst=True)
     span = instrument(handler, worker)
-    await handler.start()  # warm-up and graph captures before the clock starts
+    await handler.start()  # warms the batch shape of Tesla's frames (640x480); other sizes capture on their first batch
     # Every member is in the pool before any takes partitions: each takes its share at once.
     await broker.join(names.members_name(handler.group, ns), consumer, conf.broker.lease_ttl_ms)
     conn.send("ready")

@@ -3,13 +3,17 @@
 A ``roadstream run`` in keyframe mode finishes ingest in seconds; its verdicts then wait
 for the detect worker to import torch and ultralytics and load the shipped models, and
 for each batch shape's first batch (decode, detector, scorer; cuDNN's plans and the
-CUDA graph capture). This script times those phases: a batch of 640×360 frames for each
-padded size (``detect.pad_batch_to`` up to ``worker.batch_size``; what the worker's
-warm-up at start did until 2026-12-02), then a full batch of real-sized frames (Tesla's
-4:3 cameras after ingest: 640×480) twice, the second one as a shape seen before.
+CUDA graph capture). This script times those phases as the worker runs them: imports,
+loads, the worker's warm-up (``DetectHandler._warm_up``: one full batch of the frames
+ingest makes of a Tesla camera, 640×480), then a full batch of ``--frame`` (640×360 by
+default: another camera's shape, captured on its first batch) twice, the second as a
+shape seen before. ``--padded-sizes`` first runs a 640×360 batch of each padded size up
+to the batch, as the warm-up did until 2026-12-02 (with ``--set detect.pad_batch_to=8``:
+four shapes).
 
     python bench/detect_startup.py                       # shipped models, detect.device=auto
-    python bench/detect_startup.py --set detect.cuda_graphs=false --set detect.cudnn_benchmark=true
+    python bench/detect_startup.py --set detect.cudnn_benchmark=true
+    python bench/detect_startup.py --set detect.pad_batch_to=8 --padded-sizes   # the start until 2026-12-02
 
 Prints one JSON object (also written to ``--out``).
 """
@@ -33,7 +37,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--frame", default="640x480", help="WxH of the real-sized first batch")
+    parser.add_argument(
+        "--frame", default="640x360", help="WxH of the frames of the batches after the warm-up"
+    )
+    parser.add_argument("--padded-sizes", action="store_true",
+                        help="first a 640x360 batch of each padded size (the warm-up until 2026-12-02)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("detect-startup.json"))
     args = parser.parse_args(argv)
     phases: dict[str, float] = {}
@@ -76,8 +84,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lap("detector_load")
     handler.scorer = handler._load_scorer() if detect.scorer else None
     lap("scorer_load")
+    handler.detector.max_rows = settings.worker.batch_size  # as DetectHandler.start bounds them
+    if handler.scorer is not None:
+        handler.scorer.max_rows = settings.worker.batch_size
     cuda = handler.detector.device.type == "cuda"
-    if cuda:
+    if cuda and args.padded_sizes:
         size, step = settings.worker.batch_size, settings.detect.pad_batch_to
         grey = simplejpeg.encode_jpeg(np.full((360, 640, 3), 114, dtype=np.uint8))
         for frames in sorted({*range(step, size + 1, step), size}):
@@ -85,6 +96,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             handler._collect_now(handler._launch_now(images))
             torch.cuda.synchronize()
             lap(f"first_batch_640x360_padded_{frames}")
+    if cuda:
+        handler._warm_up()
+        torch.cuda.synchronize()
+        lap("warm_up")
     width, height = (int(v) for v in args.frame.split("x"))
     real = simplejpeg.encode_jpeg(
         np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)

@@ -79,6 +79,8 @@ from workers.run import (
 SOURCES = Path("/work/shared/footage")  # roadwork/ and clear/ clips: the built drives' content
 STAMP = "%Y-%m-%d_%H-%M-%S"
 POLL_S = 0.2
+#: The stages of the "stages" section, in order: each reads what the ones before it wrote.
+STAGES_ALONE = ("ingest", "detect", "fuse")
 
 
 # -- footage ---------------------------------------------------------------------------------
@@ -423,7 +425,7 @@ async def _wait(check, timeout_s: float) -> bool:
 
 
 async def stages_alone(folder: Path, settings: Settings, plan: Plan, timeout_s: float,
-                       stages: Sequence[str] = ("ingest", "detect", "fuse")) -> dict[str, dict[str, Any]]:  # fmt: skip
+                       stages: Sequence[str] = STAGES_ALONE) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Ingest, then detect, then fuse (those of ``stages``, a prefix of the three), each
     alone on one private redis-server."""
     from brokers.connect import connect
@@ -527,6 +529,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                              "what the stages before them wrote).")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("run-bench.json"))
     args = parser.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if not stages or stages != list(STAGES_ALONE[: len(stages)]):
+        parser.error(f"--stages: {args.stages!r} is not ingest, ingest,detect or ingest,detect,fuse "
+                     "(detect and fuse alone read what the stages before them wrote)")  # fmt: skip
+    args.stages = stages
     if args.quick:
         args.drives, args.drive_minutes, args.long_minutes = 2, 1, 3
         args.clip_seconds, args.size = 2.0, "320x240"
@@ -603,8 +610,7 @@ def sections(root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
             frames, seconds, busy = ceiling_nvdec(clips, args.nvdec_sessions)
             rows.append(section("ceiling_nvdec", seconds, total_s, frames, busy, sessions=args.nvdec_sessions))
     if "stages" not in args.skip:
-        wanted = [s for s in ("ingest", "detect", "fuse") if s in args.stages.split(",")]
-        alone = asyncio.run(stages_alone(root, footage_roots(settings, root), plan, args.timeout, wanted))
+        alone = asyncio.run(stages_alone(root, footage_roots(settings, root), plan, args.timeout, args.stages))
         frames = alone["ingest"]["outputs"] if "ingest" in alone else 0
         for stage, figures in alone.items():
             rows.append(section(f"stage_{stage}", max(figures["span_s"], 1e-6), total_s, frames, figures["busy"],
