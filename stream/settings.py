@@ -131,7 +131,8 @@ class IngestSettings(BaseModel):
     decoder_threads: int = 0  # 0: the decoder's own choice
     #: Clips of one job decoded at once (PyAV threads, or NVDEC sessions). Above 1 a long
     #: drive's camera job uses more than one decoder's worth of cores. 0: one at a time in
-    #: a bare worker; in ``roadstream run`` two per PyAV ingest process, four per NVDEC one.
+    #: a bare worker; in ``roadstream run`` one per PyAV ingest process when it has a core
+    #: (its plan on a GPU box), two when it has two or more, four per NVDEC one.
     parallel_clips: int = Field(default=0, ge=0)
     #: The GPU an NVDEC ingest worker decodes on (``roadstream run`` spreads them).
     nvdec_device: str = "cuda:0"
@@ -188,12 +189,13 @@ class DetectSettings(BaseModel):
     #: seconds when first seen (cuDNN's plans, the CUDA graph capture: 2.3-4.6 s on an
     #: H200, bench/detect_startup.py) and is captured once. The default, the batch size,
     #: makes one shape per frame size; the padding's GPU time is small beside that on a
-    #: GPU the small models leave mostly idle. 1 pads nothing.
+    #: GPU the small models leave mostly idle. Never past the worker's ``batch_size``.
+    #: 1 pads nothing.
     pad_batch_to: int = Field(default=32, ge=1)
     #: On CUDA, let cuDNN time every convolution algorithm for each new batch shape
-    #: (``torch.backends.cudnn.benchmark``). Off by default: the timing costs seconds per
-    #: shape at start while frames wait (on an H200 inside ``roadstream run`` the first
-    #: detection came 44 s after the start in keyframe mode), and the small models
+    #: (``torch.backends.cudnn.benchmark``). Off by default: on an H200 it made a new
+    #: shape cost about 6 s instead of 2.5-3 (bench/detect_startup.py) and delayed the
+    #: first detection of a ``roadstream run`` from 35 s to 52 s, and the small models
     #: leave the GPU mostly idle anyway.
     cudnn_benchmark: bool = False
     #: On CUDA, run the detector's and the scorer's forward passes as captured CUDA graphs
