@@ -55,7 +55,6 @@ CPU_FORWARD_ROWS = 4
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
-@functools.cache
 def padded_rows(frames: int, step: int, cap: int | None = None) -> int:
     """Rows of a batch of ``frames`` padded up to a multiple of ``step``, but never past
     ``cap`` (the largest batch the worker reads) unless the batch itself is larger.
@@ -68,6 +67,7 @@ def padded_rows(frames: int, step: int, cap: int | None = None) -> int:
     return min(rows, max(frames, cap)) if cap else rows
 
 
+@functools.cache
 def keep_freed_heap() -> bool:
     """Have glibc keep freed heap memory for reuse instead of handing it back to the kernel.
 
