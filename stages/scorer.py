@@ -263,10 +263,10 @@ class RoadworkScorer:
 
         The outputs are fresh tensors (a replay's own outputs are overwritten by the next).
         """
-        n = x.shape[0]
-        rows = padded_rows(n, self.graph_rows, self.max_rows)
         if self.device.type == "cpu":
             return in_row_chunks(lambda part: forward_features(self.model, part), x, CPU_FORWARD_ROWS)
+        n = x.shape[0]
+        rows = padded_rows(n, self.graph_rows, self.max_rows)
         if not self.cuda_graphs or (rows not in self._graphs and len(self._graphs) >= MAX_GRAPHS):
             return forward_features(self.model, x)
         if rows not in self._graphs:
