@@ -84,16 +84,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lap("detector_load")
     handler.scorer = handler._load_scorer() if detect.scorer else None
     lap("scorer_load")
-    handler.detector.max_rows = settings.worker.batch_size  # as DetectHandler.start bounds them
-    if handler.scorer is not None:
-        handler.scorer.max_rows = settings.worker.batch_size
+    handler._bound_padding()
     cuda = handler.detector.device.type == "cuda"
     if cuda and args.padded_sizes:
         size, step = settings.worker.batch_size, settings.detect.pad_batch_to
         grey = simplejpeg.encode_jpeg(np.full((360, 640, 3), 114, dtype=np.uint8))
         for frames in sorted({*range(step, size + 1, step), size}):
-            images = [im for im in handler.detector.decode([grey] * frames) if not isinstance(im, Exception)]
-            handler._collect_now(handler._launch_now(images))
+            handler._run_batch([grey] * frames)
             torch.cuda.synchronize()
             lap(f"first_batch_640x360_padded_{frames}")
     if cuda:
@@ -106,8 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     for attempt in ("first", "second"):
         batch = settings.worker.batch_size
-        images = [im for im in handler.detector.decode([real] * batch) if not isinstance(im, Exception)]
-        handler._collect_now(handler._launch_now(images))
+        handler._run_batch([real] * batch)
         if cuda:
             torch.cuda.synchronize()
         lap(f"{attempt}_batch_{batch}_of_{args.frame}")

@@ -141,10 +141,7 @@ class DetectHandler(Handler):
         startup.info("detect: model %s (classes %s) on %s; frame scorer %s", self.detector.settings.model,
                     ", ".join(sorted(set(self.detector.class_types.values()))) or "none of the class map",
                     self.detector.device, detect.scorer or "off")  # fmt: skip
-        # No batch is larger than the worker's: padding stops there (no blank frames past it).
-        self.detector.max_rows = self.settings.worker.batch_size
-        if self.scorer is not None:
-            self.scorer.max_rows = self.settings.worker.batch_size
+        self._bound_padding()
         if self.settings.detect.descriptor == "scorer" and self.scorer is None:
             message = "detect.descriptor is 'scorer' but no scorer is configured (detect.scorer)"
             raise ModelError(message)
@@ -175,10 +172,20 @@ class DetectHandler(Handler):
 
         width, height = warm_up_size(self.settings)
         grey = simplejpeg.encode_jpeg(np.full((height, width, 3), 114, dtype=np.uint8))
-        frames = self.settings.worker.batch_size
-        images = [im for im in self.detector.decode([grey] * frames) if not isinstance(im, Exception)]
-        self._collect_now(self._launch_now(images))
+        self._run_batch([grey] * self.settings.worker.batch_size)
         self.detector.timings = type(self.detector.timings)()
+
+    def _bound_padding(self) -> None:
+        """No batch is larger than the worker's: padding stops there (no blank frames past it)."""
+        self.detector.max_rows = self.settings.worker.batch_size
+        if self.scorer is not None:
+            self.scorer.max_rows = self.settings.worker.batch_size
+
+    def _run_batch(self, jpegs: list[bytes]) -> tuple[list[FrameResult], list[FrameScore | None]]:
+        """Decode, detect and score a batch of JPEGs at once, frames that fail to decode left
+        out (the warm-up, benchmarks)."""
+        images = [im for im in self.detector.decode(jpegs) if not isinstance(im, Exception)]
+        return self._collect_now(self._launch_now(images))
 
     def _load_scorer(self) -> RoadworkScorer:
         """The scorer of ``detect.scorer``, on the detector's device (it reads the same pixels)."""
