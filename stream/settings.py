@@ -134,6 +134,14 @@ class IngestSettings(BaseModel):
     #: a bare worker; in ``roadstream run`` one per PyAV ingest process when it has a core
     #: (its plan on a GPU box), two when it has two or more, four per NVDEC one.
     parallel_clips: int = Field(default=0, ge=0)
+    #: Niceness (an ``os.nice`` increment) a PyAV or decord ingest worker process adds to
+    #: itself at start, so that detect, fuse and Redis get the cores first and ingest fills
+    #: the rest. 0 leaves the priority alone. A process that decodes with NVDEC keeps its
+    #: priority (its CPU work feeds the GPU decoder); ``auto`` and ``nvdec`` are resolved as
+    #: the worker does (NVDEC when the library and CUDA are there, else PyAV). Only ``roadstream
+    #: worker ingest`` applies it (``run``'s and ``supervise --processes``' children, deploy/),
+    #: never a process that runs several stages (``run --workers 1``, ``supervise``).
+    nice: int = Field(default=10, ge=0, le=19)
     #: The GPU an NVDEC ingest worker decodes on (``roadstream run`` spreads them).
     nvdec_device: str = "cuda:0"
     #: NVDEC decode sessions (camera jobs at once) in each NVDEC ingest process of

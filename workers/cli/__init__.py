@@ -159,9 +159,13 @@ def cli(config: str | None, set_: tuple[str, ...], verbose: int, log_format: str
 @click.pass_context
 def worker(ctx: click.Context, stage: str, redis: str | None, burst: bool, **options: Any) -> None:
     """Run one worker of STAGE until SIGTERM/SIGINT."""
+    settings = settings_from(ctx, redis, worker=options)
+    if stage == names.INGEST:  # before the stage's imports: a CPU decoder yields the cores from its start
+        from workers.priority import lower_ingest_priority
+
+        lower_ingest_priority(settings)
     from workers.supervisor import run_workers
 
-    settings = settings_from(ctx, redis, worker=options)
     try:
         workers = asyncio.run(run_workers({stage: 1}, settings, url=settings.redis_url, burst=burst))
     except BrokerConnectionError:
