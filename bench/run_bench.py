@@ -158,6 +158,8 @@ class Busy:
         self._gpu: list[float] = []
         # pid -> (label, first ticks, last ticks, first run-queue wait ns, last wait ns)
         self._procs: dict[int, tuple[str, int, int, int, int]] = {}
+        # (seconds since start, CPU ticks so far per stage): cores per stage over time
+        self._ticks: list[tuple[float, dict[str, int]]] = []
         self._t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -239,6 +241,10 @@ class Busy:
                 wait = self._run_delay_ns(entry.name)
                 self._procs[int(entry.name)] = (label, known[1] if known else ticks, ticks,
                                                 known[3] if known else wait, wait)  # fmt: skip
+            totals: dict[str, int] = {}
+            for label, first, last, _, _ in self._procs.values():
+                totals[label] = totals.get(label, 0) + last - first
+            self._ticks.append((time.monotonic() - self._t0, totals))
             if self._stop.wait(1.0):
                 return
 
@@ -272,7 +278,20 @@ class Busy:
         """``cpu_busy``, ``cpu_steal`` and ``gpu_busy`` (0-1; GPU ``None`` without NVML)."""
         return {"cpu_busy": round(self.cpu, 3), "cpu_steal": round(self.steal, 3),
                 "gpu_busy": None if self.gpu is None else round(self.gpu, 3),
-                "cores_by_process": self.by_process()}  # fmt: skip
+                "cores_by_process": self.by_process(), "cores_over_time": self.over_time()}  # fmt: skip
+
+    def over_time(self, step_s: float = 3.0) -> list[dict[str, float]]:
+        """Cores each stage used in every ``step_s`` seconds of the section (``t``: the
+        step's end, seconds since the section started): which stage starved when."""
+        hz = os.sysconf("SC_CLK_TCK")
+        rows, last = [], (0.0, {})
+        for t, totals in self._ticks:
+            if t - last[0] >= step_s:
+                span = t - last[0]
+                rows.append({"t": round(t, 1), **{k: round((v - last[1].get(k, 0)) / hz / span, 2)
+                                                  for k, v in sorted(totals.items())}})  # fmt: skip
+                last = (t, totals)
+        return rows
 
     def by_process(self) -> dict[str, dict[str, float]]:
         """Per stage (and ``redis``, ``run``): processes, cores used in all, the busiest one's

@@ -122,6 +122,10 @@ class RunProbe:
         out["used_memory_mb_max"] = round(max(s["used_memory"] for s in good) / 2**20, 1)
         out["blob_mb_mean"] = round(statistics.fmean(s["blob_bytes"] for s in good) / 2**20, 1)
         out["timeline_s"] = self.timeline()
+        # Frames and detections published so far, every few samples: each stage's rate over time.
+        frames, detections = f"added_{names.FRAMES}", f"added_{names.DETECTIONS}"
+        out["added_over_time"] = [[round(s["t"] - self.started, 1), int(s.get(frames, 0)), int(s.get(detections, 0))]
+                                  for s in good[::3]]  # fmt: skip
         for hop in HOPS:
             values = [s.get(f"backlog_{hop}", 0.0) for s in good]
             unknown = sum(s.get(f"lag_unknown_{hop}", 0.0) for s in good) / len(good)
