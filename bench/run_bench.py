@@ -2,7 +2,7 @@
 
 Builds TeslaCam-format footage (six cameras, ``--size`` at ``--fps``; ``--drives`` drives
 of ``--drive-minutes`` clip sets plus one long drive of ``--long-minutes``; each clip
-``--clip-seconds`` long), then reports side by side:
+``--clip-seconds`` long; the whole set ``--copies`` times over), then reports side by side:
 
 * ``run``: ``roadstream run`` (``workers.run.run_footage``, the CLI's code) with its own
   plan (or ``--workers``), over all the footage, and over the long drive alone;
@@ -104,13 +104,15 @@ def build_footage(root: Path, args: argparse.Namespace) -> dict[str, Any]:
                                          sources=chosen, layout="flat")  # fmt: skip
         if not sources:
             templates["content"] = "synthetic"
-    layout = [(f"short-{i:02d}", args.drive_minutes) for i in range(args.drives)] + [("long", args.long_minutes)]
+    one = [(f"short-{i:02d}", args.drive_minutes) for i in range(args.drives)] + [("long", args.long_minutes)]
+    # --copies: the set again under other names and times (copy 0 keeps the plain names).
+    layout = [(f"copy{c}-{name}" if c else name, minutes) for c in range(args.copies) for name, minutes in one]
     labels = {}
     start = datetime(2024, 5, 1, 8, 0, 0)
     for d, (name, minutes) in enumerate(layout):
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
-        label = "clear" if name.startswith("short") and d % 2 else "roadwork"
+        label = "clear" if "short-" in name and d % 2 else "roadwork"
         labels[name] = label
         for m in range(minutes):
             when = start + timedelta(hours=d, seconds=m * args.clip_seconds)
@@ -119,7 +121,7 @@ def build_footage(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     for label in ("roadwork", "clear"):
         shutil.rmtree(root / f"template-{label}")
     (root / "labels.json").write_text(json.dumps(labels))
-    return {"drives": len(layout), "long_minutes": args.long_minutes, "clip_seconds": args.clip_seconds,
+    return {"drives": len(layout), "copies": args.copies, "long_minutes": args.long_minutes, "clip_seconds": args.clip_seconds,
             "size": args.size, "fps": args.fps, "content": templates.get("content", "real clips"), "labels": labels}  # fmt: skip
 
 
@@ -529,6 +531,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clip-seconds", type=float, default=60.0, help="Length of each clip.")
     parser.add_argument("--size", default="1280x960")
     parser.add_argument("--fps", type=float, default=36.0)
+    parser.add_argument("--copies", type=int, default=1,
+                        help="Build the drive set this many times over (remuxed, each with its own names and times): "
+                             "more footage, so that the run's one-time start weighs less, as on a disk of footage.")
     parser.add_argument("--footage", type=Path, help="Use (or build once into) this folder.")
     parser.add_argument("--sources", type=Path, default=SOURCES,
                         help="Content clips under roadwork/ and clear/ (synthetic pictures where absent).")
@@ -553,6 +558,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--stages: {args.stages!r} is not ingest, ingest,detect or ingest,detect,fuse "
                      "(detect and fuse alone read what the stages before them wrote)")  # fmt: skip
     args.stages = stages
+    if args.copies < 1:
+        parser.error(f"--copies: {args.copies} is not a count of drive sets (1 or more)")
     if args.quick:
         args.drives, args.drive_minutes, args.long_minutes = 2, 1, 3
         args.clip_seconds, args.size = 2.0, "320x240"
