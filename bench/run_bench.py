@@ -87,7 +87,8 @@ STAGES_ALONE = ("ingest", "detect", "fuse")
 
 
 def build_footage(root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The drives under ``root/short-NN`` and ``root/long``; returns their shape.
+    """The drives under ``root/short-NN`` and ``root/long`` (and ``root/copyK-…`` for
+    ``--copies``); returns their shape, also written to ``root/footage.json``.
 
     Odd short drives show clear roads (``--sources``/clear) on every camera,
     the others roadwork clips: the verdicts of two runs can then be scored against the
@@ -106,23 +107,29 @@ def build_footage(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             templates["content"] = "synthetic"
     one = [(f"short-{i:02d}", args.drive_minutes) for i in range(args.drives)] + [("long", args.long_minutes)]
     # --copies: the set again under other names and times (copy 0 keeps the plain names).
-    layout = [(f"copy{c}-{name}" if c else name, minutes) for c in range(args.copies) for name, minutes in one]
+    layout = [(f"copy{c}-{name}" if c else name, i, minutes) for c in range(args.copies)
+              for i, (name, minutes) in enumerate(one)]  # fmt: skip
     labels = {}
     start = datetime(2024, 5, 1, 8, 0, 0)
-    for d, (name, minutes) in enumerate(layout):
+    # Drives start this far apart: none overlaps the next, however long the long one is.
+    apart = timedelta(hours=1 + int(max(args.drive_minutes, args.long_minutes) * args.clip_seconds // 3600))
+    for d, (name, i, minutes) in enumerate(layout):
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
-        label = "clear" if "short-" in name and d % 2 else "roadwork"
+        label = "clear" if "short-" in name and i % 2 else "roadwork"  # each copy the same set
         labels[name] = label
         for m in range(minutes):
-            when = start + timedelta(hours=d, seconds=m * args.clip_seconds)
+            when = start + d * apart + timedelta(seconds=m * args.clip_seconds)
             for camera in tc.CAMERAS:
                 _copy_with_time(templates[label].clip(0, camera), folder / f"{when.strftime(STAMP)}-{camera}.mp4", when)
     for label in ("roadwork", "clear"):
         shutil.rmtree(root / f"template-{label}")
     (root / "labels.json").write_text(json.dumps(labels))
-    return {"drives": len(layout), "copies": args.copies, "long_minutes": args.long_minutes, "clip_seconds": args.clip_seconds,
-            "size": args.size, "fps": args.fps, "content": templates.get("content", "real clips"), "labels": labels}  # fmt: skip
+    shape = {"drives": len(layout), "copies": args.copies, "short_drives": args.drives, "drive_minutes": args.drive_minutes,
+             "long_minutes": args.long_minutes, "clip_seconds": args.clip_seconds, "size": args.size, "fps": args.fps,
+             "content": templates.get("content", "real clips")}  # fmt: skip
+    (root / "footage.json").write_text(json.dumps(shape))
+    return {**shape, "labels": labels}
 
 
 def _copy_with_time(source: Path, target: Path, when: datetime) -> None:
@@ -571,7 +578,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     with tempfile.TemporaryDirectory(prefix="run-bench-footage-") as scratch:
         root = args.footage or Path(scratch)
-        shape = build_footage(root, args) if not any(root.glob("*/*.mp4")) else {"reused": str(root)}
+        shape = build_footage(root, args) if not any(root.glob("*/*.mp4")) else reused_footage(root, args)
         if args.build_only:
             print(json.dumps(shape))
             return {"footage": shape}
@@ -580,6 +587,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     return report
+
+
+def reused_footage(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The shape of footage built earlier (its ``footage.json``, where it has one): the build
+    options given now are not what it was built with, and are said to be ignored."""
+    known = root / "footage.json"
+    shape = json.loads(known.read_text()) if known.exists() else {}
+    asked = {"copies": 1, "short_drives": 8, "drive_minutes": 1, "long_minutes": 10, "clip_seconds": 60.0}
+    ignored = [k for k, default in asked.items() if getattr(args, k.replace("short_", ""), default) != default]
+    if ignored:
+        print(f"--footage {root} is reused as built: {', '.join(ignored)} given now are ignored", file=sys.stderr)
+    return {"reused": str(root), **shape}
 
 
 def machine() -> dict[str, Any]:

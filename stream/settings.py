@@ -138,7 +138,8 @@ class IngestSettings(BaseModel):
     #: itself at start, so that detect, fuse and Redis get the cores first and ingest fills
     #: the rest. 0 leaves the priority alone. A process that decodes with NVDEC keeps its
     #: priority (its CPU work feeds the GPU decoder); ``auto`` and ``nvdec`` are resolved as
-    #: the worker does (NVDEC when the library and CUDA are there, else PyAV). Only ``roadstream
+    #: the worker does (NVDEC when the library and CUDA are there, else PyAV; PyAV all the
+    #: same for ``sample = keyframes`` and ``encoding = raw``). Only ``roadstream
     #: worker ingest`` applies it (``run``'s and ``supervise --processes``' children, deploy/),
     #: never a process that runs several stages (``run --workers 1``, ``supervise``).
     nice: int = Field(default=10, ge=0, le=19)

@@ -27,9 +27,10 @@ NO_NVDEC = "no CUDA device"  # what nvdec_unavailable() says on a box without a 
 NVDEC = None  # ... and on a GPU box with PyNvVideoCodec
 
 
-def settings(decoder: str, nice: int | None = None) -> Settings:
-    ingest = IngestSettings(decoder=decoder) if nice is None else IngestSettings(decoder=decoder, nice=nice)
-    return Settings(ingest=ingest)
+def settings(decoder: str, nice: int | None = None, **ingest: str) -> Settings:
+    if nice is not None:
+        ingest["nice"] = nice
+    return Settings(ingest=IngestSettings(decoder=decoder, **ingest))
 
 
 @pytest.mark.parametrize(
@@ -50,6 +51,14 @@ def settings(decoder: str, nice: int | None = None) -> Settings:
 )
 def test_the_niceness_follows_the_decoder_the_worker_will_use(decoder, nice, unavailable, expected) -> None:
     assert ingest_niceness(settings(decoder, nice), unavailable) == expected
+
+
+@pytest.mark.parametrize("decoder", ["auto", "nvdec"])
+@pytest.mark.parametrize("pyav_anyway", [{"sample": "keyframes"}, {"encoding": "raw"}])
+def test_an_nvdec_process_that_decodes_with_pyav_all_the_same_is_niced(decoder, pyav_anyway) -> None:
+    # Keyframe sampling and raw frames go through PyAV even in an NVDEC ingest process
+    assert ingest_niceness(settings(decoder, **pyav_anyway), NVDEC) == 10
+    assert ingest_niceness(settings(decoder), NVDEC) == 0
 
 
 @pytest.mark.parametrize("nice", [-1, 20])

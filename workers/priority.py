@@ -6,8 +6,9 @@ at start, so that those get the cores first and ingest fills the rest.
 
 The rule: the process is niced unless it will decode with NVDEC, decided as the ingest
 handler decides it (``stages.nvdec.choose_decoder``): ``pyav`` and ``decord`` always;
-``auto`` and ``nvdec`` only when NVDEC is unavailable here (no PyNvVideoCodec or no CUDA),
-where the handler decodes every clip with PyAV. An NVDEC process keeps its priority: its
+``auto`` and ``nvdec`` when NVDEC is unavailable here (no PyNvVideoCodec or no CUDA), or
+when the handler decodes with PyAV all the same (``ingest.sample = keyframes``, or
+``ingest.encoding = raw``). An NVDEC process keeps its priority: its
 CPU work feeds the GPU decoder. ``ingest_niceness`` is that rule, pure;
 ``lower_ingest_priority`` applies it, once, in ``roadstream worker ingest`` (one stage in
 the process): never in a process that runs several stages.
@@ -41,7 +42,9 @@ def ingest_niceness(settings: Settings, nvdec_unavailable: str | None) -> int:
     ingest = settings.ingest
     if ingest.nice == 0:
         return 0
-    if ingest.decoder in NVDEC_SETTINGS:
+    # NVDEC decodes only ticks into JPEG; keyframe sampling and raw frames go through PyAV
+    # in an NVDEC process too (``IngestHandler._samples``).
+    if ingest.decoder in NVDEC_SETTINGS and ingest.sample != "keyframes" and ingest.encoding == "jpeg":
         from stages.nvdec import choose_decoder
 
         if choose_decoder(ingest.decoder, nvdec_unavailable)[0] == "nvdec":
@@ -66,7 +69,7 @@ def lower_ingest_priority(settings: Settings) -> int:
     increment = ingest_niceness(settings, unavailable)
     if increment == 0:
         return 0
-    used = "pyav" if decoder in NVDEC_SETTINGS else decoder  # auto/nvdec niced: NVDEC is unavailable
+    used = "pyav" if decoder in NVDEC_SETTINGS else decoder  # auto/nvdec niced: PyAV decodes here
     try:
         now = os.nice(increment)
     except OSError as exc:
