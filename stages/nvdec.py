@@ -70,6 +70,13 @@ def choose_decoder(setting: str, unavailable: str | None) -> tuple[str, str | No
     return "pyav", f"ingest.decoder={setting}: {unavailable}; decoding with PyAV"
 
 
+def decodes_with_nvdec(decoder: str, sample: str, encoding: str) -> bool:
+    """Whether an ingest process whose decoder resolved to ``decoder`` (``choose_decoder``)
+    decodes clips with NVDEC: only ticks (``ingest.sample``) into JPEG (``ingest.encoding``);
+    keyframe sampling and raw frames go through PyAV in such a process too."""
+    return decoder == "nvdec" and sample != "keyframes" and encoding == "jpeg"
+
+
 def nvdec_refuses(info: ClipInfo) -> str | None:
     """Why NVDEC cannot take a clip (codec, picture size); ``None`` when it can."""
     if info.codec not in NVDEC_CODECS:
@@ -148,6 +155,18 @@ class NvdecSampler:
         self.device = torch.device(device)
         self.long_side = long_side
         self.quality = quality
+
+    def warm_up(self, size: tuple[int, int] = (1280, 960)) -> None:
+        """Start CUDA on the device, and resize and nvJPEG-encode one grey frame of ``size``
+        (width, height; a Tesla HW3 camera's by default) there, so that the first clip pays
+        none of that (the worker calls it before it takes a job)."""
+        import torch
+        from torchvision.io import encode_jpeg
+
+        grey = torch.full((3, size[1], size[0]), 114, dtype=torch.uint8, device=self.device)
+        info = ClipInfo(codec="h264", width=size[0], height=size[1], fps=36.0, frames=0, creation_utc=None)
+        encode_jpeg([self._resized(grey, info)], quality=self.quality)
+        torch.cuda.synchronize(self.device)
 
     def sample(self, path: str | Path, *, sample_fps: float, limit_s: float = float("inf"),
                line: Timeline | None = None, stats: ClipStats | None = None) -> Iterator[Sample]:  # fmt: skip

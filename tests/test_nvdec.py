@@ -6,6 +6,7 @@ The CPU tests run without PyNvVideoCodec; the GPU test runs where CUDA and the l
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 from pathlib import Path
@@ -15,7 +16,14 @@ import pytest
 from fixtures import teslacam as tc
 from stages.decode import ClipInfo, ClipStats, sample_clip, sample_keyframes
 from stages.frames import decode_jpeg, target_size
-from stages.nvdec import choose_decoder, nvdec_refuses, nvdec_unavailable, timeline, wanted
+from stages.nvdec import (
+    choose_decoder,
+    decodes_with_nvdec,
+    nvdec_refuses,
+    nvdec_unavailable,
+    timeline,
+    wanted,
+)
 from stream.errors import FootageError
 from stream.settings import IngestSettings, Settings
 from workers.handlers.ingest import IngestHandler
@@ -140,11 +148,72 @@ def test_nvdec_samples_are_pyavs_frames_encoded_on_the_gpu(tmp_path: Path) -> No
     drive = tc.make_drive(tmp_path, minutes=1, cameras=("front",),
                           spec=tc.ClipSpec(duration_s=2.0, fps=36.0, size=(1280, 960)))  # fmt: skip
     clip = drive.clip(0, "front")
-    # When sampled by NVDEC at 5 per second, resized to 640 on the long side
-    samples = list(NvdecSampler("cuda:0", long_side=640).sample(clip, sample_fps=5.0))
+    # When sampled by NVDEC at 5 per second, resized to 640 on the long side, after the
+    # worker's warm-up
+    sampler = NvdecSampler("cuda:0", long_side=640)
+    sampler.warm_up()
+    samples = list(sampler.sample(clip, sample_fps=5.0))
     # Then the ticks and times are PyAV's and each JPEG decodes to the target size
     reference = list(sample_clip(clip, sample_fps=5.0))
     assert [(s.k, s.pts_s) for s in samples] == [(s.k, s.pts_s) for s in reference]
     for sample in samples:
         assert decode_jpeg(sample.image.data).shape[:2][::-1] == target_size(1280, 960, 640)
     assert [s.telemetry for s in samples] == [s.telemetry for s in reference]
+
+
+@pytest.mark.parametrize(
+    ("decoder", "sample", "encoding", "nvdec"),
+    [
+        ("nvdec", "ticks", "jpeg", True),
+        ("nvdec", "keyframes", "jpeg", False),  # keyframe sampling is PyAV's
+        ("nvdec", "ticks", "raw", False),  # raw frames too
+        ("pyav", "ticks", "jpeg", False),
+    ],
+)
+def test_only_ticks_into_jpeg_are_decoded_with_nvdec(decoder: str, sample: str, encoding: str, nvdec: bool) -> None:
+    assert decodes_with_nvdec(decoder, sample, encoding) is nvdec
+
+
+class _Sampler:
+    """Stands in for ``NvdecSampler`` on a machine without CUDA: counts warm-ups."""
+
+    def __init__(self, fails: bool = False) -> None:
+        self.warmed, self.fails = 0, fails
+
+    def warm_up(self) -> None:
+        self.warmed += 1
+        if self.fails:
+            raise RuntimeError("CUDA error: no kernel image")
+
+
+def _nvdec_handler(sampler: _Sampler, **ingest: str) -> IngestHandler:
+    handler = IngestHandler(Settings(ingest=IngestSettings(**ingest)), blobs=None)
+    handler.decoder, handler._sampler = "nvdec", sampler  # as resolved on a GPU box with the library
+    return handler
+
+
+def test_an_nvdec_worker_warms_cuda_and_nvjpeg_up_before_it_takes_a_job(caplog) -> None:
+    # Given an ingest handler that decodes with NVDEC
+    sampler = _Sampler()
+    handler = _nvdec_handler(sampler)
+    # When the worker starts it (before joining its group and reading jobs: workers/runtime.py)
+    with caplog.at_level(logging.INFO, logger="roadstream.startup"):
+        asyncio.run(handler.start())
+    # Then the sampler was warmed up once, and it said so
+    assert sampler.warmed == 1
+    assert "NVDEC and nvJPEG ready on cuda:0" in caplog.text
+
+
+def test_a_worker_that_decodes_with_pyav_all_the_same_warms_nothing_up() -> None:
+    for ingest in ({"sample": "keyframes"}, {"encoding": "raw"}):
+        sampler = _Sampler()
+        asyncio.run(_nvdec_handler(sampler, **ingest).start())
+        assert sampler.warmed == 0, ingest
+
+
+def test_a_failed_nvdec_warm_up_is_logged_and_the_worker_starts(caplog) -> None:
+    sampler = _Sampler(fails=True)
+    with caplog.at_level(logging.WARNING, logger="roadstream.ingest"):
+        asyncio.run(_nvdec_handler(sampler).start())  # does not raise
+    assert sampler.warmed == 1
+    assert "NVDEC warm-up on cuda:0 failed (CUDA error: no kernel image)" in caplog.text

@@ -42,12 +42,11 @@ def ingest_niceness(settings: Settings, nvdec_unavailable: str | None) -> int:
     ingest = settings.ingest
     if ingest.nice == 0:
         return 0
-    # NVDEC decodes only ticks into JPEG; keyframe sampling and raw frames go through PyAV
-    # in an NVDEC process too (``IngestHandler._samples``).
-    if ingest.decoder in NVDEC_SETTINGS and ingest.sample != "keyframes" and ingest.encoding == "jpeg":
-        from stages.nvdec import choose_decoder
+    if ingest.decoder in NVDEC_SETTINGS:
+        from stages.nvdec import choose_decoder, decodes_with_nvdec
 
-        if choose_decoder(ingest.decoder, nvdec_unavailable)[0] == "nvdec":
+        decoder = choose_decoder(ingest.decoder, nvdec_unavailable)[0]
+        if decodes_with_nvdec(decoder, ingest.sample, ingest.encoding):
             return 0
     return ingest.nice
 

@@ -59,7 +59,7 @@ from stages.discover import footage_name
 from stages.frames import Encoded, encode_frame
 from stages import sei
 from stages.jobs import drive_cameras, job_cameras
-from stages.nvdec import NvdecSampler, choose_decoder, nvdec_refuses, nvdec_unavailable, timeline
+from stages.nvdec import NvdecSampler, choose_decoder, decodes_with_nvdec, nvdec_refuses, nvdec_unavailable, timeline
 from stream import ids
 from stream.errors import FootageError, InputError
 from stream.names import DRIVES, FRAMES, INGEST, JOBS, frame_partition
@@ -68,8 +68,10 @@ from stream.settings import Settings
 from workers.handler import BatchResult, Delivery, Handler, Output
 from workers.handlers.ingest_parts import RECORD_TTL_MS, CameraRecord, merge, record_key
 from workers.handlers.ingest_spans import PUBLISHED, Cursor, SpanRecord, chain_key, join, span_key
+from workers.logs import STARTUP_LOGGER
 
 log = logging.getLogger("roadstream.ingest")
+startup = logging.getLogger(STARTUP_LOGGER)
 
 #: Frames per blob write and publish round trip.
 CHUNK = 32
@@ -182,6 +184,23 @@ class IngestHandler(Handler):
         self.decoder, note = choose_decoder(asked, nvdec_unavailable() if asked in ("auto", "nvdec") else None)
         if note is not None:  # asked for nvdec by name: worth a warning; auto: a note
             log.log(logging.WARNING if asked == "nvdec" else logging.INFO, note)
+
+    async def start(self) -> None:
+        """An NVDEC worker starts CUDA and nvJPEG on its GPU before it takes a job: it
+        takes several at once (``worker.concurrency``), and would otherwise hold them
+        through that start while PyAV processes stand ready. A failed warm-up is logged;
+        each clip then falls back to PyAV on its own, as always."""
+        ing = self.settings.ingest
+        if not decodes_with_nvdec(self.decoder, ing.sample, ing.encoding):
+            return
+        started = time.perf_counter()
+        try:
+            await asyncio.to_thread(self._nvdec().warm_up)
+        except Exception as exc:  # noqa: BLE001 - the clips' own fallback covers it
+            log.warning("ingest: NVDEC warm-up on %s failed (%s); clips NVDEC fails on are decoded with PyAV",
+                        ing.nvdec_device, exc)  # fmt: skip
+            return
+        startup.info("ingest: NVDEC and nvJPEG ready on %s in %.1f s", ing.nvdec_device, time.perf_counter() - started)
 
     async def handle(self, batch: list[Delivery], prepared: object = None) -> BatchResult:
         """Ingest each job of the batch; a job outside the footage roots fails alone."""
@@ -555,7 +574,7 @@ class IngestHandler(Handler):
         if ing.sample == "keyframes":
             return sample_keyframes(path, sample_fps=ing.sample_fps, limit_s=limit_s, threads=ing.decoder_threads,
                                     stats=stats)  # fmt: skip
-        if self.decoder == "nvdec" and ing.encoding == "jpeg":
+        if decodes_with_nvdec(self.decoder, ing.sample, ing.encoding):  # keyframes returned above
             return self._nvdec_or_pyav(path, limit_s, stats)
         decoder = "pyav" if self.decoder == "nvdec" else self.decoder
         size = decoded_size(path, ing.long_side) if decoder == "decord" else None
